@@ -36,6 +36,104 @@ def cli() -> None:
     """Recognise furniture and home-goods product photos with pretrained convolutional networks."""
 
 
+@cli.command()
+@click.argument("features", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--models", default="dense,logreg,svm", show_default=True, help="Comma-separated models.")
+@click.option(
+    "--test",
+    "test_files",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="Separately extracted test features (repeat: one per FEATURES file, matched by settings).",
+)
+@click.option("--test-size", type=float, help="Share of each class held out for testing.  [default: 0.2]")
+@click.option(
+    "--val-size", type=float, default=0.15, show_default=True, help="Share for dense early stopping."
+)
+@click.option("--cv", type=int, default=5, show_default=True, help="CV folds for logreg and svm.")
+@click.option("--seed", type=int, default=42, show_default=True, help="Seed of the split, folds and weights.")
+@click.option(
+    "--class-weight",
+    type=click.Choice(["none", "balanced"]),
+    default="none",
+    show_default=True,
+    help="Weigh classes inversely to their size.",
+)
+@click.option("--out", type=click.Path(file_okay=False), help="Run folder.  [default: runs/<date-time>]")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run at --out.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress lines (warnings are still shown).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a table.")
+@_api_errors
+def classify(
+    features, models, test_files, test_size, val_size, cv, seed, class_weight, out, overwrite, quiet, as_json
+) -> None:
+    """Train dense, logreg and svm on FEATURES files and compare them in one report.
+
+    A row per FEATURES file x model, best first, scored on held-out photos (split by image content) or on
+    --test files; the run folder keeps the report (CSV, Markdown, HTML, PNGs), the split and the models.
+
+    \b
+    Examples:
+      furnitype classify feats/vgg16.h5 feats/inception.h5 --out runs/furniture
+      furnitype classify feats/vgg16.h5 --models logreg,svm --test-size 0.25 --cv 3
+      furnitype classify feats/train.h5 --test feats/test.h5 --json
+    """
+    from furnitype.classify.train import classify as run_classify
+
+    if test_files and test_size is not None:
+        raise click.UsageError("use either --test or --test-size, not both.")
+    run = run_classify(
+        features,
+        models=models.split(","),
+        test_files=test_files,
+        test_size=test_size,
+        val_size=val_size,
+        cv=cv,
+        seed=seed,
+        class_weight=None if class_weight == "none" else class_weight,
+        out=out,
+        overwrite=overwrite,
+        progress=None if quiet else (lambda line: click.echo(line, err=True)),
+    )
+    if quiet:
+        for warning in run.warnings:
+            click.echo(f"warning: {warning}", err=True)
+    _print_run(run, as_json)
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), help="Write the (merged) report files here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a table.")
+@_api_errors
+def report(runs, out, as_json) -> None:
+    """Reprint saved runs, or merge several into one table; nothing is retrained.
+
+    \b
+    Examples:
+      furnitype report runs/furniture
+      furnitype report runs/vgg16 runs/inception --out runs/compared
+      furnitype report runs/furniture --json
+    """
+    from furnitype.classify.run import report_runs
+
+    _print_run(report_runs(runs, out=out), as_json)
+
+
+def _print_run(run, as_json: bool) -> None:
+    """Print a run's table best first, its notes and the HTML report's path (or all of it as JSON)."""
+    from furnitype.reports.table import format_table
+
+    if as_json:
+        _print_json(run.summary())
+        return
+    click.echo(format_table(run.rows))
+    for note in run.notes:
+        click.echo(f"note: {note}")
+    if run.report_html is not None and run.report_html.is_file():
+        click.echo(f"HTML report: {run.report_html}")
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="furnitype")

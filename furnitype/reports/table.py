@@ -1,0 +1,413 @@
+"""The comparison table of a run: ranking, aligned text, and the report files (CSV, Markdown, HTML, PNGs).
+
+Everything here works on the run document (the content of ``metrics.json``); functions return text, rows or
+the paths they wrote, and never print.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from furnitype.reports.plots import plot_confusion, plot_scores
+
+#: The columns of report.csv, in order (one row per feature set x model).
+CSV_COLUMNS = (
+    "rank",
+    "backbone",
+    "weights",
+    "model",
+    "accuracy",
+    "balanced_accuracy",
+    "macro_f1",
+    "top3_accuracy",
+    "log_loss",
+    "fit_seconds",
+    "predict_ms_per_image",
+    "fit_cpu_seconds",
+    "baseline_accuracy",
+    "vs_baseline_points",
+    "chosen",
+    "n_train",
+    "n_test",
+    "n_classes",
+    "features",
+    "run",
+    "test_set",
+)
+#: The columns of the printed and rendered table: (row key, header, format).
+DISPLAY_COLUMNS = (
+    ("rank", "#", "{}"),
+    ("backbone", "backbone", "{}"),
+    ("weights", "weights", "{}"),
+    ("model", "model", "{}"),
+    ("accuracy", "accuracy", "{:.3f}"),
+    ("balanced_accuracy", "bal. acc.", "{:.3f}"),
+    ("macro_f1", "macro-F1", "{:.3f}"),
+    ("top3_accuracy", "top-3", "{:.3f}"),
+    ("log_loss", "log loss", "{:.3f}"),
+    ("fit_seconds", "fit s", "{:.1f}"),
+    ("predict_ms_per_image", "ms/image", "{:.3f}"),
+    ("vs_baseline_points", "vs baseline", "{:+.1f}"),
+    ("chosen", "chosen", "{}"),
+)
+_NUMERIC = {
+    "accuracy",
+    "balanced_accuracy",
+    "macro_f1",
+    "top3_accuracy",
+    "log_loss",
+    "fit_seconds",
+    "predict_ms_per_image",
+    "vs_baseline_points",
+    "rank",
+}
+
+
+def weights_label(weights: str | None) -> str:
+    """A short name for a feature file's weights identity: ``imagenet``, ``random``, ``file a9f13754``."""
+    if not weights:
+        return "?"
+    if weights.startswith("none"):
+        return "random"
+    if weights.startswith("sha256:"):
+        return f"file {weights[len('sha256:') :][:8]}"
+    return weights
+
+
+def rank_rows(rows: Sequence[dict]) -> list[dict]:
+    """Rows best first (accuracy, then macro-F1, then lower log loss), each with its ``rank``."""
+    ordered = sorted(rows, key=lambda r: (-r["accuracy"], -r["macro_f1"], r["log_loss"]))
+    return [{**row, "rank": i} for i, row in enumerate(ordered, start=1)]
+
+
+def scalar_row(row: dict) -> dict:
+    """The report.csv columns of a row (no per-class lists or confusion matrix)."""
+    return {key: row.get(key) for key in CSV_COLUMNS}
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """The table as aligned text, one line per row in the given order; numbers right-aligned."""
+    columns = _display_columns(rows)
+    cells = [[header for _, header, _ in columns]]
+    cells += [[_cell(row, key, fmt) for key, _, fmt in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    lines = []
+    for line in cells:
+        parts = [
+            text.rjust(width) if key in _NUMERIC else text.ljust(width)
+            for (key, _, _), text, width in zip(columns, line, widths, strict=True)
+        ]
+        lines.append("  ".join(parts).rstrip())
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def test_set_note(rows: Sequence[dict]) -> list[str]:
+    """A note when rows were scored on different test photos (their accuracies are not comparable)."""
+    test_sets = {row.get("test_set") for row in rows}
+    if len(test_sets) <= 1:
+        return []
+    return [
+        f"The rows were scored on {len(test_sets)} different sets of test photos (column test_set): "
+        "compare them only within one test set."
+    ]
+
+
+def merge_documents(named: Sequence[tuple[str, dict]]) -> dict:
+    """Merge run documents into one: rows re-ranked and named by run, feature sets keyed ``run/features``."""
+    rows, feature_sets, notes, warnings = [], {}, [], []
+    for name, document in named:
+        for key, feature_set in document["feature_sets"].items():
+            feature_sets[f"{name}/{key}"] = feature_set
+        rows += [{**row, "run": name, "features": f"{name}/{row['features']}"} for row in document["rows"]]
+        notes += [f"{name}: {note}" for note in document.get("notes", []) if not note.startswith("The rows")]
+        warnings += [f"{name}: {warning}" for warning in document.get("warnings", [])]
+    return {
+        "format": max(document.get("format", 1) for _, document in named),
+        "kind": "furnitype merged report",
+        "run": " + ".join(name for name, _ in named),
+        "merged_from": [name for name, _ in named],
+        "baseline": named[0][1].get("baseline"),
+        "feature_sets": feature_sets,
+        "rows": rank_rows(rows),
+        "notes": notes + test_set_note(rows),
+        "warnings": warnings,
+    }
+
+
+def write_report(document: dict, out_dir: str | os.PathLike) -> dict[str, list[str]]:
+    """Write report.csv, report.md, report.html, scores.png and a confusion PNG per row into ``out_dir``.
+
+    Returns
+    -------
+    dict of str to list of str
+        File names written, by kind (``csv``, ``markdown``, ``html``, ``bar_chart``, ``confusion``).
+    """
+    out = Path(out_dir)
+    rows = document["rows"]
+    confusion = {}
+    for row in rows:
+        name = f"confusion-{_slug(_row_id(row))}.png"
+        title = f"{_row_label(row)}: accuracy {row['accuracy']:.3f}"
+        plot_confusion(row["confusion"], row["classes"], title, out / name)
+        confusion[_row_id(row)] = name
+    plot_scores(rows, out / "scores.png")
+    with open(out / "report.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(scalar_row(row) for row in rows)
+    (out / "report.md").write_text(_markdown(document, confusion), encoding="utf-8")
+    (out / "report.html").write_text(_html(document, confusion, out), encoding="utf-8")
+    return {
+        "csv": ["report.csv"],
+        "markdown": ["report.md"],
+        "html": ["report.html"],
+        "bar_chart": ["scores.png"],
+        "confusion": list(confusion.values()),
+    }
+
+
+# -- rendering ------------------------------------------------------------------------------------------
+
+
+def _display_columns(rows: Sequence[dict]) -> list[tuple[str, str, str]]:
+    columns = list(DISPLAY_COLUMNS)
+    if len({row.get("run") for row in rows}) > 1:
+        columns.insert(1, ("run", "run", "{}"))
+    return columns
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    value = row.get(key)
+    return "" if value is None else fmt.format(value)
+
+
+def _row_id(row: dict) -> str:
+    return f"{row['features']}/{row['model']}"
+
+
+def _row_label(row: dict) -> str:
+    return f"{row['backbone']} ({row['weights']}) / {row['model']}"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+
+
+def _split_text(document: dict) -> str:
+    options = document.get("options")
+    if not options:
+        return f"Merged from the runs {', '.join(document.get('merged_from', []))}; nothing was retrained."
+    if options["test_files"]:
+        test = "scored on the separately extracted test files " + ", ".join(options["test_files"])
+    else:
+        test = (
+            f"{options['test_size']:.0%} of each class's distinct photos held out for testing, split by "
+            "image content (sha256) so identical photos never straddle training and test"
+        )
+    return (
+        f"Created {document['created']} by furnitype {document['versions']['furnitype']}; {test}; seed "
+        f"{options['seed']}; {options['cv']}-fold CV for logreg/svm; {options['val_size']:.0%} of the "
+        f"training photos for the dense head's early stopping; class weights: "
+        f"{options['class_weight'] or 'none'}."
+    )
+
+
+def _per_class_rows(row: dict) -> list[list[str]]:
+    per_class = row["per_class"]
+    return [
+        [name, f"{p:.3f}", f"{r:.3f}", f"{f:.3f}", str(s)]
+        for name, p, r, f, s in zip(
+            row["classes"],
+            per_class["precision"],
+            per_class["recall"],
+            per_class["f1"],
+            per_class["support"],
+            strict=True,
+        )
+    ]
+
+
+def _baseline_rows(document: dict) -> list[list[str]]:
+    return [
+        [
+            key,
+            fs["backbone"] or "?",
+            fs["weights"],
+            *(
+                f"{fs['baseline'][k]:.3f}"
+                for k in ("accuracy", "balanced_accuracy", "macro_f1", "top3_accuracy", "log_loss")
+            ),
+            f"{fs['baseline']['fit_seconds']:.1f}",
+        ]
+        for key, fs in document["feature_sets"].items()
+        if fs.get("baseline")
+    ]
+
+
+_BASELINE_HEADERS = [
+    "features",
+    "backbone",
+    "weights",
+    "accuracy",
+    "bal. acc.",
+    "macro-F1",
+    "top-3",
+    "log loss",
+    "fit s",
+]
+_SET_HEADERS = [
+    "features",
+    "file",
+    "backbone",
+    "weights",
+    "pooling",
+    "image size",
+    "dim",
+    "train",
+    "test",
+    "classes",
+    "left out",
+]
+_CLASS_HEADERS = ["class", "precision", "recall", "F1", "test photos"]
+
+
+def _set_rows(document: dict) -> list[list[str]]:
+    return [
+        [
+            key,
+            fs["file"],
+            str(fs["backbone"]),
+            fs["weights"],
+            str(fs["settings"].get("pooling")),
+            str(fs["settings"].get("image_size")),
+            str(fs["feature_dim"]),
+            str(fs["n_train"]),
+            str(fs["n_test"]),
+            str(len(fs["classes"])),
+            ", ".join(fs["dropped_classes"]) or "-",
+        ]
+        for key, fs in document["feature_sets"].items()
+    ]
+
+
+def _table_cells(rows: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
+    columns = _display_columns(rows)
+    return [h for _, h, _ in columns], [[_cell(row, key, fmt) for key, _, fmt in columns] for row in rows]
+
+
+def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    def line(cells):
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(headers), line(["---"] * len(headers)), *(line(r) for r in rows)])
+
+
+def _markdown(document: dict, confusion: dict[str, str]) -> str:
+    rows = document["rows"]
+    parts = [
+        f"# furnitype classify: {document['run']}",
+        "",
+        _split_text(document),
+        "",
+        "## Results, best first",
+        "",
+        _md_table(*_table_cells(rows)),
+        "",
+        f"*vs baseline*: accuracy minus that of a plain {document.get('baseline')} on the same photos, in "
+        "points.",
+        "",
+        "![scores](scores.png)",
+        "",
+    ]
+    if document.get("notes"):
+        parts += ["## Notes", "", *(f"- {note}" for note in document["notes"]), ""]
+    if document.get("warnings"):
+        parts += ["## Warnings", "", *(f"- {warning}" for warning in document["warnings"]), ""]
+    parts += [
+        f"## Baseline: {document.get('baseline')}",
+        "",
+        _md_table(_BASELINE_HEADERS, _baseline_rows(document)),
+        "",
+        "## Feature sets",
+        "",
+        _md_table(_SET_HEADERS, _set_rows(document)),
+        "",
+        "## Per class",
+        "",
+    ]
+    for row in rows:
+        parts += [
+            f"### {row['rank']}. {_row_label(row)} ({row['chosen']})",
+            "",
+            _md_table(_CLASS_HEADERS, _per_class_rows(row)),
+            "",
+            f"![confusion matrix]({confusion[_row_id(row)]})",
+            "",
+        ]
+    return "\n".join(parts)
+
+
+def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _image(out: Path, name: str, alt: str) -> str:
+    data = base64.b64encode((out / name).read_bytes()).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}" title="{html.escape(name)}">'
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 80em; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th { background: #f2f2f2; }
+td:nth-child(-n+4) { text-align: left; }
+img { max-width: 100%; }
+.row { display: flex; flex-wrap: wrap; gap: 2em; align-items: flex-start; }
+"""
+
+
+def _html(document: dict, confusion: dict[str, str], out: Path) -> str:
+    rows = document["rows"]
+    esc = html.escape
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>furnitype classify: {esc(document['run'])}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>furnitype classify: {esc(document['run'])}</h1>",
+        f"<p>{esc(_split_text(document))}</p>",
+        "<h2>Results, best first</h2>",
+        _html_table(*_table_cells(rows)),
+        f"<p><em>vs baseline</em>: accuracy minus that of a plain {esc(str(document.get('baseline')))} "
+        "on the same photos, in points.</p>",
+        _image(out, "scores.png", "scores of every row"),
+    ]
+    for title, key in (("Notes", "notes"), ("Warnings", "warnings")):
+        if document.get(key):
+            parts += [f"<h2>{title}</h2><ul>", *(f"<li>{esc(item)}</li>" for item in document[key]), "</ul>"]
+    parts += [
+        f"<h2>Baseline: {esc(str(document.get('baseline')))}</h2>",
+        _html_table(_BASELINE_HEADERS, _baseline_rows(document)),
+        "<h2>Feature sets</h2>",
+        _html_table(_SET_HEADERS, _set_rows(document)),
+        "<h2>Per class</h2>",
+    ]
+    for row in rows:
+        parts += [
+            f"<h3>{row['rank']}. {esc(_row_label(row))} ({esc(row['chosen'])})</h3>",
+            '<div class="row">',
+            _html_table(_CLASS_HEADERS, _per_class_rows(row)),
+            _image(out, confusion[_row_id(row)], f"confusion matrix of {_row_label(row)}"),
+            "</div>",
+        ]
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"

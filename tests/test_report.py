@@ -1,0 +1,152 @@
+"""``furnitype report`` and the report writers: ranking, the aligned table, merging runs, files, pictures."""
+
+import csv
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from furnitype import features as store
+from furnitype.classify import classify
+from furnitype.classify.synthetic import make_features
+from furnitype.cli import cli
+from furnitype.reports.plots import plot_confusion, plot_scores
+from furnitype.reports.table import format_table, rank_rows, weights_label, write_report
+
+META = {"backbone": "vgg16", "weights": "imagenet", "pooling": "avg", "image_size": 224}
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two small runs (logreg only) on different feature files; one class name needs HTML escaping."""
+    base = tmp_path_factory.mktemp("report")
+    made = {}
+    for name, seed, backbone in (("first", 1, "vgg16"), ("second", 2, "inception")):
+        X, labels, sha = make_features(
+            [12, 12, 12], 16, seed=seed, separation=2.0, classes=["bed", "<b>chair</b>", "tv"]
+        )
+        path = base / f"{backbone}.h5"
+        store.save(
+            path,
+            features=X,
+            paths=[f"/p/{i}" for i in range(len(labels))],
+            labels=list(labels),
+            sha256=list(sha),
+            meta={**META, "backbone": backbone},
+        )
+        made[name] = classify(
+            [path], models=["logreg"], cv=3, out=base / name, model_params={"logreg": {"Cs": (0.1, 1.0)}}
+        ).path
+    return made
+
+
+def test_reprint_a_run(runs):
+    result = invoke("report", runs["first"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[2].startswith("1  vgg16") and " logreg " in lines[2]
+    assert lines[-1] == f"HTML report: {runs['first'] / 'report.html'}"
+
+
+def test_report_json_matches_the_saved_table(runs):
+    result = invoke("report", runs["first"], "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    with open(runs["first"] / "report.csv", newline="") as fh:
+        saved = list(csv.DictReader(fh))
+    assert [r["model"] for r in summary["rows"]] == [r["model"] for r in saved]
+    assert float(saved[0]["accuracy"]) == pytest.approx(summary["rows"][0]["accuracy"])
+
+
+def test_merge_runs_into_one_table(runs, tmp_path):
+    out = tmp_path / "merged"
+    result = invoke("report", runs["first"], runs["second"], "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)["rows"]
+    assert sorted(r["run"] for r in rows) == ["first", "second"]
+    assert [r["rank"] for r in rows] == [1, 2]
+    for name in ("report.csv", "report.md", "report.html", "scores.png", "metrics.json"):
+        assert (out / name).is_file(), name
+    assert len(list(out.glob("confusion-*.png"))) == 2
+    notes = json.loads(result.output)["notes"]
+    assert any("2 different sets of test photos" in note for note in notes)
+    table = invoke("report", runs["first"], runs["second"]).output.splitlines()
+    assert table[0].split()[:3] == ["#", "run", "backbone"] and "HTML report" not in table[-1]
+
+
+def test_report_refuses_what_is_not_a_run(tmp_path, runs):
+    result = invoke("report", tmp_path)
+    assert result.exit_code == 2
+    assert result.output.strip() == f"Error: {tmp_path} is not a furnitype run (no metrics.json)."
+    result = invoke("report", tmp_path / "missing")
+    assert result.output.strip() == f"Error: run folder not found: {tmp_path / 'missing'}"
+    result = invoke("report", runs["first"], "--out", runs["first"])
+    assert result.exit_code == 2 and "is one of the runs being reported" in result.output
+
+
+def test_html_escapes_names_and_embeds_pictures(runs):
+    html = (runs["first"] / "report.html").read_text()
+    assert "&lt;b&gt;chair&lt;/b&gt;" in html and "<b>chair</b>" not in html
+    assert html.count('src="data:image/png;base64,') == 2
+    markdown = (runs["first"] / "report.md").read_text()
+    assert "![confusion matrix](confusion-vgg16-logreg.png)" in markdown
+
+
+def _row(model, accuracy, macro_f1=0.5, log_loss=1.0, **extra):
+    return {
+        "backbone": "vgg16",
+        "weights": "imagenet",
+        "model": model,
+        "accuracy": accuracy,
+        "balanced_accuracy": accuracy,
+        "macro_f1": macro_f1,
+        "top3_accuracy": 1.0,
+        "log_loss": log_loss,
+        "fit_seconds": 1.25,
+        "predict_ms_per_image": 0.01,
+        "vs_baseline_points": 0.0,
+        "chosen": "C=1",
+        "features": "f",
+        **extra,
+    }
+
+
+def test_rank_rows_best_first_with_ties_broken():
+    rows = rank_rows(
+        [_row("a", 0.8), _row("b", 0.9), _row("c", 0.9, macro_f1=0.6), _row("d", 0.9, log_loss=0.5)]
+    )
+    assert [(r["model"], r["rank"]) for r in rows] == [("c", 1), ("d", 2), ("b", 3), ("a", 4)]
+
+
+def test_format_table_aligns_columns():
+    text = format_table(rank_rows([_row("svm", 0.912), _row("dense", 0.95)]))
+    lines = text.splitlines()
+    assert len({len(line) for line in lines[:2]}) == 1
+    assert lines[2].split()[:5] == ["1", "vgg16", "imagenet", "dense", "0.950"]
+    position = lines[0].index("accuracy") + len("accuracy")
+    assert all(line[position - 5 : position] in ("0.950", "0.912", "-----") for line in lines[1:])
+
+
+def test_weights_label():
+    assert weights_label("imagenet") == "imagenet"
+    assert weights_label("none(seed=0)") == "random"
+    assert weights_label("sha256:a9f1375470681ab3") == "file a9f13754"
+    assert weights_label(None) == "?"
+
+
+def test_plots_write_png(tmp_path):
+    confusion = plot_confusion([[3, 1], [0, 4]], ["bed", "chair"], "a title", tmp_path / "c.png")
+    scores = plot_scores([_row("svm", 0.9, baseline_accuracy=0.85), _row("dense", 0.8)], tmp_path / "s.png")
+    for path in (confusion, scores):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_write_report_lists_its_files(runs, tmp_path):
+    document = json.loads((runs["first"] / "metrics.json").read_text())
+    written = write_report(document, tmp_path)
+    assert written["confusion"] == ["confusion-vgg16-logreg.png"]
+    assert all((tmp_path / name).is_file() for names in written.values() for name in names)
