@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from furnitype import features as store
-from furnitype.classify import load_model, load_run
+from furnitype.classify import classify, load_model, load_run
 from furnitype.classify.synthetic import make_features
 from furnitype.cli import cli
 
@@ -343,3 +343,16 @@ def test_an_existing_run_is_kept_unless_overwrite(files, tmp_path):
         f"{tmp_path / 'other'} exists and is not a furnitype run; choose another --out.",
     )
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_a_row_trailing_the_baseline_says_why(files, tmp_path):
+    untrained = {"dense": {"hidden_units": 2, "max_epochs": 1, "learning_rate": 1e-7}}
+    run = classify([files["vgg"]], models=["dense"], out=tmp_path / "r", model_params=untrained)
+    row = run.rows[0]
+    assert row["vs_baseline_points"] < -2
+    gap = 100 * (row["accuracy"] - row["baseline_accuracy"])
+    assert row["vs_baseline_points"] == pytest.approx(gap, abs=0.01)
+    (note,) = [n for n in run.notes if "trails the baseline" in n]
+    assert note.startswith("vgg16 (imagenet) / dense trails the baseline (StandardScaler + Logistic")
+    assert "McNemar p = " in note and "not tuned beyond early stopping" in note
+    assert note in (tmp_path / "r" / "report.md").read_text()
