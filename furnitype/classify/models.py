@@ -625,7 +625,8 @@ class SVMModel(FeatureClassifier):
         self.calibrator_ = calibrator
         self.best_params_ = candidates[best]
         self.cv_results_ = [
-            {"params": c, self.scoring: round(float(s), 6)} for c, s in zip(candidates, scores, strict=True)
+            {"params": c, self.scoring: _report_score(self.scoring, s)}
+            for c, s in zip(candidates, scores, strict=True)
         ]
 
     def _predict_proba(self, X):
@@ -698,7 +699,7 @@ def _score(
 ) -> float:
     """A cross-validation score, higher is better (``log_loss`` is negated)."""
     if scoring == "log_loss":
-        return -float(np.mean(-np.log(np.clip(proba[np.arange(len(y)), y], 1e-15, 1.0))))
+        return float(np.mean(np.log(np.clip(proba[np.arange(len(y)), y], 1e-15, 1.0))))
     if predicted is None:
         predicted = np.argmax(proba, axis=1)
     if scoring == "accuracy":
