@@ -37,6 +37,85 @@ def cli() -> None:
 
 
 @cli.command()
+@click.argument("images", nargs=-1, type=click.Path())
+@click.option("--backbone", "-b", default="vgg16", show_default=True,
+              type=click.Choice(["vgg16", "inception", "inception_v3"], case_sensitive=False),
+              help="Convolutional base (inception = InceptionV3).")
+@click.option("--weights", default="imagenet", show_default=True, help="imagenet, none (random, seeded) or a file.")
+@click.option("--pooling", default="avg", show_default=True, type=click.Choice(["avg", "max", "flatten"]))
+@click.option("--image-size", type=click.IntRange(min=1), help="Square input side.  [default: 224 / 299]")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--precision", default="float32", show_default=True,
+              type=click.Choice(["float32", "bfloat16", "float16"]), help="Compute precision (mixed).")
+@click.option("--store-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]))
+@click.option("--interpolation", default="bilinear", show_default=True,
+              type=click.Choice(["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]))
+@click.option("--decode", default="exact", show_default=True, type=click.Choice(["exact", "draft"]),
+              help="draft: let the JPEG decoder downscale first (faster on big photos).")
+@click.option("--workers", type=click.IntRange(min=1), help="Decoding threads.  [default: up to 4]")
+@click.option("--out", "-o", type=click.Path(dir_okay=False), help="Feature file.  [default: features-<backbone>.h5]")
+@click.option("--manifest", type=click.Path(dir_okay=False), help="CSV of path,label rows (paths relative to it).")
+@click.option("--overwrite", is_flag=True, help="Replace a feature file made with other settings.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@_api_errors
+def extract(images, backbone, weights, pooling, image_size, batch_size, precision, store_dtype, interpolation, decode,
+            workers, out, manifest, overwrite, quiet, as_json) -> None:
+    """Extract pooled CNN features of IMAGES into an HDF5 feature cache.
+
+    IMAGES are folders (one subfolder per class, or unlabelled photos) or image files. Only photos whose
+    content is not in the cache yet are computed.
+
+    \b
+    Examples:
+      furnitype extract photos/ --backbone inception
+      furnitype extract photos/ --weights vgg16_notop.weights.h5 --precision bfloat16 --out vgg.h5
+      furnitype extract --manifest labels.csv --json
+    """
+    if not images and not manifest:
+        raise click.UsageError("give at least one folder or image file, or --manifest CSV.")
+    from furnitype.extract import extract as run_extract
+
+    result = run_extract(
+        images, backbone=backbone, weights=weights, pooling=pooling, image_size=image_size, batch_size=batch_size,
+        precision=precision, store_dtype=store_dtype, interpolation=interpolation, decode=decode, out=out,
+        manifest=manifest, overwrite=overwrite, progress=not quiet and not as_json, workers=workers,
+    )
+    if as_json:
+        _print_json(result.as_dict())
+    else:
+        click.echo(result.summary(), err=quiet)
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+@_api_errors
+def info(file, as_json) -> None:
+    """Show a feature file: rows, classes with counts, settings, skipped files with reasons.
+
+    \b
+    Example:
+      furnitype info features-vgg16.h5
+    """
+    from furnitype.features.describe import describe
+
+    summary = describe(file)
+    if as_json:
+        _print_json(summary)
+        return
+    click.echo(f"{file}: {summary['rows']:,} rows x {summary['feature_dim']:,} features")
+    for name, count in summary["classes"].items():
+        click.echo(f"  {name or '(unlabelled)':<20} {count:>8,}")
+    click.echo("settings:")
+    for key, value in summary["meta"].items():
+        click.echo(f"  {key:<20} {value}")
+    click.echo(f"skipped: {len(summary['skipped'])}")
+    for path, reason in summary["skipped"]:
+        click.echo(f"  {path}: {reason}")
+
+
+@cli.command()
 @click.argument("features", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--models", default="dense,logreg,svm", show_default=True, help="Comma-separated models.")
 @click.option(

@@ -1,0 +1,195 @@
+"""The backbone registry: name → builder of a pretrained Keras convolutional base, its input size and preprocessing.
+
+Keras and TensorFlow are imported only when a network is built or images are preprocessed, so commands that
+need no network (a rerun with nothing new, ``info``) start in well under a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from furnitype.errors import FurnitypeError, InputError
+
+POOLINGS = ("avg", "max", "flatten")
+PRECISIONS = ("float32", "bfloat16", "float16")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up chatter is not for our users
+#: The seed of random initialisation (``weights="none"``), so such features are reproducible.
+RANDOM_INIT_SEED = 0
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A convolutional base as furnitype uses it.
+
+    Attributes
+    ----------
+    name : str
+        Registry name (``vgg16``, ``inception``).
+    keras_name : str
+        Module of ``keras.applications`` holding the builder and ``preprocess_input``.
+    builder : str
+        The builder's name in that module.
+    default_size, min_size : int
+        Keras' own input size and the smallest size the network accepts.
+    imagenet_file : str
+        File name of the official notop weights in Keras' cache (``$KERAS_HOME/models``).
+    """
+
+    name: str
+    keras_name: str
+    builder: str
+    default_size: int
+    min_size: int
+    imagenet_file: str
+
+    def preprocess(self, batch: np.ndarray) -> np.ndarray:
+        """Apply the backbone's own ``keras.applications.<module>.preprocess_input`` to float32 RGB 0-255."""
+        keras = import_keras()
+        module = getattr(keras.applications, self.keras_name)
+        return module.preprocess_input(batch.astype(np.float32, copy=True))
+
+
+_REGISTRY: dict[str, Backbone] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_backbone(backbone: Backbone, *aliases: str) -> Backbone:
+    """Add a backbone (and optional alias names) to the registry."""
+    _REGISTRY[backbone.name] = backbone
+    for alias in aliases:
+        _ALIASES[alias] = backbone.name
+    return backbone
+
+
+def list_backbones() -> list[str]:
+    """Sorted registry names (the ``--backbone`` choices, aliases included)."""
+    return sorted([*_REGISTRY, *_ALIASES])
+
+
+def get_backbone(name: str) -> Backbone:
+    """Look a backbone up by name or alias."""
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in _REGISTRY:
+        raise FurnitypeError(f"unknown backbone {name!r}; choose one of {', '.join(list_backbones())}.")
+    return _REGISTRY[key]
+
+
+register_backbone(
+    Backbone("vgg16", "vgg16", "VGG16", 224, 32, "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+)
+register_backbone(
+    Backbone(
+        "inception",
+        "inception_v3",
+        "InceptionV3",
+        299,
+        75,
+        "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    ),
+    "inception_v3",
+    "inceptionv3",
+)
+
+
+def import_keras():
+    """Import Keras (and TensorFlow) with the C++ start-up chatter on stderr silenced; return the module."""
+    if "keras" not in sys.modules:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            with open(os.devnull, "w") as devnull:
+                os.dup2(devnull.fileno(), 2)
+                import keras  # noqa: F401
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    return sys.modules["keras"]
+
+
+def weights_identity(weights: str) -> str:
+    """How the weights are recorded in a feature file: ``imagenet``, ``none(seed=0)`` or ``sha256:<hex>``."""
+    if weights == "imagenet":
+        return "imagenet"
+    if weights.lower() == "none":
+        return f"none(seed={RANDOM_INIT_SEED})"
+    path = Path(weights)
+    if not path.is_file():
+        raise InputError(f"weights file not found: {weights}. Received: weights={weights!r}")
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def check_options(backbone: Backbone, *, weights: str, pooling: str, image_size: int, precision: str) -> None:
+    """Validate options before anything is built; messages end with ``Received: ...``."""
+    if pooling not in POOLINGS:
+        raise FurnitypeError(f"pooling must be one of {', '.join(POOLINGS)}. Received: pooling={pooling!r}")
+    if precision not in PRECISIONS:
+        raise FurnitypeError(f"precision must be one of {', '.join(PRECISIONS)}. Received: precision={precision!r}")
+    if image_size < backbone.min_size:
+        raise FurnitypeError(
+            f"{backbone.name} needs an input of at least {backbone.min_size} px. Received: image_size={image_size}"
+        )
+    if weights not in ("imagenet", "none", "None") and not Path(weights).is_file():
+        raise InputError(f"weights must be imagenet, none or an existing file. Received: weights={weights!r}")
+
+
+def build_model(
+    backbone: Backbone, *, weights: str, pooling: str, image_size: int, precision: str = "float32"
+) -> Callable[[np.ndarray], np.ndarray]:
+    """Build the frozen convolutional base and return ``infer(preprocessed_batch) -> float32 features``.
+
+    ``weights`` is ``"imagenet"`` (Keras' own download and cache), ``"none"`` (random, seeded) or a file path.
+    ``precision`` ``bfloat16``/``float16`` builds the network under Keras' ``mixed_*`` dtype policy.
+    """
+    check_options(backbone, weights=weights, pooling=pooling, image_size=image_size, precision=precision)
+    keras = import_keras()
+    builder = getattr(getattr(keras.applications, backbone.keras_name), backbone.builder)
+    keras_weights = None if weights.lower() == "none" else weights
+    previous_policy = keras.config.dtype_policy()
+    try:
+        if precision != "float32":
+            keras.config.set_dtype_policy(f"mixed_{precision}")
+        keras.utils.set_random_seed(RANDOM_INIT_SEED)
+        with contextlib.redirect_stdout(sys.stderr):  # Keras prints download progress on stdout
+            base = builder(
+                include_top=False,
+                weights=keras_weights,
+                input_shape=(image_size, image_size, 3),
+                pooling=None if pooling == "flatten" else pooling,
+            )
+        outputs = keras.layers.Flatten()(base.output) if pooling == "flatten" else base.output
+        model = keras.Model(base.input, outputs, name=f"{backbone.name}_{pooling}")
+    except Exception as err:  # noqa: BLE001 - Keras raises many types for a download or a bad file
+        raise _weights_error(backbone, weights, err) from None
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+    model.trainable = False
+
+    def infer(batch: np.ndarray) -> np.ndarray:
+        return np.asarray(model.predict_on_batch(batch), dtype=np.float32)
+
+    return infer
+
+
+def _weights_error(backbone: Backbone, weights: str, err: Exception) -> FurnitypeError:
+    first_line = (str(err).splitlines() or [type(err).__name__])[0]
+    if weights == "imagenet":
+        cache = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+        return FurnitypeError(
+            f"could not get the ImageNet weights for {backbone.name} ({first_line}); when offline, put the "
+            f"official {backbone.imagenet_file} into {cache}, or pass --weights PATH."
+        )
+    return FurnitypeError(f"could not load {backbone.name} weights from {weights}: {first_line}")

@@ -1,0 +1,116 @@
+"""The per-batch code path shared by every engine: read + decode in threads, preprocess, infer.
+
+Decoding of the next batches overlaps inference of the current one through a bounded window of futures, so
+memory stays flat however many photos there are.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from furnitype.extract.backbones import build_model, get_backbone
+from furnitype.extract.images import ImageDecodeError, decode_image, read_file
+
+
+@dataclass(frozen=True)
+class ExtractSpec:
+    """Everything that decides a feature row's value (picklable: Ray workers get one)."""
+
+    backbone: str
+    weights: str
+    pooling: str = "avg"
+    image_size: int = 224
+    interpolation: str = "bilinear"
+    precision: str = "float32"
+    decode: str = "exact"
+
+    def build(self) -> Callable[[np.ndarray], np.ndarray]:
+        """Build the network: ``infer(uint8 batch (n, s, s, 3)) -> float32 features (n, d)``."""
+        backbone = get_backbone(self.backbone)
+        model = build_model(
+            backbone, weights=self.weights, pooling=self.pooling, image_size=self.image_size, precision=self.precision
+        )
+        return lambda batch: model(backbone.preprocess(batch))
+
+    def load(self, path: str) -> tuple[str, np.ndarray]:
+        """Read, hash and decode one file: ``(sha256, uint8 image)``; ``ImageDecodeError`` when unusable."""
+        data, sha256 = read_file(path)
+        return sha256, decode_image(data, self.image_size, self.interpolation, self.decode)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result for one file: features, or the reason it could not be used."""
+
+    path: str
+    sha256: str
+    features: np.ndarray | None = None
+    reason: str = ""
+
+
+def decoded(spec: ExtractSpec, paths: Iterable[str], workers: int, window: int) -> Iterator[tuple[str, object]]:
+    """Yield ``(path, (sha256, image) | ImageDecodeError)`` in order, decoding ``window`` files ahead."""
+
+    def load(path: str):
+        try:
+            return spec.load(path)
+        except ImageDecodeError as err:
+            return err
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="furnitype-decode") as pool:
+        pending: deque = deque()
+        for path in paths:
+            pending.append((path, pool.submit(load, path)))
+            if len(pending) > window:
+                head, future = pending.popleft()
+                yield head, future.result()
+        while pending:
+            head, future = pending.popleft()
+            yield head, future.result()
+
+
+def feature_batches(
+    spec: ExtractSpec,
+    paths: Sequence[str],
+    *,
+    batch_size: int = 32,
+    workers: int | None = None,
+    infer: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> Iterator[list[Outcome]]:
+    """Yield lists of ``Outcome`` (one per path, in order), one list per inference batch.
+
+    ``infer`` is built from ``spec`` on first need when not given (no network is built for no images).
+    """
+    workers = workers or min(4, os.cpu_count() or 1)
+    batch: list[Outcome] = []
+    images: list[np.ndarray] = []
+    for path, result in decoded(spec, paths, workers, window=2 * batch_size):
+        if isinstance(result, ImageDecodeError):
+            batch.append(Outcome(path, "", reason=str(result)))
+            continue
+        sha256, image = result
+        batch.append(Outcome(path, sha256))
+        images.append(image)
+        if len(images) == batch_size:
+            infer = infer or spec.build()
+            yield _fill(batch, infer(np.stack(images)))
+            batch, images = [], []
+    if images:
+        infer = infer or spec.build()
+        yield _fill(batch, infer(np.stack(images)))
+    elif batch:
+        yield batch
+
+
+def _fill(batch: list[Outcome], features: np.ndarray) -> list[Outcome]:
+    rows = iter(features)
+    return [o if o.reason else Outcome(o.path, o.sha256, next(rows)) for o in batch]
