@@ -197,6 +197,7 @@ def test_settings_mismatch_is_refused_unless_overwrite(photos, tmp_path):
         extract([photos], **{**SMALL, "backbone": "inception", "image_size": 75}, out=out)
     assert extract([photos], **SMALL, pooling="max", out=out, overwrite=True).extracted == 6
     assert load(out).meta["pooling"] == "max"
+    assert extract([photos], **SMALL, pooling="max", out=out, overwrite=True).extracted == 0  # same settings: kept
 
 
 def test_damaged_store_is_a_clear_error(photos, tmp_path):
@@ -205,6 +206,7 @@ def test_damaged_store_is_a_clear_error(photos, tmp_path):
     out.write_bytes(out.read_bytes()[:3000])  # a half-copied file
     with pytest.raises(StoreError, match="not a readable HDF5 feature file"):
         extract([photos], **SMALL, out=out)
+    assert extract([photos], **SMALL, out=out, overwrite=True).rows == 6
 
 
 def test_killed_run_resumes_and_equals_an_uninterrupted_run(tmp_path):

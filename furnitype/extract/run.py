@@ -112,7 +112,8 @@ def extract(
     manifest : path, default=None
         A CSV of ``path,label`` rows, added to ``inputs``.
     overwrite : bool, default=False
-        Replace a store (or interrupted run) made with other settings instead of refusing it.
+        Replace a store (or interrupted run) made with other settings, or a damaged store, instead of refusing
+        it. A store made with the same settings is always kept and reused.
     progress : bool, default=True
         Show a progress bar on stderr.
     workers : int, default=None
@@ -211,10 +212,13 @@ def _check_writable(out: Path) -> None:
 
 
 def _previous_store(out: Path, settings: dict, overwrite: bool) -> store.FeatureSet:
-    if out.exists() and not overwrite:
-        meta = store.read_meta(out)
-        store.check_settings(meta, settings, out)
-        return store.load(out)
+    if out.exists():
+        try:
+            store.check_settings(store.read_meta(out), settings, out)
+            return store.load(out)
+        except (store.SettingsMismatchError, store.StoreError):
+            if not overwrite:
+                raise
     empty = np.array([], dtype=str)
     return store.FeatureSet(np.zeros((0, 0), np.float32), empty, empty, empty)
 

@@ -94,7 +94,7 @@ class Journal:
         self._file.seek(0)
         data = self._file.read()
         header = _record(b"H", json.dumps(self.settings, sort_keys=True).encode())
-        if not data.startswith(_MAGIC) or self.overwrite:
+        if not data.startswith(_MAGIC):
             self._rewrite(_MAGIC + header)
             return
         offset = len(_MAGIC)
@@ -111,6 +111,9 @@ class Journal:
             self._rewrite(_MAGIC + header)  # nothing usable was recorded
             return
         previous = json.loads(records[0][1])
+        if previous != self.settings and self.overwrite:
+            self._rewrite(_MAGIC + header)  # asked to replace work made with other settings
+            return
         if previous != self.settings:
             self._file.close()
             check_settings(previous, self.settings, f"the interrupted run in {self.path}")

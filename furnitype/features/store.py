@@ -27,6 +27,8 @@ import numpy as np
 
 from furnitype.errors import InputError, SettingsMismatchError, StoreError
 
+__all__ = ["FeatureSet", "SettingsMismatchError", "StoreError", "check_settings", "load", "read_meta", "save"]
+
 FORMAT_VERSION = 1
 #: Settings that decide a feature's value: rows made with different values are never mixed.
 SETTING_KEYS = (
