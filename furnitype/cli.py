@@ -84,7 +84,7 @@ def extract(images, backbone, weights, pooling, image_size, batch_size, precisio
     if as_json:
         _print_json(result.as_dict())
     else:
-        click.echo(result.summary(), err=quiet)
+        click.echo(result.summary())
 
 
 @cli.command()
