@@ -356,3 +356,15 @@ def test_a_row_trailing_the_baseline_says_why(files, tmp_path):
     assert note.startswith("vgg16 (imagenet) / dense trails the baseline (StandardScaler + Logistic")
     assert "McNemar p = " in note and "not tuned beyond early stopping" in note
     assert note in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_a_run_that_does_not_beat_the_baseline_says_so(files, tmp_path):
+    run = classify(
+        [files["vgg"]], models=["logreg"], cv=3, out=tmp_path / "r", model_params={"logreg": {"Cs": (0.1,)}}
+    )
+    assert run.rows[0]["vs_baseline_points"] == 0.0
+    assert run.notes == [
+        "vgg: no model beats the baseline (StandardScaler + LogisticRegression(C=0.1), accuracy "
+        f"{run.rows[0]['baseline_accuracy']:.3f}); the best, logreg, ties it (its cross-validation chose the "
+        f"baseline's own C=0.1: the same model); McNemar p = 1.000 over {run.rows[0]['n_test']} test photos."
+    ]

@@ -140,6 +140,7 @@ def classify(
             settings_file.parent.mkdir(parents=True, exist_ok=True)
             settings_file.write_text(json.dumps(feature_sets[fs.key], indent=1) + "\n", encoding="utf-8")
             split_rows += _split_rows(fs)
+            set_rows, predictions = [], []
             for name in models:
                 params = {
                     "cv": cv,
@@ -153,7 +154,10 @@ def classify(
                 row["baseline_accuracy"] = baseline["accuracy"]
                 row["vs_baseline_points"] = round(100 * (row["accuracy"] - baseline["accuracy"]), 2)
                 notes += _row_notes(row, fs, pred, baseline_pred)
-                rows.append(row)
+                set_rows.append(row)
+                predictions.append(pred)
+            notes += _baseline_note(fs, set_rows, predictions, baseline_pred)
+            rows += set_rows
         document = {
             "format": RUN_FORMAT,
             "kind": "furnitype classify run",
@@ -510,6 +514,34 @@ def _row_notes(
     if row["n_classes"] <= 3:
         notes.append(f"{label}: top-3 accuracy is 1 by definition with {row['n_classes']} classes.")
     return notes
+
+
+def _baseline_note(
+    fs: _FeatureSet, rows: list[dict], predictions: list[np.ndarray], baseline_predicted: np.ndarray
+) -> list[str]:
+    """Say so when no model of a feature set beats the baseline's accuracy, and whether the gap is chance."""
+    best = max(
+        range(len(rows)), key=lambda i: (rows[i]["accuracy"], rows[i]["macro_f1"], -rows[i]["log_loss"])
+    )
+    row = rows[best]
+    if row["accuracy"] > row["baseline_accuracy"]:
+        return []
+    p = mcnemar_p(predictions[best] == fs.y_test, baseline_predicted == fs.y_test)
+    if row["accuracy"] == row["baseline_accuracy"]:
+        how = "ties it"
+    else:
+        how = f"trails it by {-row['vs_baseline_points']:.1f} points"
+    same = ""
+    if (
+        row["model"] == "logreg"
+        and row["details"]["best_params"]["C"] == BASELINE_C
+        and row["params"]["class_weight"] is None
+    ):
+        same = f" (its cross-validation chose the baseline's own C={BASELINE_C:g}: the same model)"
+    return [
+        f"{fs.key}: no model beats the baseline ({BASELINE}, accuracy {row['baseline_accuracy']:.3f}); "
+        f"the best, {row['model']}, {how}{same}; McNemar p = {p:.3f} over {row['n_test']} test photos."
+    ]
 
 
 def _describe_set(fs: _FeatureSet, baseline: dict) -> dict:
