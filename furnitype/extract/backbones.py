@@ -151,6 +151,8 @@ def build_model(
 ) -> Callable[[np.ndarray], np.ndarray]:
     """Build the frozen convolutional base and return ``infer(preprocessed_batch) -> float32 features``.
 
+    ``infer`` takes float32 batches of any size (one traced graph).
+
     ``weights`` is ``"imagenet"`` (Keras' own download and cache), ``"none"`` (random, seeded) or a file path.
     ``precision`` ``bfloat16``/``float16`` builds the network under Keras' ``mixed_*`` dtype policy.
     """
@@ -177,9 +179,20 @@ def build_model(
     finally:
         keras.config.set_dtype_policy(previous_policy)
     model.trainable = False
+    return _traced(model, image_size)
+
+
+def _traced(model, image_size: int) -> Callable[[np.ndarray], np.ndarray]:
+    """``infer`` as one TensorFlow graph for any batch size: traced once, so a run's last, smaller batch does
+    not trace again (1.5 s of CPU for InceptionV3); the cast to float32 happens inside the graph."""
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec((None, image_size, image_size, 3), tf.float32)])
+    def forward(batch):
+        return tf.cast(model(batch, training=False), tf.float32)
 
     def infer(batch: np.ndarray) -> np.ndarray:
-        return np.asarray(model.predict_on_batch(batch), dtype=np.float32)
+        return forward(batch).numpy()
 
     return infer
 

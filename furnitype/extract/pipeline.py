@@ -6,6 +6,7 @@ memory stays flat however many photos there are.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -31,12 +32,12 @@ class ExtractSpec:
     decode: str = "exact"
 
     def build(self) -> Callable[[np.ndarray], np.ndarray]:
-        """Build the network: ``infer(uint8 batch (n, s, s, 3)) -> float32 features (n, d)``."""
-        backbone = get_backbone(self.backbone)
-        model = build_model(
-            backbone, weights=self.weights, pooling=self.pooling, image_size=self.image_size, precision=self.precision
-        )
-        return lambda batch: model(backbone.preprocess(batch))
+        """Build the network: ``infer(uint8 batch (n, s, s, 3)) -> float32 features (n, d)``.
+
+        The network last built in this process is reused while the settings and the weights file are the same,
+        so repeated ``extract`` calls in one process (a notebook, a benchmark) pay TensorFlow's start-up once.
+        """
+        return _network(self, _file_stamp(self.weights))
 
     def load(self, path: str) -> tuple[str, np.ndarray]:
         """Read, hash and decode one file: ``(sha256, uint8 image)``; ``ImageDecodeError`` when unusable."""
@@ -45,6 +46,24 @@ class ExtractSpec:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+@functools.lru_cache(maxsize=1)
+def _network(spec: ExtractSpec, weights_stamp: tuple | None) -> Callable[[np.ndarray], np.ndarray]:
+    backbone = get_backbone(spec.backbone)
+    model = build_model(
+        backbone, weights=spec.weights, pooling=spec.pooling, image_size=spec.image_size, precision=spec.precision
+    )
+    return lambda batch: model(backbone.preprocess(batch))
+
+
+def _file_stamp(weights: str) -> tuple | None:
+    """Identity of a weights file on disk (a file replaced in place is built again); None for a name."""
+    try:
+        stat = os.stat(weights)
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 @dataclass(frozen=True)
@@ -85,15 +104,19 @@ def feature_batches(
     batch_size: int = 32,
     workers: int | None = None,
     infer: Callable[[np.ndarray], np.ndarray] | None = None,
+    prefetch: int | None = None,
 ) -> Iterator[list[Outcome]]:
     """Yield lists of ``Outcome`` (one per path, in order), one list per inference batch.
 
     ``infer`` is built from ``spec`` on first need when not given (no network is built for no images).
+    ``prefetch`` files (default ``2 * batch_size``) are read and decoded ahead in ``workers`` threads (default:
+    up to 4) while the network runs, so at most ``batch_size + prefetch`` decoded images are held at a time.
     """
     workers = workers or min(4, os.cpu_count() or 1)
+    prefetch = 2 * batch_size if prefetch is None else prefetch
     batch: list[Outcome] = []
     images: list[np.ndarray] = []
-    for path, result in decoded(spec, paths, workers, window=2 * batch_size):
+    for path, result in decoded(spec, paths, workers, window=prefetch):
         if isinstance(result, ImageDecodeError):
             batch.append(Outcome(path, "", reason=str(result)))
             continue

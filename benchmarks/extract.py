@@ -1,0 +1,310 @@
+"""How close ``furnitype extract`` runs to the speed of the network alone, per backbone and precision.
+
+Run by hand (long: about 40 minutes for everything on 2 cores; each configuration can run on its own)::
+
+    .venv/bin/python benchmarks/extract.py ../shared/data/furniture \\
+        --weights ../shared/weights/vgg16_notop.weights.h5 [--backbone vgg16] [--precision bfloat16] [--limit N]
+    .venv/bin/python benchmarks/extract.py --table          # the table of all saved results, as Markdown
+
+For each configuration it measures, and saves as ``<results>/extract-<backbone>-<precision>.json``:
+
+- **model CPU ms/img**: the network alone, in steady state: ``model(x, training=False)`` in one traced graph
+  on batches of ``--batch-size`` photos already decoded, resized and preprocessed in memory, after a warm-up
+  batch (no import, build, decoding or writing counted). The strictest denominator: everything else
+  ``extract`` does is counted against it.
+- **extract CPU ms/img**: ``furnitype extract FOLDER`` as a fresh child process into a new store, end to end
+  (interpreter and TensorFlow start-up, network build, listing, hashing, decoding, journal, HDF5 write),
+  CPU time (user + system, all threads) from ``os.wait4``, divided by the photos extracted.
+- **efficiency** = model ÷ extract CPU per image.
+- **wall ratio**: in one process, slices alternate A B A B ... where A is the network alone on a slice's
+  decoded photos and B is ``extract()`` on the same photos into a new store (the network already built, as in
+  a long run); the median over pairs of (A wall per image) ÷ (B wall per image). Usable CPU swings between 1
+  and 2 cores here, so only slices interleaved in one process are comparable in wall time.
+- **rerun**: the same command again over the unchanged folder, its wall time as a fraction of the first run.
+- **peak RSS**: ``ru_maxrss`` of the child for an evenly spaced sample of ``--memory-sample`` photos and for all.
+- **draft decoding**: on the photos where Pillow's JPEG draft mode changes the decoded pixels, the relative
+  feature difference (``|f_draft - f_exact| / |f_exact|``, L2 per photo) and decoding CPU per photo both ways.
+
+``--table`` adds the bfloat16-vs-float32 feature difference from the two stores of each backbone.
+InceptionV3 has no pretrained weights here: it runs with ``--weights none`` (random, seeded), which costs the
+same arithmetic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+BACKBONES = ("vgg16", "inception")
+PRECISIONS = ("float32", "bfloat16")
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _sample(files: list, k: int) -> list:
+    """``k`` evenly spaced items (all classes and photo sizes, in their proportions)."""
+    if k >= len(files):
+        return list(files)
+    return [files[i] for i in np.linspace(0, len(files) - 1, k).round().astype(int)]
+
+
+def _link_folder(files, root: Path) -> Path:
+    """A folder of symlinks to ``files`` keeping their class subfolders (what ``extract`` lists)."""
+    root.mkdir(parents=True)
+    for f in files:
+        target = root / (f.label or ".") / Path(f.path).name
+        target.parent.mkdir(exist_ok=True)
+        target.symlink_to(f.path)
+    return root
+
+
+def _run_child(cmd: list[str]) -> dict:
+    """Run a command; its wall seconds, CPU seconds (all threads), peak RSS (MiB) and parsed JSON stdout."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        started = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode:
+            sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{err.read().decode()[-2000:]}")
+        return {
+            "wall_s": wall,
+            "cpu_s": usage.ru_utime + usage.ru_stime,
+            "peak_rss_mib": usage.ru_maxrss / 1024,
+            "result": json.loads(out.read()),
+        }
+
+
+def _extract_cmd(folder: Path, out: Path, backbone: str, weights: str, precision: str, batch_size: int) -> list:
+    exe = Path(sys.executable).with_name("furnitype")
+    return [str(exe), "extract", str(folder), "--backbone", backbone, "--weights", weights, "--precision", precision,
+            "--batch-size", str(batch_size), "--out", str(out), "--json"]
+
+
+def _relative(a: np.ndarray, b: np.ndarray) -> dict:
+    """Per-row relative L2 difference of ``a`` to the reference ``b``: median, 95th percentile, max."""
+    rel = np.linalg.norm(a - b, axis=1) / np.maximum(np.linalg.norm(b, axis=1), 1e-12)
+    return {"rows": len(rel), "median": float(np.median(rel)), "p95": float(np.percentile(rel, 95)),
+            "max": float(rel.max())}
+
+
+def in_process(args) -> dict:
+    """Model alone, interleaved slices and the draft check, in this (fresh) process."""
+    from furnitype.extract import extract
+    from furnitype.extract.backbones import build_model, get_backbone
+    from furnitype.extract.images import decode_image, list_images, read_file
+    from furnitype.extract.pipeline import ExtractSpec
+
+    backbone = get_backbone(args.backbone)
+    spec = ExtractSpec(backbone.name, args.weights, image_size=backbone.default_size, precision=args.precision)
+    files = list_images([args.folder]).files
+    if args.limit:
+        files = _sample(files, args.limit)
+    network = build_model(backbone, weights=args.weights, pooling="avg", image_size=spec.image_size,
+                          precision=args.precision)
+    bs = args.batch_size
+
+    def model_alone(arrays: np.ndarray) -> tuple[float, float]:
+        wall, cpu = time.perf_counter(), _cpu()
+        for start in range(0, len(arrays), bs):
+            network(arrays[start : start + bs])
+        return time.perf_counter() - wall, _cpu() - cpu
+
+    def prepared(chosen) -> np.ndarray:
+        return backbone.preprocess(np.stack([spec.load(f.path)[1] for f in chosen]))
+
+    arrays = prepared(_sample(files, args.model_images))
+    network(arrays[:bs])  # warm-up: trace and oneDNN primitives
+    wall, cpu = model_alone(arrays)
+    n = len(arrays)
+    report = {"model": {"images": n, "cpu_ms": 1000 * cpu / n, "wall_ms": 1000 * wall / n}}
+    del arrays
+
+    pairs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        slices = [files[i :: args.slices][: args.slice_images] for i in range(args.slices)]
+        settings = dict(backbone=spec.backbone, weights=spec.weights, precision=spec.precision, batch_size=bs,
+                        progress=False)
+        extract([_link_folder(slices[0][:bs], Path(tmp, "warm"))], out=Path(tmp, "warm.h5"), **settings)
+        for i, chosen in enumerate(slices):
+            folder, arrays = _link_folder(chosen, Path(tmp, f"slice{i}")), prepared(chosen)
+            a_wall, a_cpu = model_alone(arrays)
+            wall, cpu = time.perf_counter(), _cpu()
+            result = extract([folder], out=Path(tmp, f"slice{i}.h5"), **settings)
+            b_wall, b_cpu = time.perf_counter() - wall, _cpu() - cpu
+            assert result.extracted == len(chosen), result
+            n = len(chosen)
+            pairs.append({"images": n, "model_wall_ms": 1000 * a_wall / n, "model_cpu_ms": 1000 * a_cpu / n,
+                          "extract_wall_ms": 1000 * b_wall / n, "extract_cpu_ms": 1000 * b_cpu / n,
+                          "ratio": a_wall / b_wall})
+            print(f"  slice {i}: wall ratio {a_wall / b_wall:.3f}", file=sys.stderr, flush=True)
+    report["interleaved"] = {"pairs": pairs, "median_ratio": float(np.median([p["ratio"] for p in pairs]))}
+
+    decode_cpu, changed = {"exact": 0.0, "draft": 0.0}, []
+    for f in files:
+        data, _ = read_file(f.path)
+        both = {}
+        for mode in decode_cpu:
+            cpu = _cpu()
+            both[mode] = decode_image(data, spec.image_size, spec.interpolation, mode)
+            decode_cpu[mode] += _cpu() - cpu
+        if not np.array_equal(both["exact"], both["draft"]):
+            changed.append((both["exact"], both["draft"]))
+    draft = {"photos": len(files), "changed": len(changed),
+             **{f"{mode}_cpu_ms": 1000 * s / len(files) for mode, s in decode_cpu.items()}}
+    if changed:
+        feats = {}
+        for k, mode in enumerate(("exact", "draft")):
+            images = backbone.preprocess(np.stack([pair[k] for pair in changed]))
+            feats[mode] = np.concatenate([network(images[s : s + bs]) for s in range(0, len(images), bs)])
+        draft["difference"] = _relative(feats["draft"], feats["exact"])
+    report["draft"] = draft
+    return report
+
+
+def run_config(args, results: Path, work: Path) -> dict:
+    """All measurements of one backbone x precision; saved as JSON and returned."""
+    from furnitype.extract.images import list_images
+
+    weights = args.weights if args.backbone == "vgg16" else "none"
+    files = list_images([args.folder]).files
+    if args.limit:
+        files = _sample(files, args.limit)
+    tag = f"{args.backbone}-{args.precision}"
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        everything = _link_folder(files, Path(tmp, "all")) if args.limit else Path(args.folder)
+        store = work / f"{tag}.h5"
+        for stale in (store, Path(f"{store}.journal")):
+            stale.unlink(missing_ok=True)
+        cmd = _extract_cmd(everything, store, args.backbone, weights, args.precision, args.batch_size)
+        print(f"{tag}: extract over {len(files)} photos", file=sys.stderr, flush=True)
+        first = _run_child(cmd)
+        rerun = _run_child(cmd)
+        sample_runs = {}
+        if args.memory_sample and args.memory_sample < len(files):
+            print(f"{tag}: extract over {args.memory_sample} photos", file=sys.stderr, flush=True)
+            folder = _link_folder(_sample(files, args.memory_sample), Path(tmp, "sample"))
+            sample_runs = _run_child(
+                _extract_cmd(folder, Path(tmp, "sample.h5"), args.backbone, weights, args.precision, args.batch_size)
+            )
+    print(f"{tag}: model alone, interleaved slices, draft check", file=sys.stderr, flush=True)
+    child = [sys.executable, __file__, str(args.folder), "--in-process", "--backbone", args.backbone,
+             "--precision", args.precision, "--weights", weights, "--batch-size", str(args.batch_size),
+             "--model-images", str(args.model_images), "--slices", str(args.slices),
+             "--slice-images", str(args.slice_images), "--limit", str(args.limit or 0)]
+    inner = _run_child(child)["result"]
+    extracted = first["result"]["extracted"]
+    report = {
+        "backbone": args.backbone,
+        "precision": args.precision,
+        "weights": "vgg16_notop.weights.h5" if weights != "none" else "none (random, seeded)",
+        "photos": len(files),
+        "extract": {**first, "cpu_ms": 1000 * first["cpu_s"] / extracted, "images": extracted},
+        "rerun": {**rerun, "fraction_of_first": rerun["wall_s"] / first["wall_s"]},
+        "sample": {**sample_runs, "images": args.memory_sample} if sample_runs else {},
+        **inner,
+        "store": str(store),
+        "machine": {"cpus": os.cpu_count(), "when": time.strftime("%Y-%m-%d %H:%M")},
+    }
+    report["efficiency"] = inner["model"]["cpu_ms"] / report["extract"]["cpu_ms"]
+    (results / f"extract-{tag}.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def table(results: Path) -> str:
+    """The Markdown table of every saved configuration, with the bfloat16 checks."""
+    from furnitype.features import load
+
+    reports = {(r["backbone"], r["precision"]): r
+               for r in (json.loads(p.read_text()) for p in sorted(results.glob("extract-*.json")))}
+    lines = [
+        "| backbone | precision | photos | model CPU ms/img | extract CPU ms/img | efficiency | wall ratio "
+        "(interleaved) | fixed CPU s | rerun / first | peak RSS sample / all (MiB) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (backbone, precision), r in sorted(reports.items()):
+        sample = r["sample"]
+        rss = f"{sample['peak_rss_mib']:.0f} ({sample['images']}) / " if sample else ""
+        steady = np.median([p["extract_cpu_ms"] for p in r["interleaved"]["pairs"]])
+        fixed = r["extract"]["cpu_s"] - r["extract"]["images"] * steady / 1000
+        lines.append(
+            f"| {backbone} | {precision} | {r['extract']['images']:,} | {r['model']['cpu_ms']:.1f} | "
+            f"{r['extract']['cpu_ms']:.1f} | {r['efficiency']:.3f} | {r['interleaved']['median_ratio']:.3f} | "
+            f"{fixed:.1f} | {r['rerun']['fraction_of_first']:.4f} ({r['rerun']['wall_s']:.2f} s) | "
+            f"{rss}{r['extract']['peak_rss_mib']:.0f} |"
+        )
+    notes = []
+    for backbone in BACKBONES:
+        f32, b16 = reports.get((backbone, "float32")), reports.get((backbone, "bfloat16"))
+        if f32 and b16:
+            speed = f32["model"]["cpu_ms"] / b16["model"]["cpu_ms"]
+            e2e = f32["extract"]["cpu_ms"] / b16["extract"]["cpu_ms"]
+            line = f"- {backbone}: bfloat16 is {speed:.2f}x float32 in model CPU per image, {e2e:.2f}x end to end"
+            if Path(f32["store"]).is_file() and Path(b16["store"]).is_file():
+                a, b = load(b16["store"]), load(f32["store"])
+                assert list(a.sha256) == list(b.sha256)
+                diff = _relative(a.features, b.features)
+                line += (f"; features differ from float32 by {100 * diff['median']:.2f}% relative (L2, median "
+                         f"over {diff['rows']:,} photos), {100 * diff['p95']:.2f}% p95, {100 * diff['max']:.2f}% max")
+            notes.append(line + ".")
+    for (backbone, precision), r in sorted(reports.items()):
+        d = r["draft"]
+        line = (f"- draft decoding, {backbone} {precision}: changes the pixels of {d['changed']} of {d['photos']:,} "
+                f"photos; decoding {d['exact_cpu_ms']:.2f} ms CPU/photo exact, {d['draft_cpu_ms']:.2f} draft")
+        if "difference" in d:
+            diff = d["difference"]
+            line += (f"; on those photos features differ by {100 * diff['median']:.2f}% relative (median), "
+                     f"{100 * diff['p95']:.2f}% p95, {100 * diff['max']:.2f}% max")
+        notes.append(line + ".")
+    return "\n".join(lines + [""] + notes)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", nargs="?", help="photos, one subfolder per class")
+    parser.add_argument("--weights", default="../shared/weights/vgg16_notop.weights.h5", help="VGG16 weights")
+    parser.add_argument("--backbone", choices=[*BACKBONES, "all"], default="all")
+    parser.add_argument("--precision", choices=[*PRECISIONS, "all"], default="all")
+    parser.add_argument("--limit", type=int, default=0, help="an evenly spaced sample of N photos (0: all)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--memory-sample", type=int, default=1000, help="photos of the smaller peak-RSS run")
+    parser.add_argument("--model-images", type=int, default=192, help="photos timed through the model alone")
+    parser.add_argument("--slices", type=int, default=6, help="interleaved A/B pairs")
+    parser.add_argument("--slice-images", type=int, default=96, help="photos per interleaved slice")
+    parser.add_argument("--results", default="../bench", help="folder of the JSON results and the stores")
+    parser.add_argument("--table", action="store_true", help="only print the table of saved results")
+    parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.in_process:
+        print(json.dumps(in_process(args)))
+        return
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    if not args.table:
+        if not args.folder:
+            parser.error("give the photo folder (or --table)")
+        for backbone in BACKBONES if args.backbone == "all" else [args.backbone]:
+            for precision in PRECISIONS if args.precision == "all" else [args.precision]:
+                run_config(argparse.Namespace(**{**vars(args), "backbone": backbone, "precision": precision}),
+                           results, results)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
