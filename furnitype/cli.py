@@ -213,6 +213,94 @@ def _print_run(run, as_json: bool) -> None:
         click.echo(f"HTML report: {run.report_html}")
 
 
+@cli.command()
+@click.argument("run", type=click.Path(file_okay=False))
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--model", "-m", default="best", show_default=True,
+              type=click.Choice(["best", "dense", "logreg", "svm"]), help="best: the model of the run's best row.")
+@click.option("--features", "feature_set", help="The run's feature set (training file name without .h5).  "
+              "[default: the best row's]")
+@click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1), help="Classes kept per photo.")
+@click.option("--weights", help="Backbone weights file.  [default: the one recorded with the run's features]")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--workers", type=click.IntRange(min=1), help="Decoding threads.  [default: up to 4]")
+@click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write the predictions as CSV.")
+@click.option("--json", "as_json", is_flag=True, help="Print the predictions as a JSON list.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary line.")
+@_api_errors
+def predict(run, images, model, feature_set, top_k, weights, batch_size, workers, out, as_json, quiet) -> None:
+    """Label IMAGES with a model of RUN, extracting them exactly as the run's features were made.
+
+    IMAGES are files or folders (walked like extract). The backbone, weights, input size, pooling and precision
+    come from the run; a weights file whose sha256 differs from the recorded one is refused. A file that
+    cannot be used gets a row with the reason (the command still succeeds).
+
+    \b
+    Examples:
+      furnitype predict runs/furniture new-photos/
+      furnitype predict runs/furniture a.jpg b.jpg --model svm --top-k 2 --json
+      furnitype predict runs/furniture photos/ --weights vgg16_notop.weights.h5 --out preds.csv
+    """
+    from furnitype.classify.predict import predict as run_predict
+
+    result = run_predict(run, images, model=model, features=feature_set, top_k=top_k, weights=weights,
+                         batch_size=batch_size, workers=workers, progress=not quiet and not as_json)
+    if out:
+        result.write_csv(out)
+    if as_json:
+        _print_json([p.as_dict() for p in result.predictions])
+        return
+    if not out:
+        click.echo(result.format_table())
+    if not quiet:
+        click.echo(result.summary() + (f"; wrote {out}" if out else ""))
+
+
+@cli.command()
+@click.argument("features", type=click.Path(dir_okay=False))
+@click.argument("queries", nargs=-1, required=True, type=click.Path())
+@click.option("--k", "-k", "k", default=5, show_default=True, type=click.IntRange(min=1), help="Neighbours per query.")
+@click.option("--exclude-self", is_flag=True, help="Leave a stored query's own row out of its neighbours.")
+@click.option("--sheet", type=click.Path(dir_okay=False), help="Draw a contact sheet PNG of the results.")
+@click.option("--weights", help="Weights for new photos.  [default: the one recorded in FEATURES]")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as a JSON list.")
+@_api_errors
+def similar(features, queries, k, exclude_self, sheet, weights, as_json) -> None:
+    """Find the stored photos of FEATURES that look most like each QUERY (cosine distance).
+
+    A QUERY already in FEATURES (same path or same content) uses its stored row and finds itself first, at
+    distance 0; another photo is extracted with the feature file's own settings. Folders are walked.
+
+    \b
+    Examples:
+      furnitype similar feats/vgg16.h5 photos/chair/3f2a.jpg
+      furnitype similar feats/vgg16.h5 new-sofa.jpg --k 8 --sheet sofa.png
+      furnitype similar feats/vgg16.h5 queries/ --exclude-self --json
+    """
+    from furnitype.features.similar import SimilarIndex
+
+    index = SimilarIndex.open(features)
+    matches = index.search(queries, k=k, exclude_self=exclude_self, weights=weights)
+    if sheet:
+        from furnitype.reports.sheet import contact_sheet
+
+        meta = index.feature_set.meta
+        title = f"{features}: {len(index.feature_set):,} photos, {meta.get('backbone')} {meta.get('pooling')}"
+        contact_sheet(matches, sheet, title=title)
+    if as_json:
+        _print_json([m.as_dict() for m in matches])
+        return
+    for match in matches:
+        where = "in the store" if match.in_store else "new photo"
+        click.echo(f"{match.query} ({match.label or 'no label'}, {where})")
+        if match.error:
+            click.echo(f"  error: {match.error}")
+        for rank, n in enumerate(match.neighbours, 1):
+            click.echo(f"  {rank:>2}  {n.distance:.4f}  {n.label or '-':<12} {n.path}")
+    if sheet:
+        click.echo(f"contact sheet: {sheet}")
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="furnitype")

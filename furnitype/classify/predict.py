@@ -1,0 +1,249 @@
+"""``predict``: label new photos with a run's model, extracting them exactly as its training features were made.
+
+The photos go through the same code path as ``extract`` (``ExtractSpec`` + ``feature_batches``) with the
+settings the run records for the model's feature set; the network's features are rounded to the store's dtype,
+as the model saw them in training, then the model gives class probabilities. A file that cannot be used gets
+a row with the reason instead of a label.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from furnitype.classify.run import load_model
+from furnitype.errors import InputError
+from furnitype.extract.images import ImageFile, list_images
+from furnitype.extract.pipeline import feature_batches
+from furnitype.extract.replay import as_stored, spec_for
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The prediction for one file.
+
+    Attributes
+    ----------
+    path : str
+        Absolute path of the file.
+    label : str or None
+        The most probable class; None when the file could not be used.
+    probability : float or None
+        Its probability.
+    top : list of (str, float)
+        The ``top_k`` most probable classes, most probable first.
+    given_label : str
+        The file's folder label when a folder was walked (as ``extract`` labels it), else "".
+    sha256 : str
+        Hex digest of the file's bytes ("" when unreadable).
+    error : str
+        Why the file could not be used ("" when it was).
+    """
+
+    path: str
+    label: str | None
+    probability: float | None
+    top: list[tuple[str, float]] = field(default_factory=list)
+    given_label: str = ""
+    sha256: str = ""
+    error: str = ""
+
+    def as_dict(self) -> dict:
+        """JSON-ready: ``path, label, probability, top_k [{label, probability}], given_label, sha256, error``."""
+        return {
+            "path": self.path,
+            "label": self.label,
+            "probability": self.probability,
+            "top_k": [{"label": label, "probability": p} for label, p in self.top],
+            "given_label": self.given_label,
+            "sha256": self.sha256,
+            "error": self.error or None,
+        }
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    """What one ``predict`` call did.
+
+    Attributes
+    ----------
+    predictions : list of Prediction
+        One per listed file, sorted by path.
+    run : str
+    model : str
+        ``dense``, ``logreg`` or ``svm``.
+    features : str
+        The run's feature set the model was trained on.
+    weights : str
+        The weights the network was built with (checked against the run's record).
+    classes : list of str
+    top_k : int
+        Classes kept per prediction (at most the number of classes).
+    seconds : float
+        Wall time of the whole call.
+    """
+
+    predictions: list[Prediction]
+    run: str
+    model: str
+    features: str
+    weights: str
+    classes: list[str]
+    top_k: int
+    seconds: float
+
+    def summary(self) -> str:
+        """One line: photos labelled, files that could not be used, agreement with folder labels."""
+        done = [p for p in self.predictions if p.error == ""]
+        line = f"{len(done):,} of {len(self.predictions):,} photos labelled by {self.model} ({self.features})"
+        failed = len(self.predictions) - len(done)
+        if failed:
+            line += f", {failed:,} could not be used"
+        judged = [p for p in done if p.given_label in self.classes]
+        if judged:
+            agree = sum(p.label == p.given_label for p in judged)
+            line += f"; {agree:,} of {len(judged):,} agree with their folder's label ({agree / len(judged):.1%})"
+        return line + f"; {self.seconds:.1f} s"
+
+    def csv_columns(self) -> list[str]:
+        """``path, label, probability, label_1, probability_1, ..., given_label, sha256, error``."""
+        ranked = [f"{name}_{i}" for i in range(1, self.top_k + 1) for name in ("label", "probability")]
+        return ["path", "label", "probability", *ranked, "given_label", "sha256", "error"]
+
+    def write_csv(self, path: str | os.PathLike) -> Path:
+        """Write the predictions as CSV (columns: ``csv_columns()``); returns the path."""
+        path = Path(path)
+        try:
+            with open(path, "w", newline="", encoding="utf-8") as fh:
+                writer = csv.writer(fh)
+                writer.writerow(self.csv_columns())
+                for p in self.predictions:
+                    ranked = [value for pair in p.top for value in pair]
+                    ranked += [""] * (2 * self.top_k - len(ranked))
+                    probability = "" if p.probability is None else p.probability
+                    writer.writerow([p.path, p.label or "", probability, *ranked, p.given_label, p.sha256, p.error])
+        except OSError as err:
+            raise InputError(f"cannot write {path}: {err.strerror or err}") from None
+        return path
+
+    def format_table(self) -> str:
+        """Aligned text: path, label, probability and the other top classes (or the error)."""
+        width = max((len(p.path) for p in self.predictions), default=4)
+        lines = [f"{'path':<{width}}  {'label':<12} {'prob':>6}  next"]
+        for p in self.predictions:
+            if p.error:
+                lines.append(f"{p.path:<{width}}  {'-':<12} {'-':>6}  error: {p.error}")
+                continue
+            others = ", ".join(f"{label} {prob:.3f}" for label, prob in p.top[1:])
+            lines.append(f"{p.path:<{width}}  {p.label:<12} {p.probability:>6.3f}  {others}")
+        return "\n".join(lines)
+
+
+def predict(
+    run: str | os.PathLike,
+    images: Sequence[str | os.PathLike],
+    *,
+    model: str | None = None,
+    features: str | None = None,
+    top_k: int = 3,
+    weights: str | None = None,
+    batch_size: int = 32,
+    workers: int | None = None,
+    progress: bool = False,
+) -> PredictResult:
+    """Label photos with a model of a run, extracting their features exactly as the run's features were made.
+
+    Parameters
+    ----------
+    run : path
+        A run folder written by ``furnitype classify``.
+    images : sequence of path
+        Image files and/or folders (walked like ``extract``: recursively, a subfolder's name is the
+        ``given_label``). A path that does not exist gets a row with the error ``file not found``.
+    model : {"dense", "logreg", "svm", "best"} or None, default=None
+        None or ``"best"``: the model of the run's best row.
+    features : str, default=None
+        The run's feature set (its training file's name without ``.h5``); None: the best row's for ``model``.
+    top_k : int, default=3
+        Most probable classes kept per photo (at most the number of classes).
+    weights : str, default=None
+        The backbone's weights (a file, ``imagenet`` or ``none``); None: the weights source recorded with the
+        run's features. Weights whose identity differs from the recorded one are refused.
+    batch_size : int, default=32
+    workers : int, default=None
+        Decoding threads (None: up to 4).
+    progress : bool, default=False
+        Show a progress bar on stderr.
+
+    Returns
+    -------
+    PredictResult
+
+    Raises
+    ------
+    SettingsMismatchError
+        The weights are not the ones the run's features were made with.
+    InputError
+        No images given, a bad ``top_k``/``batch_size``, the recorded weights file is gone (and no ``weights``).
+    """
+    started = time.perf_counter()
+    if not images:
+        raise InputError("give at least one image file or folder.")
+    if top_k < 1 or batch_size < 1:
+        raise InputError(f"top_k and batch_size must be at least 1. Received: top_k={top_k}, batch_size={batch_size}")
+    loaded = load_model(run, None if model in (None, "best") else model, features=features)
+    spec = spec_for(
+        loaded.settings,
+        weights=weights,
+        source=loaded.meta.get("weights_source"),
+        what=f"run {run}'s {loaded.features} features",
+    )
+    files = _listing(images)
+    top_k = min(top_k, len(loaded.classes))
+    classes = np.array(loaded.classes)
+    labels = {f.path: f.label for f in files}
+    by_path: dict[str, Prediction] = {}
+    todo = [f.path for f in files]  # a missing file gets its row from the decoder: "file not found"
+    bar = tqdm(total=len(todo), unit="img", desc="predict", disable=not progress or not todo, file=sys.stderr)
+    with bar:
+        for batch in feature_batches(spec, todo, batch_size=batch_size, workers=workers):
+            done = [o for o in batch if not o.reason]
+            if done:
+                X = as_stored(np.stack([o.features for o in done]), loaded.settings["store_dtype"])
+                for outcome, proba in zip(done, loaded.model.predict_proba(X), strict=True):
+                    order = np.argsort(-proba, kind="stable")[:top_k]
+                    top = [(str(classes[j]), float(proba[j])) for j in order]
+                    by_path[outcome.path] = Prediction(
+                        outcome.path, top[0][0], top[0][1], top, labels[outcome.path], outcome.sha256
+                    )
+            for o in batch:
+                if o.reason:
+                    by_path[o.path] = Prediction(o.path, None, None, given_label=labels[o.path], error=o.reason)
+            bar.update(len(batch))
+    return PredictResult(
+        predictions=[by_path[f.path] for f in files],
+        run=str(run),
+        model=loaded.name,
+        features=loaded.features,
+        weights=spec.weights,
+        classes=list(loaded.classes),
+        top_k=top_k,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _listing(images: Sequence[str | os.PathLike]) -> list[ImageFile]:
+    """Files of the existing inputs (walked like ``extract``) and the missing ones, sorted by path."""
+    present = [p for p in images if os.path.exists(p)]
+    files = {f.path: f for f in list_images(present).files} if present else {}
+    for path in {os.path.abspath(p) for p in images if not os.path.exists(p)} - files.keys():
+        files[path] = ImageFile(path)
+    return sorted(files.values(), key=lambda f: f.path)

@@ -1,0 +1,104 @@
+"""Extract new photos exactly as the rows of a feature file were made (for ``predict`` and ``similar``).
+
+A feature file records the settings that decide a row's value (``furnitype.features.SETTING_KEYS``), and a run
+records its training file's; ``spec_for`` turns them back into the ``ExtractSpec`` that ``extract`` used, and
+refuses weights whose identity (sha256 of the file, ``imagenet`` or ``none(seed=0)``) is not the recorded one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from furnitype.errors import FurnitypeError, InputError, SettingsMismatchError
+from furnitype.extract.backbones import check_options, get_backbone, weights_identity
+from furnitype.extract.images import DECODE_MODES, check_interpolation
+from furnitype.extract.pipeline import ExtractSpec
+from furnitype.extract.run import STORE_DTYPES
+from furnitype.features.store import SETTING_KEYS
+
+
+def spec_for(
+    settings: Mapping, *, weights: str | None = None, source: str | None = None, what: str = "the features"
+) -> ExtractSpec:
+    """The ``ExtractSpec`` that made features with ``settings``, using checked weights.
+
+    Parameters
+    ----------
+    settings : mapping
+        ``backbone``, ``weights`` (the identity), ``pooling``, ``image_size``, ``interpolation``, ``precision``,
+        ``decode`` and ``store_dtype``, as a feature file records them.
+    weights : str, default=None
+        The weights to build the network with (a file, ``imagenet`` or ``none``); None: ``source`` when the
+        identity is a file's sha256, else the identity's own name.
+    source : str, default=None
+        Where the weights file was when the features were made (the feature file's ``weights_source``).
+    what : str, default="the features"
+        How error messages name the features (``"run runs/x's features"``).
+
+    Raises
+    ------
+    SettingsMismatchError
+        The weights are not the recorded ones, or the settings are incomplete or unknown to this furnitype.
+    InputError
+        The recorded weights file is gone and no ``weights`` were given, or ``weights`` is not a file.
+    """
+    missing = [key for key in SETTING_KEYS if settings.get(key) in (None, "")]
+    if missing:
+        raise SettingsMismatchError(f"{what} record no {', '.join(missing)}; cannot extract new photos the same way.")
+    identity = str(settings["weights"])
+    chosen = str(weights) if weights is not None else _recorded_weights(identity, source, what)
+    try:
+        backbone = get_backbone(str(settings["backbone"]))
+        image_size = int(settings["image_size"])
+        check_options(
+            backbone,
+            weights="none",
+            pooling=str(settings["pooling"]),
+            image_size=image_size,
+            precision=str(settings["precision"]),
+        )
+        check_interpolation(str(settings["interpolation"]))
+        if settings["decode"] not in DECODE_MODES or settings["store_dtype"] not in STORE_DTYPES:
+            raise FurnitypeError(f"decode={settings['decode']}, store_dtype={settings['store_dtype']}")
+    except (FurnitypeError, ValueError) as err:
+        raise SettingsMismatchError(f"{what} were made with settings this furnitype cannot reproduce: {err}") from None
+    got = weights_identity(chosen)
+    if got != identity:
+        raise SettingsMismatchError(
+            f"weights {chosen} are {_short(got)}, but {what} were made with {_short(identity)}; "
+            "pass --weights with the weights they were made with."
+        )
+    return ExtractSpec(
+        backbone.name,
+        chosen,
+        str(settings["pooling"]),
+        image_size,
+        str(settings["interpolation"]),
+        str(settings["precision"]),
+        str(settings["decode"]),
+    )
+
+
+def as_stored(features: np.ndarray, store_dtype: str) -> np.ndarray:
+    """Features as a store of ``store_dtype`` gives them back (float16 stores round each value)."""
+    return np.asarray(features, dtype=store_dtype).astype(np.float32)
+
+
+def _recorded_weights(identity: str, source: str | None, what: str) -> str:
+    if identity == "imagenet" or identity.startswith("none"):
+        return "imagenet" if identity == "imagenet" else "none"
+    if source and source not in ("imagenet", "none") and Path(source).is_file():
+        return source
+    where = f"the weights file {source}" if source else "a weights file"
+    raise InputError(
+        f"{what} were made with {where} ({_short(identity)}), which is not there any more; "
+        "pass --weights PATH to a copy of it."
+    )
+
+
+def _short(identity: str) -> str:
+    """``sha256:a9f137547068…`` (12 hex digits), or the identity as it is."""
+    return f"{identity[:19]}…" if identity.startswith("sha256:") else identity

@@ -1,0 +1,234 @@
+"""``similar``: the stored photos that look most like a query photo, by cosine distance of their features.
+
+A query is either a photo already in the feature file (the same path, or a file with the same content: its
+stored row is used and no network is built) or a new photo, extracted exactly as the file's rows were made
+(``furnitype.extract.replay``). The search is exact: scikit-learn's ``NearestNeighbors`` (brute force, cosine
+distance, one matrix product per batch of queries) over every row.
+
+A stored query finds itself first, at distance 0 (``exclude_self`` leaves it out); other rows with the same
+content, stored under other paths, are ordinary neighbours at distance 0.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from furnitype.errors import InputError
+from furnitype.extract.images import list_images, sha256_file
+from furnitype.features.store import FeatureSet, load
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """A stored photo near a query: its path, label, cosine distance (0 = same direction, up to 2) and sha256."""
+
+    path: str
+    label: str
+    distance: float
+    sha256: str
+
+    def as_dict(self) -> dict:
+        """``{"path", "label", "distance"}``."""
+        return {"path": self.path, "label": self.label, "distance": self.distance}
+
+
+@dataclass(frozen=True)
+class Match:
+    """The neighbours of one query photo.
+
+    Attributes
+    ----------
+    query : str
+        Absolute path of the query.
+    neighbours : list of Neighbour
+        Nearest first; empty when the query could not be used.
+    label : str
+        The query's stored label, else its folder's label when a folder was walked, else "".
+    in_store : bool
+        The query's row came from the feature file (same path or same content) rather than the network.
+    error : str
+        Why the query could not be used ("" when it was).
+    """
+
+    query: str
+    neighbours: list[Neighbour] = field(default_factory=list)
+    label: str = ""
+    in_store: bool = False
+    error: str = ""
+
+    def as_dict(self) -> dict:
+        """``{"query", "label", "in_store", "error", "neighbours": [{"path", "label", "distance"}]}``."""
+        return {
+            "query": self.query,
+            "label": self.label,
+            "in_store": self.in_store,
+            "error": self.error or None,
+            "neighbours": [n.as_dict() for n in self.neighbours],
+        }
+
+
+@dataclass
+class _Query:
+    path: str
+    label: str = ""
+    row: int | None = None
+    vector: np.ndarray | None = None
+    error: str = ""
+
+
+class SimilarIndex:
+    """The rows of a feature file, indexed for exact cosine nearest-neighbour search.
+
+    Parameters
+    ----------
+    feature_set : FeatureSet
+        From ``furnitype.features.load``; ``SimilarIndex.open(path)`` loads and indexes in one step.
+    """
+
+    def __init__(self, feature_set: FeatureSet):
+        from sklearn.neighbors import NearestNeighbors
+
+        if not len(feature_set):
+            raise InputError(f"{feature_set.file or 'the feature set'} has no rows to search.")
+        self.feature_set = feature_set
+        self._nn = NearestNeighbors(metric="cosine", algorithm="brute").fit(feature_set.features)
+        self._row_by_path = {path: i for i, path in enumerate(feature_set.paths)}
+        self._rows_by_sha: dict[str, list[int]] = {}
+        for i, sha in enumerate(feature_set.sha256):
+            self._rows_by_sha.setdefault(sha, []).append(i)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> SimilarIndex:
+        """Load a feature file and index its rows."""
+        return cls(load(path))
+
+    def search(
+        self,
+        queries: Sequence[str | os.PathLike],
+        *,
+        k: int = 5,
+        exclude_self: bool = False,
+        weights: str | None = None,
+        batch_size: int = 32,
+        workers: int | None = None,
+    ) -> list[Match]:
+        """The ``k`` nearest stored photos of each query; see ``similar`` for the parameters."""
+        if k < 1:
+            raise InputError(f"k must be at least 1. Received: k={k}")
+        items = self._resolve(queries)
+        self._extract([q for q in items if q.row is None and not q.error], weights, batch_size, workers)
+        usable = [i for i, q in enumerate(items) if not q.error]
+        found: dict[int, list[Neighbour]] = {}
+        if usable:
+            stored = self.feature_set.features
+            X = np.stack([stored[items[i].row] if items[i].row is not None else items[i].vector for i in usable])
+            distances, rows = self._nn.kneighbors(X, n_neighbors=min(k + 1, len(stored)))
+            for i, d, r in zip(usable, distances, rows, strict=True):
+                found[i] = self._neighbours(items[i], d, r, k, exclude_self)
+        return [
+            Match(q.path, found.get(i, []), q.label, in_store=q.row is not None, error=q.error)
+            for i, q in enumerate(items)
+        ]
+
+    def _resolve(self, queries: Sequence[str | os.PathLike]) -> list[_Query]:
+        """Each query file with its stored row when the store has its path or content."""
+        items: list[_Query] = []
+        for given in queries:
+            path = os.path.abspath(given)
+            if os.path.isdir(path):
+                items += [self._lookup(f.path, f.label) for f in list_images([path]).files]
+            elif os.path.exists(path):
+                items.append(self._lookup(path, ""))
+            elif path in self._row_by_path:  # a stored photo no longer on disk: its row still answers
+                row = self._row_by_path[path]
+                items.append(_Query(path, str(self.feature_set.labels[row]), row))
+            else:
+                items.append(_Query(path, error="file not found"))
+        return items
+
+    def _lookup(self, path: str, folder_label: str) -> _Query:
+        try:
+            sha = sha256_file(path)
+        except OSError as err:
+            return _Query(path, folder_label, error=f"unreadable: {err.strerror or err}")
+        rows = self._rows_by_sha.get(sha)
+        if not rows:
+            return _Query(path, folder_label)
+        row = self._row_by_path.get(path)
+        row = row if row in rows else rows[0]
+        return _Query(path, str(self.feature_set.labels[row]) or folder_label, row)
+
+    def _extract(self, todo: list[_Query], weights: str | None, batch_size: int, workers: int | None) -> None:
+        """Features of the queries the store does not hold, made with the store's own settings."""
+        if not todo:
+            return
+        from furnitype.extract.pipeline import feature_batches
+        from furnitype.extract.replay import as_stored, spec_for
+
+        meta = self.feature_set.meta
+        spec = spec_for(
+            self.feature_set.settings,
+            weights=weights,
+            source=meta.get("weights_source"),
+            what=f"the rows of {self.feature_set.file or 'the feature set'}",
+        )
+        by_path = {q.path: q for q in todo}
+        for batch in feature_batches(spec, list(by_path), batch_size=batch_size, workers=workers):
+            for outcome in batch:
+                query = by_path[outcome.path]
+                if outcome.reason:
+                    query.error = outcome.reason
+                else:
+                    query.vector = as_stored(outcome.features, meta["store_dtype"])
+
+    def _neighbours(self, query: _Query, distances, rows, k: int, exclude_self: bool) -> list[Neighbour]:
+        pairs = [(int(r), max(float(d), 0.0)) for d, r in zip(distances, rows, strict=True) if r != query.row]
+        if query.row is not None and not exclude_self:
+            pairs.insert(0, (query.row, 0.0))
+        fs = self.feature_set
+        return [Neighbour(str(fs.paths[r]), str(fs.labels[r]), d, str(fs.sha256[r])) for r, d in pairs[:k]]
+
+
+def similar(
+    features: str | os.PathLike,
+    queries: Sequence[str | os.PathLike],
+    *,
+    k: int = 5,
+    exclude_self: bool = False,
+    weights: str | None = None,
+    batch_size: int = 32,
+    workers: int | None = None,
+) -> list[Match]:
+    """The ``k`` stored photos nearest to each query photo, by cosine distance of their features.
+
+    Parameters
+    ----------
+    features : path
+        A feature file written by ``furnitype extract``.
+    queries : sequence of path
+        Image files and/or folders (walked like ``extract``). A query whose path or content is in the feature
+        file uses its stored row (a stored path no longer on disk too); other files are extracted with the
+        feature file's settings. A query that cannot be used gets a ``Match`` with ``error`` set.
+    k : int, default=5
+        Neighbours per query (at most the number of rows).
+    exclude_self : bool, default=False
+        Leave a stored query's own row out (by default it comes first, at distance 0).
+    weights : str, default=None
+        Weights for extracting new queries (a file, ``imagenet`` or ``none``); None: the feature file's
+        recorded weights source. Weights whose identity differs from the recorded one are refused.
+    batch_size : int, default=32
+    workers : int, default=None
+        Decoding threads for new queries (None: up to 4).
+
+    Returns
+    -------
+    list of Match
+        One per query file, in the order given (a folder's files sorted by path).
+    """
+    return SimilarIndex.open(features).search(
+        queries, k=k, exclude_self=exclude_self, weights=weights, batch_size=batch_size, workers=workers
+    )

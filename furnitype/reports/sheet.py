@@ -1,0 +1,138 @@
+"""A contact sheet of ``similar`` results: one row per query, the query photo then its neighbours (Pillow, PNG).
+
+Each tile shows the photo (aspect kept, EXIF orientation applied) above three caption lines: rank and cosine
+distance, label, file name. The frame tells the label apart at a glance: blue for the query, green for a
+neighbour with the query's label, red for another label, grey when either has none.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from furnitype.errors import InputError
+
+if TYPE_CHECKING:
+    from furnitype.features.similar import Match
+
+QUERY, SAME, OTHER, UNKNOWN = "#1f77b4", "#2ca02c", "#d62728", "#9a9a9a"
+MARGIN, GAP, QUERY_GAP, FRAME = 16, 10, 28, 4
+
+
+def contact_sheet(
+    matches: Sequence[Match], path: str | os.PathLike, *, title: str = "", thumb: int = 160, max_rows: int = 50
+) -> Path:
+    """Draw queries and their neighbours with labels and distances; save as PNG.
+
+    Parameters
+    ----------
+    matches : sequence of Match
+        From ``furnitype.features.similar``.
+    path : str or path-like
+        The PNG to write.
+    title : str, default=""
+        First header line (e.g. the feature file and its backbone).
+    thumb : int, default=160
+        Side of a photo's square box, in pixels.
+    max_rows : int, default=50
+        Queries drawn; the footer counts any left out.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    font, small = _font(max(11, thumb // 12)), _font(max(10, thumb // 14))
+    line = _line_height(font)
+    tile_w, tile_h = thumb + 2 * FRAME, thumb + 2 * FRAME + 3 * line + 6
+    columns = 1 + max((len(m.neighbours) for m in matches), default=0)
+    shown = list(matches)[:max_rows]
+    header = [title, "cosine distance d: 0 = same direction. Frame: blue query, green same label, red other label"]
+    header = [text for text in header if text]
+    footer = [f"... and {len(matches) - len(shown)} more queries not drawn"] if len(matches) > len(shown) else []
+    width = 2 * MARGIN + tile_w + QUERY_GAP + max(columns - 1, 1) * (tile_w + GAP)
+    top = MARGIN + len(header) * line + (GAP if header else 0)
+    height = top + len(shown) * (tile_h + GAP) + len(footer) * line + MARGIN
+    sheet = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, text in enumerate(header):
+        draw.text((MARGIN, MARGIN + i * line), _fit(text, font, width - 2 * MARGIN), fill="black", font=font)
+    for r, match in enumerate(shown):
+        y = top + r * (tile_h + GAP)
+        where = "in the store" if match.in_store else "new photo"
+        _tile(sheet, draw, (MARGIN, y), match.query, QUERY, ["query, " + where, match.label or "(no label)"],
+              thumb, font, small)
+        x0 = MARGIN + tile_w + QUERY_GAP
+        draw.line([(x0 - QUERY_GAP // 2, y), (x0 - QUERY_GAP // 2, y + tile_h)], fill="#cccccc", width=2)
+        if match.error:
+            draw.text((x0, y + thumb // 2), _fit(f"cannot use this photo: {match.error}", font, width - x0 - MARGIN),
+                      fill=OTHER, font=font)
+        for j, n in enumerate(match.neighbours):
+            colour = UNKNOWN if not (n.label and match.label) else SAME if n.label == match.label else OTHER
+            rank = f"#{j + 1}{' itself' if n.path == match.query else ''}  d = {n.distance:.3f}"
+            _tile(sheet, draw, (x0 + j * (tile_w + GAP), y), n.path, colour, [rank, n.label or "(no label)"],
+                  thumb, font, small)
+    for i, text in enumerate(footer):
+        draw.text((MARGIN, height - MARGIN - (len(footer) - i) * line), text, fill="black", font=font)
+    path = Path(path)
+    try:
+        sheet.save(path, "PNG")
+    except OSError as err:
+        raise InputError(f"cannot write {path}: {err.strerror or err}") from None
+    return path
+
+
+def _tile(sheet, draw, corner, photo_path: str, colour: str, captions: list[str], thumb: int, font, small) -> None:
+    """A framed photo box with caption lines and the file name under it."""
+    x, y = corner
+    side = thumb + 2 * FRAME
+    draw.rectangle([x, y, x + side - 1, y + side - 1], fill=colour)
+    draw.rectangle([x + FRAME, y + FRAME, x + FRAME + thumb - 1, y + FRAME + thumb - 1], fill="#f2f2f2")
+    image = _thumbnail(photo_path, thumb)
+    if image is None:
+        draw.text((x + FRAME + 8, y + side // 2 - 8), "not on disk", fill="#666666", font=font)
+    else:
+        sheet.paste(image, (x + FRAME + (thumb - image.width) // 2, y + FRAME + (thumb - image.height) // 2))
+    line = _line_height(font)
+    lines = [*captions, os.path.basename(photo_path)]
+    for i, text in enumerate(lines):
+        last = i == len(lines) - 1
+        draw.text((x, y + side + 3 + i * line), _fit(text, small if last else font, side),
+                  fill="#555555" if last else "black", font=small if last else font)
+
+
+def _thumbnail(path: str, size: int) -> Image.Image | None:
+    """The photo upright (EXIF), in RGB, fitting a ``size`` square; None when it cannot be opened."""
+    try:
+        with Image.open(path) as img:
+            img.draft("RGB", (size, size))
+            upright = ImageOps.exif_transpose(img).convert("RGB")
+        upright.thumbnail((size, size))
+        return upright
+    except Exception:  # noqa: BLE001 - missing, moved or broken files all get the placeholder
+        return None
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _line_height(font) -> int:
+    top, bottom = font.getbbox("Ag")[1::2]
+    return bottom + max(4, bottom - top) // 3 + 2
+
+
+def _fit(text: str, font, width: int) -> str:
+    """``text`` cut with an ellipsis to fit ``width`` pixels."""
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "…") > width:
+        text = text[:-1]
+    return text + "…"

@@ -1,0 +1,175 @@
+"""``furnitype predict``: equal to extract + model, the weights check, broken files, CSV and JSON output."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from furnitype.classify import classify, load_model
+from furnitype.classify.predict import predict
+from furnitype.cli import cli
+from furnitype.errors import InputError, SettingsMismatchError
+from furnitype.extract import extract
+from furnitype.extract.backbones import import_keras
+from furnitype.features import load
+from tests.images import COLOURS, make_photo_folder, photo
+
+SETTINGS = {"backbone": "vgg16", "image_size": 32, "batch_size": 8, "progress": False}
+CLASSES = ("bed", "chair", "sofa")
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def new_photos(root: Path, per_class: int = 2) -> Path:
+    """Photos the run never saw (other seeds than ``make_photo_folder``'s), in class folders."""
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            photo(1000 + 10 * c + i, COLOURS[name], (56, 44)).save(root / name / f"new_{i}.jpg", quality=85)
+    return root
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A VGG16 weights file (random, seeded), features of 18 photos made with it, and runs trained on them."""
+    base = tmp_path_factory.mktemp("predict")
+    keras = import_keras()
+    keras.utils.set_random_seed(7)
+    weights = base / "vgg16.weights.h5"
+    keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(weights)
+    photos = make_photo_folder(base / "photos", per_class=6, classes=CLASSES)
+    runs = {}
+    for dtype in ("float32", "float16"):
+        feats = base / f"train-{dtype}.h5"
+        extract([photos], weights=str(weights), store_dtype=dtype, out=feats, **SETTINGS)
+        runs[dtype] = base / f"run-{dtype}"
+        models = ["logreg", "svm"] if dtype == "float32" else ["logreg"]
+        classify([feats], models=models, cv=3, out=runs[dtype])
+    return {"base": base, "weights": weights, "runs": runs, "new": new_photos(base / "new")}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_predict_equals_extract_plus_model(setup, tmp_path, dtype):
+    run = setup["runs"][dtype]
+    reference = load(
+        extract([setup["new"]], weights=str(setup["weights"]), store_dtype=dtype, out=tmp_path / "new.h5", **SETTINGS)
+        .out
+    )
+    loaded = load_model(run)
+    expected = loaded.model.predict_proba(reference.features)
+
+    result = predict(run, [setup["new"]], top_k=3, batch_size=4)
+
+    assert [p.path for p in result.predictions] == list(reference.paths)
+    assert result.model == loaded.name and result.weights == str(setup["weights"])
+    for p, proba, label, sha in zip(result.predictions, expected, reference.labels, reference.sha256, strict=True):
+        got = dict(p.top)
+        assert p.error == "" and p.sha256 == sha and p.given_label == label
+        assert len(p.top) == 3 and [prob for _, prob in p.top] == sorted(got.values(), reverse=True)
+        np.testing.assert_allclose([got[c] for c in loaded.classes], proba, rtol=1e-5, atol=1e-7)
+        assert p.label == loaded.classes[int(np.argmax(proba))] and p.probability == max(got.values())
+
+
+def test_a_weights_file_with_another_sha256_is_refused(setup, tmp_path):
+    other = tmp_path / "other.weights.h5"
+    other.write_bytes(b"not the weights the run's features were made with")
+    with pytest.raises(SettingsMismatchError, match=r"weights .*other\.weights\.h5 are sha256:[0-9a-f]{12}…, but run"):
+        predict(setup["runs"]["float32"], [setup["new"]], weights=str(other))
+
+    result = invoke("predict", setup["runs"]["float32"], setup["new"], "--weights", "none")
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: weights none are none(seed=0), but run ")
+    assert "were made with sha256:" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_moved_weights_need_weights_option(setup, tmp_path):
+    weights, moved = setup["weights"], tmp_path / "moved.weights.h5"
+    run = setup["runs"]["float32"]
+    before = predict(run, [setup["new"]])
+    weights.rename(moved)
+    try:
+        with pytest.raises(InputError, match="which is not there any more; pass --weights PATH"):
+            predict(run, [setup["new"]])
+        after = predict(run, [setup["new"]], weights=str(moved))
+    finally:
+        moved.rename(weights)
+    assert [p.label for p in after.predictions] == [p.label for p in before.predictions]
+    np.testing.assert_allclose([p.probability for p in after.predictions], [p.probability for p in before.predictions])
+
+
+def test_broken_files_get_a_row_with_the_reason(setup, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    photo(5, COLOURS["sofa"]).save(folder / "good.jpg")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.jpg").write_text("not a photo")
+    good = (folder / "good.jpg").read_bytes()
+    (folder / "cut.jpg").write_bytes(good[: len(good) // 2])
+    missing = tmp_path / "gone.jpg"
+
+    result = predict(setup["runs"]["float32"], [folder, missing])
+
+    by_name = {Path(p.path).name: p for p in result.predictions}
+    assert sorted(by_name) == ["cut.jpg", "empty.jpg", "gone.jpg", "good.jpg", "notes.jpg"]
+    assert by_name["good.jpg"].label in CLASSES and by_name["good.jpg"].error == ""
+    assert by_name["empty.jpg"].error == "empty file"
+    assert by_name["notes.jpg"].error.startswith("not an image")
+    assert by_name["cut.jpg"].error.startswith("truncated or corrupt")
+    assert by_name["gone.jpg"].error == "file not found"
+    assert all(by_name[n].label is None and by_name[n].top == [] for n in by_name if n != "good.jpg")
+    assert "1 of 5 photos labelled" in result.summary() and "4 could not be used" in result.summary()
+
+
+def test_cli_csv_columns_and_rows(setup, tmp_path):
+    out, broken = tmp_path / "preds.csv", tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 broken")
+    result = invoke("predict", setup["runs"]["float32"], setup["new"], broken, "--top-k", "2", "--out", out, "-q")
+    assert result.exit_code == 0, result.output
+    assert result.output == ""
+    with open(out, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == [
+        "path", "label", "probability", "label_1", "probability_1", "label_2", "probability_2",
+        "given_label", "sha256", "error",
+    ]
+    assert len(rows) == 7
+    broken = [r for r in rows if r["path"].endswith("broken.jpg")]
+    assert broken[0]["label"] == "" and broken[0]["error"] == "not an image (unrecognised format)"
+    for row in rows:
+        if not row["error"]:
+            assert row["label"] == row["label_1"] and row["probability"] == row["probability_1"]
+            assert float(row["probability_1"]) >= float(row["probability_2"]) and row["given_label"] in CLASSES
+
+
+def test_cli_json_list_and_model_choice(setup):
+    result = invoke("predict", setup["runs"]["float32"], setup["new"], "--model", "svm", "--top-k", "5", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert len(rows) == 6
+    for row in rows:
+        assert set(row) == {"path", "label", "probability", "top_k", "given_label", "sha256", "error"}
+        assert len(row["top_k"]) == 3  # only 3 classes
+        assert row["label"] == row["top_k"][0]["label"] and row["probability"] == row["top_k"][0]["probability"]
+        assert sum(t["probability"] for t in row["top_k"]) == pytest.approx(1.0)
+    assert predict(setup["runs"]["float32"], [setup["new"]], model="svm").model == "svm"
+
+
+def test_cli_table_and_errors(setup, tmp_path):
+    result = invoke("predict", setup["runs"]["float32"], setup["new"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()  # the progress bar went to stderr
+    assert lines[0].split() == ["path", "label", "prob", "next"] and len(lines) == 8
+    assert "6 of 6 photos labelled by" in lines[-1] and "agree with their folder's label" in lines[-1]
+
+    result = invoke("predict", setup["runs"]["float16"], setup["new"], "--model", "svm")
+    assert result.exit_code == 2
+    assert result.output.startswith("Error: ") and "has no model svm" in result.output
+    result = invoke("predict", tmp_path / "no-run", setup["new"])
+    assert result.exit_code == 2 and result.output == f"Error: run folder not found: {tmp_path / 'no-run'}\n"
