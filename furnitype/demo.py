@@ -99,18 +99,12 @@ def main(folder: Path, weights_vgg16: str, weights_inception: str) -> None:
         _extract(photos, "vgg16", weights_vgg16, folder / "features-vgg16.h5")
         _extract(photos, "inception", weights_inception, folder / "features-inception.h5")
         _run(["info", str(folder / "features-vgg16.h5")])
-        _run(
-            [
-                "classify",
-                str(folder / "features-vgg16.h5"),
-                str(folder / "features-inception.h5"),
-                "--out",
-                str(folder / "run"),
-                "--overwrite",
-                "--cv",
-                "3",
-            ]
-        )
+        features = [str(folder / "features-vgg16.h5"), str(folder / "features-inception.h5")]
+        _run(["classify", *features, "--out", str(folder / "run"), "--overwrite", "--cv", "3"])
+        fresh = draw_catalogue(folder / "new-photos", per_class=2, seed=1)
+        _run(["predict", str(folder / "run"), str(fresh), "--out", str(folder / "predictions.csv")])
+        query = str(fresh / "lamp" / "lamp_00.jpg")
+        _run(["similar", features[0], query, "--k", "5", "--sheet", str(folder / "similar.png")])
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)
