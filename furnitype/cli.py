@@ -30,6 +30,13 @@ def _print_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
 
+def _ray_only(engine: str, **options) -> None:
+    """Refuse Ray's options without ``--engine ray``."""
+    given = ["--" + name.replace("_", "-") for name, value in options.items() if value is not None]
+    if given and engine != "ray":
+        raise click.UsageError(f"{', '.join(given)} only apply with --engine ray.")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="furnitype")
 def cli() -> None:
@@ -52,7 +59,16 @@ def cli() -> None:
               type=click.Choice(["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]))
 @click.option("--decode", default="exact", show_default=True, type=click.Choice(["exact", "draft"]),
               help="draft: let the JPEG decoder downscale first (faster on big photos).")
-@click.option("--workers", type=click.IntRange(min=1), help="Decoding threads.  [default: up to 4]")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Decoding threads (in each Ray worker with --engine ray).  [default: up to 4]")
+@click.option("--engine", default="local", show_default=True, type=click.Choice(["local", "ray"]),
+              help="ray: run the network on Ray workers (needs pip install 'furnitype[ray]').")
+@click.option("--address", help="Ray cluster: auto, HOST:PORT or ray://HOST:PORT.  [default: $RAY_ADDRESS, else local]")
+@click.option("--ray-workers", type=click.IntRange(min=1),
+              help="Ray workers, one network each.  [default: as many as the cluster's GPUs/CPUs allow]")
+@click.option("--gpus-per-worker", type=click.FloatRange(min=0), help="GPUs per Ray worker.  [default: 0]")
+@click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True),
+              help="CPUs per Ray worker.  [default: 1]")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="Feature file.  [default: features-<backbone>.h5]")
 @click.option("--manifest", type=click.Path(dir_okay=False), help="CSV of path,label rows (paths relative to it).")
 @click.option("--overwrite", is_flag=True, help="Replace a feature file made with other settings.")
@@ -60,7 +76,8 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @_api_errors
 def extract(images, backbone, weights, pooling, image_size, batch_size, precision, store_dtype, interpolation, decode,
-            workers, out, manifest, overwrite, quiet, as_json) -> None:
+            workers, engine, address, ray_workers, gpus_per_worker, cpus_per_worker, out, manifest, overwrite, quiet,
+            as_json) -> None:
     """Extract pooled CNN features of IMAGES into an HDF5 feature cache.
 
     IMAGES are folders (one subfolder per class, or unlabelled photos) or image files. Only photos whose
@@ -71,15 +88,19 @@ def extract(images, backbone, weights, pooling, image_size, batch_size, precisio
       furnitype extract photos/ --backbone inception
       furnitype extract photos/ --weights vgg16_notop.weights.h5 --precision bfloat16 --out vgg.h5
       furnitype extract --manifest labels.csv --json
+      furnitype extract photos/ --engine ray --address auto --ray-workers 8 --gpus-per-worker 1
     """
     if not images and not manifest:
         raise click.UsageError("give at least one folder or image file, or --manifest CSV.")
+    _ray_only(engine, address=address, ray_workers=ray_workers, gpus_per_worker=gpus_per_worker,
+              cpus_per_worker=cpus_per_worker)
     from furnitype.extract import extract as run_extract
 
     result = run_extract(
         images, backbone=backbone, weights=weights, pooling=pooling, image_size=image_size, batch_size=batch_size,
         precision=precision, store_dtype=store_dtype, interpolation=interpolation, decode=decode, out=out,
-        manifest=manifest, overwrite=overwrite, progress=not quiet and not as_json, workers=workers,
+        manifest=manifest, overwrite=overwrite, progress=not quiet and not as_json, workers=workers, engine=engine,
+        ray_address=address, ray_workers=ray_workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
     )
     if as_json:
         _print_json(result.as_dict())
@@ -138,13 +159,17 @@ def info(file, as_json) -> None:
     show_default=True,
     help="Weigh classes inversely to their size.",
 )
+@click.option("--engine", default="local", show_default=True, type=click.Choice(["local", "ray"]),
+              help="ray: cross-validate on Ray workers (needs pip install 'furnitype[ray]').")
+@click.option("--address", help="Ray cluster: auto, HOST:PORT or ray://HOST:PORT.  [default: $RAY_ADDRESS, else local]")
 @click.option("--out", type=click.Path(file_okay=False), help="Run folder.  [default: runs/<date-time>]")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run at --out.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines (warnings are still shown).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a table.")
 @_api_errors
 def classify(
-    features, models, test_files, test_size, val_size, cv, seed, class_weight, out, overwrite, quiet, as_json
+    features, models, test_files, test_size, val_size, cv, seed, class_weight, engine, address, out, overwrite, quiet,
+    as_json
 ) -> None:
     """Train dense, logreg and svm on FEATURES files and compare them in one report.
 
@@ -158,22 +183,25 @@ def classify(
       furnitype classify feats/train.h5 --test feats/test.h5 --json
     """
     from furnitype.classify.train import classify as run_classify
+    from furnitype.engines import joblib_backend
 
     if test_files and test_size is not None:
         raise click.UsageError("use either --test or --test-size, not both.")
-    run = run_classify(
-        features,
-        models=models.split(","),
-        test_files=test_files,
-        test_size=test_size,
-        val_size=val_size,
-        cv=cv,
-        seed=seed,
-        class_weight=None if class_weight == "none" else class_weight,
-        out=out,
-        overwrite=overwrite,
-        progress=None if quiet else (lambda line: click.echo(line, err=True)),
-    )
+    _ray_only(engine, address=address)
+    with joblib_backend(engine, ray_address=address):
+        run = run_classify(
+            features,
+            models=models.split(","),
+            test_files=test_files,
+            test_size=test_size,
+            val_size=val_size,
+            cv=cv,
+            seed=seed,
+            class_weight=None if class_weight == "none" else class_weight,
+            out=out,
+            overwrite=overwrite,
+            progress=None if quiet else (lambda line: click.echo(line, err=True)),
+        )
     if quiet:
         for warning in run.warnings:
             click.echo(f"warning: {warning}", err=True)

@@ -25,6 +25,7 @@ from typing import ClassVar
 
 import numpy as np
 import sklearn
+from joblib import Parallel, delayed
 from sklearn.exceptions import ConvergenceWarning, NotFittedError
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
@@ -490,17 +491,13 @@ class LogRegModel(FeatureClassifier):
         # overhead there (a 5-fold CV took 33 s with 2 OpenBLAS threads, 10 s with 1, on a 2-core machine).
         with threadpool_limits(limits=1, user_api="blas"), warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            for train, val in folds:
-                model = LogisticRegression(
-                    C=Cs[0],
-                    warm_start=True,
-                    tol=self.cv_tol,
-                    max_iter=self.max_iter,
-                    class_weight=self.class_weight,
-                )
-                for i, C in enumerate(Cs):
-                    model.set_params(C=C).fit(Xs[train], y[train])
-                    oof[i, val] = model.predict_proba(Xs[val])
+            # A joblib task per fold: run here one after the other, or on Ray under ``joblib_backend("ray")``.
+            paths = Parallel()(
+                delayed(_logreg_path)(Xs[train], y[train], Xs[val], Cs, self.cv_tol, self.max_iter, self.class_weight)
+                for train, val in folds
+            )
+            for (_, val), proba in zip(folds, paths, strict=True):
+                oof[:, val] = proba
             held = np.concatenate([val for _, val in folds])
             scores = [_score(self.scoring, y[held], proba[held]) for proba in oof]
             best = int(np.argmax(scores))
@@ -613,20 +610,20 @@ class SVMModel(FeatureClassifier):
         kernels = _Kernels(Xs) if len(Xs) <= self.precompute_max_rows else None
         held = np.concatenate([val for _, val in folds])
         scores, decisions = [], []
-        for candidate in candidates:
-            decision = np.zeros((len(y), _decision_width(n_classes)))
-            predicted = np.zeros(len(y), dtype=int)
-            matrix = kernels(candidate) if kernels is not None else None
-            for train, val in folds:
-                svc = _svc(candidate, self.class_weight, precomputed=matrix is not None)
-                if matrix is None:
-                    svc.fit(Xs[train], y[train])
-                    fold_input = Xs[val]
-                else:
-                    svc.fit(matrix[np.ix_(train, train)], y[train])
-                    fold_input = matrix[np.ix_(val, train)]
-                decision[val] = _as_columns(svc.decision_function(fold_input))
-                predicted[val] = svc.predict(fold_input)
+        # A joblib task per candidate: run here one after the other, or on Ray under ``joblib_backend("ray")``.
+        results = Parallel()(
+            delayed(_svm_out_of_fold)(
+                candidate,
+                kernels(candidate) if kernels is not None else Xs,
+                kernels is not None,
+                y,
+                folds,
+                self.class_weight,
+                _decision_width(n_classes),
+            )
+            for candidate in candidates
+        )
+        for decision, predicted in results:
             scores.append(_score(self.scoring, y[held], None, predicted[held]))
             decisions.append(decision)
         best = int(np.argmax(scores))
@@ -683,6 +680,31 @@ def make_model(name: str, **params) -> FeatureClassifier:
 
 
 # -- helpers ---------------------------------------------------------------------------------------------
+
+
+def _logreg_path(X, y, X_val, Cs, tol, max_iter, class_weight) -> np.ndarray:
+    """Validation probabilities ``(len(Cs), len(X_val), n_classes)`` along a warm-started path of C values."""
+    model = LogisticRegression(C=Cs[0], warm_start=True, tol=tol, max_iter=max_iter, class_weight=class_weight)
+    with threadpool_limits(limits=1, user_api="blas"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return np.stack([model.set_params(C=C).fit(X, y).predict_proba(X_val) for C in Cs])
+
+
+def _svm_out_of_fold(candidate, data, precomputed, y, folds, class_weight, width) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-fold decision values and predicted classes of one candidate; ``data``: its kernel matrix, or rows."""
+    decision = np.zeros((len(y), width))
+    predicted = np.zeros(len(y), dtype=int)
+    for train, val in folds:
+        svc = _svc(candidate, class_weight, precomputed=precomputed)
+        if precomputed:
+            svc.fit(data[np.ix_(train, train)], y[train])
+            fold_input = data[np.ix_(val, train)]
+        else:
+            svc.fit(data[train], y[train])
+            fold_input = data[val]
+        decision[val] = _as_columns(svc.decision_function(fold_input))
+        predicted[val] = svc.predict(fold_input)
+    return decision, predicted
 
 
 class _Kernels:

@@ -15,10 +15,11 @@ import numpy as np
 from tqdm import tqdm
 
 from furnitype import __version__
+from furnitype.engines import batch_source
 from furnitype.errors import InputError
 from furnitype.extract.backbones import check_options, get_backbone, weights_identity
 from furnitype.extract.images import DECODE_MODES, ImageFile, check_interpolation, list_images, sha256_file
-from furnitype.extract.pipeline import ExtractSpec, Outcome, feature_batches
+from furnitype.extract.pipeline import ExtractSpec, Outcome
 from furnitype.features import store
 from furnitype.features.journal import Journal, Row, Skip
 
@@ -85,6 +86,11 @@ def extract(
     overwrite: bool = False,
     progress: bool = True,
     workers: int | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
+    ray_workers: int | None = None,
+    gpus_per_worker: float | None = None,
+    cpus_per_worker: float | None = None,
 ) -> ExtractResult:
     """Extract pooled convolutional features of images into an HDF5 feature store (the cache).
 
@@ -117,7 +123,13 @@ def extract(
     progress : bool, default=True
         Show a progress bar on stderr.
     workers : int, default=None
-        Decoding threads (None: up to 4).
+        Decoding threads (None: up to 4), in each Ray worker with ``engine="ray"``.
+    engine : {"local", "ray"}, default="local"
+        Where the network runs: this process, or Ray actors (``furnitype.engines.ray``; needs
+        ``furnitype[ray]``). Listing, hashing, the cache and the store stay here either way.
+    ray_address, ray_workers, gpus_per_worker, cpus_per_worker
+        The Ray cluster, its number of workers (one network each) and resources per worker (see
+        ``furnitype.engines.ray.RayEngine``); only with ``engine="ray"``.
 
     Returns
     -------
@@ -127,6 +139,13 @@ def extract(
     spec, settings = _settings(backbone, weights, pooling, image_size, precision, store_dtype, interpolation, decode)
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1. Received: batch_size={batch_size}")
+    batches = batch_source(
+        engine,
+        ray_address=ray_address,
+        ray_workers=ray_workers,
+        gpus_per_worker=gpus_per_worker,
+        cpus_per_worker=cpus_per_worker,
+    )
     listing = list_images(inputs, manifest)
     out = Path(out or f"features-{spec.backbone}.h5")
     _check_writable(out)
@@ -152,7 +171,7 @@ def extract(
             dynamic_ncols=True,
         )
         with bar:
-            for batch in feature_batches(spec, todo, batch_size=batch_size, workers=workers):
+            for batch in batches(spec, todo, batch_size=batch_size, workers=workers):
                 rows, skips = _journal_records(batch, sha_by_path, labels)
                 journal.append(rows, skips)
                 features_by_sha.update({row.sha256: row.features for row in rows})

@@ -1,0 +1,224 @@
+"""The ray engine on a local Ray (2 CPUs, started and stopped here): the same rows as the local engine, the
+cache, resumption after the driver is killed, ``classify --engine ray``, and the errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from furnitype import features as store
+from furnitype.cli import cli
+from furnitype.errors import FurnitypeError, InputError
+from furnitype.extract import extract
+from furnitype.extract.pipeline import ExtractSpec, feature_batches
+from furnitype.features import load
+from tests.images import make_photo_folder, photo
+
+SMALL = {"backbone": "vgg16", "weights": "none", "image_size": 32, "batch_size": 4, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray with 2 CPUs for this module; skips the module's Ray tests when Ray is not installed."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """18 photos in 3 classes, and 2 files that cannot be used."""
+    root = tmp_path_factory.mktemp("photos")
+    folder = make_photo_folder(root / "photos", per_class=6, classes=("bed", "chair", "sofa"))
+    (folder / "bed" / "empty.jpg").write_bytes(b"")
+    (folder / "chair" / "text.png").write_text("not an image")
+    return folder
+
+
+def _same_store(a: store.FeatureSet, b: store.FeatureSet) -> None:
+    assert list(a.paths) == list(b.paths) and list(a.labels) == list(b.labels)
+    assert list(a.sha256) == list(b.sha256) and a.skipped == b.skipped
+    np.testing.assert_allclose(a.features, b.features, rtol=1e-5, atol=1e-5)
+
+
+def test_ray_batches_equal_local_batches(ray_local, photos):
+    from furnitype.engines.ray import RayEngine
+
+    paths = sorted(str(p) for p in photos.rglob("*.*"))
+    spec = ExtractSpec("vgg16", "none", image_size=32)
+    local = {o.path: o for batch in feature_batches(spec, paths, batch_size=4) for o in batch}
+    batches = list(RayEngine(workers=2)(spec, paths, batch_size=4))
+
+    assert len(batches) == math.ceil(len(paths) / 4) and all(0 < len(b) <= 4 for b in batches)
+    remote = {o.path: o for batch in batches for o in batch}
+    assert remote.keys() == local.keys() == set(paths)
+    for path, outcome in remote.items():
+        assert (outcome.sha256, outcome.reason) == (local[path].sha256, local[path].reason)
+        if outcome.reason:
+            assert outcome.features is None
+        else:
+            np.testing.assert_allclose(outcome.features, local[path].features, rtol=1e-5, atol=1e-5)
+    assert sorted(Path(o.path).name for o in remote.values() if o.reason) == ["empty.jpg", "text.png"]
+
+
+def test_ray_store_equals_local_store_and_cli_json(ray_local, photos, tmp_path):
+    local = extract([photos], **SMALL, out=tmp_path / "local.h5")
+    result = CliRunner().invoke(
+        cli,
+        ["extract", str(photos), "--weights", "none", "--image-size", "32", "--batch-size", "4", "--engine", "ray",
+         "--ray-workers", "2", "--workers", "2", "--out", str(tmp_path / "ray.h5"), "--json"],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert (summary["extracted"], summary["skipped"], summary["rows"]) == (local.extracted, 2, 18) == (18, 2, 18)
+    ray_store = load(tmp_path / "ray.h5")
+    _same_store(ray_store, load(tmp_path / "local.h5"))
+    assert ray_store.meta["backbone"] == "vgg16" and ray_store.features.dtype == np.float32
+
+
+def test_cache_only_missing_photos_reach_ray(ray_local, photos, tmp_path, monkeypatch):
+    folder = tmp_path / "photos"
+    shutil.copytree(photos, folder)
+    for bad in ("bed/empty.jpg", "chair/text.png"):
+        (folder / bad).unlink()
+    out = tmp_path / "f.h5"
+    extract([folder], **SMALL, out=out)  # the local engine fills the store; Ray reads the same one
+    sent: list[list[str]] = []
+    from_items = ray_local.data.from_items
+
+    def spy(items, **kwargs):
+        sent.append(sorted(Path(item["path"]).name for item in items))
+        return from_items(items, **kwargs)
+
+    monkeypatch.setattr(ray_local.data, "from_items", spy)
+    again = extract([folder], **SMALL, out=out, engine="ray")
+    assert (again.extracted, again.reused, sent) == (0, 18, [])
+
+    photo(500).save(folder / "sofa" / "new.jpg")
+    shutil.copy(folder / "bed" / "bed_0.jpg", folder / "bed" / "same_bytes.jpg")
+    grown = extract([folder], **SMALL, out=out, engine="ray", ray_workers=1)
+    assert (grown.extracted, grown.reused, grown.rows, sent) == (1, 19, 20, [["new.jpg"]])
+    reference = extract([folder], **SMALL, out=tmp_path / "reference.h5")
+    _same_store(load(out), load(tmp_path / "reference.h5"))
+    assert reference.extracted == 19
+
+
+def test_killed_ray_driver_resumes_and_equals_an_uninterrupted_run(ray_local, tmp_path):
+    folder = make_photo_folder(tmp_path / "photos", per_class=12, classes=("bed", "chair", "sofa"), size=(96, 96))
+    settings = ["--weights", "none", "--image-size", "128", "--batch-size", "2", "--quiet"]
+    out = tmp_path / "killed.h5"
+    journal = Path(f"{out}.journal")
+    address = ray_local.get_runtime_context().gcs_address
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "furnitype.cli", "extract", str(folder), *settings, "--out", str(out),
+         "--engine", "ray", "--address", address, "--ray-workers", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline and proc.poll() is None:
+        if journal.exists() and journal.stat().st_size > 10_000:  # header + a few batches of 2 rows
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished (or failed) before it could be killed"
+    assert not out.exists() and journal.exists()
+
+    options = {"backbone": "vgg16", "weights": "none", "image_size": 128, "batch_size": 2, "progress": False}
+    resumed = extract([folder], **options, out=out, engine="ray", ray_workers=2)
+    assert 0 < resumed.extracted < 36 and resumed.reused == 36 - resumed.extracted
+    assert not journal.exists()
+    whole = extract([folder], **options, out=tmp_path / "whole.h5")
+    assert whole.extracted == 36
+    _same_store(load(out), load(tmp_path / "whole.h5"))
+
+
+def test_classify_on_ray_equals_local(ray_local, tmp_path):
+    from furnitype.classify import load_run
+    from furnitype.classify.synthetic import make_features
+
+    X, labels, sha256 = make_features([14, 14, 12], 16, seed=3, separation=1.5)
+    features = tmp_path / "f.h5"
+    store.save(
+        features,
+        features=X,
+        paths=[f"/photos/{label}/{i}.jpg" for i, label in enumerate(labels)],
+        labels=list(labels),
+        sha256=list(sha256),
+        meta={"backbone": "vgg16", "weights": "imagenet", "pooling": "avg", "image_size": 224},
+    )
+    rows = {}
+    for engine in ("local", "ray"):
+        args = ["classify", str(features), "--models", "logreg,svm", "--cv", "3", "--engine", engine, "--quiet",
+                "--json", "--out", str(tmp_path / engine)]
+        result = CliRunner().invoke(cli, args, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["run"] == str(tmp_path / engine)
+        rows[engine] = {r["model"]: r for r in load_run(tmp_path / engine).rows}
+    for model in ("logreg", "svm"):
+        local, remote = rows["local"][model], rows["ray"][model]
+        assert remote["chosen"] == local["chosen"] and remote["details"]["cv_results"] == local["details"]["cv_results"]
+        assert remote["accuracy"] == local["accuracy"] and remote["log_loss"] == pytest.approx(local["log_loss"])
+
+
+def test_a_worker_failure_is_one_line_and_keeps_nothing_half_done(ray_local, photos):
+    from furnitype.engines.ray import RayEngine
+
+    spec = ExtractSpec("vgg16", str(photos / "no-such-weights.h5"), image_size=32)  # unreadable on the worker
+    with pytest.raises(FurnitypeError) as caught:
+        list(RayEngine(workers=1)(spec, [str(photos / "bed" / "bed_0.jpg")], batch_size=4))
+    message = str(caught.value)
+    assert message.startswith("the ray engine failed (InputError: weights must be imagenet, none or an existing file.")
+    assert message.endswith("rerun to resume.") and "\n" not in message
+
+
+def test_missing_ray_is_a_one_line_error(photos, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if it were not installed
+    with pytest.raises(FurnitypeError, match=r"^the ray engine needs Ray: pip install 'furnitype\[ray\]'$"):
+        extract([photos], **SMALL, out=tmp_path / "f.h5", engine="ray")
+    result = CliRunner().invoke(cli, ["extract", str(photos), "--engine", "ray", "--out", str(tmp_path / "f.h5")])
+    assert result.exit_code == 1
+    assert result.output == "Error: the ray engine needs Ray: pip install 'furnitype[ray]'\n"
+    assert not (tmp_path / "f.h5").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--ray-workers", "2"], "Error: --ray-workers only apply with --engine ray."),
+        (["--address", "auto", "--gpus-per-worker", "1"], "Error: --address, --gpus-per-worker only apply with"),
+        (["--engine", "gpu"], "Invalid value for '--engine'"),
+    ],
+)
+def test_ray_options_need_the_ray_engine(photos, tmp_path, args, message):
+    result = CliRunner().invoke(cli, ["extract", str(photos), "--out", str(tmp_path / "f.h5"), *args])
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_engine_options_are_checked_before_any_work(photos, tmp_path):
+    with pytest.raises(InputError, match="ray_workers only apply to the ray engine"):
+        extract([photos], **SMALL, out=tmp_path / "f.h5", ray_workers=2)
+    with pytest.raises(InputError, match="engine must be one of local, ray. Received: engine='spark'"):
+        extract([photos], **SMALL, out=tmp_path / "f.h5", engine="spark")
+    pytest.importorskip("ray")
+    with pytest.raises(InputError, match="ray workers must be at least 1"):
+        extract([photos], **SMALL, out=tmp_path / "f.h5", engine="ray", ray_workers=0)
+    with pytest.raises(InputError, match="gpus per worker must be 0 or more"):
+        extract([photos], **SMALL, out=tmp_path / "f.h5", engine="ray", gpus_per_worker=-1)
+    assert not (tmp_path / "f.h5").exists()
+
