@@ -14,7 +14,7 @@ from PIL import Image
 from furnitype.cli import cli
 from furnitype.errors import SettingsMismatchError
 from furnitype.extract import extract
-from furnitype.features import load
+from furnitype.features import FeatureSet, load
 from furnitype.features.similar import SimilarIndex, similar
 from furnitype.reports.sheet import contact_sheet
 from tests.images import COLOURS, make_photo_folder, photo
@@ -56,6 +56,20 @@ def test_a_stored_photo_finds_itself_first(store):
     [without] = similar(store["file"], [query], k=4, exclude_self=True)
     assert str(query) not in [n.path for n in without.neighbours] and len(without.neighbours) == 4
     assert without.neighbours[:3] == match.neighbours[1:]
+
+
+def test_the_index_agrees_with_scikit_learn(store):
+    from sklearn.neighbors import NearestNeighbors
+
+    X = store["rows"].features
+    X = np.concatenate([X, np.zeros((1, X.shape[1]), np.float32)])  # an all-zero row: distance 1 to all
+    index = SimilarIndex(FeatureSet(X, *(np.array([str(i) for i in range(len(X))]),) * 3))
+    distances, rows = index.kneighbors(X[:-1], 6)
+    expected_d, expected_rows = NearestNeighbors(metric="cosine", algorithm="brute").fit(X).kneighbors(X[:-1], 6)
+    np.testing.assert_array_equal(rows, expected_rows)
+    np.testing.assert_allclose(distances, expected_d, atol=1e-5)
+    all_d, all_rows = index.kneighbors(X[-1:], 99)
+    assert all_d.shape == (1, len(X)) and np.allclose(all_d, 1.0) and list(all_rows[0]) == list(range(len(X)))
 
 
 def test_same_content_elsewhere_or_gone_uses_the_stored_row(store, tmp_path):

@@ -1,0 +1,163 @@
+"""``furnitype similar`` on a feature file of labelled photos: leave-one-out precision@k and the time of a query.
+
+Run by hand (about a minute; the new-photo figures need the weights recorded in the file)::
+
+    .venv/bin/python benchmarks/similar.py ../feats/furniture-vgg16.h5 [--k 5] [--queries 200] [--sheet s.png]
+
+- **precision@k, leave-one-out**: every stored photo is a query (by path, through ``SimilarIndex.search`` with
+  ``exclude_self=True``: the API path, file hashing included); the share of its k neighbours that carry its
+  own label, averaged over all photos and per class. *Chance* is what k random other photos would give:
+  sum over classes of (share of the class) x (its other photos / all other photos).
+- **one query against all rows** (median over ``--queries`` stored photos, or as said):
+  ``search``: the index alone, ``SimilarIndex.kneighbors`` of one stored row, alternating query by query with
+  scikit-learn's ``NearestNeighbors(metric="cosine", algorithm="brute")`` on the same row (median and 90th
+  percentile of both; and a check that both give the same neighbours); ``query by path``:
+  ``SimilarIndex.search([path])`` (hash the file, find its row, search, build the result); ``similar()``: the
+  whole API call (read the HDF5 file, index, query), median of 20; ``CLI``: ``furnitype similar FILE PHOTO
+  --json`` as a child process (interpreter start-up included), median of 5 wall times; ``new photo``: a photo
+  not in the file (a re-encoded copy), CLI cold (TensorFlow import, network build, one extraction), and
+  ``search`` in a process where the network is already built (median of 5).
+- **growth**: ``kneighbors`` of one query against the rows tiled 10x and 40x (copies with 1% noise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _median_ms(fn, items) -> float:
+    times = []
+    for item in items:
+        started = time.perf_counter()
+        fn(item)
+        times.append(time.perf_counter() - started)
+    return 1000 * float(np.median(times))
+
+
+def precision_at_k(index, k: int) -> dict:
+    rows = index.feature_set
+    matches = index.search(list(rows.paths), k=k, exclude_self=True)
+    hits = np.array([np.mean([n.label == m.label for n in m.neighbours]) for m in matches])
+    labels = rows.labels
+    classes, counts = np.unique(labels, return_counts=True)
+    n = len(labels)
+    chance = float(sum((c / n) * (c - 1) / (n - 1) for c in counts))
+    return {
+        "k": k,
+        "photos": n,
+        "precision": float(hits.mean()),
+        "chance": chance,
+        "per_class": {str(c): float(hits[labels == c].mean()) for c in classes},
+        "all_k_same": float(np.mean(hits == 1.0)),
+    }
+
+
+def query_times(index, file: str, k: int, n_queries: int) -> dict:
+    from sklearn.neighbors import NearestNeighbors
+
+    from furnitype.features.similar import similar
+
+    rows = index.feature_set
+    picks = np.linspace(0, len(rows) - 1, n_queries).round().astype(int)
+    X = rows.features
+    sk = NearestNeighbors(metric="cosine", algorithm="brute").fit(X)
+    ours = index.kneighbors(X[picks], k + 1)[1]
+    theirs = sk.kneighbors(X[picks], k + 1)[1]
+    exe = Path(sys.executable).with_name("furnitype")
+    cli = [str(exe), "similar", file, str(rows.paths[picks[0]]), "--k", str(k), "--json"]
+    alternating = {"search": (lambda i: index.kneighbors(X[i : i + 1], k + 1)),
+                   "sklearn": (lambda i: sk.kneighbors(X[i : i + 1], k + 1))}
+    times = {name: [] for name in alternating}
+    for i in [picks[0], *picks]:  # the first round warms up both, then each query runs through both in turn
+        for name, fn in alternating.items():
+            started = time.perf_counter()
+            fn(i)
+            times[name].append(time.perf_counter() - started)
+    return {
+        "rows": len(rows),
+        **{f"{name}_ms": 1000 * float(np.median(t[1:])) for name, t in times.items()},
+        **{f"{name}_p90_ms": 1000 * float(np.percentile(t[1:], 90)) for name, t in times.items()},
+        "same_neighbours_as_sklearn": float(np.mean(ours == theirs)),
+        "query_by_path_ms": _median_ms(lambda i: index.search([rows.paths[i]], k=k), picks),
+        "similar_api_ms": _median_ms(lambda i: similar(file, [rows.paths[i]], k=k), picks[:20]),
+        "cli_ms": _median_ms(lambda _: subprocess.run(cli, check=True, capture_output=True), range(5)),
+    }
+
+
+def new_photo_times(index, file: str, k: int, work: Path) -> dict:
+    from PIL import Image
+
+    rows = index.feature_set
+    photos = []
+    for i in range(6):
+        with Image.open(rows.paths[i * len(rows) // 6]) as img:
+            photos.append(work / f"new{i}.jpg")
+            img.convert("RGB").save(photos[-1], quality=70)
+    exe = Path(sys.executable).with_name("furnitype")
+    started = time.perf_counter()
+    subprocess.run([str(exe), "similar", file, str(photos[0]), "--json"], check=True, capture_output=True)
+    cold = time.perf_counter() - started
+    index.search([photos[0]], k=k)  # builds the network in this process
+    warm = _median_ms(lambda p: index.search([p], k=k), photos[1:])
+    assert not index.search([photos[1]], k=k)[0].in_store
+    return {"cli_cold_s": cold, "search_warm_ms": warm}
+
+
+def growth(index, k: int) -> dict:
+    from furnitype.features.similar import SimilarIndex
+    from furnitype.features.store import FeatureSet
+
+    X = index.feature_set.features
+    rng = np.random.default_rng(0)
+    found = {}
+    for times in (10, 40):
+        noisy = [X * (1 + 0.01 * rng.standard_normal(X.shape, np.float32)) for _ in range(times - 1)]
+        tiled = np.concatenate([X, *noisy])
+        names = np.array([str(i) for i in range(len(tiled))])
+        search = SimilarIndex(FeatureSet(tiled, names, names, names)).kneighbors
+        search(X[:1], k + 1)
+        found[len(tiled)] = _median_ms(lambda i, search=search: search(X[i : i + 1], k + 1), range(0, 2000, 40))
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("features", help="feature file of labelled photos (from extract)")
+    parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--queries", type=int, default=200, help="stored photos timed as single queries")
+    parser.add_argument("--sheet", help="also draw a contact sheet of 8 evenly spaced queries here")
+    parser.add_argument("--no-new-photo", action="store_true", help="skip the new-photo timings (no network)")
+    parser.add_argument("--results", default="../bench/similar.json")
+    args = parser.parse_args()
+
+    from furnitype.features.similar import SimilarIndex
+
+    index = SimilarIndex.open(args.features)
+    report = {"file": args.features, "precision": precision_at_k(index, args.k)}
+    print(f"precision@{args.k}: {report['precision']['precision']:.4f}", file=sys.stderr, flush=True)
+    report["query"] = query_times(index, args.features, args.k, args.queries)
+    report["growth_ms"] = growth(index, args.k)
+    if not args.no_new_photo:
+        with tempfile.TemporaryDirectory() as tmp:
+            report["new_photo"] = new_photo_times(index, args.features, args.k, Path(tmp))
+    if args.sheet:
+        from furnitype.reports.sheet import contact_sheet
+
+        paths = index.feature_set.paths
+        queries = [paths[i] for i in np.linspace(0, len(paths) - 1, 8).round().astype(int)]
+        contact_sheet(index.search(queries, k=args.k), args.sheet, title=f"{args.features}: {len(paths):,} photos")
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.results).write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
