@@ -51,16 +51,17 @@ def contact_sheet(
     tile_w, tile_h = thumb + 2 * FRAME, thumb + 2 * FRAME + 3 * line + 6
     columns = 1 + max((len(m.neighbours) for m in matches), default=0)
     shown = list(matches)[:max_rows]
-    header = [title, "cosine distance d: 0 = same direction. Frame: blue query, green same label, red other label"]
-    header = [text for text in header if text]
+    header = [title, "d: cosine distance (0 = same direction). Frame: blue query; neighbour green with the query's "
+              "label, red with another, grey when the query has none"]
     footer = [f"... and {len(matches) - len(shown)} more queries not drawn"] if len(matches) > len(shown) else []
     width = 2 * MARGIN + tile_w + QUERY_GAP + max(columns - 1, 1) * (tile_w + GAP)
+    header = [wrapped for text in header if text for wrapped in _wrap(text, font, width - 2 * MARGIN)]
     top = MARGIN + len(header) * line + (GAP if header else 0)
     height = top + len(shown) * (tile_h + GAP) + len(footer) * line + MARGIN
     sheet = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(sheet)
     for i, text in enumerate(header):
-        draw.text((MARGIN, MARGIN + i * line), _fit(text, font, width - 2 * MARGIN), fill="black", font=font)
+        draw.text((MARGIN, MARGIN + i * line), text, fill="black", font=font)
     for r, match in enumerate(shown):
         y = top + r * (tile_h + GAP)
         where = "in the store" if match.in_store else "new photo"
@@ -94,7 +95,7 @@ def _tile(sheet, draw, corner, photo_path: str, colour: str, captions: list[str]
     draw.rectangle([x + FRAME, y + FRAME, x + FRAME + thumb - 1, y + FRAME + thumb - 1], fill="#f2f2f2")
     image = _thumbnail(photo_path, thumb)
     if image is None:
-        draw.text((x + FRAME + 8, y + side // 2 - 8), "not on disk", fill="#666666", font=font)
+        draw.text((x + FRAME + 8, y + side // 2 - 8), "no preview", fill="#666666", font=font)
     else:
         sheet.paste(image, (x + FRAME + (thumb - image.width) // 2, y + FRAME + (thumb - image.height) // 2))
     line = _line_height(font)
@@ -106,7 +107,7 @@ def _tile(sheet, draw, corner, photo_path: str, colour: str, captions: list[str]
 
 
 def _thumbnail(path: str, size: int) -> Image.Image | None:
-    """The photo upright (EXIF), in RGB, fitting a ``size`` square; None when it cannot be opened."""
+    """The photo upright (EXIF), in RGB, fitting a ``size`` square; None when it is gone or cannot be opened."""
     try:
         with Image.open(path) as img:
             img.draft("RGB", (size, size))
@@ -127,6 +128,17 @@ def _font(size: int):
 def _line_height(font) -> int:
     top, bottom = font.getbbox("Ag")[1::2]
     return bottom + max(4, bottom - top) // 3 + 2
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    """``text`` broken into lines of whole words that fit ``width`` pixels (a too-long word is cut)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(_fit(word, font, width))
+    return lines
 
 
 def _fit(text: str, font, width: int) -> str:
