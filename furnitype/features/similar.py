@@ -3,9 +3,9 @@
 A query is either a photo already in the feature file (the same path, or a file with the same content: its
 stored row is used and no network is built) or a new photo, extracted exactly as the file's rows were made
 (``furnitype.extract.replay``). The search is exact, over every row: the rows are scaled to unit length once,
-then a batch of queries is one matrix product (BLAS) and a partial sort; this gives the same neighbours as
-scikit-learn's ``NearestNeighbors(metric="cosine", algorithm="brute")`` at a tenth of its time per query
-(see benchmarks/similar.py).
+then a batch of queries is one matrix product and a partial sort; this gives the same neighbours as
+scikit-learn's ``NearestNeighbors(metric="cosine", algorithm="brute")``, 0.4 ms per query against 2,657 rows
+where scikit-learn took 7.6 ms (see benchmarks/similar.py).
 
 A stored query finds itself first, at distance 0 (``exclude_self`` leaves it out); other rows with the same
 content, stored under other paths, are ordinary neighbours at distance 0.
@@ -201,14 +201,16 @@ class SimilarIndex:
             source=meta.get("weights_source"),
             what=f"the rows of {self.feature_set.file or 'the feature set'}",
         )
-        by_path = {q.path: q for q in todo}
+        by_path: dict[str, list[_Query]] = {}
+        for query in todo:  # a file given twice is extracted once
+            by_path.setdefault(query.path, []).append(query)
         for batch in feature_batches(spec, list(by_path), batch_size=batch_size, workers=workers):
             for outcome in batch:
-                query = by_path[outcome.path]
-                if outcome.reason:
-                    query.error = outcome.reason
-                else:
-                    query.vector = as_stored(outcome.features, meta["store_dtype"])
+                for query in by_path[outcome.path]:
+                    if outcome.reason:
+                        query.error = outcome.reason
+                    else:
+                        query.vector = as_stored(outcome.features, meta["store_dtype"])
 
     def _neighbours(self, query: _Query, distances, rows, k: int, exclude_self: bool) -> list[Neighbour]:
         pairs = [(int(r), float(d)) for d, r in zip(distances, rows, strict=True) if r != query.row]
