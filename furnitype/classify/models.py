@@ -787,10 +787,9 @@ def _skops_load(path: Path) -> dict:
 
 
 def _keras():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import keras
+    from furnitype.extract.backbones import import_keras
 
-    return keras
+    return import_keras()
 
 
 def _versions(with_keras: bool) -> dict:
