@@ -149,8 +149,11 @@ def test_killed_ray_driver_resumes_and_equals_an_uninterrupted_run(ray_local, tm
 
 
 def test_classify_on_ray_equals_local(ray_local, tmp_path):
+    from joblib import Parallel, delayed
+
     from furnitype.classify import load_run
     from furnitype.classify.synthetic import make_features
+    from furnitype.engines import joblib_backend
 
     X, labels, sha256 = make_features([14, 14, 12], 16, seed=3, separation=1.5)
     features = tmp_path / "f.h5"
@@ -170,6 +173,9 @@ def test_classify_on_ray_equals_local(ray_local, tmp_path):
         assert result.exit_code == 0, result.output
         assert json.loads(result.stdout)["run"] == str(tmp_path / engine)
         rows[engine] = {r["model"]: r for r in load_run(tmp_path / engine).rows}
+    with joblib_backend("ray"):  # the tasks inside do leave this process
+        pids = set(Parallel()(delayed(os.getpid)() for _ in range(4)))
+    assert pids and os.getpid() not in pids
     for model in ("logreg", "svm"):
         local, remote = rows["local"][model], rows["ray"][model]
         assert remote["chosen"] == local["chosen"] and remote["details"]["cv_results"] == local["details"]["cv_results"]

@@ -12,14 +12,17 @@ the sha256 check and the file is skipped ("changed while being read").
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
+import os
 import re
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from furnitype.errors import FurnitypeError, InputError
+from furnitype.extract.backbones import import_keras
 from furnitype.extract.pipeline import ExtractSpec, Outcome, feature_batches
 
 RAY_MISSING = "the ray engine needs Ray: pip install 'furnitype[ray]'"
@@ -83,11 +86,13 @@ class RayEngine:
         if not paths:
             return
         ray = import_ray()
+        if os.path.isfile(spec.weights):  # workers may run elsewhere than this folder
+            spec = dataclasses.replace(spec, weights=os.path.abspath(spec.weights))
         batches = math.ceil(len(paths) / batch_size)
         with connected(self.address), _quiet_ray_data(ray):
             dataset = ray.data.from_items([{"path": str(p)} for p in paths], override_num_blocks=batches).map_batches(
                 _Worker,
-                fn_constructor_kwargs={"spec": spec, "threads": workers},
+                fn_constructor_kwargs={"spec": spec, "threads": workers, "cpus": self.cpus_per_worker},
                 batch_size=batch_size,
                 batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=min(batches, self.workers or self._default_workers(ray))),
@@ -116,9 +121,18 @@ class RayEngine:
 
 
 class _Worker:
-    """One Ray actor: builds the network once, then runs the local engine's per-batch code on each batch."""
+    """One Ray actor: builds the network once, then runs the local engine's per-batch code on each batch.
 
-    def __init__(self, spec: ExtractSpec, threads: int | None):
+    ``threads`` decode files; TensorFlow gets as many threads per operation as the CPUs Ray reserved (``cpus``),
+    so that several workers on one node do not each use every core.
+    """
+
+    def __init__(self, spec: ExtractSpec, threads: int | None, cpus: float):
+        import_keras()
+        import tensorflow as tf
+
+        with contextlib.suppress(RuntimeError):  # TensorFlow already running in this process: keep its pools
+            tf.config.threading.set_intra_op_parallelism_threads(max(1, round(cpus)))
         self.spec = spec
         self.threads = threads
         self.infer = spec.build()
