@@ -25,7 +25,9 @@ INTERPOLATIONS = {
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
-#: ``exact`` decodes every pixel; ``draft`` lets the JPEG decoder scale down by 1/2, 1/4 or 1/8 first.
+#: ``exact`` decodes every pixel; ``draft`` lets the JPEG decoder scale down by 1/2, 1/4 or 1/8 first. Draft is
+#: only a flag: on the shared photos it changed VGG16 features by 5% relative (median; 15% max) on the 3% of photos
+#: it applies to, and saved 5% of decoding time (see benchmarks/extract.py).
 DECODE_MODES = ("exact", "draft")
 # Images over Pillow's limit (89 Mpx) decode (with a warning we do not need); twice over it, they are refused.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
