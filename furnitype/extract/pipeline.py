@@ -42,7 +42,11 @@ class ExtractSpec:
     def load(self, path: str) -> tuple[str, np.ndarray]:
         """Read, hash and decode one file: ``(sha256, uint8 image)``; ``ImageDecodeError`` when unusable."""
         data, sha256 = read_file(path)
-        return sha256, decode_image(data, self.image_size, self.interpolation, self.decode)
+        try:
+            return sha256, decode_image(data, self.image_size, self.interpolation, self.decode)
+        except ImageDecodeError as err:
+            err.sha256 = sha256  # the bytes are known bad: the cache remembers them by content
+            raise
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -118,7 +122,7 @@ def feature_batches(
     images: list[np.ndarray] = []
     for path, result in decoded(spec, paths, workers, window=prefetch):
         if isinstance(result, ImageDecodeError):
-            batch.append(Outcome(path, "", reason=str(result)))
+            batch.append(Outcome(path, getattr(result, "sha256", ""), reason=str(result)))
             continue
         sha256, image = result
         batch.append(Outcome(path, sha256))

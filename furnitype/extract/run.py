@@ -288,7 +288,8 @@ def _journal_records(batch: list[Outcome], sha_by_path: dict, labels: dict) -> t
     rows, skips = [], []
     for outcome in batch:
         if outcome.reason:
-            skips.append(Skip(outcome.path, labels[outcome.path], "", outcome.reason))
+            same_bytes = outcome.sha256 == sha_by_path[outcome.path]
+            skips.append(Skip(outcome.path, labels[outcome.path], outcome.sha256 if same_bytes else "", outcome.reason))
         elif outcome.sha256 != sha_by_path[outcome.path]:
             skips.append(Skip(outcome.path, labels[outcome.path], "", "changed while being read; rerun to include it"))
         else:
