@@ -72,7 +72,7 @@ def test_a_row_per_backbone_and_model_best_first(full_run):
     assert {r["weights"] for r in rows} == {"imagenet", "random"}
     assert summary["report_html"] == str(out / "report.html")
     for row in rows:
-        assert 0 <= row["balanced_accuracy"] <= 1 and row["log_loss"] > 0 and row["fit_seconds"] >= 0
+        assert 0 <= row["balanced_accuracy"] <= 1 and row["log_loss"] > 0
         assert row["predict_ms_per_image"] > 0 and isinstance(row["vs_baseline_points"], float)
 
 
