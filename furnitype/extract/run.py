@@ -154,7 +154,8 @@ def extract(
     with Journal(out, settings, overwrite=overwrite) as journal:
         features_by_sha = {sha: f for sha, f in zip(previous.sha256, previous.features, strict=True)}
         features_by_sha.update({row.sha256: row.features for row in journal.rows})
-        reasons_by_sha = {sha: reason for _, sha, reason in _skips_of(previous) if sha}
+        previous_skips = _skips_of(previous)
+        reasons_by_sha = {sha: reason for _, sha, reason in previous_skips if sha}
         reasons_by_sha.update({skip.sha256: skip.reason for skip in journal.skips if skip.sha256})
 
         sha_by_path, unreadable = _hash_all(listing.files, progress)
@@ -180,19 +181,20 @@ def extract(
                 extracted += len(rows)
                 bar.update(len(batch))
 
-        merged = _merge(previous, listing, sha_by_path, unreadable, features_by_sha, reasons_by_sha)
-        if merged != _contents(previous) or journal.rows or extracted:
+        merged = _merge(previous, previous_skips, listing, sha_by_path, unreadable, features_by_sha, reasons_by_sha)
+        if merged != _contents(previous, previous_skips) or journal.rows or extracted:
             _save(out, merged, features_by_sha, spec, settings)
         journal.remove()
 
-    skipped = sum(1 for f in listing.files if f.path in {s[0] for s in merged["skipped"]})
+    skipped_paths = {s[0] for s in merged["skipped"]}
+    skipped = sum(1 for f in listing.files if f.path in skipped_paths)
     return ExtractResult(
         out=str(out),
         listed=len(listing.files),
         extracted=extracted,
         reused=len(listing.files) - skipped - extracted,
         skipped=skipped,
-        removed=len(set(previous.paths) - set(merged["paths"]) - {s[0] for s in merged["skipped"]}),
+        removed=len(set(previous.paths) - set(merged["paths"]) - skipped_paths),
         rows=len(merged["paths"]),
         seconds=time.perf_counter() - started,
     )
@@ -297,16 +299,16 @@ def _journal_records(batch: list[Outcome], sha_by_path: dict, labels: dict) -> t
     return rows, skips
 
 
-def _contents(feature_set: store.FeatureSet) -> dict:
+def _contents(feature_set: store.FeatureSet, skips: list[tuple[str, str, str]]) -> dict:
     return {
         "paths": list(feature_set.paths),
         "labels": list(feature_set.labels),
         "sha256": list(feature_set.sha256),
-        "skipped": sorted(_skips_of(feature_set)),
+        "skipped": sorted(skips),
     }
 
 
-def _merge(previous, listing, sha_by_path, unreadable, features_by_sha, reasons_by_sha) -> dict:
+def _merge(previous, previous_skips, listing, sha_by_path, unreadable, features_by_sha, reasons_by_sha) -> dict:
     """Rows and skips of the new store: the listing's files, plus earlier rows outside the listed folders."""
     listed = {f.path for f in listing.files}
     folders = tuple(folder.rstrip(os.sep) + os.sep for folder in listing.folders)
@@ -317,7 +319,7 @@ def _merge(previous, listing, sha_by_path, unreadable, features_by_sha, reasons_
     rows = {
         p: (lab, sha) for p, lab, sha in zip(previous.paths, previous.labels, previous.sha256, strict=True) if kept(p)
     }
-    skips = {p: (sha, reason) for p, sha, reason in _skips_of(previous) if kept(p)}
+    skips = {p: (sha, reason) for p, sha, reason in previous_skips if kept(p)}
     for f in listing.files:
         sha = sha_by_path.get(f.path)
         if f.path in unreadable:
