@@ -107,10 +107,10 @@ def _relative(a: np.ndarray, b: np.ndarray) -> dict:
 
 def in_process(args) -> dict:
     """Model alone, interleaved slices and the draft check, in this (fresh) process."""
-    from furnitype.extract import extract
     from furnitype.extract.backbones import build_model, get_backbone
     from furnitype.extract.images import decode_image, list_images, read_file
     from furnitype.extract.pipeline import ExtractSpec
+    from furnitype.extraction import extract
 
     backbone = get_backbone(args.backbone)
     spec = ExtractSpec(backbone.name, args.weights, image_size=backbone.default_size, precision=args.precision)

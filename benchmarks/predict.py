@@ -115,8 +115,8 @@ def train_run(features: str, held: list, work: Path) -> Path:
 
 def throughput(run: Path, held: list, slices: int, per_slice: int, settings: dict, work: Path) -> dict:
     """Interleaved predict / extract slices on the same photos, network warm."""
-    from furnitype.classify.predict import predict
-    from furnitype.extract import extract
+    from furnitype.extraction import extract
+    from furnitype.predict import predict
 
     chunks = [held[i::slices][:per_slice] for i in range(slices)]
     predict(run, [chunks[0][0].path])  # build the network, load the model once: a long-lived process
@@ -164,8 +164,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from furnitype.classify import load_model
-    from furnitype.classify.predict import predict
     from furnitype.extract.images import list_images
+    from furnitype.predict import predict
 
     files = list_images([args.folder]).files
     held = held_apart(files, args.per_class)

@@ -234,9 +234,9 @@ def main() -> None:
     parser.add_argument("--results", default="../bench/ray", help="folder of the stores and the JSON report")
     args = parser.parse_args()
 
-    from furnitype.extract import extract
     from furnitype.extract.images import list_images
     from furnitype.extract.pipeline import ExtractSpec
+    from furnitype.extraction import extract
 
     results = Path(args.results)
     shutil.rmtree(results, ignore_errors=True)

@@ -9,7 +9,7 @@ Run by hand (about a minute; the new-photo figures need the weights recorded in 
   own label, averaged over all photos and per class. *Chance* is what k random other photos would give:
   sum over classes of (share of the class) x (its other photos / all other photos).
 - **one query against all rows** (median over ``--queries`` stored photos, or as said):
-  ``search``: the index alone, ``SimilarIndex.kneighbors`` of one stored row, alternating query by query with
+  ``search``: the index alone, ``CosineIndex.kneighbors`` of one stored row, alternating query by query with
   scikit-learn's ``NearestNeighbors(metric="cosine", algorithm="brute")`` on the same row (median and 90th
   percentile of both; and a check that both give the same neighbours); ``query by path``:
   ``SimilarIndex.search([path])`` (hash the file, find its row, search, build the result); ``similar()``: the
@@ -63,17 +63,17 @@ def precision_at_k(index, k: int) -> dict:
 def query_times(index, file: str, k: int, n_queries: int) -> dict:
     from sklearn.neighbors import NearestNeighbors
 
-    from furnitype.features.similar import similar
+    from furnitype.similar import similar
 
     rows = index.feature_set
     picks = np.linspace(0, len(rows) - 1, n_queries).round().astype(int)
     X = rows.features
     sk = NearestNeighbors(metric="cosine", algorithm="brute").fit(X)
-    ours = index.kneighbors(X[picks], k + 1)[1]
+    ours = index.index.kneighbors(X[picks], k + 1)[1]
     theirs = sk.kneighbors(X[picks], k + 1)[1]
     exe = Path(sys.executable).with_name("furnitype")
     cli = [str(exe), "similar", file, str(rows.paths[picks[0]]), "--k", str(k), "--json"]
-    alternating = {"search": (lambda i: index.kneighbors(X[i : i + 1], k + 1)),
+    alternating = {"search": (lambda i: index.index.kneighbors(X[i : i + 1], k + 1)),
                    "sklearn": (lambda i: sk.kneighbors(X[i : i + 1], k + 1))}
     times = {name: [] for name in alternating}
     for i in [picks[0], *picks]:  # the first round warms up both, then each query runs through both in turn
@@ -112,8 +112,7 @@ def new_photo_times(index, file: str, k: int, work: Path) -> dict:
 
 
 def growth(index, k: int) -> dict:
-    from furnitype.features.similar import SimilarIndex
-    from furnitype.features.store import FeatureSet
+    from furnitype.features.index import CosineIndex
 
     X = index.feature_set.features
     rng = np.random.default_rng(0)
@@ -121,8 +120,7 @@ def growth(index, k: int) -> dict:
     for times in (10, 40):
         noisy = [X * (1 + 0.01 * rng.standard_normal(X.shape, np.float32)) for _ in range(times - 1)]
         tiled = np.concatenate([X, *noisy])
-        names = np.array([str(i) for i in range(len(tiled))])
-        search = SimilarIndex(FeatureSet(tiled, names, names, names)).kneighbors
+        search = CosineIndex(tiled).kneighbors
         search(X[:1], k + 1)
         found[len(tiled)] = _median_ms(lambda i, search=search: search(X[i : i + 1], k + 1), range(0, 2000, 40))
     return found
@@ -138,7 +136,7 @@ def main() -> None:
     parser.add_argument("--results", default="../bench/similar.json")
     args = parser.parse_args()
 
-    from furnitype.features.similar import SimilarIndex
+    from furnitype.similar import SimilarIndex
 
     index = SimilarIndex.open(args.features)
     report = {"file": args.features, "precision": precision_at_k(index, args.k)}

@@ -94,7 +94,7 @@ def extract(images, backbone, weights, pooling, image_size, batch_size, precisio
         raise click.UsageError("give at least one folder or image file, or --manifest CSV.")
     _ray_only(engine, address=address, ray_workers=ray_workers, gpus_per_worker=gpus_per_worker,
               cpus_per_worker=cpus_per_worker)
-    from furnitype.extract import extract as run_extract
+    from furnitype.extraction import extract as run_extract
 
     result = run_extract(
         images, backbone=backbone, weights=weights, pooling=pooling, image_size=image_size, batch_size=batch_size,
@@ -269,7 +269,7 @@ def predict(run, images, model, feature_set, top_k, weights, batch_size, workers
       furnitype predict runs/furniture a.jpg b.jpg --model svm --top-k 2 --json
       furnitype predict runs/furniture photos/ --weights vgg16_notop.weights.h5 --out preds.csv
     """
-    from furnitype.classify.predict import predict as run_predict
+    from furnitype.predict import predict as run_predict
 
     result = run_predict(run, images, model=model, features=feature_set, top_k=top_k, weights=weights,
                          batch_size=batch_size, workers=workers, progress=not quiet and not as_json)
@@ -305,7 +305,7 @@ def similar(features, queries, k, exclude_self, sheet, weights, as_json) -> None
       furnitype similar feats/vgg16.h5 new-sofa.jpg --k 8 --sheet sofa.png
       furnitype similar feats/vgg16.h5 queries/ --exclude-self --json
     """
-    from furnitype.features.similar import SimilarIndex
+    from furnitype.similar import SimilarIndex
 
     index = SimilarIndex.open(features)
     matches = index.search(queries, k=k, exclude_self=exclude_self, weights=weights)

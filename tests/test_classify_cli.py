@@ -11,6 +11,7 @@ from furnitype import features as store
 from furnitype.classify import classify, load_model, load_run
 from furnitype.classify.synthetic import make_features
 from furnitype.cli import cli
+from tests.conftest import run_cli as invoke
 
 META = {
     "backbone": "vgg16",
@@ -35,10 +36,6 @@ def write(path, X, labels, sha256, **meta):
         meta={**META, **meta},
     )
     return str(path)
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")

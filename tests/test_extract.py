@@ -19,8 +19,8 @@ from PIL import Image
 
 from furnitype.cli import cli
 from furnitype.errors import SettingsMismatchError, StoreError
-from furnitype.extract import extract
 from furnitype.extract.pipeline import ExtractSpec
+from furnitype.extraction import extract
 from furnitype.features import load
 from tests.images import make_photo_folder, photo
 
@@ -158,7 +158,7 @@ def test_rerun_with_nothing_new_does_not_build_the_network(photos, tmp_path):
     out = tmp_path / "f.h5"
     extract([photos], **SMALL, out=out)
     code = (
-        "import sys; from furnitype.extract import extract; "
+        "import sys; from furnitype.extraction import extract; "
         f"r = extract([{str(photos)!r}], backbone='vgg16', weights='none', image_size=32, progress=False, "
         f"out={str(out)!r}); print(r.extracted, 'keras' in sys.modules, 'tensorflow' in sys.modules)"
     )

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from furnitype.errors import SettingsMismatchError
-from furnitype.extract import extract
 from furnitype.extract.pipeline import ExtractSpec, feature_batches
+from furnitype.extraction import extract
 from furnitype.features import load
 from tests.images import make_photo_folder
 

@@ -8,23 +8,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from furnitype.classify import classify, load_model
-from furnitype.classify.predict import predict
-from furnitype.cli import cli
 from furnitype.errors import InputError, SettingsMismatchError
-from furnitype.extract import extract
-from furnitype.extract.backbones import import_keras
+from furnitype.extraction import extract
 from furnitype.features import load
+from furnitype.keras_loader import import_keras
+from furnitype.predict import predict
+from tests.conftest import run_cli as invoke
 from tests.images import COLOURS, make_photo_folder, photo
 
 SETTINGS = {"backbone": "vgg16", "image_size": 32, "batch_size": 8, "progress": False}
 CLASSES = ("bed", "chair", "sofa")
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 def new_photos(root: Path, per_class: int = 2) -> Path:

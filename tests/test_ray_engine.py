@@ -20,8 +20,8 @@ from click.testing import CliRunner
 from furnitype import features as store
 from furnitype.cli import cli
 from furnitype.errors import FurnitypeError, InputError
-from furnitype.extract import extract
 from furnitype.extract.pipeline import ExtractSpec, feature_batches
+from furnitype.extraction import extract
 from furnitype.features import load
 from tests.images import make_photo_folder, photo
 

@@ -4,20 +4,15 @@ import csv
 import json
 
 import pytest
-from click.testing import CliRunner
 
 from furnitype import features as store
 from furnitype.classify import classify
 from furnitype.classify.synthetic import make_features
-from furnitype.cli import cli
 from furnitype.reports.plots import plot_confusion, plot_scores
 from furnitype.reports.table import format_table, rank_rows, weights_label, write_report
+from tests.conftest import run_cli as invoke
 
 META = {"backbone": "vgg16", "weights": "imagenet", "pooling": "avg", "image_size": 224}
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")

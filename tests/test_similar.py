@@ -8,22 +8,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from furnitype.cli import cli
 from furnitype.errors import SettingsMismatchError
-from furnitype.extract import extract
-from furnitype.features import FeatureSet, load
-from furnitype.features.similar import SimilarIndex, similar
+from furnitype.extraction import extract
+from furnitype.features import load
+from furnitype.features.index import CosineIndex
 from furnitype.reports.sheet import contact_sheet
+from furnitype.similar import SimilarIndex, similar
+from tests.conftest import run_cli as invoke
 from tests.images import COLOURS, make_photo_folder, photo
 
 SETTINGS = {"backbone": "vgg16", "weights": "none", "image_size": 32, "batch_size": 8, "progress": False}
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 def cosine_distances(X: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -63,7 +59,7 @@ def test_the_index_agrees_with_scikit_learn(store):
 
     X = store["rows"].features
     X = np.concatenate([X, np.zeros((1, X.shape[1]), np.float32)])  # an all-zero row: distance 1 to all
-    index = SimilarIndex(FeatureSet(X, *(np.array([str(i) for i in range(len(X))]),) * 3))
+    index = CosineIndex(X)
     distances, rows = index.kneighbors(X[:-1], 6)
     expected_d, expected_rows = NearestNeighbors(metric="cosine", algorithm="brute").fit(X).kneighbors(X[:-1], 6)
     np.testing.assert_array_equal(rows, expected_rows)

@@ -787,7 +787,7 @@ def _skops_load(path: Path) -> dict:
 
 
 def _keras():
-    from furnitype.extract.backbones import import_keras
+    from furnitype.keras_loader import import_keras
 
     return import_keras()
 

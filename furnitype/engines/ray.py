@@ -22,8 +22,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from furnitype.errors import FurnitypeError, InputError
-from furnitype.extract.backbones import import_keras
 from furnitype.extract.pipeline import ExtractSpec, Outcome, feature_batches
+from furnitype.keras_loader import import_keras
 
 RAY_MISSING = "the ray engine needs Ray: pip install 'furnitype[ray]'"
 

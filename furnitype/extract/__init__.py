@@ -1,6 +1,6 @@
-"""Stage one: pretrained convolutional bases over image files, into the HDF5 feature store."""
+"""Stage one: pretrained convolutional bases over image files (the use case is ``furnitype.extraction``)."""
 
 from furnitype.extract.backbones import list_backbones
-from furnitype.extract.run import ExtractResult, extract
+from furnitype.extract.pipeline import ExtractSpec, Outcome, feature_batches
 
-__all__ = ["ExtractResult", "extract", "list_backbones"]
+__all__ = ["ExtractSpec", "Outcome", "feature_batches", "list_backbones"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import logging
 import os
 import sys
 from collections.abc import Callable
@@ -18,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from furnitype.errors import FurnitypeError, InputError
+from furnitype.keras_loader import import_keras
 
 POOLINGS = ("avg", "max", "flatten")
 PRECISIONS = ("float32", "bfloat16", "float16")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up chatter is not for our users
 #: The seed of random initialisation (``weights="none"``), so such features are reproducible.
 RANDOM_INIT_SEED = 0
 
@@ -98,22 +97,6 @@ register_backbone(
     "inception_v3",
     "inceptionv3",
 )
-
-
-def import_keras():
-    """Import Keras (and TensorFlow) with the C++ start-up chatter on stderr silenced; return the module."""
-    if "keras" not in sys.modules:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        try:
-            with open(os.devnull, "w") as devnull:
-                os.dup2(devnull.fileno(), 2)
-                import keras  # noqa: F401
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        logging.getLogger("tensorflow").setLevel(logging.ERROR)
-    return sys.modules["keras"]
 
 
 def weights_identity(weights: str) -> str:

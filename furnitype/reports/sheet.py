@@ -10,14 +10,30 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from furnitype.errors import InputError
 
-if TYPE_CHECKING:
-    from furnitype.features.similar import Match
+
+class Neighbour(Protocol):
+    """What a tile of a neighbour shows (``furnitype.similar.Neighbour`` is one)."""
+
+    path: str
+    label: str
+    distance: float
+
+
+class Match(Protocol):
+    """What a row of the sheet shows (``furnitype.similar.Match`` is one)."""
+
+    query: str
+    label: str
+    in_store: bool
+    error: str
+    neighbours: Sequence[Neighbour]
+
 
 QUERY, SAME, OTHER, UNKNOWN = "#1f77b4", "#2ca02c", "#d62728", "#9a9a9a"
 MARGIN, GAP, QUERY_GAP, FRAME = 16, 10, 28, 4
@@ -31,7 +47,7 @@ def contact_sheet(
     Parameters
     ----------
     matches : sequence of Match
-        From ``furnitype.features.similar``.
+        From ``furnitype.similar``.
     path : str or path-like
         The PNG to write.
     title : str, default=""

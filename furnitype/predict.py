@@ -23,7 +23,7 @@ from furnitype.classify.run import load_model
 from furnitype.errors import InputError
 from furnitype.extract.images import ImageFile, list_images
 from furnitype.extract.pipeline import feature_batches
-from furnitype.extract.replay import as_stored, spec_for
+from furnitype.extract.settings import as_stored, spec_for
 
 
 @dataclass(frozen=True)

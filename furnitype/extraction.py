@@ -17,13 +17,12 @@ from tqdm import tqdm
 from furnitype import __version__
 from furnitype.engines import batch_source
 from furnitype.errors import InputError
-from furnitype.extract.backbones import check_options, get_backbone, weights_identity
-from furnitype.extract.images import DECODE_MODES, ImageFile, check_interpolation, list_images, sha256_file
+from furnitype.extract.backbones import get_backbone
+from furnitype.extract.images import ImageFile, list_images, sha256_file
 from furnitype.extract.pipeline import ExtractSpec, Outcome
+from furnitype.extract.settings import resolve_settings
 from furnitype.features import store
 from furnitype.features.journal import Journal, Row, Skip
-
-STORE_DTYPES = ("float32", "float16")
 
 
 @dataclass(frozen=True)
@@ -136,7 +135,9 @@ def extract(
     ExtractResult
     """
     started = time.perf_counter()
-    spec, settings = _settings(backbone, weights, pooling, image_size, precision, store_dtype, interpolation, decode)
+    spec, settings = resolve_settings(
+        backbone, weights, pooling, image_size, precision, store_dtype, interpolation, decode
+    )
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1. Received: batch_size={batch_size}")
     batches = batch_source(
@@ -198,30 +199,6 @@ def extract(
         rows=len(merged["paths"]),
         seconds=time.perf_counter() - started,
     )
-
-
-def _settings(backbone, weights, pooling, image_size, precision, store_dtype, interpolation, decode):
-    entry = get_backbone(backbone)
-    image_size = image_size or entry.default_size
-    weights = str(weights)
-    check_options(entry, weights=weights, pooling=pooling, image_size=image_size, precision=precision)
-    check_interpolation(interpolation)
-    if decode not in DECODE_MODES:
-        raise InputError(f"decode must be one of {', '.join(DECODE_MODES)}. Received: decode={decode!r}")
-    if store_dtype not in STORE_DTYPES:
-        raise InputError(f"store dtype must be one of {', '.join(STORE_DTYPES)}. Received: {store_dtype!r}")
-    spec = ExtractSpec(entry.name, weights, pooling, image_size, interpolation, precision, decode)
-    settings = {
-        "backbone": entry.name,
-        "weights": weights_identity(weights),
-        "pooling": pooling,
-        "image_size": image_size,
-        "interpolation": interpolation,
-        "precision": precision,
-        "decode": decode,
-        "store_dtype": store_dtype,
-    }
-    return spec, settings
 
 
 def _check_writable(out: Path) -> None:

@@ -2,10 +2,8 @@
 
 A query is either a photo already in the feature file (the same path, or a file with the same content: its
 stored row is used and no network is built) or a new photo, extracted exactly as the file's rows were made
-(``furnitype.extract.replay``). The search is exact, over every row: the rows are scaled to unit length once,
-then a batch of queries is one matrix product and a partial sort; this gives the same neighbours as
-scikit-learn's ``NearestNeighbors(metric="cosine", algorithm="brute")``, 0.4 ms per query against 2,657 rows
-where scikit-learn took 7.6 ms (see benchmarks/similar.py).
+(``furnitype.extract.settings.spec_for``). The search is exact, over every row
+(``furnitype.features.index.CosineIndex``).
 
 A stored query finds itself first, at distance 0 (``exclude_self`` leaves it out); other rows with the same
 content, stored under other paths, are ordinary neighbours at distance 0.
@@ -21,6 +19,7 @@ import numpy as np
 
 from furnitype.errors import InputError
 from furnitype.extract.images import list_images, sha256_file
+from furnitype.features.index import CosineIndex
 from furnitype.features.store import FeatureSet, load
 
 
@@ -73,12 +72,6 @@ class Match:
         }
 
 
-#: Most distances held at once while searching (64 MiB of float32).
-_CHUNK_VALUES = 1 << 24
-#: Multiply-adds up to which a search skips BLAS (about 2 ms in one thread).
-_SMALL_PRODUCT = 1 << 24
-
-
 @dataclass
 class _Query:
     path: str
@@ -101,7 +94,7 @@ class SimilarIndex:
         if not len(feature_set):
             raise InputError(f"{feature_set.file or 'the feature set'} has no rows to search.")
         self.feature_set = feature_set
-        self._unit = _unit_rows(feature_set.features)
+        self.index = CosineIndex(feature_set.features)
         self._row_by_path = {path: i for i, path in enumerate(feature_set.paths)}
         self._rows_by_sha: dict[str, list[int]] = {}
         for i, sha in enumerate(feature_set.sha256):
@@ -132,32 +125,13 @@ class SimilarIndex:
         if usable:
             stored = self.feature_set.features
             X = np.stack([stored[items[i].row] if items[i].row is not None else items[i].vector for i in usable])
-            distances, rows = self.kneighbors(X, k + 1)
+            distances, rows = self.index.kneighbors(X, k + 1)
             for i, d, r in zip(usable, distances, rows, strict=True):
                 found[i] = self._neighbours(items[i], d, r, k, exclude_self)
         return [
             Match(q.path, found.get(i, []), q.label, in_store=q.row is not None, error=q.error)
             for i, q in enumerate(items)
         ]
-
-    def kneighbors(self, X: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Cosine distances and row numbers of the ``k`` nearest rows (at most all) of each row of ``X``.
-
-        Returns arrays of shape ``(len(X), min(k, n_rows))``, nearest first; equal distances in row order.
-        """
-        n = len(self._unit)
-        k = min(k, n)
-        queries = _unit_rows(np.asarray(X, dtype=np.float32))
-        chunk = max(1, _CHUNK_VALUES // n)  # bounds the (queries x rows) distance block in memory
-        distances, rows = [], []
-        for start in range(0, len(queries), chunk):
-            block = 1.0 - _products(queries[start : start + chunk], self._unit)
-            nearest = np.argpartition(block, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (len(block), 1))
-            near = np.take_along_axis(block, nearest, axis=1)
-            order = np.lexsort((nearest, near), axis=1)
-            rows.append(np.take_along_axis(nearest, order, axis=1))
-            distances.append(np.clip(np.take_along_axis(near, order, axis=1), 0.0, 2.0))
-        return np.concatenate(distances), np.concatenate(rows)
 
     def _resolve(self, queries: Sequence[str | os.PathLike]) -> list[_Query]:
         """Each query file with its stored row when the store has its path or content."""
@@ -192,7 +166,7 @@ class SimilarIndex:
         if not todo:
             return
         from furnitype.extract.pipeline import feature_batches
-        from furnitype.extract.replay import as_stored, spec_for
+        from furnitype.extract.settings import as_stored, spec_for
 
         meta = self.feature_set.meta
         spec = spec_for(
@@ -218,23 +192,6 @@ class SimilarIndex:
             pairs.insert(0, (query.row, 0.0))
         fs = self.feature_set
         return [Neighbour(str(fs.paths[r]), str(fs.labels[r]), d, str(fs.sha256[r])) for r, d in pairs[:k]]
-
-
-def _products(queries: np.ndarray, unit: np.ndarray) -> np.ndarray:
-    """``queries @ unit.T``; small products (a few queries) in one thread, without BLAS.
-
-    On a busy machine a multi-threaded BLAS call waits for its threads to be scheduled: one query against 2,657
-    rows took 12 ms that way, 0.2 ms in numpy's own single-threaded loop (0.04 ms with BLAS on idle cores).
-    """
-    if queries.size * len(unit) <= _SMALL_PRODUCT:
-        return np.einsum("qd,nd->qn", queries, unit)
-    return queries @ unit.T
-
-
-def _unit_rows(X: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (all-zero rows stay zero: cosine distance 1 to everything)."""
-    norms = np.linalg.norm(X, axis=1, keepdims=True)
-    return (X / np.where(norms > 0, norms, 1.0)).astype(np.float32)
 
 
 def similar(

@@ -1,8 +1,10 @@
-"""Extract new photos exactly as the rows of a feature file were made (for ``predict`` and ``similar``).
+"""The settings that decide a feature row's value, both ways: options to ``ExtractSpec`` + recorded settings
+(``resolve_settings``, for ``extract``), and recorded settings back to the ``ExtractSpec`` that made them
+(``spec_for``, for ``predict`` and ``similar``).
 
-A feature file records the settings that decide a row's value (``furnitype.features.SETTING_KEYS``), and a run
-records its training file's; ``spec_for`` turns them back into the ``ExtractSpec`` that ``extract`` used, and
-refuses weights whose identity (sha256 of the file, ``imagenet`` or ``none(seed=0)``) is not the recorded one.
+A feature file records these settings (``furnitype.features.SETTING_KEYS``), and a run records its training
+file's; ``spec_for`` refuses weights whose identity (sha256 of the file, ``imagenet`` or ``none(seed=0)``) is not
+the recorded one.
 """
 
 from __future__ import annotations
@@ -16,8 +18,43 @@ from furnitype.errors import FurnitypeError, InputError, SettingsMismatchError
 from furnitype.extract.backbones import check_options, get_backbone, weights_identity
 from furnitype.extract.images import DECODE_MODES, check_interpolation
 from furnitype.extract.pipeline import ExtractSpec
-from furnitype.extract.run import STORE_DTYPES
 from furnitype.features.store import SETTING_KEYS
+
+STORE_DTYPES = ("float32", "float16")
+
+
+def resolve_settings(
+    backbone: str,
+    weights: str,
+    pooling: str,
+    image_size: int | None,
+    precision: str,
+    store_dtype: str,
+    interpolation: str,
+    decode: str,
+) -> tuple[ExtractSpec, dict]:
+    """Check extraction options; return the ``ExtractSpec`` and the settings a feature file records."""
+    entry = get_backbone(backbone)
+    image_size = image_size or entry.default_size
+    weights = str(weights)
+    check_options(entry, weights=weights, pooling=pooling, image_size=image_size, precision=precision)
+    check_interpolation(interpolation)
+    if decode not in DECODE_MODES:
+        raise InputError(f"decode must be one of {', '.join(DECODE_MODES)}. Received: decode={decode!r}")
+    if store_dtype not in STORE_DTYPES:
+        raise InputError(f"store dtype must be one of {', '.join(STORE_DTYPES)}. Received: {store_dtype!r}")
+    spec = ExtractSpec(entry.name, weights, pooling, image_size, interpolation, precision, decode)
+    settings = {
+        "backbone": entry.name,
+        "weights": weights_identity(weights),
+        "pooling": pooling,
+        "image_size": image_size,
+        "interpolation": interpolation,
+        "precision": precision,
+        "decode": decode,
+        "store_dtype": store_dtype,
+    }
+    return spec, settings
 
 
 def spec_for(

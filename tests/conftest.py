@@ -1,0 +1,29 @@
+"""Fixtures and helpers shared by the tests: the command line, and small generated photos."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from furnitype.cli import cli
+from tests.images import make_photo_folder
+
+
+def run_cli(*args) -> Result:
+    """``furnitype ARGS...`` in-process, as sqlite-utils' tests do; exceptions propagate (a traceback fails)."""
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture
+def invoke() -> Callable[..., Result]:
+    """``invoke("extract", folder, "--out", file)``: run the command line in-process."""
+    return run_cli
+
+
+@pytest.fixture(scope="session")
+def photo_folder(tmp_path_factory) -> Path:
+    """``photos/bed`` and ``photos/chair``, 3 tiny JPEGs each; read-only by convention: copy before changing."""
+    return make_photo_folder(tmp_path_factory.mktemp("photos") / "photos", per_class=3)
