@@ -39,8 +39,8 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=60.0, help="seconds all models may take")
     args = parser.parse_args()
 
-    from furnitype.classify import classify
     from furnitype.classify.models import make_model
+    from furnitype.training import classify
 
     make_model("dense").prepare()  # import TensorFlow before the clock starts, as a long-lived process would
     X, labels, sha = make_features(COUNTS, args.dim, seed=args.seed, separation=0.9)
@@ -60,12 +60,12 @@ def main() -> None:
 
     print(f"{len(labels)} rows x {args.dim} features, {len(COUNTS)} classes; 5-fold CV; 80/20 split")
     print(f"{'model':8} {'fit s':>7} {'fit CPU s':>10} {'ms/image':>9} {'accuracy':>9}  chosen")
-    for row in sorted(run.rows, key=lambda r: r["model"]):
+    for row in sorted(run.rows, key=lambda r: r.model):
         print(
-            f"{row['model']:8} {row['fit_seconds']:7.1f} {row['fit_cpu_seconds']:10.1f} "
-            f"{row['predict_ms_per_image']:9.3f} {row['accuracy']:9.3f}  {row['chosen']}"
+            f"{row.model:8} {row.fit_seconds:7.1f} {row.fit_cpu_seconds:10.1f} "
+            f"{row.predict_ms_per_image:9.3f} {row.accuracy:9.3f}  {row.chosen}"
         )
-    fits = sum(row["fit_seconds"] for row in run.rows)
+    fits = sum(row.fit_seconds for row in run.rows)
     verdict = "within" if total_wall <= args.target else "OVER"
     print(f"sum of fits: {fits:.1f} s wall")
     print(

@@ -99,7 +99,7 @@ def accuracy(result) -> dict:
 def train_run(features: str, held: list, work: Path) -> Path:
     """A run trained on the feature file's rows minus the held-apart photos."""
     from furnitype import features as store
-    from furnitype.classify import classify
+    from furnitype.training import classify
 
     rows = store.load(features)
     keep = ~np.isin(rows.paths, [f.path for f in held])
@@ -178,8 +178,8 @@ def main() -> None:
         print(f"training a run without {len(held)} held-apart photos", file=sys.stderr, flush=True)
         run = train_run(args.features, held, work)
         best = load_model(run)
-        report["run"] = {"model": best.name, "test_accuracy": best.row["accuracy"], "n_train": best.row["n_train"],
-                         "n_test": best.row["n_test"]}
+        report["run"] = {"model": best.name, "test_accuracy": best.row.accuracy, "n_train": best.row.n_train,
+                         "n_test": best.row.n_test}
         report["variants"] = {}
         for variant in VARIANTS:
             folder = write_variant(held, variant, work / variant)

@@ -182,8 +182,8 @@ def classify(
       furnitype classify feats/vgg16.h5 --models logreg,svm --test-size 0.25 --cv 3
       furnitype classify feats/train.h5 --test feats/test.h5 --json
     """
-    from furnitype.classify.train import classify as run_classify
     from furnitype.engines import joblib_backend
+    from furnitype.training import classify as run_classify
 
     if test_files and test_size is not None:
         raise click.UsageError("use either --test or --test-size, not both.")
@@ -222,7 +222,7 @@ def report(runs, out, as_json) -> None:
       furnitype report runs/vgg16 runs/inception --out runs/compared
       furnitype report runs/furniture --json
     """
-    from furnitype.classify.run import report_runs
+    from furnitype.training import report_runs
 
     _print_run(report_runs(runs, out=out), as_json)
 

@@ -8,9 +8,10 @@ import pytest
 from click.testing import CliRunner
 
 from furnitype import features as store
-from furnitype.classify import classify, load_model, load_run
+from furnitype.classify import load_model, load_run
 from furnitype.classify.synthetic import make_features
 from furnitype.cli import cli
+from furnitype.training import classify
 from tests.conftest import run_cli as invoke
 
 META = {
@@ -127,7 +128,7 @@ def test_a_reloaded_model_gives_the_reported_scores(full_run, files):
     assert accuracy == pytest.approx(row["accuracy"])
     best = load_model(out)
     assert (best.features, best.name) == (summary["rows"][0]["features"], summary["rows"][0]["model"])
-    assert load_run(out).rows[0]["rank"] == 1
+    assert load_run(out).rows[0].rank == 1
 
 
 def test_the_terminal_table(files, tmp_path):
@@ -226,8 +227,8 @@ def test_a_class_with_one_photo_is_dropped_with_a_warning(files, tmp_path):
         f"{path}: class 'lamp' has 1 photo; a class needs at least 2 to be trained and tested, "
         "so it is left out."
     ]
-    assert "lamp" not in load_run(tmp_path / "r").rows[0]["classes"]
-    assert load_run(tmp_path / "r").document["feature_sets"]["lamp"]["dropped_classes"] == ["lamp"]
+    assert "lamp" not in load_run(tmp_path / "r").rows[0].classes
+    assert load_run(tmp_path / "r").document.feature_sets["lamp"].dropped_classes == ["lamp"]
 
 
 # -- bad input: one line, no traceback ---------------------------------------------------------------
@@ -346,9 +347,9 @@ def test_a_row_trailing_the_baseline_says_why(files, tmp_path):
     untrained = {"dense": {"hidden_units": 2, "max_epochs": 1, "learning_rate": 1e-7}}
     run = classify([files["vgg"]], models=["dense"], out=tmp_path / "r", model_params=untrained)
     row = run.rows[0]
-    assert row["vs_baseline_points"] < -2
-    gap = 100 * (row["accuracy"] - row["baseline_accuracy"])
-    assert row["vs_baseline_points"] == pytest.approx(gap, abs=0.01)
+    assert row.vs_baseline_points < -2
+    gap = 100 * (row.accuracy - row.baseline_accuracy)
+    assert row.vs_baseline_points == pytest.approx(gap, abs=0.01)
     (note,) = [n for n in run.notes if "trails the baseline" in n]
     assert note.startswith("vgg16 (imagenet) / dense trails the baseline (StandardScaler + Logistic")
     assert "McNemar p = " in note and "not tuned beyond early stopping" in note
@@ -359,9 +360,9 @@ def test_a_run_that_does_not_beat_the_baseline_says_so(files, tmp_path):
     run = classify(
         [files["vgg"]], models=["logreg"], cv=3, out=tmp_path / "r", model_params={"logreg": {"Cs": (0.1,)}}
     )
-    assert run.rows[0]["vs_baseline_points"] == 0.0
+    assert run.rows[0].vs_baseline_points == 0.0
     assert run.notes == [
         "vgg: no model beats the baseline (StandardScaler + LogisticRegression(C=0.1), accuracy "
-        f"{run.rows[0]['baseline_accuracy']:.3f}); the best, logreg, ties it (its cross-validation chose the "
-        f"baseline's own C=0.1: the same model); McNemar p = 1.000 over {run.rows[0]['n_test']} test photos."
+        f"{run.rows[0].baseline_accuracy:.3f}); the best, logreg, ties it (its cross-validation chose the "
+        f"baseline's own C=0.1: the same model); McNemar p = 1.000 over {run.rows[0].n_test} test photos."
     ]

@@ -1,15 +1,28 @@
-"""The split rules: stratified, seeded, grouped by image content (sha256)."""
+"""The splitters: stratified, seeded, grouped by image content (sha256); scikit-learn cross-validators."""
 
 from collections import Counter
 
 import numpy as np
 import pytest
+from sklearn.model_selection import cross_validate
+from sklearn.neighbors import NearestCentroid
 
-from furnitype.classify.split import content_folds, group_labels, max_folds, split_by_content
+from furnitype.classify.split import ContentKFold, ContentSplit, group_labels, max_splits
 
 
 def _labels(counts: dict[str, int]) -> np.ndarray:
     return np.array([label for label, n in counts.items() for _ in range(n)])
+
+
+def split_by_content(labels, groups, *, test_size, seed):
+    """The one (train, test) pair of ``ContentSplit``."""
+    labels = np.asarray(labels)
+    return next(ContentSplit(test_size, random_state=seed).split(np.zeros((len(labels), 1)), labels, groups))
+
+
+def content_folds(labels, groups, *, n_splits, seed):
+    labels = np.asarray(labels)
+    return list(ContentKFold(n_splits, random_state=seed).split(np.zeros((len(labels), 1)), labels, groups))
 
 
 def test_split_is_stratified_per_class():
@@ -95,6 +108,19 @@ def test_folds_are_balanced_and_seeded():
 
 def test_folds_reject_more_splits_than_photos():
     labels = _labels({"bed": 3, "chair": 2})
-    assert max_folds(labels, None) == 3
+    assert max_splits(labels, None) == 3
     with pytest.raises(ValueError, match="n_splits must be at least 2 and at most"):
         content_folds(labels, None, n_splits=4, seed=0)
+
+
+def test_splitters_work_inside_scikit_learn_cross_validation():
+    labels = _labels({"bed": 12, "chair": 12})
+    X = np.random.default_rng(0).normal(size=(len(labels), 2)) + (labels == "chair")[:, None] * 4
+    groups = np.array([f"sha{i // 2}" for i in range(len(labels))])
+    splitter = ContentKFold(3, random_state=0)
+    assert splitter.get_n_splits() == 3 and ContentSplit().get_n_splits() == 1
+    assert repr(splitter) == "ContentKFold(n_splits=3, random_state=0)"
+    result = cross_validate(NearestCentroid(), X, labels, groups=groups, cv=splitter, return_indices=True)
+    assert result["test_score"].tolist() == [1.0, 1.0, 1.0]
+    for train, test in zip(result["indices"]["train"], result["indices"]["test"], strict=True):
+        assert not set(groups[train]) & set(groups[test])

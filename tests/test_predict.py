@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from furnitype.classify import classify, load_model
+from furnitype.classify import load_model
 from furnitype.errors import InputError, SettingsMismatchError
 from furnitype.extraction import extract
 from furnitype.features import load
 from furnitype.keras_loader import import_keras
 from furnitype.predict import predict
+from furnitype.training import classify
 from tests.conftest import run_cli as invoke
 from tests.images import COLOURS, make_photo_folder, photo
 

@@ -172,14 +172,14 @@ def test_classify_on_ray_equals_local(ray_local, tmp_path):
         result = CliRunner().invoke(cli, args, catch_exceptions=False)
         assert result.exit_code == 0, result.output
         assert json.loads(result.stdout)["run"] == str(tmp_path / engine)
-        rows[engine] = {r["model"]: r for r in load_run(tmp_path / engine).rows}
+        rows[engine] = {r.model: r for r in load_run(tmp_path / engine).rows}
     with joblib_backend("ray"):  # the tasks inside do leave this process
         pids = set(Parallel()(delayed(os.getpid)() for _ in range(4)))
     assert pids and os.getpid() not in pids
     for model in ("logreg", "svm"):
         local, remote = rows["local"][model], rows["ray"][model]
-        assert remote["chosen"] == local["chosen"] and remote["details"]["cv_results"] == local["details"]["cv_results"]
-        assert remote["accuracy"] == local["accuracy"] and remote["log_loss"] == pytest.approx(local["log_loss"])
+        assert remote.chosen == local.chosen and remote.details["cv_results"] == local.details["cv_results"]
+        assert remote.accuracy == local.accuracy and remote.log_loss == pytest.approx(local.log_loss)
 
 
 def test_a_worker_failure_is_one_line_and_keeps_nothing_half_done(ray_local, photos):

@@ -6,10 +6,14 @@ import json
 import pytest
 
 from furnitype import features as store
-from furnitype.classify import classify
+from furnitype.classify import load_run
+from furnitype.classify.data import weights_label
+from furnitype.classify.metadata import Row
+from furnitype.classify.run import rank_rows
 from furnitype.classify.synthetic import make_features
 from furnitype.reports.plots import plot_confusion, plot_scores
-from furnitype.reports.table import format_table, rank_rows, weights_label, write_report
+from furnitype.reports.table import format_table, write_report
+from furnitype.training import classify
 from tests.conftest import run_cli as invoke
 
 META = {"backbone": "vgg16", "weights": "imagenet", "pooling": "avg", "image_size": 224}
@@ -92,7 +96,8 @@ def test_html_escapes_names_and_embeds_pictures(runs):
 
 
 def _row(model, accuracy, macro_f1=0.5, log_loss=1.0, **extra):
-    return {
+    values = {
+        "features": "f",
         "backbone": "vgg16",
         "weights": "imagenet",
         "model": model,
@@ -102,19 +107,31 @@ def _row(model, accuracy, macro_f1=0.5, log_loss=1.0, **extra):
         "top3_accuracy": 1.0,
         "log_loss": log_loss,
         "fit_seconds": 1.25,
+        "fit_cpu_seconds": 1.5,
         "predict_ms_per_image": 0.01,
-        "vs_baseline_points": 0.0,
+        "n_train": 40,
+        "n_test": 10,
+        "n_classes": 2,
+        "test_set": "0123456789ab",
         "chosen": "C=1",
-        "features": "f",
-        **extra,
+        "details": {},
+        "params": {},
+        "classes": ["bed", "chair"],
+        "confusion": [[5, 0], [1, 4]],
+        "per_class": {},
+        "model_dir": f"models/f/{model}",
+        "run": "r",
+        "baseline_accuracy": 0.85,
+        "vs_baseline_points": 0.0,
     }
+    return Row(**{**values, **extra})
 
 
 def test_rank_rows_best_first_with_ties_broken():
     rows = rank_rows(
         [_row("a", 0.8), _row("b", 0.9), _row("c", 0.9, macro_f1=0.6), _row("d", 0.9, log_loss=0.5)]
     )
-    assert [(r["model"], r["rank"]) for r in rows] == [("c", 1), ("d", 2), ("b", 3), ("a", 4)]
+    assert [(r.model, r.rank) for r in rows] == [("c", 1), ("d", 2), ("b", 3), ("a", 4)]
 
 
 def test_format_table_aligns_columns():
@@ -135,13 +152,12 @@ def test_weights_label():
 
 def test_plots_write_png(tmp_path):
     confusion = plot_confusion([[3, 1], [0, 4]], ["bed", "chair"], "a title", tmp_path / "c.png")
-    scores = plot_scores([_row("svm", 0.9, baseline_accuracy=0.85), _row("dense", 0.8)], tmp_path / "s.png")
+    scores = plot_scores([_row("svm", 0.9), _row("dense", 0.8, baseline_accuracy=0.9)], tmp_path / "s.png")
     for path in (confusion, scores):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_write_report_lists_its_files(runs, tmp_path):
-    document = json.loads((runs["first"] / "metrics.json").read_text())
-    written = write_report(document, tmp_path)
+    written = write_report(load_run(runs["first"]).document, tmp_path)
     assert written["confusion"] == ["confusion-vgg16-logreg.png"]
     assert all((tmp_path / name).is_file() for names in written.values() for name in names)

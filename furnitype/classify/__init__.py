@@ -1,12 +1,13 @@
-"""Stage two: classifiers on cached features, compared in one report.
+"""Stage two: classifiers on cached features, their training pieces and the run folder format.
 
 Public API (imported on first use, so that reading a run does not import scikit-learn or Keras)::
 
-    classify(feature_files, models=..., test_files=..., ...) -> Run     # train, score, write a run folder
     load_run(run_dir) -> Run                                             # a run's document, no models
     load_model(run_dir, model=None, features=None) -> LoadedModel       # fitted model + feature settings
-    report_runs(run_dirs, out=None) -> Run                               # reprint or merge saved runs
-    make_model(name, **params) -> FeatureClassifier; MODEL_NAMES
+    make_model(name, **params) -> FeatureClassifier; MODEL_NAMES        # the models (scikit-learn estimators)
+    ContentSplit, ContentKFold                                           # splitters that keep photos together
+
+Training a run and writing its report is the use case ``furnitype.training.classify``.
 """
 
 from __future__ import annotations
@@ -14,16 +15,17 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "classify": "furnitype.classify.train",
-    "score": "furnitype.classify.train",
     "Run": "furnitype.classify.run",
     "LoadedModel": "furnitype.classify.run",
     "load_run": "furnitype.classify.run",
     "load_model": "furnitype.classify.run",
-    "report_runs": "furnitype.classify.run",
+    "Row": "furnitype.classify.metadata",
+    "RunDocument": "furnitype.classify.metadata",
     "FeatureClassifier": "furnitype.classify.models",
     "MODEL_NAMES": "furnitype.classify.models",
     "make_model": "furnitype.classify.models",
+    "ContentSplit": "furnitype.classify.split",
+    "ContentKFold": "furnitype.classify.split",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -2,30 +2,31 @@
 
 Layout::
 
-    RUN/metrics.json                      the whole result: options, feature sets (their settings), rows
-                                          (metrics, per-class scores, confusion matrix, chosen settings)
+    RUN/metrics.json                      the whole result (a RunDocument): options, feature sets (their
+                                          settings), rows (metrics, per-class scores, confusion matrix, choices)
     RUN/report.csv, report.md, report.html, scores.png, confusion-<features>-<model>.png
     RUN/split.csv                         features, sha256, label, part (train/test) of every row used
     RUN/models/<features>/settings.json   the feature settings a model needs at prediction time
     RUN/models/<features>/<model>/        model.json + model.keras (dense) or model.skops (logreg, svm)
 
-Reading a run needs neither scikit-learn nor Keras until a model is loaded.
+Reading a run needs neither scikit-learn nor Keras until a model is loaded; every metadata file is read by
+``furnitype.classify.metadata``.
 """
 
 from __future__ import annotations
 
-import json
+import csv
+import dataclasses
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from furnitype.errors import InputError, StoreError
+from furnitype.classify.metadata import METRICS_FILE, FeatureSetRecord, Row, RunDocument, read_run_document
+from furnitype.errors import InputError
 
-#: Version of the run layout; a newer one is refused.
-RUN_FORMAT = 1
-METRICS_FILE = "metrics.json"
+SPLIT_FILE = "split.csv"
 
 
 @dataclass(frozen=True)
@@ -36,27 +37,27 @@ class Run:
     ----------
     path : Path or None
         The run folder (``None`` for a merged view that was not written).
-    document : dict
+    document : RunDocument
         Options, feature sets with their settings, ranked rows, notes and warnings.
     """
 
     path: Path | None
-    document: dict
+    document: RunDocument
 
     @property
-    def rows(self) -> list[dict]:
+    def rows(self) -> list[Row]:
         """One row per feature set x model, best first."""
-        return self.document["rows"]
+        return self.document.rows
 
     @property
     def warnings(self) -> list[str]:
         """Problems with the input that the run worked around (a dropped class, unlabelled rows ...)."""
-        return self.document.get("warnings", [])
+        return self.document.warnings
 
     @property
     def notes(self) -> list[str]:
         """Remarks on the results (a row trailing the baseline, fewer CV folds than asked ...)."""
-        return self.document.get("notes", [])
+        return self.document.notes
 
     @property
     def report_html(self) -> Path | None:
@@ -65,12 +66,10 @@ class Run:
 
     def summary(self) -> dict:
         """The JSON-ready result a command prints: paths, table rows (scalars only), notes and warnings."""
-        from furnitype.reports.table import scalar_row
-
         return {
             "run": str(self.path) if self.path is not None else None,
             "report_html": str(self.report_html) if self.report_html is not None else None,
-            "rows": [scalar_row(row) for row in self.rows],
+            "rows": [row.scalars() for row in self.rows],
             "notes": self.notes,
             "warnings": self.warnings,
         }
@@ -93,7 +92,7 @@ class LoadedModel:
     meta : dict
         The training feature file's provenance (feature_dim, versions, file ...).
     classes : list of str
-    row : dict
+    row : Row
         The model's row of the report (its test metrics).
     """
 
@@ -103,7 +102,7 @@ class LoadedModel:
     settings: dict
     meta: dict
     classes: list[str]
-    row: dict
+    row: Row
 
 
 def load_run(run_dir: str | os.PathLike) -> Run:
@@ -117,25 +116,14 @@ def load_run(run_dir: str | os.PathLike) -> Run:
         Its ``metrics.json`` is damaged or from a newer furnitype.
     """
     path = Path(run_dir)
-    metrics = path / METRICS_FILE
     if not path.is_dir():
         raise InputError(f"run folder not found: {path}")
-    if not metrics.is_file():
+    if not (path / METRICS_FILE).is_file():
         raise InputError(f"{path} is not a furnitype run (no {METRICS_FILE}).")
-    try:
-        document = json.loads(metrics.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise StoreError(f"{metrics} cannot be read: {err}") from None
-    if not isinstance(document, dict) or "rows" not in document:
-        raise StoreError(f"{metrics} is not a furnitype run document.")
-    if int(document.get("format", 0)) > RUN_FORMAT:
-        raise StoreError(f"{path} was written by a newer furnitype (run format {document['format']}).")
-    return Run(path, document)
+    return Run(path, read_run_document(path))
 
 
-def load_model(
-    run_dir: str | os.PathLike, model: str | None = None, *, features: str | None = None
-) -> LoadedModel:
+def load_model(run_dir: str | os.PathLike, model: str | None = None, *, features: str | None = None) -> LoadedModel:
     """Load a fitted model of a run, with the feature settings that new photos must be extracted with.
 
     Parameters
@@ -164,64 +152,75 @@ def load_model(
     matches = [
         row
         for row in run.rows
-        if (model is None or row["model"] == model) and (features is None or row["features"] == features)
+        if (model is None or row.model == model) and (features is None or row.features == features)
     ]
     if not matches:
-        available = ", ".join(f"{row['features']}/{row['model']}" for row in run.rows)
+        available = ", ".join(f"{row.features}/{row.model}" for row in run.rows)
         raise InputError(
-            f"{run.path} has no model {model or '(any)'} on features {features or '(any)'}; "
-            f"it has: {available}"
+            f"{run.path} has no model {model or '(any)'} on features {features or '(any)'}; it has: {available}"
         )
     row = matches[0]
-    fitted = FeatureClassifier.load(run.path / row["model_dir"])
-    feature_set = run.document["feature_sets"][row["features"]]
+    fitted = FeatureClassifier.load(run.path / row.model_dir)
+    feature_set = run.document.feature_sets[row.features]
     return LoadedModel(
         model=fitted,
-        name=row["model"],
-        features=row["features"],
-        settings=dict(feature_set["settings"]),
-        meta=dict(feature_set["meta"]),
+        name=row.model,
+        features=row.features,
+        settings=dict(feature_set.settings),
+        meta=dict(feature_set.meta),
         classes=fitted.classes_.tolist(),
         row=row,
     )
 
 
-def report_runs(run_dirs: Sequence[str | os.PathLike], *, out: str | os.PathLike | None = None) -> Run:
-    """Reprint or merge saved runs without retraining; with ``out``, write the (merged) report files there.
+def rank_rows(rows: Iterable[Row]) -> list[Row]:
+    """Rows best first (accuracy, then macro-F1, then lower log loss), each with its ``rank``."""
+    ordered = sorted(rows, key=lambda r: (-r.accuracy, -r.macro_f1, r.log_loss))
+    return [dataclasses.replace(row, rank=i) for i, row in enumerate(ordered, start=1)]
 
-    Parameters
-    ----------
-    run_dirs : sequence of str or path-like
-        One or more run folders. Several give one table; rows keep their run's name.
-    out : str or path-like, optional
-        Folder for report.csv/md/html and the pictures (made from the stored confusion matrices).
 
-    Returns
-    -------
-    Run
-        One run as it is, or the merged view (``path`` is ``out``, or ``None``).
-    """
-    from furnitype.reports.table import merge_documents, write_report
-
-    if not run_dirs:
-        raise InputError("give at least one run folder.")
-    runs = [load_run(d) for d in run_dirs]
-    if len(runs) == 1 and out is None:
-        return runs[0]
-    document = (
-        merge_documents([(run.path.name, run.document) for run in runs])
-        if len(runs) > 1
-        else runs[0].document
+def merge_documents(named: Sequence[tuple[str, RunDocument]]) -> RunDocument:
+    """Merge run documents into one: rows re-ranked and named by run, feature sets keyed ``run/features``."""
+    rows: list[Row] = []
+    feature_sets: dict[str, FeatureSetRecord] = {}
+    notes: list[str] = []
+    warnings: list[str] = []
+    for name, document in named:
+        feature_sets.update({f"{name}/{key}": fs for key, fs in document.feature_sets.items()})
+        rows += [dataclasses.replace(row, run=name, features=f"{name}/{row.features}") for row in document.rows]
+        own_mix_note = mixed_test_sets_note(document.rows)
+        notes += [f"{name}: {note}" for note in document.notes if note not in own_mix_note]
+        warnings += [f"{name}: {warning}" for warning in document.warnings]
+    return RunDocument(
+        format=max(document.format for _, document in named),
+        kind="furnitype merged report",
+        run=" + ".join(name for name, _ in named),
+        merged_from=[name for name, _ in named],
+        baseline=named[0][1].baseline,
+        feature_sets=feature_sets,
+        rows=rank_rows(rows),
+        notes=notes + mixed_test_sets_note(rows),
+        warnings=warnings,
     )
-    if out is None:
-        return Run(None, document)
-    out = Path(out)
-    if any(out.resolve() == run.path.resolve() for run in runs):
-        raise InputError(f"--out {out} is one of the runs being reported; choose another folder.")
-    out.mkdir(parents=True, exist_ok=True)
-    write_report(document, out)
-    (out / METRICS_FILE).write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
-    return Run(out, document)
+
+
+def mixed_test_sets_note(rows: Sequence[Row]) -> list[str]:
+    """A note when rows were scored on different test photos (their accuracies are not comparable)."""
+    test_sets = {row.test_set for row in rows}
+    if len(test_sets) <= 1:
+        return []
+    return [
+        f"The rows were scored on {len(test_sets)} different sets of test photos (column test_set): "
+        "compare them only within one test set."
+    ]
+
+
+def write_split(path: Path, rows: Iterable[tuple[str, str, str, str]]) -> None:
+    """Write ``split.csv``: (features, sha256, label, part) of every row a run used."""
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["features", "sha256", "label", "part"])
+        writer.writerows(rows)
 
 
 def prepare_out(out: Path, *, overwrite: bool) -> Path:

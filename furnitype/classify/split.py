@@ -3,15 +3,112 @@
 Every row belongs to a *group*: the sha256 of its image file. Identical photos share a group, and a group
 always goes to one side of a split as a whole. Each group gets one label (the most common label of its
 rows), and groups are drawn class by class, so every part keeps the class proportions. A class with a single
-group stays on the training side: it can be learned, but not held out.
+group stays on the training side: it can be learned, but not held out, so every training part holds every
+class.
+
+Both splitters are scikit-learn cross-validators (``split(X, y, groups)``, ``get_n_splits``), usable wherever
+scikit-learn takes a ``cv``. scikit-learn's ``StratifiedGroupKFold`` is not used: it may hold out a class's
+only group (leaving a fold whose training part lacks the class), its shuffle only reorders groups of similar
+class mix, and it offers no single train/test split.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
+from sklearn.model_selection import BaseCrossValidator
+
+
+class ContentSplit(BaseCrossValidator):
+    """One train/test split: ``test_size`` of each class's groups are held out.
+
+    Each class with ``g >= 2`` groups sends ``round(g * test_size)`` of them, at least 1 and at most
+    ``g - 1``, to the test part; a class with one group stays in training.
+
+    Parameters
+    ----------
+    test_size : float, default=0.2
+        Fraction of each class's groups to hold out, in (0, 1).
+    random_state : int, default=0
+        Seed of the draw: the same rows, labels, groups and seed always give the same split, whatever the
+        row order.
+    """
+
+    def __init__(self, test_size: float = 0.2, *, random_state: int = 0):
+        self.test_size = test_size
+        self.random_state = random_state
+
+    def get_n_splits(self, X=None, y=None, groups=None) -> int:
+        """One split."""
+        return 1
+
+    def _iter_test_indices(self, X, y, groups) -> Iterator[np.ndarray]:
+        if not 0.0 < self.test_size < 1.0:
+            raise ValueError(f"test_size must be in (0, 1). Received: test_size={self.test_size!r}")
+        labels, groups = _labels_and_groups(y, groups)
+        rng = np.random.default_rng(self.random_state)
+        held_out: set[str] = set()
+        for members in _groups_by_class(labels, groups):
+            if len(members) < 2:
+                continue
+            n_test = min(max(int(round(len(members) * self.test_size)), 1), len(members) - 1)
+            held_out.update(rng.permutation(members)[:n_test].tolist())
+        yield np.flatnonzero(np.isin(groups, list(held_out)))
+
+
+class ContentKFold(BaseCrossValidator):
+    """Stratified k-fold cross-validation that keeps identical photos together.
+
+    Each class's groups are shuffled and dealt round-robin to the folds (continuing where the previous class
+    stopped, so fold sizes stay even). A class with one group is never held out, so the validation parts
+    need not cover every row, and every fold's training part holds every class.
+
+    Parameters
+    ----------
+    n_splits : int, default=5
+        Number of folds, at least 2 and at most the number of groups of the largest class
+        (``max_splits``).
+    random_state : int, default=0
+        Seed of the shuffle.
+    """
+
+    def __init__(self, n_splits: int = 5, *, random_state: int = 0):
+        self.n_splits = n_splits
+        self.random_state = random_state
+
+    def get_n_splits(self, X=None, y=None, groups=None) -> int:
+        """``n_splits``."""
+        return self.n_splits
+
+    def _iter_test_indices(self, X, y, groups) -> Iterator[np.ndarray]:
+        labels, groups = _labels_and_groups(y, groups)
+        per_class = _groups_by_class(labels, groups)
+        largest = max((len(members) for members in per_class), default=0)
+        if not 2 <= self.n_splits <= largest:
+            raise ValueError(
+                f"n_splits must be at least 2 and at most the photos of the largest class ({largest}). "
+                f"Received: n_splits={self.n_splits!r}"
+            )
+        rng = np.random.default_rng(self.random_state)
+        fold_of: dict[str, int] = {}
+        position = 0
+        for members in per_class:
+            if len(members) < 2:
+                continue
+            for group in rng.permutation(members).tolist():
+                fold_of[group] = position % self.n_splits
+                position += 1
+        fold = np.fromiter((fold_of.get(g, -1) for g in groups), dtype=int, count=len(groups))
+        for k in range(self.n_splits):
+            yield np.flatnonzero(fold == k)
+
+
+def max_splits(y: Sequence[str], groups: Sequence[str] | None) -> int:
+    """Distinct photos (groups) of the largest class: the most folds ``ContentKFold`` allows."""
+    labels, groups = _labels_and_groups(y, groups)
+    return max((len(members) for members in _groups_by_class(labels, groups)), default=0)
 
 
 def group_labels(labels: Sequence[str], groups: Sequence[str]) -> dict[str, str]:
@@ -33,108 +130,20 @@ def group_labels(labels: Sequence[str], groups: Sequence[str]) -> dict[str, str]
     return {g: min(c.items(), key=lambda item: (-item[1], item[0]))[0] for g, c in counts.items()}
 
 
-def split_by_content(
-    labels: Sequence[str], groups: Sequence[str] | None, *, test_size: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Split rows into a training and a held-out part, stratified by class and grouped by content.
-
-    Each class with ``g >= 2`` groups sends ``round(g * test_size)`` of them, at least 1 and at most
-    ``g - 1``, to the held-out part; a class with one group stays in training.
-
-    Parameters
-    ----------
-    labels : sequence of str, shape (n_rows,)
-    groups : sequence of str, shape (n_rows,), or None
-        Content key (sha256) of each row; ``None`` makes every row its own group.
-    test_size : float
-        Fraction of each class's groups to hold out, in (0, 1).
-    seed : int
-        Seed of the draw: the same inputs and seed always give the same split.
-
-    Returns
-    -------
-    train_index, test_index : ndarray of int
-        Sorted row indices of the two parts.
-    """
-    if not 0.0 < test_size < 1.0:
-        raise ValueError(f"test_size must be in (0, 1). Received: test_size={test_size!r}")
-    labels = np.asarray(labels, dtype=str)
-    groups = _groups(labels, groups)
-    rng = np.random.default_rng(seed)
-    held_out: set[str] = set()
-    for _, members in _groups_by_class(labels, groups):
-        if len(members) < 2:
-            continue
-        n_test = min(max(int(round(len(members) * test_size)), 1), len(members) - 1)
-        held_out.update(rng.permutation(members)[:n_test].tolist())
-    is_test = np.fromiter((g in held_out for g in groups), dtype=bool, count=len(groups))
-    return np.flatnonzero(~is_test), np.flatnonzero(is_test)
-
-
-def content_folds(
-    labels: Sequence[str], groups: Sequence[str] | None, *, n_splits: int, seed: int
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Stratified k-fold cross-validation folds that keep identical photos together.
-
-    Each class's groups are shuffled and dealt round-robin to the folds (continuing where the previous class
-    stopped, so fold sizes stay even). A class with one group is never held out, so every fold's training
-    part holds every class.
-
-    Parameters
-    ----------
-    labels : sequence of str, shape (n_rows,)
-    groups : sequence of str, shape (n_rows,), or None
-        Content key (sha256) of each row; ``None`` makes every row its own group.
-    n_splits : int
-        Number of folds, at least 2 and at most the number of groups of the largest class.
-    seed : int
-        Seed of the shuffle.
-
-    Returns
-    -------
-    list of (train_index, validation_index)
-        One pair of sorted row-index arrays per fold; no fold's validation part is empty.
-    """
-    labels = np.asarray(labels, dtype=str)
-    groups = _groups(labels, groups)
-    per_class = _groups_by_class(labels, groups)
-    largest = max((len(members) for _, members in per_class), default=0)
-    if not 2 <= n_splits <= largest:
-        raise ValueError(
-            f"n_splits must be at least 2 and at most the photos of the largest class ({largest}). "
-            f"Received: n_splits={n_splits!r}"
-        )
-    rng = np.random.default_rng(seed)
-    fold_of: dict[str, int] = {}
-    position = 0
-    for _, members in per_class:
-        if len(members) < 2:
-            continue
-        for group in rng.permutation(members).tolist():
-            fold_of[group] = position % n_splits
-            position += 1
-    fold = np.fromiter((fold_of.get(g, -1) for g in groups), dtype=int, count=len(groups))
-    return [(np.flatnonzero(fold != k), np.flatnonzero(fold == k)) for k in range(n_splits)]
-
-
-def max_folds(labels: Sequence[str], groups: Sequence[str] | None) -> int:
-    """Distinct photos (groups) of the largest class: the most folds ``content_folds`` allows."""
-    labels = np.asarray(labels, dtype=str)
-    return max((len(m) for _, m in _groups_by_class(labels, _groups(labels, groups))), default=0)
-
-
-def _groups(labels: np.ndarray, groups: Sequence[str] | None) -> np.ndarray:
+def _labels_and_groups(y, groups) -> tuple[np.ndarray, np.ndarray]:
+    """Labels as str; ``None`` groups make every row its own group."""
+    labels = np.asarray(y, dtype=str)
     if groups is None:
-        return np.array([f"row{i}" for i in range(len(labels))])
+        return labels, np.array([f"row{i}" for i in range(len(labels))])
     groups = np.asarray(groups, dtype=str)
     if groups.shape != labels.shape:
         raise ValueError(f"labels and groups must have the same length ({len(labels)} != {len(groups)}).")
-    return groups
+    return labels, groups
 
 
-def _groups_by_class(labels: np.ndarray, groups: np.ndarray) -> list[tuple[str, list[str]]]:
-    """(class, its groups sorted) for each class in sorted order: a deterministic base for the shuffles."""
+def _groups_by_class(labels: np.ndarray, groups: np.ndarray) -> list[list[str]]:
+    """Each class's groups, sorted, classes in sorted order: a deterministic base for the shuffles."""
     by_class: dict[str, list[str]] = {}
     for group, label in group_labels(labels, groups).items():
         by_class.setdefault(label, []).append(group)
-    return [(label, sorted(by_class[label])) for label in sorted(by_class)]
+    return [sorted(by_class[label]) for label in sorted(by_class)]

@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from furnitype.classify.metadata import Row
 
 #: The bars of the chart: (row key, legend label).
 BAR_METRICS = (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro-F1"))
@@ -55,16 +59,16 @@ def plot_confusion(
     return path
 
 
-def plot_scores(rows: Sequence[dict], path: str | os.PathLike) -> Path:
+def plot_scores(rows: Sequence[Row], path: str | os.PathLike) -> Path:
     """Save a grouped bar chart of the table (accuracy, balanced accuracy, macro-F1 per row) as PNG.
 
     A black tick over each group marks the accuracy of the plain logistic-regression baseline on the same
-    training and test rows, when the row has one.
+    training and test rows.
 
     Parameters
     ----------
-    rows : sequence of dict
-        Table rows in display order (``backbone``, ``weights``, ``model`` and the metrics).
+    rows : sequence of Row
+        Table rows in display order.
     path : str or path-like
 
     Returns
@@ -79,21 +83,15 @@ def plot_scores(rows: Sequence[dict], path: str | os.PathLike) -> Path:
     ax = fig.add_subplot()
     width = 0.8 / len(BAR_METRICS)
     x = np.arange(n)
-    values = [row[key] for row in rows for key, _ in BAR_METRICS]
+    values = [getattr(row, key) for row in rows for key, _ in BAR_METRICS]
     for k, (key, label) in enumerate(BAR_METRICS):
-        ax.bar(x + (k - 1) * width, [row[key] for row in rows], width, label=label)
-    baseline = [row.get("baseline_accuracy") for row in rows]
-    if any(b is not None for b in baseline):
-        ax.hlines(
-            [b if b is not None else np.nan for b in baseline],
-            x - 0.45,
-            x + 0.45,
-            colors="black",
-            linewidth=2,
-            label="baseline accuracy (LogisticRegression C=0.1)",
-        )
-        values += [b for b in baseline if b is not None]
-    ax.set_xticks(x, labels=[f"{r['backbone']}\n{r['weights']}\n{r['model']}" for r in rows], fontsize=8)
+        ax.bar(x + (k - 1) * width, [getattr(row, key) for row in rows], width, label=label)
+    baseline = [row.baseline_accuracy for row in rows]
+    ax.hlines(
+        baseline, x - 0.45, x + 0.45, colors="black", linewidth=2, label="baseline accuracy (LogisticRegression C=0.1)"
+    )
+    values += baseline
+    ax.set_xticks(x, labels=[f"{r.backbone}\n{r.weights}\n{r.model}" for r in rows], fontsize=8)
     low = max(0.0, min(values) - 0.1) if values else 0.0
     ax.set_ylim(low, 1.0)
     ax.set_ylabel("score on the test photos")

@@ -1,7 +1,7 @@
-"""The comparison table of a run: ranking, aligned text, and the report files (CSV, Markdown, HTML, PNGs).
+"""The comparison table of a run: aligned text, and the report files (CSV, Markdown, HTML, PNGs).
 
-Everything here works on the run document (the content of ``metrics.json``); functions return text, rows or
-the paths they wrote, and never print.
+Everything here works on the run document (``RunDocument``, the content of ``metrics.json``) and its ``Row``s;
+functions return text or the paths they wrote, and never print.
 """
 
 from __future__ import annotations
@@ -14,32 +14,11 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from furnitype.classify.metadata import ROW_SCALARS, SCORE_NAMES, Row, RunDocument
 from furnitype.reports.plots import plot_confusion, plot_scores
 
 #: The columns of report.csv, in order (one row per feature set x model).
-CSV_COLUMNS = (
-    "rank",
-    "backbone",
-    "weights",
-    "model",
-    "accuracy",
-    "balanced_accuracy",
-    "macro_f1",
-    "top3_accuracy",
-    "log_loss",
-    "fit_seconds",
-    "predict_ms_per_image",
-    "fit_cpu_seconds",
-    "baseline_accuracy",
-    "vs_baseline_points",
-    "chosen",
-    "n_train",
-    "n_test",
-    "n_classes",
-    "features",
-    "run",
-    "test_set",
-)
+CSV_COLUMNS = ROW_SCALARS
 #: The columns of the printed and rendered table: (row key, header, format).
 DISPLAY_COLUMNS = (
     ("rank", "#", "{}"),
@@ -69,29 +48,7 @@ _NUMERIC = {
 }
 
 
-def weights_label(weights: str | None) -> str:
-    """A short name for a feature file's weights identity: ``imagenet``, ``random``, ``file a9f13754``."""
-    if not weights:
-        return "?"
-    if weights.startswith("none"):
-        return "random"
-    if weights.startswith("sha256:"):
-        return f"file {weights[len('sha256:') :][:8]}"
-    return weights
-
-
-def rank_rows(rows: Sequence[dict]) -> list[dict]:
-    """Rows best first (accuracy, then macro-F1, then lower log loss), each with its ``rank``."""
-    ordered = sorted(rows, key=lambda r: (-r["accuracy"], -r["macro_f1"], r["log_loss"]))
-    return [{**row, "rank": i} for i, row in enumerate(ordered, start=1)]
-
-
-def scalar_row(row: dict) -> dict:
-    """The report.csv columns of a row (no per-class lists or confusion matrix)."""
-    return {key: row.get(key) for key in CSV_COLUMNS}
-
-
-def format_table(rows: Sequence[dict]) -> str:
+def format_table(rows: Sequence[Row]) -> str:
     """The table as aligned text, one line per row in the given order; numbers right-aligned."""
     columns = _display_columns(rows)
     cells = [[header for _, header, _ in columns]]
@@ -108,40 +65,7 @@ def format_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def test_set_note(rows: Sequence[dict]) -> list[str]:
-    """A note when rows were scored on different test photos (their accuracies are not comparable)."""
-    test_sets = {row.get("test_set") for row in rows}
-    if len(test_sets) <= 1:
-        return []
-    return [
-        f"The rows were scored on {len(test_sets)} different sets of test photos (column test_set): "
-        "compare them only within one test set."
-    ]
-
-
-def merge_documents(named: Sequence[tuple[str, dict]]) -> dict:
-    """Merge run documents into one: rows re-ranked and named by run, feature sets keyed ``run/features``."""
-    rows, feature_sets, notes, warnings = [], {}, [], []
-    for name, document in named:
-        for key, feature_set in document["feature_sets"].items():
-            feature_sets[f"{name}/{key}"] = feature_set
-        rows += [{**row, "run": name, "features": f"{name}/{row['features']}"} for row in document["rows"]]
-        notes += [f"{name}: {note}" for note in document.get("notes", []) if not note.startswith("The rows")]
-        warnings += [f"{name}: {warning}" for warning in document.get("warnings", [])]
-    return {
-        "format": max(document.get("format", 1) for _, document in named),
-        "kind": "furnitype merged report",
-        "run": " + ".join(name for name, _ in named),
-        "merged_from": [name for name, _ in named],
-        "baseline": named[0][1].get("baseline"),
-        "feature_sets": feature_sets,
-        "rows": rank_rows(rows),
-        "notes": notes + test_set_note(rows),
-        "warnings": warnings,
-    }
-
-
-def write_report(document: dict, out_dir: str | os.PathLike) -> dict[str, list[str]]:
+def write_report(document: RunDocument, out_dir: str | os.PathLike) -> dict[str, list[str]]:
     """Write report.csv, report.md, report.html, scores.png and a confusion PNG per row into ``out_dir``.
 
     Returns
@@ -150,18 +74,18 @@ def write_report(document: dict, out_dir: str | os.PathLike) -> dict[str, list[s
         File names written, by kind (``csv``, ``markdown``, ``html``, ``bar_chart``, ``confusion``).
     """
     out = Path(out_dir)
-    rows = document["rows"]
+    rows = document.rows
     confusion = {}
     for row in rows:
         name = f"confusion-{_slug(_row_id(row))}.png"
-        title = f"{_row_label(row)}: accuracy {row['accuracy']:.3f}"
-        plot_confusion(row["confusion"], row["classes"], title, out / name)
+        title = f"{row.label}: accuracy {row.accuracy:.3f}"
+        plot_confusion(row.confusion, row.classes, title, out / name)
         confusion[_row_id(row)] = name
     plot_scores(rows, out / "scores.png")
     with open(out / "report.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
         writer.writeheader()
-        writer.writerows(scalar_row(row) for row in rows)
+        writer.writerows(row.scalars() for row in rows)
     (out / "report.md").write_text(_markdown(document, confusion), encoding="utf-8")
     (out / "report.html").write_text(_html(document, confusion, out), encoding="utf-8")
     return {
@@ -176,55 +100,52 @@ def write_report(document: dict, out_dir: str | os.PathLike) -> dict[str, list[s
 # -- rendering ------------------------------------------------------------------------------------------
 
 
-def _display_columns(rows: Sequence[dict]) -> list[tuple[str, str, str]]:
+def _display_columns(rows: Sequence[Row]) -> list[tuple[str, str, str]]:
     columns = list(DISPLAY_COLUMNS)
-    if len({row.get("run") for row in rows}) > 1:
+    if len({row.run for row in rows}) > 1:
         columns.insert(1, ("run", "run", "{}"))
     return columns
 
 
-def _cell(row: dict, key: str, fmt: str) -> str:
-    value = row.get(key)
+def _cell(row: Row, key: str, fmt: str) -> str:
+    value = getattr(row, key)
     return "" if value is None else fmt.format(value)
 
 
-def _row_id(row: dict) -> str:
-    return f"{row['features']}/{row['model']}"
-
-
-def _row_label(row: dict) -> str:
-    return f"{row['backbone']} ({row['weights']}) / {row['model']}"
+def _row_id(row: Row) -> str:
+    return f"{row.features}/{row.model}"
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
 
 
-def _split_text(document: dict) -> str:
-    options = document.get("options")
-    if not options:
-        return f"Merged from the runs {', '.join(document.get('merged_from', []))}; nothing was retrained."
-    if options["test_files"]:
-        test = "scored on the separately extracted test files " + ", ".join(options["test_files"])
+def _split_text(document: RunDocument) -> str:
+    options = document.options
+    if options is None:
+        return f"Merged from the runs {', '.join(document.merged_from or [])}; nothing was retrained."
+    if options.test_files:
+        test = "scored on the separately extracted test files " + ", ".join(options.test_files)
     else:
         test = (
-            f"{options['test_size']:.0%} of each class's distinct photos held out for testing, split by "
+            f"{options.test_size:.0%} of each class's distinct photos held out for testing, split by "
             "image content (sha256) so identical photos never straddle training and test"
         )
+    versions = document.versions or {}
     return (
-        f"Created {document['created']} by furnitype {document['versions']['furnitype']}; {test}; seed "
-        f"{options['seed']}; {options['cv']}-fold CV for logreg/svm; {options['val_size']:.0%} of the "
+        f"Created {document.created} by furnitype {versions.get('furnitype')}; {test}; seed "
+        f"{options.seed}; {options.cv}-fold CV for logreg/svm; {options.val_size:.0%} of the "
         f"training photos for the dense head's early stopping; class weights: "
-        f"{options['class_weight'] or 'none'}."
+        f"{options.class_weight or 'none'}."
     )
 
 
-def _per_class_rows(row: dict) -> list[list[str]]:
-    per_class = row["per_class"]
+def _per_class_rows(row: Row) -> list[list[str]]:
+    per_class = row.per_class
     return [
         [name, f"{p:.3f}", f"{r:.3f}", f"{f:.3f}", str(s)]
         for name, p, r, f, s in zip(
-            row["classes"],
+            row.classes,
             per_class["precision"],
             per_class["recall"],
             per_class["f1"],
@@ -234,20 +155,17 @@ def _per_class_rows(row: dict) -> list[list[str]]:
     ]
 
 
-def _baseline_rows(document: dict) -> list[list[str]]:
+def _baseline_rows(document: RunDocument) -> list[list[str]]:
     return [
         [
             key,
-            fs["backbone"] or "?",
-            fs["weights"],
-            *(
-                f"{fs['baseline'][k]:.3f}"
-                for k in ("accuracy", "balanced_accuracy", "macro_f1", "top3_accuracy", "log_loss")
-            ),
-            f"{fs['baseline']['fit_seconds']:.1f}",
+            fs.backbone or "?",
+            fs.weights,
+            *(f"{fs.baseline[k]:.3f}" for k in SCORE_NAMES),
+            f"{fs.baseline['fit_seconds']:.1f}",
         ]
-        for key, fs in document["feature_sets"].items()
-        if fs.get("baseline")
+        for key, fs in document.feature_sets.items()
+        if fs.baseline
     ]
 
 
@@ -278,26 +196,26 @@ _SET_HEADERS = [
 _CLASS_HEADERS = ["class", "precision", "recall", "F1", "test photos"]
 
 
-def _set_rows(document: dict) -> list[list[str]]:
+def _set_rows(document: RunDocument) -> list[list[str]]:
     return [
         [
             key,
-            fs["file"],
-            str(fs["backbone"]),
-            fs["weights"],
-            str(fs["settings"].get("pooling")),
-            str(fs["settings"].get("image_size")),
-            str(fs["feature_dim"]),
-            str(fs["n_train"]),
-            str(fs["n_test"]),
-            str(len(fs["classes"])),
-            ", ".join(fs["dropped_classes"]) or "-",
+            fs.file,
+            str(fs.backbone),
+            fs.weights,
+            str(fs.settings.get("pooling")),
+            str(fs.settings.get("image_size")),
+            str(fs.feature_dim),
+            str(fs.n_train),
+            str(fs.n_test),
+            str(len(fs.classes)),
+            ", ".join(fs.dropped_classes) or "-",
         ]
-        for key, fs in document["feature_sets"].items()
+        for key, fs in document.feature_sets.items()
     ]
 
 
-def _table_cells(rows: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
+def _table_cells(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
     columns = _display_columns(rows)
     return [h for _, h, _ in columns], [[_cell(row, key, fmt) for key, _, fmt in columns] for row in rows]
 
@@ -309,10 +227,10 @@ def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(headers), line(["---"] * len(headers)), *(line(r) for r in rows)])
 
 
-def _markdown(document: dict, confusion: dict[str, str]) -> str:
-    rows = document["rows"]
+def _markdown(document: RunDocument, confusion: dict[str, str]) -> str:
+    rows = document.rows
     parts = [
-        f"# furnitype classify: {document['run']}",
+        f"# furnitype classify: {document.run}",
         "",
         _split_text(document),
         "",
@@ -320,18 +238,17 @@ def _markdown(document: dict, confusion: dict[str, str]) -> str:
         "",
         _md_table(*_table_cells(rows)),
         "",
-        f"*vs baseline*: accuracy minus that of a plain {document.get('baseline')} on the same photos, in "
-        "points.",
+        f"*vs baseline*: accuracy minus that of a plain {document.baseline} on the same photos, in points.",
         "",
         "![scores](scores.png)",
         "",
     ]
-    if document.get("notes"):
-        parts += ["## Notes", "", *(f"- {note}" for note in document["notes"]), ""]
-    if document.get("warnings"):
-        parts += ["## Warnings", "", *(f"- {warning}" for warning in document["warnings"]), ""]
+    if document.notes:
+        parts += ["## Notes", "", *(f"- {note}" for note in document.notes), ""]
+    if document.warnings:
+        parts += ["## Warnings", "", *(f"- {warning}" for warning in document.warnings), ""]
     parts += [
-        f"## Baseline: {document.get('baseline')}",
+        f"## Baseline: {document.baseline}",
         "",
         _md_table(_BASELINE_HEADERS, _baseline_rows(document)),
         "",
@@ -344,7 +261,7 @@ def _markdown(document: dict, confusion: dict[str, str]) -> str:
     ]
     for row in rows:
         parts += [
-            f"### {row['rank']}. {_row_label(row)} ({row['chosen']})",
+            f"### {row.rank}. {row.label} ({row.chosen})",
             "",
             _md_table(_CLASS_HEADERS, _per_class_rows(row)),
             "",
@@ -376,26 +293,26 @@ img { max-width: 100%; }
 """
 
 
-def _html(document: dict, confusion: dict[str, str], out: Path) -> str:
-    rows = document["rows"]
+def _html(document: RunDocument, confusion: dict[str, str], out: Path) -> str:
+    rows = document.rows
     esc = html.escape
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>furnitype classify: {esc(document['run'])}</title><style>{_STYLE}</style></head><body>",
-        f"<h1>furnitype classify: {esc(document['run'])}</h1>",
+        f"<title>furnitype classify: {esc(document.run)}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>furnitype classify: {esc(document.run)}</h1>",
         f"<p>{esc(_split_text(document))}</p>",
         "<h2>Results, best first</h2>",
         _html_table(*_table_cells(rows)),
-        f"<p><em>vs baseline</em>: accuracy minus that of a plain {esc(str(document.get('baseline')))} "
+        f"<p><em>vs baseline</em>: accuracy minus that of a plain {esc(str(document.baseline))} "
         "on the same photos, in points.</p>",
         _image(out, "scores.png", "scores of every row"),
     ]
-    for title, key in (("Notes", "notes"), ("Warnings", "warnings")):
-        if document.get(key):
-            parts += [f"<h2>{title}</h2><ul>", *(f"<li>{esc(item)}</li>" for item in document[key]), "</ul>"]
+    for title, items in (("Notes", document.notes), ("Warnings", document.warnings)):
+        if items:
+            parts += [f"<h2>{title}</h2><ul>", *(f"<li>{esc(item)}</li>" for item in items), "</ul>"]
     parts += [
-        f"<h2>Baseline: {esc(str(document.get('baseline')))}</h2>",
+        f"<h2>Baseline: {esc(str(document.baseline))}</h2>",
         _html_table(_BASELINE_HEADERS, _baseline_rows(document)),
         "<h2>Feature sets</h2>",
         _html_table(_SET_HEADERS, _set_rows(document)),
@@ -403,10 +320,10 @@ def _html(document: dict, confusion: dict[str, str], out: Path) -> str:
     ]
     for row in rows:
         parts += [
-            f"<h3>{row['rank']}. {esc(_row_label(row))} ({esc(row['chosen'])})</h3>",
+            f"<h3>{row.rank}. {esc(row.label)} ({esc(row.chosen)})</h3>",
             '<div class="row">',
             _html_table(_CLASS_HEADERS, _per_class_rows(row)),
-            _image(out, confusion[_row_id(row)], f"confusion matrix of {_row_label(row)}"),
+            _image(out, confusion[_row_id(row)], f"confusion matrix of {row.label}"),
             "</div>",
         ]
     parts.append("</body></html>")

@@ -1,0 +1,238 @@
+"""The photos a run trains and tests on: feature files loaded, checked, paired with test files, and split.
+
+Every feature file is split the same way: stratified by class, seeded, and by image content (sha256), so
+identical photos never straddle training and test, and two files of the same photos get the same split. A
+separately extracted test file is paired with the feature file of the same settings instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from furnitype import features as store
+from furnitype.classify.split import ContentSplit, max_splits
+from furnitype.errors import InputError, SettingsMismatchError
+
+#: A class needs this many distinct photos (by content) to be trained on; smaller classes are dropped.
+MIN_PHOTOS_PER_CLASS = 2
+
+
+@dataclass(frozen=True)
+class TrainTestSet:
+    """The labelled rows of one feature file, split into training and test rows.
+
+    Attributes
+    ----------
+    key : str
+        Name of the feature set in the run (the file's name without ``.h5``, made unique).
+    train, test : FeatureSet
+        The training rows, and the test rows (held out of the same file, or from a separate test file);
+        each keeps the ``meta`` and ``file`` of the file it comes from.
+    test_file : str
+        The separate test file ("" when the test rows were held out).
+    dropped : list of str
+        Classes left out for having fewer than ``MIN_PHOTOS_PER_CLASS`` distinct photos.
+    """
+
+    key: str
+    train: store.FeatureSet
+    test: store.FeatureSet
+    test_file: str
+    dropped: list[str]
+
+    @property
+    def classes(self) -> np.ndarray:
+        """The training classes, sorted: class index ``j`` is ``classes[j]``."""
+        return np.unique(self.train.labels)
+
+    @property
+    def y_test(self) -> np.ndarray:
+        """The test rows' class indices."""
+        return np.searchsorted(self.classes, self.test.labels)
+
+    @property
+    def test_set_id(self) -> str:
+        """A short digest of the test photos' sha256 set: equal for rows scored on the same photos."""
+        return hashlib.sha256("\n".join(sorted(set(self.test.sha256.tolist()))).encode()).hexdigest()[:12]
+
+    def describe(self) -> str:
+        """One line: training and test rows, classes, feature dimension."""
+        return (
+            f"{self.key}: {len(self.train)} training and {len(self.test)} test rows, "
+            f"{len(self.classes)} classes, {self.train.features.shape[1]} features"
+        )
+
+
+def load_train_test_sets(
+    feature_files: Sequence[str | os.PathLike],
+    test_files: Sequence[str | os.PathLike],
+    *,
+    test_size: float,
+    seed: int,
+    warn: Callable[[str], None],
+) -> list[TrainTestSet]:
+    """Load feature files (and test files) and split each into training and test rows.
+
+    Parameters
+    ----------
+    feature_files : sequence of path
+    test_files : sequence of path
+        Empty, or one per feature file, each paired with the feature file of the same settings.
+    test_size : float
+        Share of each class's distinct photos held out when there are no test files.
+    seed : int
+        Seeds the split.
+    warn : callable taking a str
+        Called with each problem worked around (unlabelled rows, a dropped class, test photos seen in training).
+
+    Raises
+    ------
+    InputError
+        A missing, empty or unlabelled file, too few photos, a test class unknown to training.
+    SettingsMismatchError
+        A test file whose settings match no feature file.
+    """
+    trains = [_load_labelled(f, warn) for f in feature_files]
+    tests = [_load_labelled(f, warn) for f in test_files]
+    test_for = _match_tests(trains, tests)
+    keys = _unique_keys([Path(fs.file).stem for fs in trains])
+    sets = []
+    for key, labelled in zip(keys, trains, strict=True):
+        labelled, dropped = _drop_small_classes(labelled, warn)
+        test_file = test_for.get(labelled.file)
+        if test_file is None:
+            splitter = ContentSplit(test_size, random_state=seed)
+            train_rows, test_rows = next(splitter.split(labelled.features, labelled.labels, labelled.sha256))
+            train, test = _subset(labelled, train_rows), _subset(labelled, test_rows)
+        else:
+            train, test = labelled, _subset(test_file, _unseen_test_rows(labelled, test_file, dropped, warn))
+        if max_splits(train.labels, train.sha256) < 2:
+            raise InputError(
+                f"{train.file}: too few photos to cross-validate; every class has a single training photo."
+            )
+        sets.append(TrainTestSet(key, train, test, test_file.file if test_file is not None else "", dropped))
+    return sets
+
+
+def weights_label(weights: str | None) -> str:
+    """A short name for a feature file's weights identity: ``imagenet``, ``random``, ``file a9f13754``."""
+    if not weights:
+        return "?"
+    if weights.startswith("none"):
+        return "random"
+    if weights.startswith("sha256:"):
+        return f"file {weights[len('sha256:') :][:8]}"
+    return weights
+
+
+def _load_labelled(path, warn) -> store.FeatureSet:
+    """Load a feature file and keep its labelled rows; refuse an empty, unlabelled or non-finite one."""
+    fs = store.load(path)
+    if len(fs) == 0:
+        raise InputError(f"{path} is empty: it holds no photos.")
+    labelled = fs.labels != ""
+    if not labelled.any():
+        raise InputError(
+            f"{path} has no labels; classify needs labelled photos (class folders or a manifest with labels)."
+        )
+    if not np.isfinite(fs.features).all():
+        raise InputError(f"{path} holds NaN or infinite features; extract it again.")
+    if not labelled.all():
+        warn(f"{path}: {int((~labelled).sum())} unlabelled rows ignored.")
+        fs = _subset(fs, labelled)
+    return fs
+
+
+def _subset(fs: store.FeatureSet, rows: np.ndarray) -> store.FeatureSet:
+    """The given rows (indices or a mask) of a feature set, with its metadata."""
+    labels = fs.labels[rows]
+    return dataclasses.replace(
+        fs,
+        features=fs.features[rows],
+        paths=fs.paths[rows],
+        labels=labels,
+        sha256=fs.sha256[rows],
+        classes=sorted(set(labels.tolist())),
+    )
+
+
+def _match_tests(trains, tests) -> dict[str, store.FeatureSet]:
+    """Pair each test file with the feature file of the same settings; every feature file needs one."""
+    if not tests:
+        return {}
+    pairs = {}
+    for test in tests:
+        match = next((t for t in trains if _same_settings(t, test)), None)
+        if match is None:
+            closest = next((t for t in trains if t.meta.get("backbone") == test.meta.get("backbone")), trains[0])
+            differing = [k for k in store.SETTING_KEYS if str(closest.meta.get(k)) != str(test.meta.get(k))]
+            had = ", ".join(f"{k}={test.meta.get(k)}" for k in differing) or "other feature dimensions"
+            want = ", ".join(f"{k}={closest.meta.get(k)}" for k in differing) or "other feature dimensions"
+            raise SettingsMismatchError(
+                f"test file {test.file} was made with {had}, but {closest.file} with {want}; "
+                "a model can only be tested on features made with its own settings."
+            )
+        if match.file in pairs:
+            raise InputError(f"two test files ({pairs[match.file].file}, {test.file}) match {match.file}.")
+        pairs[match.file] = test
+    missing = [t.file for t in trains if t.file not in pairs]
+    if missing:
+        raise InputError(f"no test file has the settings of {', '.join(missing)}; give one per feature file.")
+    return pairs
+
+
+def _same_settings(a: store.FeatureSet, b: store.FeatureSet) -> bool:
+    return a.settings == b.settings and a.features.shape[1] == b.features.shape[1]
+
+
+def _drop_small_classes(fs: store.FeatureSet, warn) -> tuple[store.FeatureSet, list[str]]:
+    photos: dict[str, set[str]] = {label: set() for label in fs.classes}
+    for label, digest in zip(fs.labels, fs.sha256, strict=True):
+        photos[label].add(digest)
+    small = sorted(label for label, digests in photos.items() if len(digests) < MIN_PHOTOS_PER_CLASS)
+    if not small:
+        return fs, []
+    for label in small:
+        warn(
+            f"{fs.file}: class {label!r} has {len(photos[label])} photo; a class needs at least "
+            f"{MIN_PHOTOS_PER_CLASS} to be trained and tested, so it is left out."
+        )
+    if len(photos) - len(small) < 2:
+        raise InputError(
+            f"{fs.file}: fewer than 2 classes have {MIN_PHOTOS_PER_CLASS} or more photos; nothing to learn."
+        )
+    return _subset(fs, ~np.isin(fs.labels, small)), small
+
+
+def _unseen_test_rows(train: store.FeatureSet, test: store.FeatureSet, dropped: list[str], warn) -> np.ndarray:
+    """Rows of a test file to score: refuse unknown classes, leave out photos also used in training."""
+    unknown = sorted(set(test.classes) - set(train.classes))
+    if unknown:
+        why = [f"{c!r} (left out of training: too few photos)" if c in dropped else repr(c) for c in unknown]
+        raise InputError(
+            f"test file {test.file} has class{'es' if len(unknown) > 1 else ''} {', '.join(why)} "
+            f"unknown to training ({train.file})."
+        )
+    seen = np.isin(test.sha256, train.sha256)
+    if seen.any():
+        warn(f"{test.file}: {int(seen.sum())} test photos are also training photos; they are not scored.")
+    if seen.all():
+        raise InputError(f"every photo of test file {test.file} is also a training photo; nothing to test.")
+    return np.flatnonzero(~seen)
+
+
+def _unique_keys(stems: list[str]) -> list[str]:
+    keys: list[str] = []
+    for stem in stems:
+        key, n = stem, 2
+        while key in keys:
+            key, n = f"{stem}-{n}", n + 1
+        keys.append(key)
+    return keys

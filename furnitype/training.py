@@ -1,0 +1,257 @@
+"""``classify``: train and compare classifiers on cached features and write a run folder; ``report_runs``.
+
+One row per feature file x model: each feature file is split into training and test photos
+(``furnitype.classify.data``), the baseline and every model are fitted and scored
+(``furnitype.classify.evaluation``), the run notes what is worth knowing (``furnitype.classify.notes``), and
+the run folder (``furnitype.classify.run``) gets the models, the split, ``metrics.json`` and the report
+(``furnitype.reports.table``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import furnitype
+from furnitype.classify.data import MIN_PHOTOS_PER_CLASS, TrainTestSet, load_train_test_sets, weights_label
+from furnitype.classify.evaluation import BASELINE, Baseline, fit_and_score, fit_baseline
+from furnitype.classify.metadata import (
+    RUN_FORMAT,
+    FeatureSetRecord,
+    RunDocument,
+    RunOptions,
+    write_feature_set,
+    write_run_document,
+)
+from furnitype.classify.models import CLASS_WEIGHTS, MODEL_NAMES, make_model
+from furnitype.classify.notes import baseline_note, fit_notes
+from furnitype.classify.run import (
+    SPLIT_FILE,
+    Run,
+    commit_out,
+    load_run,
+    merge_documents,
+    mixed_test_sets_note,
+    prepare_out,
+    rank_rows,
+    write_split,
+)
+from furnitype.errors import InputError
+from furnitype.reports.table import write_report
+
+#: Share of each class's distinct photos held out for testing when no test files are given.
+DEFAULT_TEST_SIZE = 0.2
+
+
+def classify(
+    feature_files: Sequence[str | os.PathLike],
+    *,
+    models: Sequence[str] = MODEL_NAMES,
+    test_files: Sequence[str | os.PathLike] = (),
+    test_size: float | None = None,
+    val_size: float = 0.15,
+    cv: int = 5,
+    seed: int = 42,
+    class_weight: str | None = None,
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    model_params: Mapping[str, Mapping] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Run:
+    """Fit each model on each feature file, score it on held-out photos and write a run folder.
+
+    Parameters
+    ----------
+    feature_files : sequence of path
+        Feature files from ``furnitype extract`` (e.g. one per backbone); each gives a row per model.
+    models : sequence of {"dense", "logreg", "svm"}, default=all three
+    test_files : sequence of path, default=()
+        Separately extracted test photos; each is matched to the feature file with the same settings, and
+        every feature file needs one. Without them, ``test_size`` of each class's photos is held out.
+    test_size : float, default=None (0.2)
+        Share of each class's distinct photos held out for testing; not with ``test_files``.
+    val_size : float, default=0.15
+        Share of the training photos the dense head holds out for early stopping.
+    cv : int, default=5
+        Cross-validation folds for choosing logreg's C and the SVM's kernel, C and gamma.
+    seed : int, default=42
+        Seeds the split, the folds and the dense head's initial weights.
+    class_weight : {None, "balanced"}, default=None
+        ``"balanced"`` weighs classes inversely to their size in every model.
+    out : path, default=None
+        The run folder; ``runs/<date-time>`` when not given.
+    overwrite : bool, default=False
+        Replace an existing run at ``out``.
+    model_params : mapping of model name to mapping, default=None
+        Extra constructor arguments per model (e.g. a smaller grid).
+    progress : callable taking a str, default=None
+        Called with a line of progress (and each warning) as the run goes.
+
+    Returns
+    -------
+    Run
+        The written run; ``run.rows`` best first.
+
+    Raises
+    ------
+    InputError
+        Bad options, a missing, empty or unlabelled file, too few photos, a test class unknown to training.
+    SettingsMismatchError
+        A test file whose settings match no feature file.
+    """
+    say = progress or (lambda _line: None)
+    options = _check_options(feature_files, models, test_files, test_size, val_size, cv, seed, class_weight)
+    out = Path(out) if out is not None else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    tmp = prepare_out(out, overwrite=overwrite)
+    warnings: list[str] = []
+
+    def warn(message: str) -> None:
+        warnings.append(message)
+        say(f"warning: {message}")
+
+    try:
+        sets = load_train_test_sets(
+            feature_files, test_files, test_size=options.test_size or DEFAULT_TEST_SIZE, seed=seed, warn=warn
+        )
+        rows, feature_sets, notes = [], {}, []
+        for data in sets:
+            say(data.describe())
+            baseline = fit_baseline(data)
+            feature_sets[data.key] = _feature_set_record(data, baseline)
+            fits = []
+            for name in options.models:
+                model = make_model(name, **_model_params(name, options, model_params))
+                fit = fit_and_score(data, model, baseline=baseline, run=out.name, say=say)
+                fit.model.save(tmp / fit.row.model_dir)
+                notes += fit_notes(fit, data, baseline)
+                fits.append(fit)
+            notes += baseline_note(data, fits, baseline)
+            rows += [fit.row for fit in fits]
+        document = RunDocument(
+            format=RUN_FORMAT,
+            kind="furnitype classify run",
+            run=out.name,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            versions={"furnitype": furnitype.__version__},
+            options=options,
+            baseline=BASELINE,
+            feature_sets=feature_sets,
+            rows=rank_rows(rows),
+            notes=notes + mixed_test_sets_note(rows),
+            warnings=warnings,
+        )
+        _write_run(tmp, document, sets)
+        commit_out(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return Run(out, document)
+
+
+def report_runs(run_dirs: Sequence[str | os.PathLike], *, out: str | os.PathLike | None = None) -> Run:
+    """Reprint or merge saved runs without retraining; with ``out``, write the (merged) report files there.
+
+    Parameters
+    ----------
+    run_dirs : sequence of str or path-like
+        One or more run folders. Several give one table; rows keep their run's name.
+    out : str or path-like, optional
+        Folder for report.csv/md/html and the pictures (made from the stored confusion matrices).
+
+    Returns
+    -------
+    Run
+        One run as it is, or the merged view (``path`` is ``out``, or ``None``).
+    """
+    if not run_dirs:
+        raise InputError("give at least one run folder.")
+    runs = [load_run(d) for d in run_dirs]
+    if len(runs) == 1 and out is None:
+        return runs[0]
+    if len(runs) > 1:
+        document = merge_documents([(run.path.name, run.document) for run in runs])
+    else:
+        document = runs[0].document
+    if out is None:
+        return Run(None, document)
+    out = Path(out)
+    if any(out.resolve() == run.path.resolve() for run in runs):
+        raise InputError(f"--out {out} is one of the runs being reported; choose another folder.")
+    out.mkdir(parents=True, exist_ok=True)
+    write_report(document, out)
+    write_run_document(out, document)
+    return Run(out, document)
+
+
+def _check_options(feature_files, models, test_files, test_size, val_size, cv, seed, class_weight) -> RunOptions:
+    if not feature_files:
+        raise InputError("give at least one feature file.")
+    names = [m.strip() for m in (models.split(",") if isinstance(models, str) else models) if m.strip()]
+    unknown = [m for m in names if m not in MODEL_NAMES]
+    if unknown or not names:
+        raise InputError(f"unknown model {', '.join(unknown) or '(none)'}; choose from {', '.join(MODEL_NAMES)}.")
+    if test_files and test_size is not None:
+        raise InputError("give test files or a test size, not both.")
+    if test_size is not None and not 0 < test_size < 1:
+        raise InputError(f"test size must be between 0 and 1. Received: test_size={test_size}")
+    if not 0 <= val_size < 1:
+        raise InputError(f"validation size must be in [0, 1). Received: val_size={val_size}")
+    if cv < 2:
+        raise InputError(f"cross-validation needs at least 2 folds. Received: cv={cv}")
+    if class_weight not in CLASS_WEIGHTS:
+        raise InputError(f"class weight must be none or balanced. Received: class_weight={class_weight!r}")
+    return RunOptions(
+        feature_files=[str(f) for f in feature_files],
+        models=list(dict.fromkeys(names)),
+        test_files=[str(f) for f in test_files],
+        test_size=None if test_files else (test_size or DEFAULT_TEST_SIZE),
+        val_size=val_size,
+        cv=cv,
+        seed=seed,
+        class_weight=class_weight,
+        min_photos_per_class=MIN_PHOTOS_PER_CLASS,
+    )
+
+
+def _model_params(name: str, options: RunOptions, model_params: Mapping[str, Mapping] | None) -> dict:
+    """The run's options as constructor arguments (each model takes those it has), then the model's own."""
+    return {
+        "cv": options.cv,
+        "validation_fraction": options.val_size,
+        "class_weight": options.class_weight,
+        "random_state": options.seed,
+        **(model_params or {}).get(name, {}),
+    }
+
+
+def _feature_set_record(data: TrainTestSet, baseline: Baseline) -> FeatureSetRecord:
+    meta = data.train.meta
+    return FeatureSetRecord(
+        file=data.train.file,
+        test_file=data.test_file,
+        backbone=meta.get("backbone"),
+        weights=weights_label(meta.get("weights")),
+        settings=data.train.settings,
+        meta={k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool, type(None)))},
+        feature_dim=int(data.train.features.shape[1]),
+        classes=data.classes.tolist(),
+        dropped_classes=data.dropped,
+        n_train=len(data.train),
+        n_test=len(data.test),
+        baseline=baseline.summary(),
+    )
+
+
+def _write_run(run_dir: Path, document: RunDocument, sets: Sequence[TrainTestSet]) -> None:
+    """Write a run's metadata, split and report (the models are already saved)."""
+    split = []
+    for data in sets:
+        write_feature_set(run_dir / "models" / data.key, document.feature_sets[data.key])
+        split += [(data.key, g, y, "train") for g, y in zip(data.train.sha256, data.train.labels, strict=True)]
+        split += [(data.key, g, y, "test") for g, y in zip(data.test.sha256, data.test.labels, strict=True)]
+    write_split(run_dir / SPLIT_FILE, split)
+    write_report(document, run_dir)
+    write_run_document(run_dir, document)
