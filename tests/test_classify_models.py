@@ -8,6 +8,10 @@ import numpy as np
 import pytest
 import skops.io
 from sklearn.exceptions import NotFittedError
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.estimator_checks import check_estimator
 
 from furnitype.classify.metrics import mcnemar_p, score
 from furnitype.classify.models import (
@@ -102,6 +106,25 @@ def test_svm_precomputed_kernels_match_direct_fits(data, fitted):
     np.testing.assert_allclose(direct.predict_proba(X_test), fitted["svm"].predict_proba(X_test), atol=1e-4)
 
 
+def test_models_describe_their_own_fit(data, fitted):
+    X, y, sha, _, _ = data
+    logreg = LogRegModel(Cs=(0.1,), cv=50, max_iter=1).fit(X, y, groups=sha)
+    assert logreg.chosen() == "C=0.1" and logreg.n_splits_ < 50
+    assert logreg.fit_notes() == [
+        "lbfgs stopped at max_iter before converging.",
+        f"{logreg.n_splits_}-fold CV instead of 50 (the largest class has too few distinct training photos).",
+    ]
+    assert re.fullmatch(r"its cross-validated log_loss was \d\.\d{3} with C=0\.1", logreg.tuning())
+    baseline = make_pipeline(StandardScaler(), LogisticRegression(C=0.1))
+    assert logreg.equivalence_to(baseline) == "its cross-validation chose the baseline's own C=0.1: the same model"
+    assert fitted["logreg"].fit_notes() == [] and fitted["svm"].equivalence_to(baseline) == ""
+    assert re.fullmatch(r"(linear, C=[\d.]+|rbf, C=[\d.]+, gamma=[\d.]+x scale)", fitted["svm"].chosen())
+    dense = DenseModel(hidden_units=4, max_epochs=2, validation_fraction=0.0).fit(X, y)
+    assert dense.chosen() == "epoch 2/2"
+    assert dense.fit_notes() == ["no validation photos, so no early stopping (2 epochs)."]
+    assert dense.tuning() == "the dense head is not tuned beyond early stopping (best epoch 2 of 2, 0 validation rows)"
+
+
 def test_dense_stops_early_on_validation_rows(fitted):
     model = fitted["dense"]
     assert 1 <= model.best_epoch_ <= model.epochs_run_ <= 40
@@ -146,7 +169,7 @@ def test_predict_before_fit_is_refused(name, data):
         (LogRegModel(Cs=(0.1, -1)), "each item a float in the range (0.0, inf). Got (0.1, -1) instead."),
         (LogRegModel(class_weight="auto"), "'class_weight' parameter of LogRegModel must be a str among {'balanced'}"),
         (LogRegModel(cv=1), "'cv' parameter of LogRegModel must be an int in the range [2, inf). Got 1 instead."),
-        (SVMModel(kernels=("poly",)), "'kernels' parameter of SVMModel must be a non-empty list, each item a str among"),
+        (SVMModel(kernels=("poly",)), "'kernels' parameter of SVMModel must be a non-empty list, each item a str"),
         (SVMModel(scoring="log_loss"), "'scoring' parameter of SVMModel must be a str among"),
     ],
 )
@@ -242,3 +265,16 @@ def test_mcnemar():
     other = right.copy()
     other[3:5] = False
     assert mcnemar_p(mixed, other) == 1.0
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.SkipTestWarning")  # array API checks: not ours
+@pytest.mark.parametrize(
+    "model",
+    [LogRegModel(Cs=(0.1, 1.0), cv=2), SVMModel(linear_Cs=(1.0,), rbf_Cs=(1.0,), rbf_gammas=(1.0,), cv=2)],
+    ids=["logreg", "svm"],
+)
+def test_models_pass_scikit_learn_estimator_checks(model):
+    expected = {"check_class_weight_classifiers": "class_weight is None or 'balanced', as on the command line"}
+    results = check_estimator(model, on_fail=None, expected_failed_checks=expected)
+    assert [f"{r['check_name']}: {r['exception']}" for r in results if r["status"] == "failed"] == []
+    assert {r["check_name"] for r in results if r["status"] == "xfail"} == set(expected)

@@ -66,6 +66,7 @@ def score(y_true: np.ndarray, proba: np.ndarray) -> Scores:
     -------
     Scores
     """
+    proba = as_float64(proba)
     n_classes = proba.shape[1]
     labels = np.arange(n_classes)
     predicted = np.argmax(proba, axis=1)
@@ -93,6 +94,16 @@ def score(y_true: np.ndarray, proba: np.ndarray) -> Scores:
         },
         predicted=predicted,
     )
+
+
+def as_float64(proba: np.ndarray) -> np.ndarray:
+    """Probabilities in float64, rows summing to 1 to float64 precision.
+
+    A float32 model's probabilities would clip log loss at float32's epsilon (1e-7), and sum to 1 only to
+    float32 precision, which scikit-learn's log loss warns about in float64.
+    """
+    proba = np.asarray(proba, dtype=np.float64)
+    return proba / proba.sum(axis=1, keepdims=True)
 
 
 def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:

@@ -57,8 +57,8 @@ class FeatureClassifier(ClassifierMixin, BaseEstimator, abc.ABC):
 
     Attributes (after ``fit``)
     --------------------------
-    classes_ : ndarray of str
-        The sorted class names; column ``j`` of ``predict_proba`` is ``classes_[j]``.
+    classes_ : ndarray
+        The sorted class labels (names); column ``j`` of ``predict_proba`` is ``classes_[j]``.
     n_features_in_ : int
         The feature dimension seen in ``fit``.
     """
@@ -92,9 +92,9 @@ class FeatureClassifier(ClassifierMixin, BaseEstimator, abc.ABC):
         check_classification_targets(y)
         if groups is not None and len(groups) != len(X):
             raise ValueError(f"groups must have one entry per row of X ({len(X)}). Received: {len(groups)}")
-        classes, y_index = np.unique(np.asarray(y).astype(str), return_inverse=True)
+        classes, y_index = np.unique(y, return_inverse=True)
         if len(classes) < 2:
-            raise ValueError(f"fit needs at least 2 classes. Received: classes={classes.tolist()}")
+            raise ValueError(f"fit needs at least 2 classes; y has {len(classes)} class: {classes.tolist()}")
         self._fit(X, y_index, groups, len(classes))
         self.classes_ = classes
         return self
@@ -105,8 +105,9 @@ class FeatureClassifier(ClassifierMixin, BaseEstimator, abc.ABC):
         return self._predict_proba(validate_data(self, X, dtype=np.float32, reset=False))
 
     def predict(self, X) -> np.ndarray:
-        """The most probable class name of each row."""
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        """The most probable class of each row."""
+        proba = self.predict_proba(X)
+        return self.classes_[np.argmax(proba, axis=1)]
 
     def summary(self) -> dict:
         """What ``fit`` found (chosen hyper-parameters, epochs ...), JSON-ready."""
@@ -175,7 +176,7 @@ class FeatureClassifier(ClassifierMixin, BaseEstimator, abc.ABC):
         if not payload.is_file():
             raise StoreError(f"{directory} is incomplete: {payload.name} is missing.")
         model._load_payload(payload)
-        model.classes_ = np.array(record.classes, dtype=str)
+        model.classes_ = np.array(record.classes)
         model.n_features_in_ = record.n_features_in
         for key, value in record.fitted.items():
             setattr(model, f"{key}_", value)

@@ -1,4 +1,10 @@
-"""``logreg``: standardised features, multinomial logistic regression, C chosen by ``LogisticRegressionCV``."""
+"""``logreg``: standardised features, multinomial logistic regression, C chosen by cross-validation.
+
+The C values are scored on folds that keep identical photos together, each fold fitting them in increasing
+order from the previous solution (scikit-learn's ``warm_start``). ``LogisticRegressionCV`` does the same
+path, but converts the features to float64 first: on float32 features that doubles the work of every lbfgs
+step (docs/benchmarks.md).
+"""
 
 from __future__ import annotations
 
@@ -6,13 +12,16 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from joblib import Parallel, delayed
+from sklearn.base import clone
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
-from sklearn.metrics import log_loss
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, log_loss
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
+from furnitype.classify.metrics import as_float64, balanced_accuracy
 from furnitype.classify.models.base import (
     CLASS_WEIGHT,
     COUNT,
@@ -25,24 +34,16 @@ from furnitype.classify.models.base import (
     skops_load,
 )
 
-#: How cross-validation ranks the C values; the reported scores are the mean over folds.
+#: How cross-validation ranks the C values.
 SCORINGS = ("log_loss", "accuracy", "balanced_accuracy")
-
-# scikit-learn 1.8 deprecated leaving ``l1_ratios`` and ``use_legacy_attributes`` unset (a FutureWarning on
-# every fit); earlier versions have neither parameter.
-_LOGREG_CV_API = (
-    {"l1_ratios": (0.0,), "use_legacy_attributes": False}
-    if "use_legacy_attributes" in LogisticRegressionCV().get_params()
-    else {}
-)
 
 
 class LogRegModel(CrossValidatedClassifier):
     """``StandardScaler`` + multinomial ``LogisticRegression`` (L2, lbfgs); C chosen by cross-validation.
 
-    ``LogisticRegressionCV`` scores the C values on folds that keep identical photos together, each fold
-    fitting them in increasing order from the previous solution, to the looser tolerance ``cv_tol``: ranking
-    candidates needs less precision than the final model, which is fitted on all rows to ``tol``.
+    Each fold fits the C values in increasing order, each from the previous solution, to the looser tolerance
+    ``cv_tol``: ranking candidates needs less precision than the final model, which is fitted on all rows to
+    ``tol``. The C with the best score over all folds' out-of-fold probabilities wins.
 
     Parameters
     ----------
@@ -68,7 +69,7 @@ class LogRegModel(CrossValidatedClassifier):
     best_params_ : dict
         ``{"C": ...}``.
     cv_results_ : list of dict
-        ``{"params": {"C": ...}, scoring: mean score over the folds}`` per C, in increasing C.
+        ``{"params": {"C": ...}, scoring: out-of-fold score}`` per C, in increasing C.
     n_splits_ : int
     converged_ : bool
         Whether the final fit stopped before ``max_iter``.
@@ -110,6 +111,11 @@ class LogRegModel(CrossValidatedClassifier):
         self.max_iter = max_iter
         self.random_state = random_state
 
+    @property
+    def n_iter_(self) -> np.ndarray:
+        """lbfgs iterations of the final fit."""
+        return self.pipeline_[-1].n_iter_
+
     def chosen(self) -> str:
         return f"C={self.best_params_['C']:g}"
 
@@ -128,33 +134,27 @@ class LogRegModel(CrossValidatedClassifier):
         scaler = StandardScaler().fit(X)
         Xs = scaler.transform(X)
         Cs = sorted(float(c) for c in self.Cs)
-        search = LogisticRegressionCV(
-            Cs=Cs,
-            cv=folds,
-            scoring=_neg_log_loss if self.scoring == "log_loss" else self.scoring,
-            tol=self.cv_tol,
-            max_iter=self.max_iter,
-            class_weight=self.class_weight,
-            refit=False,
-            **_LOGREG_CV_API,
+        path = LogisticRegression(
+            warm_start=True, tol=self.cv_tol, max_iter=self.max_iter, class_weight=self.class_weight
         )
-        # lbfgs multiplies thin matrices (rows x features by features x classes): more BLAS threads only add
-        # overhead there. A solver stopped at max_iter while ranking C values does not matter; the final
-        # fit's is reported (``converged_``).
+        # A joblib task per fold: run here one after the other, or on Ray under ``joblib_backend("ray")``.
+        paths = Parallel()(delayed(_c_path)(clone(path), Xs[train], y[train], Xs[val], Cs) for train, val in folds)
+        out_of_fold = np.zeros((len(Cs), len(y), n_classes))
+        for (_, val), proba in zip(folds, paths, strict=True):
+            out_of_fold[:, val] = proba
+        held = np.concatenate([val for _, val in folds])
+        scorer = _SCORERS[self.scoring]
+        scores = [scorer(y[held], proba[held]) for proba in out_of_fold]
+        best = int(np.argmax(scores))
+        final = LogisticRegression(C=Cs[best], tol=self.tol, max_iter=self.max_iter, class_weight=self.class_weight)
         with threadpool_limits(limits=1, user_api="blas"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            # A validation fold need not hold every class (a small class has fewer photos than folds).
-            warnings.filterwarnings("ignore", "y_pred contains classes not in y_true", UserWarning)
-            search.fit(Xs, y)
-            scores = _fold_scores(search, len(folds)).mean(axis=0)
-            best = int(np.argmax(scores))
-            final = LogisticRegression(C=Cs[best], tol=self.tol, max_iter=self.max_iter, class_weight=self.class_weight)
+            warnings.simplefilter("ignore", ConvergenceWarning)  # reported as converged_
             final.fit(Xs, y)
         self.pipeline_ = Pipeline([("scale", scaler), ("logreg", final)])
         self.best_params_ = {"C": Cs[best]}
         sign = -1 if self.scoring == "log_loss" else 1
         self.cv_results_ = [
-            {"params": {"C": C}, self.scoring: round(sign * float(s), 6)} for C, s in zip(Cs, scores, strict=True)
+            {"params": {"C": C}, self.scoring: round(sign * s, 6)} for C, s in zip(Cs, scores, strict=True)
         ]
         self.converged_ = bool(np.max(final.n_iter_) < self.max_iter)
 
@@ -168,14 +168,22 @@ class LogRegModel(CrossValidatedClassifier):
         self.pipeline_ = skops_load(path)["pipeline"]
 
 
-def _neg_log_loss(estimator, X, y) -> float:
-    """Minus the log loss over all the model's classes, also when a validation fold lacks some of them."""
-    return -log_loss(y, estimator.predict_proba(X), labels=estimator.classes_)
+def _c_path(model: LogisticRegression, X, y, X_val, Cs: list[float]) -> np.ndarray:  # noqa: N803
+    """Validation probabilities ``(len(Cs), len(X_val), n_classes)``; each C starts from the previous solution."""
+    # lbfgs multiplies thin matrices (rows x features by features x classes): more BLAS threads only add
+    # overhead. A C value stopped at max_iter still ranks; only the final fit's convergence is reported.
+    with threadpool_limits(limits=1, user_api="blas"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return np.stack([model.set_params(C=C).fit(X, y).predict_proba(X_val) for C in Cs])
 
 
-def _fold_scores(search: LogisticRegressionCV, n_folds: int) -> np.ndarray:
-    """The score of each fold (rows) and C (columns), whichever layout the scikit-learn version keeps."""
-    scores = search.scores_
-    if isinstance(scores, dict):  # one entry per class, all equal (before use_legacy_attributes=False)
-        scores = next(iter(scores.values()))
-    return np.asarray(scores).reshape(n_folds, -1)
+def _neg_log_loss(y: np.ndarray, proba: np.ndarray) -> float:
+    return -log_loss(y, as_float64(proba), labels=np.arange(proba.shape[1]))
+
+
+#: Cross-validation scores of out-of-fold probabilities, higher is better.
+_SCORERS = {
+    "log_loss": _neg_log_loss,
+    "accuracy": lambda y, proba: accuracy_score(y, np.argmax(proba, axis=1)),
+    "balanced_accuracy": lambda y, proba: balanced_accuracy(y, np.argmax(proba, axis=1)),
+}
