@@ -53,7 +53,8 @@ class FeatureClassifier(ClassifierMixin, BaseEstimator, abc.ABC):
     Subclasses declare ``name`` (their registry name), ``payload`` (the file their fitted estimator is saved
     to), ``_parameter_constraints`` (scikit-learn's format), ``_item_constraints`` (for list-valued
     parameters: the constraint of each item), ``_fitted_info`` (fitted facts worth keeping, saved in
-    ``model.json``) and implement ``_fit``, ``_predict_proba``, the payload's saving and loading, and ``chosen``.
+    ``model.json``) and implement ``_fit``, ``_predict_proba``, the payload's saving and loading, ``chosen`` and
+    ``tuning``.
 
     Attributes (after ``fit``)
     --------------------------

@@ -168,7 +168,7 @@ class LogRegModel(CrossValidatedClassifier):
         self.pipeline_ = skops_load(path)["pipeline"]
 
 
-def _c_path(model: LogisticRegression, X, y, X_val, Cs: list[float]) -> np.ndarray:  # noqa: N803
+def _c_path(model: LogisticRegression, X, y, X_val, Cs: list[float]) -> np.ndarray:
     """Validation probabilities ``(len(Cs), len(X_val), n_classes)``; each C starts from the previous solution."""
     # lbfgs multiplies thin matrices (rows x features by features x classes): more BLAS threads only add
     # overhead. A C value stopped at max_iter still ranks; only the final fit's convergence is reported.
