@@ -1,9 +1,9 @@
 """``logreg``: standardised features, multinomial logistic regression, C chosen by cross-validation.
 
 The C values are scored on folds that keep identical photos together, each fold fitting them in increasing
-order from the previous solution (scikit-learn's ``warm_start``). ``LogisticRegressionCV`` does the same
-path, but converts the features to float64 first: on float32 features that doubles the work of every lbfgs
-step (docs/benchmarks.md).
+order from the previous solution (scikit-learn's ``warm_start``). ``LogisticRegressionCV`` follows the same
+path but converts the features to float64 first, while ``LogisticRegression`` computes in the features' own
+float32, which halves the arithmetic of every lbfgs step.
 """
 
 from __future__ import annotations
