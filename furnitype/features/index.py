@@ -1,8 +1,8 @@
 """Exact cosine nearest-neighbour search over feature rows (numpy only).
 
 The rows are scaled to unit length once; a batch of queries is then one matrix product and a partial sort. This
-gives the same neighbours as scikit-learn's ``NearestNeighbors(metric="cosine", algorithm="brute")`` in a tenth of
-its time per query (see docs/benchmarks.md).
+gives the same neighbours as scikit-learn's ``NearestNeighbors(metric="cosine", algorithm="brute")`` in about a
+twentieth of its time per query (see docs/benchmarks.md).
 """
 
 from __future__ import annotations
