@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from furnitype.classify.metadata import MAX_SEED
 from furnitype.errors import FurnitypeError
 
 
@@ -146,12 +147,13 @@ def info(file, as_json) -> None:
     type=click.Path(dir_okay=False),
     help="Separately extracted test features (repeat: one per FEATURES file, matched by settings).",
 )
-@click.option("--test-size", type=float, help="Share of each class held out for testing.  [default: 0.2]")
-@click.option(
-    "--val-size", type=float, default=0.15, show_default=True, help="Share for dense early stopping."
-)
-@click.option("--cv", type=int, default=5, show_default=True, help="CV folds for logreg and svm.")
-@click.option("--seed", type=int, default=42, show_default=True, help="Seed of the split, folds and weights.")
+@click.option("--test-size", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Share of each class held out for testing.  [default: 0.2]")
+@click.option("--val-size", type=click.FloatRange(0, 1, max_open=True), default=0.15, show_default=True,
+              help="Share for dense early stopping.")
+@click.option("--cv", type=click.IntRange(min=2), default=5, show_default=True, help="CV folds for logreg and svm.")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=42, show_default=True,
+              help="Seed of the split, folds and weights.")
 @click.option(
     "--class-weight",
     type=click.Choice(["none", "balanced"]),
@@ -163,7 +165,7 @@ def info(file, as_json) -> None:
               help="ray: cross-validate on Ray workers (needs pip install 'furnitype[ray]').")
 @click.option("--address", help="Ray cluster: auto, HOST:PORT or ray://HOST:PORT.  [default: $RAY_ADDRESS, else local]")
 @click.option("--out", type=click.Path(file_okay=False), help="Run folder.  [default: runs/<date-time>]")
-@click.option("--overwrite", is_flag=True, help="Replace an existing run at --out.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run at --out (swapped in when complete).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines (warnings are still shown).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a table.")
 @_api_errors
@@ -211,9 +213,10 @@ def classify(
 @cli.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), help="Write the (merged) report files here.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing report at --out (never a run).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a table.")
 @_api_errors
-def report(runs, out, as_json) -> None:
+def report(runs, out, overwrite, as_json) -> None:
     """Reprint saved runs, or merge several into one table; nothing is retrained.
 
     \b
@@ -224,7 +227,7 @@ def report(runs, out, as_json) -> None:
     """
     from furnitype.training import report_runs
 
-    _print_run(report_runs(runs, out=out), as_json)
+    _print_run(report_runs(runs, out=out, overwrite=overwrite), as_json)
 
 
 def _print_run(run, as_json: bool) -> None:

@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from furnitype.classify.run import load_model
+from furnitype.classify.metadata import METRICS_FILE
+from furnitype.classify.run import damaged, load_model
+from furnitype.classify.runfiles import Damage
 from furnitype.errors import InputError
 from furnitype.extract.images import ImageFile, list_images
 from furnitype.extract.pipeline import feature_batches
@@ -218,6 +220,7 @@ def predict(
             done = [o for o in batch if not o.reason]
             if done:
                 X = as_stored(np.stack([o.features for o in done]), loaded.settings["store_dtype"])
+                _check_dimension(run, loaded, spec, X.shape[1])
                 for outcome, proba in zip(done, loaded.model.predict_proba(X), strict=True):
                     order = np.argsort(-proba, kind="stable")[:top_k]
                     top = [(str(classes[j]), float(proba[j])) for j in order]
@@ -238,6 +241,19 @@ def predict(
         top_k=top_k,
         seconds=time.perf_counter() - started,
     )
+
+
+def _check_dimension(run, loaded, spec, n_features: int) -> None:
+    """Refuse a run whose settings make other features than its model takes (a ``flatten`` setting on an
+    ``avg`` model, say): they describe other features than the ones it was trained on."""
+    expected = loaded.model.n_features_in_
+    if n_features != expected:
+        where = f"{METRICS_FILE} feature_sets.{loaded.features}.settings"
+        problem = (
+            f"{spec.backbone} with {spec.pooling} pooling at {spec.image_size} px makes {n_features} features, but "
+            f"the model takes {expected}"
+        )
+        raise damaged(run, Damage(where, problem))
 
 
 def _listing(images: Sequence[str | os.PathLike]) -> list[ImageFile]:

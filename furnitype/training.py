@@ -9,8 +9,9 @@ the run folder (``furnitype.classify.run``) gets the models, the split, ``metric
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,23 +20,25 @@ import furnitype
 from furnitype.classify.data import MIN_PHOTOS_PER_CLASS, TrainTestSet, load_train_test_sets, weights_label
 from furnitype.classify.evaluation import BASELINE, Baseline, fit_and_score, fit_baseline
 from furnitype.classify.metadata import (
+    MAX_SEED,
+    REPORT_KIND,
     RUN_FORMAT,
+    RUN_KIND,
     FeatureSetRecord,
     RunDocument,
     RunOptions,
     write_feature_set,
     write_run_document,
 )
-from furnitype.classify.models import CLASS_WEIGHTS, MODEL_NAMES, make_model
+from furnitype.classify.models import CLASS_WEIGHTS, MODEL_NAMES, MODELS, make_model
 from furnitype.classify.notes import baseline_note, fit_notes
+from furnitype.classify.output import building, refuse_one_of
 from furnitype.classify.run import (
     SPLIT_FILE,
     Run,
-    commit_out,
     load_run,
     merge_documents,
     mixed_test_sets_note,
-    prepare_out,
     rank_rows,
     write_split,
 )
@@ -82,11 +85,12 @@ def classify(
     class_weight : {None, "balanced"}, default=None
         ``"balanced"`` weighs classes inversely to their size in every model.
     out : path, default=None
-        The run folder; ``runs/<date-time>`` when not given.
+        The run folder; ``runs/<date-time>`` when not given. A symbolic link names the folder it points to.
+        One process at a time writes a run folder; the run is built beside it and renamed in when complete.
     overwrite : bool, default=False
-        Replace an existing run at ``out``.
+        Replace an existing run at ``out`` (by renames: the old run stays whole until the new one is in).
     model_params : mapping of model name to mapping, default=None
-        Extra constructor arguments per model (e.g. a smaller grid).
+        Extra constructor arguments per model (e.g. a smaller grid), checked before anything is trained.
     progress : callable taking a str, default=None
         Called with a line of progress (and each warning) as the run goes.
 
@@ -98,21 +102,27 @@ def classify(
     Raises
     ------
     InputError
-        Bad options, a missing, empty or unlabelled file, too few photos, a test class unknown to training.
+        Bad options or model parameters, a missing, empty or unlabelled file, too few photos or classes, a test
+        class unknown to training; ``out`` holds something that may not be replaced, or cannot be written
+        (a full disk or a read-only folder, also while writing).
     SettingsMismatchError
         A test file whose settings match no feature file.
+    StoreError
+        Another process is writing ``out``.
     """
     say = progress or (lambda _line: None)
     options = _check_options(feature_files, models, test_files, test_size, val_size, cv, seed, class_weight)
+    for name in options.models:
+        _checked_model(name, options, model_params)
     out = Path(out) if out is not None else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    tmp = prepare_out(out, overwrite=overwrite)
     warnings: list[str] = []
 
     def warn(message: str) -> None:
         warnings.append(message)
         say(f"warning: {message}")
 
-    try:
+    with building(out, kind=RUN_KIND, overwrite=overwrite) as folder:
+        name = folder.target.name
         sets = load_train_test_sets(
             feature_files, test_files, test_size=options.test_size or DEFAULT_TEST_SIZE, seed=seed, warn=warn
         )
@@ -122,18 +132,18 @@ def classify(
             baseline = fit_baseline(data)
             feature_sets[data.key] = _feature_set_record(data, baseline)
             fits = []
-            for name in options.models:
-                model = make_model(name, **_model_params(name, options, model_params))
-                fit = fit_and_score(data, model, baseline=baseline, run=out.name, say=say)
-                fit.model.save(tmp / fit.row.model_dir)
+            for model_name in options.models:
+                model = _checked_model(model_name, options, model_params)
+                fit = fit_and_score(data, model, baseline=baseline, run=name, say=say)
+                fit.model.save(folder.path / fit.row.model_dir)
                 notes += fit_notes(fit, data, baseline)
                 fits.append(fit)
             notes += baseline_note(data, fits, baseline)
             rows += [fit.row for fit in fits]
         document = RunDocument(
             format=RUN_FORMAT,
-            kind="furnitype classify run",
-            run=out.name,
+            kind=RUN_KIND,
+            run=name,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             versions={"furnitype": furnitype.__version__},
             options=options,
@@ -143,15 +153,13 @@ def classify(
             notes=notes + mixed_test_sets_note(rows),
             warnings=warnings,
         )
-        _write_run(tmp, document, sets)
-        commit_out(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        _write_run(folder.path, document, sets)
     return Run(out, document)
 
 
-def report_runs(run_dirs: Sequence[str | os.PathLike], *, out: str | os.PathLike | None = None) -> Run:
+def report_runs(
+    run_dirs: Sequence[str | os.PathLike], *, out: str | os.PathLike | None = None, overwrite: bool = False
+) -> Run:
     """Reprint or merge saved runs without retraining; with ``out``, write the (merged) report files there.
 
     Parameters
@@ -159,12 +167,24 @@ def report_runs(run_dirs: Sequence[str | os.PathLike], *, out: str | os.PathLike
     run_dirs : sequence of str or path-like
         One or more run folders. Several give one table; rows keep their run's name.
     out : str or path-like, optional
-        Folder for report.csv/md/html and the pictures (made from the stored confusion matrices).
+        Folder for report.csv/md/html, the pictures (made from the stored confusion matrices) and
+        ``metrics.json`` (a report, not a run: it holds no models). Written as ``classify`` writes a run: one
+        process at a time, built beside and renamed in; a folder that is not empty is refused unless it is
+        a report and ``overwrite`` is set, and a run is never written into.
+    overwrite : bool, default=False
+        Replace an existing report at ``out``.
 
     Returns
     -------
     Run
         One run as it is, or the merged view (``path`` is ``out``, or ``None``).
+
+    Raises
+    ------
+    InputError
+        No runs, a run folder that does not exist, or an ``out`` that may not be written (see ``classify``).
+    StoreError
+        A damaged run, or another process writing ``out``.
     """
     if not run_dirs:
         raise InputError("give at least one run folder.")
@@ -174,16 +194,15 @@ def report_runs(run_dirs: Sequence[str | os.PathLike], *, out: str | os.PathLike
     if len(runs) > 1:
         document = merge_documents([(run.path.name, run.document) for run in runs])
     else:
-        document = runs[0].document
+        run = runs[0]
+        document = dataclasses.replace(run.document, kind=REPORT_KIND, merged_from=[run.path.name])
     if out is None:
         return Run(None, document)
-    out = Path(out)
-    if any(out.resolve() == run.path.resolve() for run in runs):
-        raise InputError(f"--out {out} is one of the runs being reported; choose another folder.")
-    out.mkdir(parents=True, exist_ok=True)
-    write_report(document, out)
-    write_run_document(out, document)
-    return Run(out, document)
+    refuse_one_of(out, [run.path for run in runs], str(out))
+    with building(out, kind=REPORT_KIND, overwrite=overwrite) as folder:
+        write_report(document, folder.path)
+        write_run_document(folder.path, document)
+    return Run(Path(out), document)
 
 
 def _check_options(feature_files, models, test_files, test_size, val_size, cv, seed, class_weight) -> RunOptions:
@@ -195,12 +214,14 @@ def _check_options(feature_files, models, test_files, test_size, val_size, cv, s
         raise InputError(f"unknown model {', '.join(unknown) or '(none)'}; choose from {', '.join(MODEL_NAMES)}.")
     if test_files and test_size is not None:
         raise InputError("give test files or a test size, not both.")
-    if test_size is not None and not 0 < test_size < 1:
-        raise InputError(f"test size must be between 0 and 1. Received: test_size={test_size}")
-    if not 0 <= val_size < 1:
-        raise InputError(f"validation size must be in [0, 1). Received: val_size={val_size}")
-    if cv < 2:
-        raise InputError(f"cross-validation needs at least 2 folds. Received: cv={cv}")
+    if test_size is not None and not (_is_number(test_size) and 0 < test_size < 1):
+        raise InputError(f"test size must be between 0 and 1. Received: test_size={test_size!r}")
+    if not (_is_number(val_size) and 0 <= val_size < 1):
+        raise InputError(f"validation size must be in [0, 1). Received: val_size={val_size!r}")
+    if not (_is_integer(cv) and cv >= 2):
+        raise InputError(f"cross-validation needs at least 2 folds. Received: cv={cv!r}")
+    if not (_is_integer(seed) and 0 <= seed <= MAX_SEED):
+        raise InputError(f"seed must be an integer from 0 to {MAX_SEED}. Received: seed={seed!r}")
     if class_weight not in CLASS_WEIGHTS:
         raise InputError(f"class weight must be none or balanced. Received: class_weight={class_weight!r}")
     return RunOptions(
@@ -216,15 +237,30 @@ def _check_options(feature_files, models, test_files, test_size, val_size, cv, s
     )
 
 
-def _model_params(name: str, options: RunOptions, model_params: Mapping[str, Mapping] | None) -> dict:
-    """The run's options as constructor arguments (each model takes those it has), then the model's own."""
-    return {
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _checked_model(name: str, options: RunOptions, model_params: Mapping[str, Mapping] | None):
+    """An unfitted model with the run's options (those it takes) and its own ``model_params``, both checked."""
+    given = dict((model_params or {}).get(name, {}))
+    unknown = sorted(set(model_params or {}) - set(MODELS)) + sorted(set(given) - set(MODELS[name]().get_params()))
+    if unknown:
+        raise InputError(f"model parameters: {unknown[0]!r} is not a model, or not a parameter of {name}.")
+    params = {
         "cv": options.cv,
         "validation_fraction": options.val_size,
         "class_weight": options.class_weight,
         "random_state": options.seed,
-        **(model_params or {}).get(name, {}),
     }
+    try:
+        return make_model(name, **params).set_params(**given).check_params()
+    except ValueError as err:  # scikit-learn's InvalidParameterError: one line naming the parameter
+        raise InputError(f"model parameters of {name}: {err}") from None
 
 
 def _feature_set_record(data: TrainTestSet, baseline: Baseline) -> FeatureSetRecord:

@@ -308,8 +308,10 @@ def test_test_class_dropped_from_training_is_named(files, tmp_path):
     ("args", "code", "message"),
     [
         (["--models", "dense,knn"], 2, "unknown model knn; choose from dense, logreg, svm."),
-        (["--test-size", "1.5"], 2, "test size must be between 0 and 1. Received: test_size=1.5"),
-        (["--cv", "1"], 2, "cross-validation needs at least 2 folds. Received: cv=1"),
+        (["--test-size", "1.5"], 2, "Invalid value for '--test-size': 1.5 is not in the range 0<x<1."),
+        (["--cv", "1"], 2, "Invalid value for '--cv': 1 is not in the range x>=2."),
+        (["--seed", "-1"], 2, "Invalid value for '--seed': -1 is not in the range 0<=x<=4294967295."),
+        (["--val-size", "1"], 2, "Invalid value for '--val-size': 1.0 is not in the range 0<=x<1."),
         (["--test", "x.h5", "--test-size", "0.3"], 2, "use either --test or --test-size, not both."),
     ],
 )

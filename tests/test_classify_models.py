@@ -216,7 +216,7 @@ def test_loading_refuses_untrusted_types(fitted, tmp_path):
 def test_loading_refuses_a_damaged_keras_file(fitted, tmp_path):
     fitted["dense"].save(tmp_path / "dense")
     (tmp_path / "dense" / "model.keras").write_bytes(b"not a zip")
-    with pytest.raises(StoreError, match="is not a loadable Keras model"):
+    with pytest.raises(StoreError, match="is damaged: model.keras: not a loadable Keras model"):
         FeatureClassifier.load(tmp_path / "dense")
 
 

@@ -71,19 +71,19 @@ def _damage(run, edit):
 @pytest.mark.parametrize(
     ("edit", "problem"),
     [
-        (lambda d: d["rows"][1].update(colour="red"), "is damaged: unknown key rows[1].colour"),
-        (lambda d: d["rows"][0].pop("accuracy"), "is damaged: missing key rows[0].accuracy"),
-        (lambda d: d.update(rows={"a": 1}), "is damaged: rows is not a JSON list"),
-        (lambda d: d["feature_sets"].update(feats=[]), "is damaged: feature_sets.feats is not a JSON object"),
-        (lambda d: d["options"].pop("cv"), "is damaged: missing key options.cv"),
-        (lambda d: d.update(format="1"), "is damaged: format '1' is not an integer"),
+        (lambda d: d["rows"][1].update(colour="red"), "rows[1].colour: unknown key"),
+        (lambda d: d["rows"][0].pop("accuracy"), "rows[0].accuracy: missing"),
+        (lambda d: d.update(rows={"a": 1}), "rows: an object, not a list"),
+        (lambda d: d["feature_sets"].update(feats=[]), "feature_sets.feats: a list, not an object"),
+        (lambda d: d["options"].pop("cv"), "options.cv: missing"),
+        (lambda d: d.update(format="1"), 'format: a string ("1"), not an integer'),
     ],
 )
 def test_damaged_metrics_json_is_one_line(copy, edit, problem):
     _damage(copy, edit)
     with pytest.raises(StoreError) as raised:
         load_run(copy)
-    assert str(raised.value) == f"{copy / 'metrics.json'} {problem}"
+    assert str(raised.value) == f"run {copy} is damaged: metrics.json {problem}"
     result = invoke("report", copy)
     assert result.exit_code == 1 and result.output.count("\n") == 1 and problem in result.output
 
@@ -103,8 +103,8 @@ def test_a_damaged_model_json_is_one_line(copy):
     model_json = copy / "models" / "feats" / "svm" / "model.json"
     record = json.loads(model_json.read_text())
     model_json.write_text(json.dumps({**record, "weights": "extra"}))
-    with pytest.raises(StoreError, match=r"model\.json is damaged: unknown key model\.weights$"):
+    with pytest.raises(StoreError, match=r" is damaged: models/feats/svm/model\.json weights: unknown key$"):
         load_model(copy, "svm")
     model_json.write_text("[1, 2")
-    with pytest.raises(StoreError, match=r"model\.json cannot be read: "):
+    with pytest.raises(StoreError, match=r" is damaged: models/feats/svm/model\.json: not JSON \("):
         load_model(copy, "svm")

@@ -197,8 +197,6 @@ def _drop_small_classes(fs: store.FeatureSet, warn) -> tuple[store.FeatureSet, l
     for label, digest in zip(fs.labels, fs.sha256, strict=True):
         photos[label].add(digest)
     small = sorted(label for label, digests in photos.items() if len(digests) < MIN_PHOTOS_PER_CLASS)
-    if not small:
-        return fs, []
     for label in small:
         warn(
             f"{fs.file}: class {label!r} has {len(photos[label])} photo; a class needs at least "
@@ -208,6 +206,8 @@ def _drop_small_classes(fs: store.FeatureSet, warn) -> tuple[store.FeatureSet, l
         raise InputError(
             f"{fs.file}: fewer than 2 classes have {MIN_PHOTOS_PER_CLASS} or more photos; nothing to learn."
         )
+    if not small:
+        return fs, []
     return _subset(fs, ~np.isin(fs.labels, small)), small
 
 

@@ -5,20 +5,29 @@
 - ``models/<features>/settings.json``: the ``FeatureSetRecord`` a model needs at prediction time;
 - ``models/<features>/<model>/model.json``: a ``ModelRecord`` (parameters, classes, what the fit found).
 
-The records' JSON keys are their field names. Reading turns every problem (unreadable file, not JSON, missing
-or unknown keys, a newer format) into one ``StoreError`` line naming the file. Nothing here imports
-scikit-learn or Keras.
+The records' JSON keys are their field names, and the records are the schema: reading checks every key
+(missing, unknown), every value's type (from the field's annotation), its range (the field's ``check``) and
+what must agree between fields (a record's ``_check_consistency``). Anything else is a ``Damage`` naming the
+file and the field. Files are read only from inside the run folder (``furnitype.classify.runfiles``).
+Nothing here imports scikit-learn or Keras.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
+import types
+import typing
 from dataclasses import dataclass, field
+from datetime import datetime
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
+from furnitype.classify.runfiles import Damage, read_inside, relative_parts
 from furnitype.errors import StoreError
 
 #: Version of the run folder layout (``metrics.json``, ``split.csv``, ``models/``); a newer one is refused.
@@ -28,6 +37,11 @@ MODEL_FORMAT = 1
 METRICS_FILE = "metrics.json"
 MODEL_FILE = "model.json"
 SETTINGS_FILE = "settings.json"
+#: ``kind`` of a run folder written by ``classify``, and of a folder written by ``report --out``.
+RUN_KIND = "furnitype classify run"
+REPORT_KIND = "furnitype merged report"
+#: Seeds are what numpy's generators take.
+MAX_SEED = 2**32 - 1
 
 #: The summary test scores of a row (and of a baseline), in table order.
 SCORE_NAMES = ("accuracy", "balanced_accuracy", "macro_f1", "top3_accuracy", "log_loss")
@@ -55,6 +69,83 @@ ROW_SCALARS = (
     "run",
     "test_set",
 )
+
+
+
+
+# -- what a value may be (a field's ``check``: the value -> the problem, or None) --------------------------------
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def rule(check) -> Any:
+    """A record field whose value must also pass ``check`` (which returns the problem, or None)."""
+    return field(metadata={"check": check})
+
+
+def at_least(low: float):
+    """The check "a number, at least ``low``"."""
+    return lambda value: None if value >= low else f"{value!r} is less than {low}"
+
+
+def between(low: float, high: float):
+    """The check "a number from ``low`` to ``high``"."""
+    return lambda value: None if low <= value <= high else f"{value!r} is not between {low} and {high}"
+
+
+def one_of(*allowed):
+    """The check "one of these values"."""
+    return lambda value: None if value in allowed else f"{value!r} is not one of {', '.join(map(repr, allowed))}"
+
+
+def name(value: str) -> str | None:
+    """The check for a name that is also a file or folder name: not empty, no ``/``, ``.`` or ``..``, no controls."""
+    if value in ("", ".", "..") or "/" in value or "\\" in value or _CONTROL.search(value):
+        return f"{value!r} is not a plain name"
+    return None
+
+
+def label(value: str) -> str | None:
+    """The check for text shown on one line (a class name, a key): not empty, no control characters."""
+    return f"{value!r} is not a one-line name" if value == "" or _CONTROL.search(value) else None
+
+
+def class_names(value: list) -> str | None:
+    """The check for a model's classes: two or more one-line names, sorted, each once."""
+    problems = [label(c) for c in value if label(c)]
+    if problems:
+        return problems[0]
+    if len(value) < 2:
+        return f"{len(value)} classes; a model has at least 2"
+    if value != sorted(set(value)):
+        return "not sorted, or a class is listed twice"
+    return None
+
+
+def short_hex(value: str) -> str | None:
+    """The check for ``test_set``: 12 lowercase hex digits."""
+    return None if re.fullmatch(r"[0-9a-f]{12}", value) else f"{value!r} is not 12 hex digits"
+
+
+def iso_time(value: str) -> str | None:
+    """The check for an ISO 8601 time."""
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        return f"{value!r} is not an ISO 8601 time"
+    return None
+
+
+def share_of_photos(value: float) -> str | None:
+    """The check for a share of the photos held out: from 0 (none) to less than 1."""
+    return None if 0 <= value < 1 else f"{value!r} is not from 0 to less than 1"
+
+
+SHARE = between(0, 1)
+NON_NEGATIVE = at_least(0)
+COUNT = at_least(1)
+#: The scalar values a feature file's settings and provenance hold.
+Scalar = Union[str, int, float, bool, None]  # noqa: UP007 - resolved at runtime by typing.get_type_hints
 
 
 @dataclass(frozen=True)
@@ -99,33 +190,33 @@ class Row:
         Place in the table, 1 = best (0 before ranking).
     """
 
-    features: str
-    backbone: str
-    weights: str
-    model: str
-    accuracy: float
-    balanced_accuracy: float
-    macro_f1: float
-    top3_accuracy: float
-    log_loss: float
-    fit_seconds: float
-    fit_cpu_seconds: float
-    predict_ms_per_image: float
-    n_train: int
-    n_test: int
-    n_classes: int
-    test_set: str
-    chosen: str
+    features: str = rule(label)
+    backbone: str = rule(label)
+    weights: str = rule(label)
+    model: str = rule(name)
+    accuracy: float = rule(SHARE)
+    balanced_accuracy: float = rule(SHARE)
+    macro_f1: float = rule(SHARE)
+    top3_accuracy: float = rule(SHARE)
+    log_loss: float = rule(NON_NEGATIVE)
+    fit_seconds: float = rule(NON_NEGATIVE)
+    fit_cpu_seconds: float = rule(NON_NEGATIVE)
+    predict_ms_per_image: float = rule(NON_NEGATIVE)
+    n_train: int = rule(COUNT)
+    n_test: int = rule(COUNT)
+    n_classes: int = rule(at_least(2))
+    test_set: str = rule(short_hex)
+    chosen: str = rule(label)
     details: dict
     params: dict
-    classes: list[str]
+    classes: list[str] = rule(class_names)
     confusion: list[list[int]]
-    per_class: dict[str, list]
+    per_class: dict[str, list[float]]
     model_dir: str
-    run: str
-    baseline_accuracy: float
-    vs_baseline_points: float
-    rank: int = 0
+    run: str = rule(label)
+    baseline_accuracy: float = rule(SHARE)
+    vs_baseline_points: float = rule(between(-100, 100))
+    rank: int = field(default=0, metadata={"check": NON_NEGATIVE})
 
     @property
     def label(self) -> str:
@@ -135,6 +226,33 @@ class Row:
     def scalars(self) -> dict:
         """The report.csv columns of the row (``ROW_SCALARS``; no per-class lists or confusion matrix)."""
         return {key: getattr(self, key) for key in ROW_SCALARS}
+
+    def _check_consistency(self, where: str) -> None:
+        n = len(self.classes)
+        if self.n_classes != n:
+            raise Damage(_child(where, "n_classes"), f"{self.n_classes}, but classes lists {n}")
+        confusion = self.confusion
+        if len(confusion) != n or any(len(line) != n or min(line) < 0 for line in confusion):
+            raise Damage(_child(where, "confusion"), f"not a {n} x {n} matrix of counts")
+        if sum(map(sum, confusion)) != self.n_test:
+            raise Damage(_child(where, "confusion"), f"counts {sum(map(sum, confusion))} photos, not n_test")
+        if set(self.per_class) != set(PER_CLASS):
+            raise Damage(_child(where, "per_class"), f"keys are not {', '.join(PER_CLASS)}")
+        for key, values in self.per_class.items():
+            check = PER_CLASS[key]
+            if len(values) != n or any(check(v) for v in values):
+                raise Damage(_child(where, f"per_class.{key}"), f"not {n} values {PER_CLASS_WORDS[key]}")
+        relative_parts(self.model_dir, _child(where, "model_dir"))
+
+
+#: ``Row.per_class``: what each list holds.
+PER_CLASS = {
+    "precision": lambda v: not 0 <= v <= 1,
+    "recall": lambda v: not 0 <= v <= 1,
+    "f1": lambda v: not 0 <= v <= 1,
+    "support": lambda v: not isinstance(v, int) or v < 0,
+}
+PER_CLASS_WORDS = {"precision": "in [0, 1]", "recall": "in [0, 1]", "f1": "in [0, 1]", "support": "of photos"}
 
 
 @dataclass(frozen=True)
@@ -163,15 +281,34 @@ class FeatureSetRecord:
     file: str
     test_file: str
     backbone: str | None
-    weights: str
-    settings: dict
-    meta: dict
-    feature_dim: int
-    classes: list[str]
+    weights: str = rule(label)
+    settings: dict[str, Scalar]
+    meta: dict[str, Scalar]
+    feature_dim: int = rule(COUNT)
+    classes: list[str] = rule(class_names)
     dropped_classes: list[str]
-    n_train: int
-    n_test: int
-    baseline: dict
+    n_train: int = rule(COUNT)
+    n_test: int = rule(COUNT)
+    baseline: dict[str, float]
+
+    def _check_consistency(self, where: str) -> None:
+        if set(self.dropped_classes) & set(self.classes) or len(set(self.dropped_classes)) < len(
+            self.dropped_classes
+        ):
+            raise Damage(_child(where, "dropped_classes"), "a class is listed twice, or also trained on")
+        recorded_dim = self.meta.get("feature_dim", self.feature_dim)
+        if recorded_dim != self.feature_dim:
+            raise Damage(_child(where, "meta.feature_dim"), f"{recorded_dim!r}, but feature_dim is {self.feature_dim}")
+        source = self.meta.get("weights_source")
+        if source is not None and not isinstance(source, str):
+            raise Damage(_child(where, "meta.weights_source"), "not a string")
+        if self.baseline:
+            if set(self.baseline) != {*SCORE_NAMES, "fit_seconds"}:
+                raise Damage(_child(where, "baseline"), f"keys are not {', '.join(SCORE_NAMES)}, fit_seconds")
+            for key, value in self.baseline.items():
+                check = NON_NEGATIVE if key in ("log_loss", "fit_seconds") else SHARE
+                if check(value):
+                    raise Damage(_child(where, f"baseline.{key}"), check(value))
 
 
 @dataclass(frozen=True)
@@ -181,12 +318,20 @@ class RunOptions:
     feature_files: list[str]
     models: list[str]
     test_files: list[str]
-    test_size: float | None
-    val_size: float
-    cv: int
-    seed: int
-    class_weight: str | None
-    min_photos_per_class: int
+    test_size: float | None = rule(share_of_photos)
+    val_size: float = rule(share_of_photos)
+    cv: int = rule(at_least(2))
+    seed: int = rule(between(0, MAX_SEED))
+    class_weight: str | None = rule(one_of("balanced"))
+    min_photos_per_class: int = rule(COUNT)
+
+    def _check_consistency(self, where: str) -> None:
+        if not self.feature_files:
+            raise Damage(_child(where, "feature_files"), "empty")
+        if not self.models or len(set(self.models)) < len(self.models) or any(map(name, self.models)):
+            raise Damage(_child(where, "models"), "not a list of model names, each once")
+        if (self.test_size is None) != bool(self.test_files) or self.test_size == 0:
+            raise Damage(_child(where, "test_size"), "a run has test files or a test size above 0, not both")
 
 
 @dataclass(frozen=True)
@@ -197,7 +342,7 @@ class RunDocument:
     ----------
     format : int
     kind : str
-        ``furnitype classify run`` or ``furnitype merged report``.
+        ``RUN_KIND`` (written by ``classify``) or ``REPORT_KIND`` (by ``report --out``).
     run : str
         The run's name, or the merged runs' names joined by `` + ``.
     created : str or None
@@ -205,9 +350,9 @@ class RunDocument:
     versions : dict or None
         Package versions of a run (None when merged).
     options : RunOptions or None
-        A run's options (None when merged).
+        A run's options (None when merged from several).
     merged_from : list of str or None
-        The runs a merged view combines (None for a run).
+        The runs a report combines (None for a run).
     baseline : str or None
         The reference model every row is compared with.
     feature_sets : dict of str to FeatureSetRecord
@@ -217,16 +362,16 @@ class RunDocument:
         Remarks on the results; problems with the input that the run worked around.
     """
 
-    format: int
-    kind: str
-    run: str
+    format: int = rule(COUNT)
+    kind: str = rule(one_of(RUN_KIND, REPORT_KIND))
+    run: str = rule(label)
     baseline: str | None
     feature_sets: dict[str, FeatureSetRecord]
     rows: list[Row]
     notes: list[str]
     warnings: list[str]
-    created: str | None = None
-    versions: dict | None = None
+    created: str | None = field(default=None, metadata={"check": iso_time})
+    versions: dict[str, str] | None = None
     options: RunOptions | None = None
     merged_from: list[str] | None = None
 
@@ -251,23 +396,47 @@ class RunDocument:
 
     @classmethod
     def from_dict(cls, data: Any) -> RunDocument:
-        """Build from the JSON form; raises ``ValueError`` naming the first problem found."""
-        data = _checked(cls, data, "metrics")
-        options = data.get("options")
-        feature_sets = _mapping(data["feature_sets"], "feature_sets")
-        return cls(
-            **{
-                **data,
-                "options": RunOptions(**_checked(RunOptions, options, "options")) if options is not None else None,
-                "feature_sets": {
-                    key: FeatureSetRecord(**_checked(FeatureSetRecord, fs, f"feature_sets.{key}"))
-                    for key, fs in feature_sets.items()
-                },
-                "rows": [
-                    Row(**_checked(Row, row, f"rows[{i}]")) for i, row in enumerate(_sequence(data["rows"], "rows"))
-                ],
-            }
-        )
+        """Build from the JSON form; raises ``Damage`` naming the first problem found."""
+        return _record(cls, data, _in_file(METRICS_FILE))
+
+    def _check_consistency(self, where: str) -> None:
+        if self.kind == RUN_KIND:
+            for key in ("created", "versions", "options"):
+                if getattr(self, key) is None:
+                    raise Damage(_child(where, key), f"missing (a {RUN_KIND} records it)")
+            if self.merged_from is not None:
+                raise Damage(_child(where, "merged_from"), f"set, but this is a {RUN_KIND}")
+        elif not self.merged_from:
+            raise Damage(_child(where, "merged_from"), f"missing (a {REPORT_KIND} names the runs it merges)")
+        if not self.rows:
+            raise Damage(_child(where, "rows"), "empty")
+        seen = set()
+        for i, row in enumerate(self.rows):
+            at = f"{_child(where, 'rows')}[{i}]"
+            self._check_row(row, at)
+            if (row.features, row.model) in seen:
+                raise Damage(at, f"a second row of {row.features}/{row.model}")
+            seen.add((row.features, row.model))
+            if row.rank != i + 1:
+                raise Damage(f"{at}.rank", f"{row.rank}, but it is row {i + 1} of a ranked table")
+
+    def _check_row(self, row: Row, at: str) -> None:
+        feature_set = self.feature_sets.get(row.features)
+        if feature_set is None:
+            raise Damage(f"{at}.features", f"{row.features!r} is not a key of feature_sets")
+        for key in ("classes", "n_train", "n_test"):
+            if getattr(row, key) != getattr(feature_set, key):
+                raise Damage(f"{at}.{key}", f"differs from feature_sets.{row.features}.{key}")
+        if self.kind != RUN_KIND:
+            return
+        if name(row.features):
+            raise Damage(f"{at}.features", name(row.features))
+        if row.model_dir != model_dir(row.features, row.model):
+            raise Damage(f"{at}.model_dir", f"{row.model_dir!r} is not {model_dir(row.features, row.model)!r}")
+        if row.run != self.run:
+            raise Damage(f"{at}.run", f"{row.run!r}, but the run is {self.run!r}")
+        if row.model not in self.options.models:
+            raise Damage(f"{at}.model", f"{row.model!r} is not one of options.models")
 
 
 @dataclass(frozen=True)
@@ -291,14 +460,14 @@ class ModelRecord:
         Package versions that wrote it.
     """
 
-    format: int
-    model: str
+    format: int = rule(COUNT)
+    model: str = rule(name)
     params: dict
-    classes: list[str]
-    n_features_in: int
+    classes: list[str] = rule(class_names)
+    n_features_in: int = rule(COUNT)
     fitted: dict
-    payload: str
-    versions: dict = field(default_factory=dict)
+    payload: str = rule(name)
+    versions: dict[str, str] = field(default_factory=dict)
 
 
 def model_dir(features: str, model: str) -> str:
@@ -306,29 +475,34 @@ def model_dir(features: str, model: str) -> str:
     return f"models/{features}/{model}"
 
 
+# -- reading and writing ---------------------------------------------------------------------------------------
+
+
 def read_run_document(run_dir: str | os.PathLike) -> RunDocument:
-    """Read ``metrics.json`` of a run folder.
+    """Read and check ``metrics.json`` of a run folder.
 
     Raises
     ------
+    Damage
+        The file is missing, not JSON, or not a run document furnitype writes (the first problem found).
     StoreError
-        The file cannot be read, is not a run document, is damaged, or is from a newer furnitype.
+        The file cannot be read, or is from a newer furnitype.
     """
-    path = Path(run_dir) / METRICS_FILE
-    data = _read_json(path)
-    if not isinstance(data, dict) or "rows" not in data:
-        raise StoreError(f"{path} is not a furnitype run document.")
-    try:
-        if _format(data) > RUN_FORMAT:
-            raise StoreError(f"{run_dir} was written by a newer furnitype (run format {data['format']}).")
-        return RunDocument.from_dict(data)
-    except ValueError as err:
-        raise StoreError(f"{path} is damaged: {err}") from None
+    data = _read_json(run_dir, METRICS_FILE)
+    if _format(data, _in_file(METRICS_FILE)) > RUN_FORMAT:
+        raise StoreError(f"{run_dir} was written by a newer furnitype (run format {data['format']}).")
+    return RunDocument.from_dict(data)
 
 
 def write_run_document(run_dir: str | os.PathLike, document: RunDocument) -> Path:
     """Write ``metrics.json`` into a run folder; returns its path."""
     return _write_json(Path(run_dir) / METRICS_FILE, document.as_dict())
+
+
+def read_feature_set(run_dir: str | os.PathLike, features: str) -> FeatureSetRecord:
+    """Read and check ``models/<features>/settings.json`` of a run folder; raises ``Damage`` as reading does."""
+    relative = f"models/{features}/{SETTINGS_FILE}"
+    return _record(FeatureSetRecord, _read_json(run_dir, relative), _in_file(relative))
 
 
 def write_feature_set(model_dir: str | os.PathLike, record: FeatureSetRecord) -> Path:
@@ -338,23 +512,19 @@ def write_feature_set(model_dir: str | os.PathLike, record: FeatureSetRecord) ->
 
 
 def read_model_record(model_dir: str | os.PathLike) -> ModelRecord:
-    """Read ``model.json`` of a saved model's folder.
+    """Read and check ``model.json`` of a saved model's folder.
 
     Raises
     ------
+    Damage
+        Named from the model's folder (``model.json params``): missing, not JSON, or not what ``save`` writes.
     StoreError
-        No ``model.json`` there, or one that cannot be read, is damaged, or is from a newer furnitype.
+        The file cannot be read, or is from a newer furnitype.
     """
-    path = Path(model_dir) / MODEL_FILE
-    if not path.is_file():
-        raise StoreError(f"{model_dir} holds no saved model (no {MODEL_FILE}).")
-    data = _read_json(path)
-    try:
-        if _format(_mapping(data, "model")) > MODEL_FORMAT:
-            raise StoreError(f"{model_dir} was saved by a newer furnitype (model format {data['format']}).")
-        return ModelRecord(**_checked(ModelRecord, data, "model"))
-    except ValueError as err:
-        raise StoreError(f"{path} is damaged: {err}") from None
+    data = _read_json(model_dir, MODEL_FILE)
+    if _format(data, _in_file(MODEL_FILE)) > MODEL_FORMAT:
+        raise StoreError(f"{model_dir} was saved by a newer furnitype (model format {data['format']}).")
+    return _record(ModelRecord, data, _in_file(MODEL_FILE))
 
 
 def write_model_record(model_dir: str | os.PathLike, record: ModelRecord) -> Path:
@@ -362,45 +532,126 @@ def write_model_record(model_dir: str | os.PathLike, record: ModelRecord) -> Pat
     return _write_json(Path(model_dir) / MODEL_FILE, dataclasses.asdict(record))
 
 
-def _checked(cls: type, data: Any, where: str) -> dict:
-    """``data`` as keyword arguments of the record ``cls``; the missing and unknown keys are named."""
-    data = _mapping(data, where)
-    fields = dataclasses.fields(cls)
-    required = {f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
-    problems = [f"unknown key {where}.{key}" for key in sorted(set(data) - {f.name for f in fields})]
-    problems += [f"missing key {where}.{key}" for key in sorted(required - set(data))]
-    if problems:
-        raise ValueError(", ".join(problems))
-    return data
-
-
-def _mapping(value: Any, where: str) -> dict:
-    if not isinstance(value, dict):
-        raise ValueError(f"{where} is not a JSON object")
-    return value
-
-
-def _sequence(value: Any, where: str) -> list:
-    if not isinstance(value, list):
-        raise ValueError(f"{where} is not a JSON list")
-    return value
-
-
-def _format(data: dict) -> int:
-    """The layout version a file declares (0 when it declares none)."""
-    found = data.get("format", 0)
-    if not isinstance(found, int) or isinstance(found, bool):
-        raise ValueError(f"format {found!r} is not an integer")
-    return found
-
-
-def _read_json(path: Path) -> Any:
+def _read_json(folder: str | os.PathLike, relative: str) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise StoreError(f"{path} cannot be read: {err}") from None
+        return json.loads(read_inside(folder, relative))
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise Damage(relative, f"not JSON ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
 
 
 def _write_json(path: Path, data: Any) -> Path:
     path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     return path
+
+
+def _format(data: Any, where: str) -> int:
+    """The layout version a file declares (0 when it declares none: the record check names it missing)."""
+    if not isinstance(data, dict):
+        raise Damage(where, f"{_kind(data)}, not an object")
+    found = data.get("format", 0)
+    if not isinstance(found, int) or isinstance(found, bool):
+        raise Damage(_child(where, "format"), f"{_kind(found)}, not an integer")
+    return found
+
+
+# -- the schema: a record's annotations and checks, applied to JSON ---------------------------------------------
+
+
+def _record(cls: type, data: Any, where: str):
+    """Build the record ``cls`` from its JSON form, checking keys, types, ranges and consistency."""
+    if not isinstance(data, dict):
+        raise Damage(where, f"{_kind(data)}, not an object")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise Damage(_child(where, str(key)), "unknown key")
+    values = {}
+    for key, spec in fields.items():
+        at = _child(where, key)
+        if key not in data:
+            if spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+                raise Damage(at, "missing")
+            continue
+        value = _typed(_hints(cls)[key], data[key], at)
+        check = spec.metadata.get("check")
+        problem = check(value) if check is not None and value is not None else None
+        if problem:
+            raise Damage(at, problem)
+        values[key] = value
+    record = cls(**values)
+    if hasattr(record, "_check_consistency"):
+        record._check_consistency(where)
+    return record
+
+
+@cache
+def _hints(cls: type) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _typed(hint: Any, value: Any, where: str) -> Any:
+    """``value`` checked against the annotation ``hint`` (records built, lists and mappings item by item)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _record(hint, value, where)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        arms = [a for a in args if a is not type(None)]
+        if len(arms) == 1:  # X or null: X's own problem
+            return _typed(arms[0], value, where)
+        for arm in arms:
+            try:
+                return _typed(arm, value, where)
+            except Damage:
+                continue
+        raise Damage(where, f"{_kind(value)}, not {' or '.join(_kind_of(a) for a in args)}")
+    if hint is list or origin is list:
+        if not isinstance(value, list):
+            raise Damage(where, f"{_kind(value)}, not a list")
+        return [_typed(args[0], item, f"{where}[{i}]") for i, item in enumerate(value)] if args else value
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise Damage(where, f"{_kind(value)}, not an object")
+        return {key: _typed(args[1], item, _child(where, key)) for key, item in value.items()} if args else value
+    if hint is Any:
+        return value
+    if not _is(hint, value):
+        raise Damage(where, f"{_kind(value)}, not {_kind_of(hint)}")
+    return value
+
+
+def _is(hint: type, value: Any) -> bool:
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+_KINDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false", type(None): "null"}
+
+
+def _kind_of(hint: Any) -> str:
+    if hint in _KINDS:
+        return _KINDS[hint]
+    return "a list" if typing.get_origin(hint) is list else "an object"
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{value!r}"
+    for kind in (bool, int, float, str, type(None)):
+        if isinstance(value, kind):
+            return f"{_KINDS[kind]} ({json.dumps(value)[:40]})"
+    return "a list" if isinstance(value, list) else "an object"
+
+
+def _in_file(relative: str) -> str:
+    """Where a file's top-level fields are: ``metrics.json `` (``_child`` adds ``rows``)."""
+    return f"{relative} "
+
+
+def _child(where: str, key: str) -> str:
+    """``metrics.json rows`` under a file, ``rows[0].accuracy`` under a field."""
+    return f"{where}{key}" if where.endswith(" ") else f"{where}.{key}"

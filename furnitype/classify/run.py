@@ -9,8 +9,10 @@ Layout::
     RUN/models/<features>/settings.json   the feature settings a model needs at prediction time
     RUN/models/<features>/<model>/        model.json + model.keras (dense) or model.skops (logreg, svm)
 
-Reading a run needs neither scikit-learn nor Keras until a model is loaded; every metadata file is read by
-``furnitype.classify.metadata``.
+Reading a run needs neither scikit-learn nor Keras until a model is loaded; every metadata file is read and
+checked by ``furnitype.classify.metadata``, only from inside the run folder (``furnitype.classify.runfiles``),
+and a model is loaded only once its folder, its record and its payload agree with the run's
+``metrics.json``. Writing a run folder is ``furnitype.classify.output``'s.
 """
 
 from __future__ import annotations
@@ -18,13 +20,24 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
-import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from furnitype.classify.metadata import METRICS_FILE, FeatureSetRecord, Row, RunDocument, read_run_document
-from furnitype.errors import InputError
+from furnitype.classify.metadata import (
+    METRICS_FILE,
+    REPORT_KIND,
+    RUN_KIND,
+    SETTINGS_FILE,
+    FeatureSetRecord,
+    Row,
+    RunDocument,
+    read_feature_set,
+    read_run_document,
+)
+from furnitype.classify.output import recover
+from furnitype.classify.runfiles import Damage, folder_inside
+from furnitype.errors import InputError, StoreError
 
 SPLIT_FILE = "split.csv"
 
@@ -113,14 +126,24 @@ def load_run(run_dir: str | os.PathLike) -> Run:
     InputError
         The folder does not exist or is not a furnitype run.
     StoreError
-        Its ``metrics.json`` is damaged or from a newer furnitype.
+        Its ``metrics.json`` is damaged (``run X is damaged: <field>: <problem>``) or from a newer furnitype.
     """
     path = Path(run_dir)
     if not path.is_dir():
+        recover(path)  # a replacement killed halfway, on a file system that cannot swap in one step
+    if not path.is_dir():
         raise InputError(f"run folder not found: {path}")
-    if not (path / METRICS_FILE).is_file():
+    if not os.path.lexists(path / METRICS_FILE):
         raise InputError(f"{path} is not a furnitype run (no {METRICS_FILE}).")
-    return Run(path, read_run_document(path))
+    try:
+        return Run(path, read_run_document(path))
+    except Damage as damage:
+        raise damaged(path, damage) from None
+
+
+def damaged(run_dir: str | os.PathLike, damage: Damage) -> StoreError:
+    """The error for a run folder that is not what furnitype writes: ``run X is damaged: <field>: <problem>``."""
+    return StoreError(f"run {run_dir} is damaged: {damage}")
 
 
 def load_model(run_dir: str | os.PathLike, model: str | None = None, *, features: str | None = None) -> LoadedModel:
@@ -142,13 +165,16 @@ def load_model(run_dir: str | os.PathLike, model: str | None = None, *, features
     Raises
     ------
     InputError
-        No row of the run matches ``model`` and ``features``.
+        No row of the run matches ``model`` and ``features``, or the folder is a report (it holds no models).
     StoreError
-        The saved model is missing, damaged or holds untrusted types.
+        The saved model is missing, damaged, holds untrusted types, or disagrees with ``metrics.json``.
     """
-    from furnitype.classify.models import FeatureClassifier
-
     run = load_run(run_dir)
+    if run.document.kind != RUN_KIND:
+        raise InputError(
+            f"{run.path} is a report of {', '.join(run.document.merged_from or [])}; it holds no models: "
+            "use one of those runs."
+        )
     matches = [
         row
         for row in run.rows
@@ -160,8 +186,11 @@ def load_model(run_dir: str | os.PathLike, model: str | None = None, *, features
             f"{run.path} has no model {model or '(any)'} on features {features or '(any)'}; it has: {available}"
         )
     row = matches[0]
-    fitted = FeatureClassifier.load(run.path / row.model_dir)
     feature_set = run.document.feature_sets[row.features]
+    try:
+        fitted = _checked_model(run.path, row, feature_set)
+    except Damage as damage:
+        raise damaged(run.path, damage) from None
     return LoadedModel(
         model=fitted,
         name=row.model,
@@ -171,6 +200,31 @@ def load_model(run_dir: str | os.PathLike, model: str | None = None, *, features
         classes=fitted.classes_.tolist(),
         row=row,
     )
+
+
+def _checked_model(run_dir: Path, row: Row, feature_set: FeatureSetRecord):
+    """The fitted model of ``row``, once its settings, record and payload agree with ``metrics.json``."""
+    from furnitype.classify.models import FeatureClassifier
+
+    settings = f"models/{row.features}/{SETTINGS_FILE}"
+    if read_feature_set(run_dir, row.features) != feature_set:
+        raise Damage(settings, f"differs from {METRICS_FILE} feature_sets.{row.features}")
+    try:
+        model = FeatureClassifier.read(folder_inside(run_dir, row.model_dir))
+    except Damage as damage:
+        raise damage.inside(row.model_dir) from None
+    record = f"{row.model_dir}/model.json"
+    agree = {
+        "model": (model.name, row.model),
+        "classes": (model.classes_.tolist(), row.classes),
+        "n_features_in": (model.n_features_in_, feature_set.feature_dim),
+        "params": (model.get_params(), row.params),
+        "fitted": (model.summary(), row.details),
+    }
+    for key, (found, expected) in agree.items():
+        if found != expected:
+            raise Damage(f"{record} {key}", f"differs from what {METRICS_FILE} records for {row.features}/{row.model}")
+    return model
 
 
 def rank_rows(rows: Iterable[Row]) -> list[Row]:
@@ -193,7 +247,7 @@ def merge_documents(named: Sequence[tuple[str, RunDocument]]) -> RunDocument:
         warnings += [f"{name}: {warning}" for warning in document.warnings]
     return RunDocument(
         format=max(document.format for _, document in named),
-        kind="furnitype merged report",
+        kind=REPORT_KIND,
         run=" + ".join(name for name, _ in named),
         merged_from=[name for name, _ in named],
         baseline=named[0][1].baseline,
@@ -221,32 +275,3 @@ def write_split(path: Path, rows: Iterable[tuple[str, str, str, str]]) -> None:
         writer = csv.writer(fh)
         writer.writerow(["features", "sha256", "label", "part"])
         writer.writerows(rows)
-
-
-def prepare_out(out: Path, *, overwrite: bool) -> Path:
-    """Check that a run may be written to ``out``; return the temporary folder to build it in.
-
-    A run is built beside its final place and renamed at the end, so a failed run leaves nothing half-made.
-    An existing non-empty folder is replaced only when it is a run and ``overwrite`` is set.
-    """
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not (out / METRICS_FILE).is_file():
-            raise InputError(f"{out} exists and is not a furnitype run; choose another --out.")
-        if not overwrite:
-            raise InputError(f"{out} already holds a run; use another --out, or --overwrite to replace it.")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    except OSError as err:
-        raise InputError(f"cannot write {out}: {err.strerror or err}") from None
-    return tmp
-
-
-def commit_out(tmp: Path, out: Path) -> None:
-    """Move a finished run from its temporary folder to ``out`` (replacing an old run there)."""
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)

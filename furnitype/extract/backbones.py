@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,9 @@ POOLINGS = ("avg", "max", "flatten")
 PRECISIONS = ("float32", "bfloat16", "float16")
 #: The seed of random initialisation (``weights="none"``), so such features are reproducible.
 RANDOM_INIT_SEED = 0
+#: The largest input side: a network's memory grows with its square (VGG16's first layers take 256 MiB per
+#: photo at 1024 px), and a received run must not be able to ask for more.
+MAX_IMAGE_SIZE = 1024
 
 
 @dataclass(frozen=True)
@@ -105,11 +109,14 @@ def weights_identity(weights: str) -> str:
         return "imagenet"
     if weights.lower() == "none":
         return f"none(seed={RANDOM_INIT_SEED})"
-    path = Path(weights)
-    if not path.is_file():
-        raise InputError(f"weights file not found: {weights}. Received: weights={weights!r}")
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    try:  # non-blocking, so that a FIFO does not wait for a writer: only a regular file is read
+        fd = os.open(weights, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        raise InputError(f"weights file not found: {weights}. Received: weights={weights!r}") from None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InputError(f"weights {weights} is not a regular file. Received: weights={weights!r}")
+        digest = hashlib.sha256()
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return f"sha256:{digest.hexdigest()}"
@@ -125,6 +132,8 @@ def check_options(backbone: Backbone, *, weights: str, pooling: str, image_size:
         raise FurnitypeError(
             f"{backbone.name} needs an input of at least {backbone.min_size} px. Received: image_size={image_size}"
         )
+    if image_size > MAX_IMAGE_SIZE:
+        raise FurnitypeError(f"image size must be at most {MAX_IMAGE_SIZE} px. Received: image_size={image_size}")
     if weights not in ("imagenet", "none", "None") and not Path(weights).is_file():
         raise InputError(f"weights must be imagenet, none or an existing file. Received: weights={weights!r}")
 

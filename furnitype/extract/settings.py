@@ -10,6 +10,7 @@ the recorded one.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from numbers import Integral
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +90,10 @@ def spec_for(
     chosen = str(weights) if weights is not None else _recorded_weights(identity, source, what)
     try:
         backbone = get_backbone(str(settings["backbone"]))
-        image_size = int(settings["image_size"])
+        image_size = settings["image_size"]
+        if not isinstance(image_size, Integral) or isinstance(image_size, (bool, np.bool_)):
+            raise ValueError(f"image_size={image_size!r} is not a whole number of pixels")
+        image_size = int(image_size)
         check_options(
             backbone,
             weights="none",

@@ -22,12 +22,25 @@ from typing import ClassVar
 import numpy as np
 import sklearn
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.utils._param_validation import Interval, InvalidParameterError, StrOptions
+from sklearn.utils._param_validation import (
+    Interval,
+    InvalidParameterError,
+    StrOptions,
+    validate_parameter_constraints,
+)
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 import furnitype
-from furnitype.classify.metadata import MODEL_FORMAT, ModelRecord, read_model_record, write_model_record
+from furnitype.classify.metadata import (
+    MODEL_FILE,
+    MODEL_FORMAT,
+    ModelRecord,
+    read_model_record,
+    write_model_record,
+)
+from furnitype.classify.models.payload import first_line
+from furnitype.classify.runfiles import Damage
 from furnitype.classify.split import ContentKFold, max_splits
 from furnitype.errors import StoreError
 
@@ -53,8 +66,9 @@ class FeatureClassifier(ClassifierMixin, BaseEstimator, abc.ABC):
     Subclasses declare ``name`` (their registry name), ``payload`` (the file their fitted estimator is saved
     to), ``_parameter_constraints`` (scikit-learn's format), ``_item_constraints`` (for list-valued
     parameters: the constraint of each item), ``_fitted_info`` (fitted facts worth keeping, saved in
-    ``model.json``) and implement ``_fit``, ``_predict_proba``, the payload's saving and loading, ``chosen`` and
-    ``tuning``.
+    ``model.json``, with their constraints in scikit-learn's format) and implement ``_fit``,
+    ``_predict_proba``, the payload's saving and loading (which checks that the payload is what was saved),
+    ``chosen`` and ``tuning``.
 
     Attributes (after ``fit``)
     --------------------------
@@ -68,7 +82,7 @@ class FeatureClassifier(ClassifierMixin, BaseEstimator, abc.ABC):
     payload: ClassVar[str]
     _parameter_constraints: ClassVar[dict]
     _item_constraints: ClassVar[dict] = {}
-    _fitted_info: ClassVar[tuple[str, ...]]
+    _fitted_info: ClassVar[dict]
 
     @classmethod  # noqa: B027 - an optional hook, a no-op for most models
     def prepare(cls) -> None:
@@ -98,6 +112,11 @@ class FeatureClassifier(ClassifierMixin, BaseEstimator, abc.ABC):
             raise ValueError(f"fit needs at least 2 classes; y has {len(classes)} class: {classes.tolist()}")
         self._fit(X, y_index, groups, len(classes))
         self.classes_ = classes
+        return self
+
+    def check_params(self) -> FeatureClassifier:
+        """Check the parameters now, as ``fit`` would (raises scikit-learn's ``InvalidParameterError``)."""
+        self._validate_params()
         return self
 
     def predict_proba(self, X) -> np.ndarray:
@@ -158,10 +177,35 @@ class FeatureClassifier(ClassifierMixin, BaseEstimator, abc.ABC):
     def load(cls, directory: str | os.PathLike) -> FeatureClassifier:
         """Read a model written by ``save``; on the base class, any model kind.
 
+        Everything in the folder is checked before use (see ``read``).
+
         Raises
         ------
         StoreError
-            No saved model there, a newer format, another kind than asked for, or an untrusted payload.
+            No saved model there, a newer format, another kind than asked for, or a damaged model.
+        """
+        directory = Path(directory)
+        if not os.path.lexists(directory / MODEL_FILE):
+            raise StoreError(f"{directory} holds no saved model (no {MODEL_FILE}).")
+        try:
+            return cls.read(directory)
+        except Damage as damage:
+            raise StoreError(f"model {directory} is damaged: {damage}") from None
+
+    @classmethod
+    def read(cls, directory: str | os.PathLike) -> FeatureClassifier:
+        """Read a saved model, checking that it is exactly what ``save`` writes.
+
+        ``model.json`` is checked against its schema, the parameters by the estimator's own constraints and
+        the fitted facts by the model's ``_fitted_info``; the payload must hold the fitted objects the model
+        saves, with the record's classes and feature count. Only files inside ``directory`` are read.
+
+        Raises
+        ------
+        Damage
+            Named from ``directory`` (``model.json params``, ``model.skops``).
+        StoreError
+            A newer format, another kind than asked for, or a file that cannot be read.
         """
         from furnitype.classify.models import MODELS
 
@@ -169,18 +213,36 @@ class FeatureClassifier(ClassifierMixin, BaseEstimator, abc.ABC):
         record = read_model_record(directory)
         model_cls = MODELS.get(record.model)
         if model_cls is None:
-            raise StoreError(f"{directory} holds an unknown model kind {record.model!r}.")
+            raise Damage(f"{MODEL_FILE} model", f"{record.model!r} is not a model kind ({', '.join(MODELS)})")
         if cls is not FeatureClassifier and model_cls is not cls:
             raise StoreError(f"{directory} holds a {model_cls.name} model, not a {cls.name} model.")
-        model = model_cls(**record.params)
-        payload = directory / record.payload
-        if not payload.is_file():
-            raise StoreError(f"{directory} is incomplete: {payload.name} is missing.")
-        model._load_payload(payload)
+        if record.payload != model_cls.payload:
+            raise Damage(f"{MODEL_FILE} payload", f"{record.payload!r}, not {model_cls.payload!r}")
+        model = model_cls._from_params(record.params)
+        if set(record.fitted) != set(model_cls._fitted_info):
+            raise Damage(f"{MODEL_FILE} fitted", f"keys are not {', '.join(model_cls._fitted_info)}")
+        try:
+            validate_parameter_constraints(model_cls._fitted_info, record.fitted, caller_name=model_cls.__name__)
+        except InvalidParameterError as err:
+            raise Damage(f"{MODEL_FILE} fitted", first_line(err)) from None
         model.classes_ = np.array(record.classes)
         model.n_features_in_ = record.n_features_in
         for key, value in record.fitted.items():
             setattr(model, f"{key}_", value)
+        model._load_payload(directory)
+        return model
+
+    @classmethod
+    def _from_params(cls, params: dict) -> FeatureClassifier:
+        """An unfitted model of the parameters ``model.json`` records, checked as ``fit`` checks them."""
+        accepted = cls().get_params()
+        unknown = sorted(set(params) - set(accepted))
+        if unknown:
+            raise Damage(f"{MODEL_FILE} params.{unknown[0]}", f"not a parameter of the {cls.name} model")
+        try:
+            model = cls(**params).check_params()
+        except InvalidParameterError as err:
+            raise Damage(f"{MODEL_FILE} params", first_line(err)) from None
         return model
 
     def versions(self) -> dict:
@@ -200,7 +262,9 @@ class FeatureClassifier(ClassifierMixin, BaseEstimator, abc.ABC):
     def _save_payload(self, path: Path) -> None: ...
 
     @abc.abstractmethod
-    def _load_payload(self, path: Path) -> None: ...
+    def _load_payload(self, directory: Path) -> None:
+        """Load ``self.payload`` from ``directory`` (``classes_`` and ``n_features_in_`` are set); check that it
+        holds what ``_save_payload`` writes, else raise ``Damage``."""
 
     def _validate_params(self) -> None:
         super()._validate_params()
@@ -239,34 +303,3 @@ class CrossValidatedClassifier(FeatureClassifier):
             raise ValueError("cannot cross-validate: every class has a single distinct photo.")
         self.n_splits_ = n_splits
         return list(ContentKFold(n_splits, random_state=self.random_state).split(X, y, groups))
-
-
-def skops_dump(obj: dict, path: Path) -> None:
-    """Save scikit-learn objects with skops, which stores data rather than pickled code."""
-    import skops.io
-
-    skops.io.dump(obj, path)
-
-
-#: Types a skops file may hold beyond skops' own trusted defaults (numpy, scikit-learn estimators): none.
-TRUSTED_SKOPS_TYPES: tuple[str, ...] = ()
-
-
-def skops_load(path: Path) -> dict:
-    """Load a skops file, refusing any type outside skops' trusted defaults (no code is run for them)."""
-    import skops.io
-
-    try:
-        untrusted = skops.io.get_untrusted_types(file=path)
-        if set(untrusted) - set(TRUSTED_SKOPS_TYPES):
-            raise StoreError(f"{path} holds types furnitype does not trust: {', '.join(untrusted)}")
-        return skops.io.load(path, trusted=list(TRUSTED_SKOPS_TYPES))
-    except StoreError:
-        raise
-    except Exception as err:  # noqa: BLE001 - a damaged zip, a foreign file: one clear message
-        raise StoreError(f"{path} is not a loadable skops model: {first_line(err)}") from None
-
-
-def first_line(err: BaseException) -> str:
-    """The first line of an exception's message (its type's name when it has none)."""
-    return (str(err).splitlines() or [type(err).__name__])[0]

@@ -15,10 +15,10 @@ from furnitype.classify.models.base import (
     NON_NEGATIVE_INT,
     POSITIVE,
     FeatureClassifier,
-    first_line,
 )
+from furnitype.classify.models.payload import first_line
+from furnitype.classify.runfiles import Damage, file_inside
 from furnitype.classify.split import ContentSplit
-from furnitype.errors import StoreError
 
 
 class DenseModel(FeatureClassifier):
@@ -68,7 +68,7 @@ class DenseModel(FeatureClassifier):
         "class_weight": CLASS_WEIGHT,
         "random_state": [NON_NEGATIVE_INT],
     }
-    _fitted_info = ("best_epoch", "epochs_run", "n_validation")
+    _fitted_info = {"best_epoch": [COUNT], "epochs_run": [COUNT], "n_validation": [NON_NEGATIVE_INT]}
 
     def __init__(
         self,
@@ -172,12 +172,22 @@ class DenseModel(FeatureClassifier):
             warnings.filterwarnings("ignore", "__array__ implementation doesn't accept", DeprecationWarning)
             self.model_.save(path)
 
-    def _load_payload(self, path: Path) -> None:
+    def _load_payload(self, directory: Path) -> None:
         keras = _keras()
+        path = file_inside(directory, self.payload)
         try:
-            self.model_ = keras.saving.load_model(path, compile=False, safe_mode=True)
+            model = keras.saving.load_model(path, compile=False, safe_mode=True)
         except Exception as err:  # noqa: BLE001 - Keras raises many types for a damaged or foreign file
-            raise StoreError(f"{path} is not a loadable Keras model: {first_line(err)}") from None
+            raise Damage(self.payload, f"not a loadable Keras model ({first_line(err)})") from None
+        shapes = (getattr(model, "input_shape", None), getattr(model, "output_shape", None))
+        expected = ((None, self.n_features_in_), (None, len(self.classes_)))
+        if not isinstance(model, keras.Model) or shapes != expected:
+            raise Damage(
+                self.payload,
+                f"a network from {shapes[0]} to {shapes[1]}, not from {self.n_features_in_} features to "
+                f"{len(self.classes_)} classes",
+            )
+        self.model_ = model
 
 
 def _keras():

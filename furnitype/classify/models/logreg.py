@@ -30,9 +30,8 @@ from furnitype.classify.models.base import (
     POSITIVE,
     CrossValidatedClassifier,
     one_of,
-    skops_dump,
-    skops_load,
 )
+from furnitype.classify.models.payload import logistic, scaled_pipeline, skops_dump, skops_load
 
 #: How cross-validation ranks the C values.
 SCORINGS = ("log_loss", "accuracy", "balanced_accuracy")
@@ -88,7 +87,7 @@ class LogRegModel(CrossValidatedClassifier):
         "random_state": [NON_NEGATIVE_INT],
     }
     _item_constraints = {"Cs": POSITIVE}
-    _fitted_info = ("best_params", "cv_results", "n_splits", "converged")
+    _fitted_info = {"best_params": [dict], "cv_results": [list], "n_splits": [FOLDS], "converged": ["boolean"]}
 
     def __init__(
         self,
@@ -164,8 +163,11 @@ class LogRegModel(CrossValidatedClassifier):
     def _save_payload(self, path: Path) -> None:
         skops_dump({"pipeline": self.pipeline_}, path)
 
-    def _load_payload(self, path: Path) -> None:
-        self.pipeline_ = skops_load(path)["pipeline"]
+    def _load_payload(self, directory: Path) -> None:
+        pipeline = skops_load(directory, self.payload, ["pipeline"])["pipeline"]
+        scaled_pipeline(pipeline, ("logreg", LogisticRegression), self.n_features_in_, self.payload)
+        logistic(pipeline[-1], self.n_features_in_, np.arange(len(self.classes_)), self.payload)
+        self.pipeline_ = pipeline
 
 
 def _c_path(model: LogisticRegression, X, y, X_val, Cs: list[float]) -> np.ndarray:

@@ -33,9 +33,8 @@ from furnitype.classify.models.base import (
     POSITIVE,
     CrossValidatedClassifier,
     one_of,
-    skops_dump,
-    skops_load,
 )
+from furnitype.classify.models.payload import logistic, scaled_pipeline, skops_dump, skops_load, svc
 
 KERNELS = ("linear", "rbf")
 #: How cross-validation ranks the candidates; ties go to the earlier (simpler) one.
@@ -94,7 +93,7 @@ class SVMModel(CrossValidatedClassifier):
         "random_state": [NON_NEGATIVE_INT],
     }
     _item_constraints = {"kernels": one_of(KERNELS), "linear_Cs": POSITIVE, "rbf_Cs": POSITIVE, "rbf_gammas": POSITIVE}
-    _fitted_info = ("best_params", "cv_results", "n_splits")
+    _fitted_info = {"best_params": [dict], "cv_results": [list], "n_splits": [FOLDS]}
 
     def __init__(
         self,
@@ -186,9 +185,14 @@ class SVMModel(CrossValidatedClassifier):
     def _save_payload(self, path: Path) -> None:
         skops_dump({"pipeline": self.pipeline_, "calibrator": self.calibrator_}, path)
 
-    def _load_payload(self, path: Path) -> None:
-        loaded = skops_load(path)
-        self.pipeline_, self.calibrator_ = loaded["pipeline"], loaded["calibrator"]
+    def _load_payload(self, directory: Path) -> None:
+        loaded = skops_load(directory, self.payload, ["pipeline", "calibrator"])
+        n_features, n_classes = self.n_features_in_, len(self.classes_)
+        pipeline = scaled_pipeline(loaded["pipeline"], ("svc", SVC), n_features, self.payload)
+        svc(pipeline[-1], n_features, n_classes, self.payload)
+        width = 1 if n_classes == 2 else n_classes
+        self.calibrator_ = logistic(loaded["calibrator"], width, np.arange(n_classes), self.payload)
+        self.pipeline_ = pipeline
 
 
 class _SharedKernels:
