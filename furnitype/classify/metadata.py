@@ -242,6 +242,12 @@ class Row:
             check = PER_CLASS[key]
             if len(values) != n or any(check(v) for v in values):
                 raise Damage(_child(where, f"per_class.{key}"), f"not {n} values {PER_CLASS_WORDS[key]}")
+        support = sum(self.per_class["support"])
+        if support != self.n_test:
+            raise Damage(_child(where, "per_class.support"), f"counts {support} photos, not n_test")
+        gap = 100 * (self.accuracy - self.baseline_accuracy)
+        if abs(self.vs_baseline_points - gap) > 0.01:
+            raise Damage(_child(where, "vs_baseline_points"), f"{self.vs_baseline_points}, not the accuracy's gap")
         relative_parts(self.model_dir, _child(where, "model_dir"))
 
 
@@ -424,7 +430,7 @@ class RunDocument:
         feature_set = self.feature_sets.get(row.features)
         if feature_set is None:
             raise Damage(f"{at}.features", f"{row.features!r} is not a key of feature_sets")
-        for key in ("classes", "n_train", "n_test"):
+        for key in ("classes", "n_train", "n_test", "weights"):
             if getattr(row, key) != getattr(feature_set, key):
                 raise Damage(f"{at}.{key}", f"differs from feature_sets.{row.features}.{key}")
         if self.kind != RUN_KIND:
@@ -533,8 +539,9 @@ def write_model_record(model_dir: str | os.PathLike, record: ModelRecord) -> Pat
 
 
 def _read_json(folder: str | os.PathLike, relative: str) -> Any:
+    data = read_inside(folder, relative)
     try:
-        return json.loads(read_inside(folder, relative))
+        return json.loads(data)
     except (ValueError, RecursionError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise Damage(relative, f"not JSON ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
 

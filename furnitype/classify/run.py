@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -209,8 +210,9 @@ def _checked_model(run_dir: Path, row: Row, feature_set: FeatureSetRecord):
     settings = f"models/{row.features}/{SETTINGS_FILE}"
     if read_feature_set(run_dir, row.features) != feature_set:
         raise Damage(settings, f"differs from {METRICS_FILE} feature_sets.{row.features}")
+    folder = folder_inside(run_dir, row.model_dir)
     try:
-        model = FeatureClassifier.read(folder_inside(run_dir, row.model_dir))
+        model = FeatureClassifier.read(folder)
     except Damage as damage:
         raise damage.inside(row.model_dir) from None
     record = f"{row.model_dir}/model.json"
@@ -222,9 +224,13 @@ def _checked_model(run_dir: Path, row: Row, feature_set: FeatureSetRecord):
         "fitted": (model.summary(), row.details),
     }
     for key, (found, expected) in agree.items():
-        if found != expected:
+        if _as_json(found) != _as_json(expected):  # as JSON: true is not 1
             raise Damage(f"{record} {key}", f"differs from what {METRICS_FILE} records for {row.features}/{row.model}")
     return model
+
+
+def _as_json(value) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def rank_rows(rows: Iterable[Row]) -> list[Row]:

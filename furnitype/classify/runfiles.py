@@ -133,6 +133,7 @@ def _open_folders(root: Path, parts: tuple[str, ...], relative: str, *, last_is_
     for i, part in enumerate(walk):
         name = "/".join(parts[: i + 1])
         try:
+            _check_kind(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode, name, want_folder=True)
             inner = os.open(part, _DIRECTORY, dir_fd=fd)
         except OSError as err:
             raise _open_error(err, name, want_folder=True) from None

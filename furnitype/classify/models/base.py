@@ -239,6 +239,9 @@ class FeatureClassifier(ClassifierMixin, BaseEstimator, abc.ABC):
         unknown = sorted(set(params) - set(accepted))
         if unknown:
             raise Damage(f"{MODEL_FILE} params.{unknown[0]}", f"not a parameter of the {cls.name} model")
+        missing = sorted(set(accepted) - set(params))
+        if missing:
+            raise Damage(f"{MODEL_FILE} params.{missing[0]}", "missing")
         try:
             model = cls(**params).check_params()
         except InvalidParameterError as err:
