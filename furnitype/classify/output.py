@@ -88,14 +88,18 @@ def building(out: str | os.PathLike, *, kind: str, overwrite: bool) -> Iterator[
             _check_target(target, shown, kind, overwrite)
             if os.path.lexists(tmp):
                 raise InputError(f"{tmp} is in the way (not recorded as furnitype's leftover); remove it.")
+        except OSError as err:
+            raise _cannot_write(shown, err) from None
+        try:
             lock.record()
             os.mkdir(tmp)
         except OSError as err:
+            lock.tidy(os.getpid())
             raise _cannot_write(shown, err) from None
         try:
             yield Building(tmp, target)
             _fsync_tree(tmp)
-            _swap_in(tmp, target, replace=_check_target(target, shown, kind, overwrite))
+            _swap_in(tmp, target, _check_target(target, shown, kind, overwrite))
         except OSError as err:
             lock.tidy(os.getpid())
             raise _cannot_write(shown, err) from None
@@ -124,16 +128,16 @@ def folder_kind(path: Path) -> str | None:
     return kind if kind in KIND_NAMES else None
 
 
-def _check_target(target: Path, shown: str, kind: str, overwrite: bool) -> bool:
-    """Whether ``target`` holds a folder to replace (False: nothing, or an empty folder); refuse the rest."""
+def _check_target(target: Path, shown: str, kind: str, overwrite: bool) -> str:
+    """What is at ``target``: ``"nothing"``, an ``"empty"`` folder, or a folder to ``"replace"``; refuse the rest."""
     try:
         found = os.lstat(target)
     except FileNotFoundError:
-        return False
+        return "nothing"
     if not stat.S_ISDIR(found.st_mode):
         raise InputError(f"{shown} exists and is not a folder; choose another --out.")
     if not os.listdir(target):
-        return False
+        return "empty"
     existing = folder_kind(target)
     if existing is None:
         raise InputError(f"{shown} exists and is not a furnitype run; choose another --out.")
@@ -146,7 +150,7 @@ def _check_target(target: Path, shown: str, kind: str, overwrite: bool) -> bool:
         raise InputError(
             f"{shown} already holds a {KIND_NAMES[kind]}; use another --out, or --overwrite to replace it."
         )
-    return True
+    return "replace"
 
 
 def _refuse_inside_a_run(target: Path, shown: str) -> None:
@@ -155,10 +159,12 @@ def _refuse_inside_a_run(target: Path, shown: str) -> None:
             raise InputError(f"{shown} is inside {folder}, which furnitype made; choose a folder outside it.")
 
 
-def _swap_in(tmp: Path, target: Path, *, replace: bool) -> None:
-    if not replace:
+def _swap_in(tmp: Path, target: Path, found: str) -> None:
+    if found == "empty":
+        os.rename(tmp, target)  # replaces an empty folder in one step, fails if it is not empty any more
+    elif found == "nothing":
         if not _renameat2(tmp, target, _RENAME_NOREPLACE):
-            os.rename(tmp, target)  # no other furnitype can be here (the lock); an empty folder is replaced
+            os.rename(tmp, target)  # no other furnitype can be here (the lock)
     elif not _renameat2(tmp, target, _RENAME_EXCHANGE):
         os.rename(target, _leftover(target, "old", os.getpid()))
         os.rename(tmp, target)
@@ -224,7 +230,10 @@ class _Lock:
             if not _tidy_leftovers(self.target, writer):
                 remaining.append(writer)
         if remaining != recorded:
-            self._write(remaining)
+            try:
+                self._write(remaining)
+            except OSError:
+                pass  # still recorded: the next writer tidies
 
     def _recorded(self) -> list[int]:
         text = os.pread(self.fd, 4096, 0).decode("ascii", "replace")
