@@ -261,6 +261,11 @@ def test_report_out_follows_the_rules_of_classify_out(runs, tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def test_the_root_folder_is_refused(feats, runs):
+    one_line(invoke("report", runs["old"], runs["new"], "--out", "/"), 2, "/ is the root folder; choose a folder for "
+             "the report.")
+
+
 def test_leftovers_that_are_not_recorded_are_left_alone(feats, tmp_path):
     strange = tmp_path / ".run.tmp-1"
     strange.mkdir()

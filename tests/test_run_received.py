@@ -268,6 +268,14 @@ def test_damaged_metadata_is_named(base, run, file, change, message):
     refused(run, base["new"], 1, f"run {run} is damaged: {message}")
 
 
+def test_a_received_name_cannot_break_the_line_or_reach_the_terminal(base, run):
+    edit(run / "metrics.json", lambda d: d["rows"][0].update({"\n\x1b[2Jowned": 1}))
+    refused(run, base["new"], 1, f"run {run} is damaged: metrics.json rows[0].\\n\\x1b[2Jowned: unknown key")
+    edit(run / "metrics.json", lambda d: (d["rows"][0].pop("\n\x1b[2Jowned"), d["notes"].append("\x1b]0;title\x07")))
+    refused(run, base["new"], 1, f"run {run} is damaged: metrics.json notes: '\\x1b]0;title\\x07' holds control "
+            "characters")
+
+
 def test_a_model_of_another_kind_than_its_row(base, run):
     # logreg's model.json and payload where metrics.json says svm: each file is fine, they disagree
     shutil.rmtree(run / SVM)

@@ -27,7 +27,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Union
 
-from furnitype.classify.runfiles import Damage, read_inside, relative_parts
+from furnitype.classify.runfiles import CONTROL_CHARACTERS, Damage, read_inside, relative_parts
 from furnitype.errors import StoreError
 
 #: Version of the run folder layout (``metrics.json``, ``split.csv``, ``models/``); a newer one is refused.
@@ -75,9 +75,6 @@ ROW_SCALARS = (
 
 # -- what a value may be (a field's ``check``: the value -> the problem, or None) --------------------------------
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
 def rule(check) -> Any:
     """A record field whose value must also pass ``check`` (which returns the problem, or None)."""
     return field(metadata={"check": check})
@@ -100,14 +97,20 @@ def one_of(*allowed):
 
 def name(value: str) -> str | None:
     """The check for a name that is also a file or folder name: not empty, no ``/``, ``.`` or ``..``, no controls."""
-    if value in ("", ".", "..") or "/" in value or "\\" in value or _CONTROL.search(value):
+    if value in ("", ".", "..") or "/" in value or "\\" in value or CONTROL_CHARACTERS.search(value):
         return f"{value!r} is not a plain name"
     return None
 
 
 def label(value: str) -> str | None:
     """The check for text shown on one line (a class name, a key): not empty, no control characters."""
-    return f"{value!r} is not a one-line name" if value == "" or _CONTROL.search(value) else None
+    return f"{value!r} is not a one-line name" if value == "" or CONTROL_CHARACTERS.search(value) else None
+
+
+def one_line(value: list) -> str | None:
+    """The check for lines of text (notes, warnings): no control characters, so none reach a terminal."""
+    found = [line for line in value if CONTROL_CHARACTERS.search(line)]
+    return f"{found[0]!r} holds control characters" if found else None
 
 
 def class_names(value: list) -> str | None:
@@ -374,8 +377,8 @@ class RunDocument:
     baseline: str | None
     feature_sets: dict[str, FeatureSetRecord]
     rows: list[Row]
-    notes: list[str]
-    warnings: list[str]
+    notes: list[str] = rule(one_line)
+    warnings: list[str] = rule(one_line)
     created: str | None = field(default=None, metadata={"check": iso_time})
     versions: dict[str, str] | None = None
     options: RunOptions | None = None

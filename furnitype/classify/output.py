@@ -75,8 +75,10 @@ def building(out: str | os.PathLike, *, kind: str, overwrite: bool) -> Iterator[
     On any error (Ctrl-C included) the hidden folder is removed and ``out`` is as it was.
     """
     shown = str(out)
-    target = Path(os.path.realpath(out))
     try:
+        target = Path(os.path.realpath(out))
+        if target == target.parent:
+            raise InputError(f"{shown} is the root folder; choose a folder for the {KIND_NAMES[kind]}.")
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise _cannot_write(shown, err) from None
@@ -198,6 +200,9 @@ class _Lock:
                 raise StoreError(
                     f"another furnitype process is writing {self.shown}; wait for it to finish."
                 ) from None
+            except OSError as err:  # a file system without locks
+                os.close(fd)
+                raise StoreError(f"cannot lock {self.path}: {err.strerror or err}") from None
             if _same_file(fd, self.path):
                 self.fd = fd
             else:

@@ -208,7 +208,8 @@ def _checked_model(run_dir: Path, row: Row, feature_set: FeatureSetRecord):
     from furnitype.classify.models import FeatureClassifier
 
     settings = f"models/{row.features}/{SETTINGS_FILE}"
-    if read_feature_set(run_dir, row.features) != feature_set:
+    stored = read_feature_set(run_dir, row.features)
+    if _as_json(dataclasses.asdict(stored)) != _as_json(dataclasses.asdict(feature_set)):
         raise Damage(settings, f"differs from {METRICS_FILE} feature_sets.{row.features}")
     folder = folder_inside(run_dir, row.model_dir)
     try:

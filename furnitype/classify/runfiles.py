@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 from pathlib import Path, PurePosixPath
 
@@ -19,6 +20,8 @@ from furnitype.errors import StoreError
 #: The largest metadata file read (bytes): a run's JSON files are kilobytes to a few megabytes.
 MAX_METADATA_BYTES = 256 << 20
 
+#: What a name or a line of text shown to the user must not hold.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
@@ -35,7 +38,7 @@ class Damage(ValueError):
     """
 
     def __init__(self, where: str, problem: str):
-        where = where.rstrip()
+        where, problem = printable(where.rstrip()), printable(problem)
         super().__init__(f"{where}: {problem}")
         self.where = where
         self.problem = problem
@@ -43,6 +46,12 @@ class Damage(ValueError):
     def inside(self, folder: str) -> Damage:
         """The same damage, named from a parent folder (``models/feats/logreg/`` + ``model.json ...``)."""
         return Damage(f"{folder.rstrip('/')}/{self.where}", self.problem)
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped (``\\n``, ``\\x1b``): a received name cannot break a message's
+    line or send escape sequences to a terminal."""
+    return CONTROL_CHARACTERS.sub(lambda found: repr(found.group())[1:-1], text)
 
 
 def relative_parts(relative: str, where: str) -> tuple[str, ...]:
