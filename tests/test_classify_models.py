@@ -1,6 +1,7 @@
 """The three models on small generated features: fit, probabilities, CV, save/load, errors; metrics."""
 
 import json
+import os
 import re
 import warnings
 
@@ -211,6 +212,40 @@ def test_loading_refuses_untrusted_types(fitted, tmp_path):
     skops.io.dump({"pipeline": Payload()}, tmp_path / "logreg" / "model.skops")
     with pytest.raises(StoreError, match="holds types furnitype does not trust: .*Payload"):
         FeatureClassifier.load(tmp_path / "logreg")
+
+
+@pytest.mark.parametrize("payload", [{"pipeline": os.system}, {"pipeline": eval}, {"pipeline": Payload}],
+                         ids=["os.system", "eval", "a class"])
+def test_loading_refuses_functions_and_classes(fitted, tmp_path, payload):
+    fitted["logreg"].save(tmp_path / "logreg")
+    skops.io.dump(payload, tmp_path / "logreg" / "model.skops")
+    with pytest.raises(StoreError, match=r"is damaged: model\.skops: holds types furnitype does not trust: "):
+        FeatureClassifier.load(tmp_path / "logreg")
+
+
+def test_loading_refuses_a_keras_file_with_python_code(fitted, tmp_path):
+    from furnitype.keras_loader import import_keras
+
+    keras = import_keras()
+    fitted["dense"].save(tmp_path / "dense")
+    touched = tmp_path / "touched"
+    code = keras.Sequential(
+        [keras.Input((24,)), keras.layers.Lambda(lambda x, t=str(touched): (open(t, "w").close(), x)[1]),
+         keras.layers.Dense(4, activation="softmax")]
+    )
+    code.save(tmp_path / "dense" / "model.keras")
+    touched.unlink()  # building the network ran the lambda once: loading must not
+    with pytest.raises(StoreError, match=r"is damaged: model\.keras: not a loadable Keras model \(.*lambda"):
+        FeatureClassifier.load(tmp_path / "dense")
+    assert not touched.exists()
+
+
+def test_loading_refuses_a_keras_network_of_other_shapes(fitted, tmp_path):
+    fitted["dense"].save(tmp_path / "dense")
+    record = json.loads((tmp_path / "dense" / "model.json").read_text())
+    (tmp_path / "dense" / "model.json").write_text(json.dumps({**record, "n_features_in": 25}))
+    with pytest.raises(StoreError, match=r"model\.keras: a network from \(None, 24\) to \(None, 4\), not from 25 "):
+        FeatureClassifier.load(tmp_path / "dense")
 
 
 def test_loading_refuses_a_damaged_keras_file(fitted, tmp_path):
