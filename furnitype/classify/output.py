@@ -79,10 +79,10 @@ def building(out: str | os.PathLike, *, kind: str, overwrite: bool) -> Iterator[
         target = Path(os.path.realpath(out))
         if target == target.parent:
             raise InputError(f"{shown} is the root folder; choose a folder for the {KIND_NAMES[kind]}.")
+        _refuse_inside_a_run(target, shown)
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise _cannot_write(shown, err) from None
-    _refuse_inside_a_run(target, shown)
     with _Lock(target, shown) as lock:
         tmp = _leftover(target, "tmp", os.getpid())
         try:
