@@ -113,7 +113,7 @@ def classify(
     say = progress or (lambda _line: None)
     options = _check_options(feature_files, models, test_files, test_size, val_size, cv, seed, class_weight)
     for name in options.models:
-        _checked_model(name, options, model_params)
+        _new_model(name, options, model_params)  # every model's parameters checked before anything is trained
     out = Path(out) if out is not None else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     warnings: list[str] = []
 
@@ -122,7 +122,7 @@ def classify(
         say(f"warning: {message}")
 
     with building(out, kind=RUN_KIND, overwrite=overwrite) as folder:
-        name = folder.target.name
+        run_name = folder.target.name
         sets = load_train_test_sets(
             feature_files, test_files, test_size=options.test_size or DEFAULT_TEST_SIZE, seed=seed, warn=warn
         )
@@ -133,8 +133,8 @@ def classify(
             feature_sets[data.key] = _feature_set_record(data, baseline)
             fits = []
             for model_name in options.models:
-                model = _checked_model(model_name, options, model_params)
-                fit = fit_and_score(data, model, baseline=baseline, run=name, say=say)
+                model = _new_model(model_name, options, model_params)
+                fit = fit_and_score(data, model, baseline=baseline, run=run_name, say=say)
                 fit.model.save(folder.path / fit.row.model_dir)
                 notes += fit_notes(fit, data, baseline)
                 fits.append(fit)
@@ -143,7 +143,7 @@ def classify(
         document = RunDocument(
             format=RUN_FORMAT,
             kind=RUN_KIND,
-            run=name,
+            run=run_name,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             versions={"furnitype": furnitype.__version__},
             options=options,
@@ -191,11 +191,11 @@ def report_runs(
     runs = [load_run(d) for d in run_dirs]
     if len(runs) == 1 and out is None:
         return runs[0]
+    names = [Path(os.path.realpath(run.path)).name for run in runs]  # "." is named by its folder's name
     if len(runs) > 1:
-        document = merge_documents([(run.path.name, run.document) for run in runs])
+        document = merge_documents([(name, run.document) for name, run in zip(names, runs, strict=True)])
     else:
-        run = runs[0]
-        document = dataclasses.replace(run.document, kind=REPORT_KIND, merged_from=[run.path.name])
+        document = dataclasses.replace(runs[0].document, kind=REPORT_KIND, merged_from=names)
     if out is None:
         return Run(None, document)
     refuse_one_of(out, [run.path for run in runs], str(out))
@@ -245,7 +245,7 @@ def _is_integer(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _checked_model(name: str, options: RunOptions, model_params: Mapping[str, Mapping] | None):
+def _new_model(name: str, options: RunOptions, model_params: Mapping[str, Mapping] | None):
     """An unfitted model with the run's options (those it takes) and its own ``model_params``, both checked."""
     given = dict((model_params or {}).get(name, {}))
     unknown = sorted(set(model_params or {}) - set(MODELS)) + sorted(set(given) - set(MODELS[name]().get_params()))

@@ -189,7 +189,7 @@ def load_model(run_dir: str | os.PathLike, model: str | None = None, *, features
     row = matches[0]
     feature_set = run.document.feature_sets[row.features]
     try:
-        fitted = _checked_model(run.path, row, feature_set)
+        fitted = _loaded_model(run.path, row, feature_set)
     except Damage as damage:
         raise damaged(run.path, damage) from None
     return LoadedModel(
@@ -203,7 +203,7 @@ def load_model(run_dir: str | os.PathLike, model: str | None = None, *, features
     )
 
 
-def _checked_model(run_dir: Path, row: Row, feature_set: FeatureSetRecord):
+def _loaded_model(run_dir: Path, row: Row, feature_set: FeatureSetRecord):
     """The fitted model of ``row``, once its settings, record and payload agree with ``metrics.json``."""
     from furnitype.classify.models import FeatureClassifier
 
