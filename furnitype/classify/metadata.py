@@ -71,9 +71,8 @@ ROW_SCALARS = (
 )
 
 
-
-
 # -- what a value may be (a field's ``check``: the value -> the problem, or None) --------------------------------
+
 
 def rule(check) -> Any:
     """A record field whose value must also pass ``check`` (which returns the problem, or None)."""
@@ -301,9 +300,7 @@ class FeatureSetRecord:
     baseline: dict[str, float]
 
     def _check_consistency(self, where: str) -> None:
-        if set(self.dropped_classes) & set(self.classes) or len(set(self.dropped_classes)) < len(
-            self.dropped_classes
-        ):
+        if set(self.dropped_classes) & set(self.classes) or len(set(self.dropped_classes)) < len(self.dropped_classes):
             raise Damage(_child(where, "dropped_classes"), "a class is listed twice, or also trained on")
         recorded_dim = self.meta.get("feature_dim", self.feature_dim)
         if recorded_dim != self.feature_dim:

@@ -197,9 +197,7 @@ class _Lock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise StoreError(
-                    f"another furnitype process is writing {self.shown}; wait for it to finish."
-                ) from None
+                raise StoreError(f"another furnitype process is writing {self.shown}; wait for it to finish.") from None
             except OSError as err:  # a file system without locks
                 os.close(fd)
                 raise StoreError(f"cannot lock {self.path}: {err.strerror or err}") from None
