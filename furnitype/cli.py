@@ -54,12 +54,15 @@ def cli() -> None:
 @click.option("--image-size", type=click.IntRange(min=1), help="Square input side.  [default: 224 / 299]")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--precision", default="float32", show_default=True,
-              type=click.Choice(["float32", "bfloat16", "float16"]), help="Compute precision (mixed).")
+              type=click.Choice(["float32", "bfloat16", "float16", "int8"]),
+              help="Compute precision (mixed; int8: OpenVINO, needs pip install 'furnitype[int8]').")
 @click.option("--store-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]))
 @click.option("--interpolation", default="bilinear", show_default=True,
               type=click.Choice(["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]))
 @click.option("--decode", default="exact", show_default=True, type=click.Choice(["exact", "draft"]),
               help="draft: let the JPEG decoder downscale first (faster on big photos).")
+@click.option("--calibrate", type=click.Path(exists=True),
+              help="int8: calibrate on these photos.  [default: the store's, else a sample of IMAGES]")
 @click.option("--workers", type=click.IntRange(min=1),
               help="Decoding threads (in each Ray worker with --engine ray).  [default: up to 4]")
 @click.option("--engine", default="local", show_default=True, type=click.Choice(["local", "ray"]),
@@ -77,8 +80,8 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @_api_errors
 def extract(images, backbone, weights, pooling, image_size, batch_size, precision, store_dtype, interpolation, decode,
-            workers, engine, address, ray_workers, gpus_per_worker, cpus_per_worker, out, manifest, overwrite, quiet,
-            as_json) -> None:
+            calibrate, workers, engine, address, ray_workers, gpus_per_worker, cpus_per_worker, out, manifest,
+            overwrite, quiet, as_json) -> None:
     """Extract pooled CNN features of IMAGES into an HDF5 feature cache.
 
     IMAGES are folders (one subfolder per class, or unlabelled photos) or image files. Only photos whose
@@ -88,6 +91,7 @@ def extract(images, backbone, weights, pooling, image_size, batch_size, precisio
     Examples:
       furnitype extract photos/ --backbone inception
       furnitype extract photos/ --weights vgg16_notop.weights.h5 --precision bfloat16 --out vgg.h5
+      furnitype extract photos/ --weights vgg16_notop.weights.h5 --precision int8 --out vgg-int8.h5
       furnitype extract --manifest labels.csv --json
       furnitype extract photos/ --engine ray --address auto --ray-workers 8 --gpus-per-worker 1
     """
@@ -100,8 +104,9 @@ def extract(images, backbone, weights, pooling, image_size, batch_size, precisio
     result = run_extract(
         images, backbone=backbone, weights=weights, pooling=pooling, image_size=image_size, batch_size=batch_size,
         precision=precision, store_dtype=store_dtype, interpolation=interpolation, decode=decode, out=out,
-        manifest=manifest, overwrite=overwrite, progress=not quiet and not as_json, workers=workers, engine=engine,
-        ray_address=address, ray_workers=ray_workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
+        calibrate=calibrate, manifest=manifest, overwrite=overwrite, progress=not quiet and not as_json,
+        workers=workers, engine=engine, ray_address=address, ray_workers=ray_workers, gpus_per_worker=gpus_per_worker,
+        cpus_per_worker=cpus_per_worker,
     )
     if as_json:
         _print_json(result.as_dict())

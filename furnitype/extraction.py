@@ -20,7 +20,7 @@ from furnitype.errors import InputError
 from furnitype.extract.backbones import get_backbone
 from furnitype.extract.images import ImageFile, list_images, sha256_file
 from furnitype.extract.pipeline import ExtractSpec, Outcome
-from furnitype.extract.settings import resolve_settings
+from furnitype.extract.settings import calibrated, resolve_settings
 from furnitype.features import store
 from furnitype.features.journal import Journal, Row, Skip
 
@@ -80,6 +80,7 @@ def extract(
     store_dtype: str = "float32",
     interpolation: str = "bilinear",
     decode: str = "exact",
+    calibrate: str | os.PathLike | None = None,
     out: str | os.PathLike | None = None,
     manifest: str | os.PathLike | None = None,
     overwrite: bool = False,
@@ -105,13 +106,17 @@ def extract(
     image_size : int, default=None
         Square input side; None keeps Keras' size (224 for VGG16, 299 for InceptionV3).
     batch_size : int, default=32
-    precision : {"float32", "bfloat16", "float16"}, default="float32"
-        Compute precision (Keras mixed precision); rows are stored as ``store_dtype``.
+    precision : {"float32", "bfloat16", "float16", "int8"}, default="float32"
+        Compute precision (Keras mixed precision; ``int8``: OpenVINO, needs ``furnitype[int8]``); rows are
+        stored as ``store_dtype``.
     store_dtype : {"float32", "float16"}, default="float32"
     interpolation : str, default="bilinear"
         Resize filter, as ``keras.utils.load_img`` names them.
     decode : {"exact", "draft"}, default="exact"
         ``draft`` lets the JPEG decoder downscale first (faster on large photos).
+    calibrate : path, default=None
+        int8 only: the photos (folder or file) to calibrate the quantized network on; None: the ones the store
+        was made with, else a fixed, seeded sample of the listed photos (``furnitype.extract.int8``).
     out : path, default=None
         The feature file; None gives ``features-<backbone>.h5``.
     manifest : path, default=None
@@ -150,6 +155,10 @@ def extract(
     listing = list_images(inputs, manifest)
     out = Path(out or f"features-{spec.backbone}.h5")
     _check_writable(out)
+    if spec.precision == "int8":
+        spec, settings = calibrated(spec, settings, [f.path for f in listing.files], calibrate=calibrate, store=out)
+    elif calibrate is not None:
+        raise InputError(f"--calibrate is for --precision int8 only. Received: precision={precision!r}")
     previous = _previous_store(out, settings, overwrite)
 
     with Journal(out, settings, overwrite=overwrite) as journal:

@@ -206,6 +206,7 @@ def predict(
         loaded.settings,
         weights=weights,
         source=loaded.meta.get("weights_source"),
+        calibration_photos=loaded.meta.get("calibration_photos"),
         what=f"run {run}'s {loaded.features} features",
     )
     files = _listing(images)

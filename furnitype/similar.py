@@ -173,6 +173,7 @@ class SimilarIndex:
             self.feature_set.settings,
             weights=weights,
             source=meta.get("weights_source"),
+            calibration_photos=meta.get("calibration_photos"),
             what=f"the rows of {self.feature_set.file or 'the feature set'}",
         )
         by_path: dict[str, list[_Query]] = {}

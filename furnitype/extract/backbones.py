@@ -21,7 +21,9 @@ from furnitype.errors import FurnitypeError, InputError
 from furnitype.keras_loader import import_keras
 
 POOLINGS = ("avg", "max", "flatten")
-PRECISIONS = ("float32", "bfloat16", "float16")
+#: Keras precisions (``mixed_*`` dtype policies); ``int8`` is OpenVINO's (``furnitype.extract.int8``).
+KERAS_PRECISIONS = ("float32", "bfloat16", "float16")
+PRECISIONS = (*KERAS_PRECISIONS, "int8")
 #: The seed of random initialisation (``weights="none"``), so such features are reproducible.
 RANDOM_INIT_SEED = 0
 #: The largest input side: a network's memory grows with its square (VGG16's first layers take 256 MiB per
@@ -148,7 +150,17 @@ def build_model(
     ``weights`` is ``"imagenet"`` (Keras' own download and cache), ``"none"`` (random, seeded) or a file path.
     ``precision`` ``bfloat16``/``float16`` builds the network under Keras' ``mixed_*`` dtype policy.
     """
+    return _traced(
+        keras_model(backbone, weights=weights, pooling=pooling, image_size=image_size, precision=precision),
+        image_size,
+    )
+
+
+def keras_model(backbone: Backbone, *, weights: str, pooling: str, image_size: int, precision: str = "float32"):
+    """The frozen Keras convolutional base with its pooling (``flatten``: a ``Flatten`` layer), not traced."""
     check_options(backbone, weights=weights, pooling=pooling, image_size=image_size, precision=precision)
+    if precision not in KERAS_PRECISIONS:
+        raise FurnitypeError(f"{precision} networks are built by furnitype.extract.int8, not Keras.")
     keras = import_keras()
     builder = getattr(getattr(keras.applications, backbone.keras_name), backbone.builder)
     keras_weights = None if weights.lower() == "none" else weights
@@ -171,7 +183,7 @@ def build_model(
     finally:
         keras.config.set_dtype_policy(previous_policy)
     model.trainable = False
-    return _traced(model, image_size)
+    return model
 
 
 def _traced(model, image_size: int) -> Callable[[np.ndarray], np.ndarray]:

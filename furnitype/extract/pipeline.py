@@ -15,13 +15,17 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from furnitype.extract import int8
 from furnitype.extract.backbones import build_model, get_backbone
 from furnitype.extract.images import ImageDecodeError, decode_image, read_file
 
 
 @dataclass(frozen=True)
 class ExtractSpec:
-    """Everything that decides a feature row's value (picklable: Ray workers get one)."""
+    """Everything that decides a feature row's value (picklable: Ray workers get one).
+
+    ``quantization`` names the quantized network of ``precision="int8"`` (None for the Keras precisions).
+    """
 
     backbone: str
     weights: str
@@ -30,6 +34,7 @@ class ExtractSpec:
     interpolation: str = "bilinear"
     precision: str = "float32"
     decode: str = "exact"
+    quantization: int8.Quantization | None = None
 
     def build(self) -> Callable[[np.ndarray], np.ndarray]:
         """Build the network: ``infer(uint8 batch (n, s, s, 3)) -> float32 features (n, d)``.
@@ -54,6 +59,8 @@ class ExtractSpec:
 
 @functools.lru_cache(maxsize=1)
 def _network(spec: ExtractSpec, weights_stamp: tuple | None) -> Callable[[np.ndarray], np.ndarray]:
+    if spec.precision == "int8":
+        return int8.build(spec)
     backbone = get_backbone(spec.backbone)
     model = build_model(
         backbone, weights=spec.weights, pooling=spec.pooling, image_size=spec.image_size, precision=spec.precision

@@ -4,22 +4,30 @@
 
 A feature file records these settings (``furnitype.features.SETTING_KEYS``), and a run records its training
 file's; ``spec_for`` refuses weights whose identity (sha256 of the file, ``imagenet`` or ``none(seed=0)``) is not
-the recorded one.
+the recorded one. With ``precision="int8"`` a file also records its quantized network (``quantization``: the
+calibration photos' and the network's hashes) and, beside it, the calibration photos (``calibration_photos``),
+so ``spec_for`` names exactly the same network (``calibrated`` makes it for ``extract``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from numbers import Integral
 from pathlib import Path
 
 import numpy as np
 
 from furnitype.errors import FurnitypeError, InputError, SettingsMismatchError
+from furnitype.extract import int8
 from furnitype.extract.backbones import check_options, get_backbone, weights_identity
-from furnitype.extract.images import DECODE_MODES, check_interpolation
+from furnitype.extract.images import DECODE_MODES, check_interpolation, list_images
 from furnitype.extract.pipeline import ExtractSpec
-from furnitype.features.store import SETTING_KEYS
+from furnitype.features.store import SETTING_KEYS, StoreError, read_meta
+
+#: Settings that only int8 feature files record.
+INT8_SETTINGS = ("quantization",)
 
 STORE_DTYPES = ("float32", "float16")
 
@@ -44,6 +52,9 @@ def resolve_settings(
         raise InputError(f"decode must be one of {', '.join(DECODE_MODES)}. Received: decode={decode!r}")
     if store_dtype not in STORE_DTYPES:
         raise InputError(f"store dtype must be one of {', '.join(STORE_DTYPES)}. Received: {store_dtype!r}")
+    if precision == "int8":  # before listing and hashing: fail fast on a CPU or an install that cannot run it
+        int8.check_cpu(int8.cpu_flags())
+        int8.import_runtime()
     spec = ExtractSpec(entry.name, weights, pooling, image_size, interpolation, precision, decode)
     settings = {
         "backbone": entry.name,
@@ -58,8 +69,56 @@ def resolve_settings(
     return spec, settings
 
 
+def calibrated(
+    spec: ExtractSpec,
+    settings: Mapping,
+    listed: Sequence[str],
+    *,
+    calibrate: str | os.PathLike | None = None,
+    store: str | os.PathLike | None = None,
+) -> tuple[ExtractSpec, dict]:
+    """For ``precision="int8"``: the spec and settings naming the quantized network, made (or found) now.
+
+    The calibration photos are ``calibrate``'s (a folder, or image files), else those of the int8 feature file
+    ``store`` when it was made with the same other settings (so a store grows with the same network), else a
+    fixed, seeded sample of ``listed``.
+    """
+    recorded = _recorded_quantization(store, settings) if calibrate is None else None
+    if recorded is not None:
+        quantization = recorded
+    elif calibrate is not None:
+        folder = [f.path for f in list_images([calibrate]).files]
+        quantization = int8.Quantization(int8.choose_photos(spec, folder, f"--calibrate {calibrate}"))
+    else:
+        quantization = int8.Quantization(int8.choose_photos(spec, listed, "the listed photos"))
+    spec = int8.prepare(replace(spec, quantization=quantization))
+    return spec, {
+        **settings,
+        "quantization": spec.quantization.describe(),
+        "calibration_photos": spec.quantization.photos_json(),
+    }
+
+
+def _recorded_quantization(store: str | os.PathLike | None, settings: Mapping) -> int8.Quantization | None:
+    """The quantization an int8 feature file records, when its other settings are ``settings``."""
+    if store is None or not Path(store).is_file():
+        return None
+    try:
+        meta = read_meta(store)
+        if any(str(meta.get(key)) != str(value) for key, value in settings.items() if key in SETTING_KEYS):
+            return None
+        return int8.Quantization.parse(str(meta["quantization"]), str(meta["calibration_photos"]))
+    except (StoreError, InputError, KeyError, ValueError, TypeError):
+        return None  # not an int8 file of these settings, or damaged: extract reports it when it opens it
+
+
 def spec_for(
-    settings: Mapping, *, weights: str | None = None, source: str | None = None, what: str = "the features"
+    settings: Mapping,
+    *,
+    weights: str | None = None,
+    source: str | None = None,
+    calibration_photos: str | None = None,
+    what: str = "the features",
 ) -> ExtractSpec:
     """The ``ExtractSpec`` that made features with ``settings``, using checked weights.
 
@@ -73,6 +132,9 @@ def spec_for(
         identity is a file's sha256, else the identity's own name.
     source : str, default=None
         Where the weights file was when the features were made (the feature file's ``weights_source``).
+    calibration_photos : str, default=None
+        For int8 features: the feature file's ``calibration_photos``, to make the quantized network again when
+        it is not in the cache.
     what : str, default="the features"
         How error messages name the features (``"run runs/x's features"``).
 
@@ -83,7 +145,8 @@ def spec_for(
     InputError
         The recorded weights file is gone and no ``weights`` were given, or ``weights`` is not a file.
     """
-    missing = [key for key in SETTING_KEYS if settings.get(key) in (None, "")]
+    optional = () if settings.get("precision") == "int8" else INT8_SETTINGS
+    missing = [key for key in SETTING_KEYS if key not in optional and settings.get(key) in (None, "")]
     if missing:
         raise SettingsMismatchError(f"{what} record no {', '.join(missing)}; cannot extract new photos the same way.")
     identity = str(settings["weights"])
@@ -112,6 +175,14 @@ def spec_for(
             f"weights {chosen} are {_short(got)}, but {what} were made with {_short(identity)}; "
             "pass --weights with the weights they were made with."
         )
+    quantization = None
+    if settings["precision"] == "int8":
+        try:
+            quantization = int8.Quantization.parse(str(settings["quantization"]), str(calibration_photos))
+        except (ValueError, TypeError):
+            raise SettingsMismatchError(
+                f"{what} record no usable int8 calibration photos; cannot make their quantized network again."
+            ) from None
     return ExtractSpec(
         backbone.name,
         chosen,
@@ -120,6 +191,7 @@ def spec_for(
         str(settings["interpolation"]),
         str(settings["precision"]),
         str(settings["decode"]),
+        quantization,
     )
 
 

@@ -40,6 +40,7 @@ SETTING_KEYS = (
     "precision",
     "decode",
     "store_dtype",
+    "quantization",
 )
 _STR = h5py.string_dtype("utf-8")
 _CHUNK_BYTES = 1 << 20
