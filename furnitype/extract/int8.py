@@ -158,8 +158,8 @@ def choose_photos(spec: ExtractSpec, paths: Sequence[str], source: str) -> tuple
             break
     if len(chosen) < MIN_CALIBRATION_PHOTOS:
         raise InputError(
-            f"int8 calibration needs at least {MIN_CALIBRATION_PHOTOS} usable photos, {source} has "
-            f"{len(chosen)}; give --calibrate FOLDER with more photos like yours, or use --precision bfloat16."
+            f"int8 calibration needs at least {MIN_CALIBRATION_PHOTOS} usable photos, found {len(chosen)} in "
+            f"{source}; give --calibrate FOLDER with more photos like yours, or use --precision bfloat16."
         )
     return tuple((path, sha) for sha, path in chosen.items())
 
@@ -263,10 +263,11 @@ def _write_cache(path: Path, made_from: dict, network: str, xml: bytes, weights:
     versions = {name: _version(name) for name in ("openvino", "nncf", "keras", "tensorflow")}
     manifest = {"made_from": made_from, "network": network, "versions": versions}
     buffer = io.BytesIO()
+    members = {"manifest.json": json.dumps(manifest, indent=1, sort_keys=True).encode(), "network.xml": xml,
+               "network.bin": weights}
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
-        archive.writestr("manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
-        archive.writestr("network.xml", xml)
-        archive.writestr("network.bin", weights)
+        for name, data in members.items():  # a fixed date: the same network gives the same file
+            archive.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
