@@ -5,6 +5,7 @@ Run by hand (long: about 40 minutes for everything on 2 cores; each configuratio
     .venv/bin/python benchmarks/extract.py ../shared/data/furniture \\
         --weights ../shared/weights/vgg16_notop.weights.h5 [--backbone vgg16] [--precision bfloat16] [--limit N]
     .venv/bin/python benchmarks/extract.py --table          # the table of all saved results, as Markdown
+    .venv/bin/python benchmarks/extract.py --accuracy FLOAT32.h5 INT8.h5   # classify on both, 5 held-out splits
 
 For each configuration it measures, and saves as ``<results>/extract-<backbone>-<precision>.json``:
 
@@ -27,9 +28,19 @@ For each configuration it measures, and saves as ``<results>/extract-<backbone>-
 - **draft decoding**: on the photos where Pillow's JPEG draft mode changes the decoded pixels, the relative
   feature difference (``|f_draft - f_exact| / |f_exact|``, L2 per photo) and decoding CPU per photo both ways.
 
-``--table`` adds the bfloat16-vs-float32 feature difference from the two stores of each backbone.
+``--table`` adds the bfloat16- and int8-vs-float32 feature differences from the stores of each backbone.
 InceptionV3 has no pretrained weights here: it runs with ``--weights none`` (random, seeded), which costs the
 same arithmetic.
+
+int8 (``furnitype[int8]``): every run calibrates on the same photos (``--calibrate`` the whole folder) and uses
+a cache folder of its own, made before the timed runs; **calibration CPU s** is the CPU of a one-photo
+``extract`` with an empty cache minus the same with the cache made (conversion + calibration, paid once). The
+int8 network takes the decoded photos and preprocesses them inside the graph, so its "model alone" includes
+``preprocess_input`` (0.1 ms of the Keras rows' work).
+
+``--accuracy FLOAT32.h5 INT8.h5``: ``classify`` (dense, logreg, svm) on each store with 5 seeds of the held-out
+split (20% of each class), the accuracy of each model on each, and how often the two models of a seed give the
+same label to a held-out photo.
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,7 +59,7 @@ from pathlib import Path
 import numpy as np
 
 BACKBONES = ("vgg16", "inception")
-PRECISIONS = ("float32", "bfloat16")
+PRECISIONS = ("float32", "bfloat16", "int8")
 
 
 def _cpu() -> float:
@@ -92,22 +104,42 @@ def _run_child(cmd: list[str]) -> dict:
         }
 
 
-def _extract_cmd(folder: Path, out: Path, backbone: str, weights: str, precision: str, batch_size: int) -> list:
+def _extract_cmd(folder: Path, out: Path, backbone: str, weights: str, precision: str, batch_size: int,
+                 calibrate: Path) -> list:
     exe = Path(sys.executable).with_name("furnitype")
     return [str(exe), "extract", str(folder), "--backbone", backbone, "--weights", weights, "--precision", precision,
-            "--batch-size", str(batch_size), "--out", str(out), "--json"]
+            "--batch-size", str(batch_size), "--out", str(out), "--json",
+            *(["--calibrate", str(calibrate)] if precision == "int8" else [])]
 
 
 def _relative(a: np.ndarray, b: np.ndarray) -> dict:
     """Per-row relative L2 difference of ``a`` to the reference ``b``: median, 95th percentile, max."""
     rel = np.linalg.norm(a - b, axis=1) / np.maximum(np.linalg.norm(b, axis=1), 1e-12)
+    cosine = np.sum(a * b, axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
     return {"rows": len(rel), "median": float(np.median(rel)), "p95": float(np.percentile(rel, 95)),
-            "max": float(rel.max())}
+            "max": float(rel.max()), "cosine_min": float(cosine.min())}
+
+
+def _network(args, spec, files: list):
+    """``(infer, prepare)``: the network alone and what it takes (Keras: preprocessed floats; int8: uint8)."""
+    from dataclasses import replace
+
+    from furnitype.extract import int8
+    from furnitype.extract.backbones import build_model, get_backbone
+
+    backbone = get_backbone(args.backbone)
+    if args.precision == "int8":
+        photos = int8.choose_photos(spec, [f.path for f in files], "the photos")
+        spec = int8.prepare(replace(spec, quantization=int8.Quantization(photos)))
+        return int8.build(spec), lambda images: images
+    network = build_model(backbone, weights=args.weights, pooling="avg", image_size=spec.image_size,
+                          precision=args.precision)
+    return network, backbone.preprocess
 
 
 def in_process(args) -> dict:
     """Model alone, interleaved slices and the draft check, in this (fresh) process."""
-    from furnitype.extract.backbones import build_model, get_backbone
+    from furnitype.extract.backbones import get_backbone
     from furnitype.extract.images import decode_image, list_images, read_file
     from furnitype.extract.pipeline import ExtractSpec
     from furnitype.extraction import extract
@@ -117,9 +149,10 @@ def in_process(args) -> dict:
     files = list_images([args.folder]).files
     if args.limit:
         files = _sample(files, args.limit)
-    network = build_model(backbone, weights=args.weights, pooling="avg", image_size=spec.image_size,
-                          precision=args.precision)
+    network, preprocess = _network(args, spec, files)
     bs = args.batch_size
+    calibration = tempfile.TemporaryDirectory()
+    calibrate = _link_folder(files, Path(calibration.name, "photos")) if spec.precision == "int8" else None
 
     def model_alone(arrays: np.ndarray) -> tuple[float, float]:
         wall, cpu = time.perf_counter(), _cpu()
@@ -128,7 +161,7 @@ def in_process(args) -> dict:
         return time.perf_counter() - wall, _cpu() - cpu
 
     def prepared(chosen) -> np.ndarray:
-        return backbone.preprocess(np.stack([spec.load(f.path)[1] for f in chosen]))
+        return preprocess(np.stack([spec.load(f.path)[1] for f in chosen]))
 
     arrays = prepared(_sample(files, args.model_images))
     network(arrays[:bs])  # warm-up: trace and oneDNN primitives
@@ -141,7 +174,7 @@ def in_process(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         slices = [files[i :: args.slices][: args.slice_images] for i in range(args.slices)]
         settings = dict(backbone=spec.backbone, weights=spec.weights, precision=spec.precision, batch_size=bs,
-                        progress=False)
+                        progress=False, calibrate=calibrate)
         extract([_link_folder(slices[0][:bs], Path(tmp, "warm"))], out=Path(tmp, "warm.h5"), **settings)
         for i, chosen in enumerate(slices):
             folder, arrays = _link_folder(chosen, Path(tmp, f"slice{i}")), prepared(chosen)
@@ -172,10 +205,11 @@ def in_process(args) -> dict:
     if changed:
         feats = {}
         for k, mode in enumerate(("exact", "draft")):
-            images = backbone.preprocess(np.stack([pair[k] for pair in changed]))
+            images = preprocess(np.stack([pair[k] for pair in changed]))
             feats[mode] = np.concatenate([network(images[s : s + bs]) for s in range(0, len(images), bs)])
         draft["difference"] = _relative(feats["draft"], feats["exact"])
     report["draft"] = draft
+    calibration.cleanup()
     return report
 
 
@@ -188,24 +222,32 @@ def run_config(args, results: Path, work: Path) -> dict:
     if args.limit:
         files = _sample(files, args.limit)
     tag = f"{args.backbone}-{args.precision}"
+    cache = work / f"int8-cache-{tag}"  # children inherit it: int8 is quantized once, in the timed calibration run
+    shutil.rmtree(cache, ignore_errors=True)
+    os.environ["FURNITYPE_CACHE_DIR"] = str(cache)
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         everything = _link_folder(files, Path(tmp, "all")) if args.limit else Path(args.folder)
         store = work / f"{tag}.h5"
         for stale in (store, Path(f"{store}.journal")):
             stale.unlink(missing_ok=True)
-        cmd = _extract_cmd(everything, store, args.backbone, weights, args.precision, args.batch_size)
+
+        def command(folder: Path, out: Path, batch_size: int = args.batch_size) -> list:
+            return _extract_cmd(folder, out, args.backbone, weights, args.precision, batch_size, everything)
+
+        one = _link_folder(files[:1], Path(tmp, "one"))
+        calibration = None
+        if args.precision == "int8":
+            print(f"{tag}: conversion and calibration", file=sys.stderr, flush=True)
+            calibration = _run_child(command(one, Path(tmp, "calibration.h5"), 1))
         print(f"{tag}: extract over {len(files)} photos", file=sys.stderr, flush=True)
-        first = _run_child(cmd)
-        rerun = _run_child(cmd)
+        first = _run_child(command(everything, store))
+        rerun = _run_child(command(everything, store))
         sample_runs = {}
         if args.memory_sample and args.memory_sample < len(files):
             print(f"{tag}: extract over {args.memory_sample} photos", file=sys.stderr, flush=True)
             folder = _link_folder(_sample(files, args.memory_sample), Path(tmp, "sample"))
-            sample_runs = _run_child(
-                _extract_cmd(folder, Path(tmp, "sample.h5"), args.backbone, weights, args.precision, args.batch_size)
-            )
-        one = _link_folder(files[:1], Path(tmp, "one"))
-        startup = _run_child(_extract_cmd(one, Path(tmp, "one.h5"), args.backbone, weights, args.precision, 1))
+            sample_runs = _run_child(command(folder, Path(tmp, "sample.h5")))
+        startup = _run_child(command(one, Path(tmp, "one.h5"), 1))
     print(f"{tag}: model alone, interleaved slices, draft check", file=sys.stderr, flush=True)
     child = [sys.executable, __file__, str(args.folder), "--in-process", "--backbone", args.backbone,
              "--precision", args.precision, "--weights", weights, "--batch-size", str(args.batch_size),
@@ -222,6 +264,8 @@ def run_config(args, results: Path, work: Path) -> dict:
         "rerun": {**rerun, "fraction_of_first": rerun["wall_s"] / first["wall_s"]},
         "sample": {**sample_runs, "images": args.memory_sample} if sample_runs else {},
         "startup": startup,
+        "calibration": {"cpu_s": calibration["cpu_s"] - startup["cpu_s"],
+                        "wall_s": calibration["wall_s"] - startup["wall_s"]} if calibration else {},
         **inner,
         "store": str(store),
         "machine": {"cpus": os.cpu_count(), "when": time.strftime("%Y-%m-%d %H:%M")},
@@ -232,41 +276,47 @@ def run_config(args, results: Path, work: Path) -> dict:
 
 
 def table(results: Path) -> str:
-    """The Markdown table of every saved configuration, with the bfloat16 checks."""
+    """The Markdown table of every saved configuration, with the bfloat16 and int8 checks."""
     from furnitype.features import load
 
     reports = {(r["backbone"], r["precision"]): r
                for r in (json.loads(p.read_text()) for p in sorted(results.glob("extract-*.json")))}
     lines = [
         "| backbone | precision | photos | model CPU ms/img | extract CPU ms/img | efficiency | wall ratio "
-        "(interleaved) | CPU ratio (interleaved) | start-up CPU s | rerun / first | peak RSS sample / all "
-        "(MiB) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "(interleaved) | CPU ratio (interleaved) | start-up CPU s | calibration CPU s (once) | rerun / first | "
+        "peak RSS sample / all (MiB) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (backbone, precision), r in sorted(reports.items()):
         sample = r["sample"]
         rss = f"{sample['peak_rss_mib']:.0f} ({sample['images']}) / " if sample else ""
         steady = np.median([p["model_cpu_ms"] / p["extract_cpu_ms"] for p in r["interleaved"]["pairs"]])
+        calibration = f"{r['calibration']['cpu_s']:.1f}" if r.get("calibration") else "-"
         lines.append(
             f"| {backbone} | {precision} | {r['extract']['images']:,} | {r['model']['cpu_ms']:.1f} | "
             f"{r['extract']['cpu_ms']:.1f} | {r['efficiency']:.3f} | {r['interleaved']['median_ratio']:.3f} | "
             f"{steady:.3f} | {r['startup']['cpu_s']:.1f} | "
+            f"{calibration} | "
             f"{r['rerun']['fraction_of_first']:.4f} ({r['rerun']['wall_s']:.2f} s) | "
             f"{rss}{r['extract']['peak_rss_mib']:.0f} |"
         )
     notes = []
-    for backbone in BACKBONES:
-        f32, b16 = reports.get((backbone, "float32")), reports.get((backbone, "bfloat16"))
-        if f32 and b16:
-            speed = f32["model"]["cpu_ms"] / b16["model"]["cpu_ms"]
-            e2e = f32["extract"]["cpu_ms"] / b16["extract"]["cpu_ms"]
-            line = f"- {backbone}: bfloat16 is {speed:.2f}x float32 in model CPU per image, {e2e:.2f}x end to end"
-            if Path(f32["store"]).is_file() and Path(b16["store"]).is_file():
-                a, b = load(b16["store"]), load(f32["store"])
+    for backbone, precision in [(b, p) for b in BACKBONES for p in PRECISIONS[1:]]:
+        f32, other = reports.get((backbone, "float32")), reports.get((backbone, precision))
+        if f32 and other:
+            speed = f32["model"]["cpu_ms"] / other["model"]["cpu_ms"]
+            e2e = f32["extract"]["cpu_ms"] / other["extract"]["cpu_ms"]
+            line = f"- {backbone}: {precision} is {speed:.2f}x float32 in model CPU per image, {e2e:.2f}x end to end"
+            bf16 = reports.get((backbone, "bfloat16"))
+            if precision == "int8" and bf16:
+                line += f" ({other['extract']['cpu_ms'] / bf16['extract']['cpu_ms']:.2f}x bfloat16's CPU per photo)"
+            if Path(f32["store"]).is_file() and Path(other["store"]).is_file():
+                a, b = load(other["store"]), load(f32["store"])
                 assert list(a.sha256) == list(b.sha256)
                 diff = _relative(a.features, b.features)
                 line += (f"; features differ from float32 by {100 * diff['median']:.2f}% relative (L2, median "
-                         f"over {diff['rows']:,} photos), {100 * diff['p95']:.2f}% p95, {100 * diff['max']:.2f}% max")
+                         f"over {diff['rows']:,} photos), {100 * diff['p95']:.2f}% p95, {100 * diff['max']:.2f}% max, "
+                         f"cosine similarity >= {diff['cosine_min']:.4f}")
             notes.append(line + ".")
     for (backbone, precision), r in sorted(reports.items()):
         d = r["draft"]
@@ -278,6 +328,46 @@ def table(results: Path) -> str:
                      f"{100 * diff['p95']:.2f}% p95, {100 * diff['max']:.2f}% max")
         notes.append(line + ".")
     return "\n".join(lines + [""] + notes)
+
+
+def accuracy(float32: Path, quantized: Path, seeds: int, work: Path) -> str:
+    """``classify`` on both stores with ``seeds`` held-out splits; Markdown rows of accuracy and agreement."""
+    import csv
+
+    from furnitype.classify import classify, load_model
+    from furnitype.features import load
+
+    stores = {"float32": load(float32), "int8": load(quantized)}
+    assert sorted(stores["float32"].sha256) == sorted(stores["int8"].sha256), "the stores hold other photos"
+    rows_by_sha = {name: dict(zip(s.sha256, s.features, strict=True)) for name, s in stores.items()}
+    found: dict[str, dict[str, list]] = {}
+    for seed in range(seeds):
+        predicted = {}
+        for name, path in (("float32", float32), ("int8", quantized)):
+            run = work / f"accuracy-{name}-{seed}"
+            result = classify([path], seed=seed, out=run, overwrite=True)
+            with open(run / "split.csv", newline="") as fh:
+                test = [(row["sha256"], row["label"]) for row in csv.DictReader(fh) if row["part"] == "test"]
+            for row in result.rows:
+                loaded = load_model(run, row["model"])
+                proba = loaded.model.predict_proba(np.stack([rows_by_sha[name][sha] for sha, _ in test]))
+                labels = np.asarray(loaded.classes)[np.argmax(proba, axis=1)]
+                predicted[name, row["model"]] = (labels, np.array([lab for _, lab in test]))
+            print(f"  seed {seed}: {name} done", file=sys.stderr, flush=True)
+        for model in sorted({m for _, m in predicted}):
+            (a, truth), (b, _) = predicted["float32", model], predicted["int8", model]
+            scores = found.setdefault(model, {"float32": [], "int8": [], "agree": [], "n": []})
+            scores["float32"].append(np.mean(a == truth))
+            scores["int8"].append(np.mean(b == truth))
+            scores["agree"].append(np.mean(a == b))
+            scores["n"].append(len(truth))
+    lines = ["| model | accuracy float32 | accuracy int8 | difference (points) | predictions that agree |",
+             "|---|---:|---:|---:|---:|"]
+    for model, s in found.items():
+        f32, q, agree = (100 * float(np.mean(s[k])) for k in ("float32", "int8", "agree"))
+        lines.append(f"| {model} | {f32:.2f}% | {q:.2f}% | {q - f32:+.2f} | {agree:.2f}% "
+                     f"({seeds} splits x {s['n'][0]} photos) |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -294,8 +384,16 @@ def main() -> None:
     parser.add_argument("--slice-images", type=int, default=96, help="photos per interleaved slice")
     parser.add_argument("--results", default="../bench", help="folder of the JSON results and the stores")
     parser.add_argument("--table", action="store_true", help="only print the table of saved results")
+    parser.add_argument("--accuracy", nargs=2, metavar=("FLOAT32_H5", "INT8_H5"),
+                        help="only compare classify on two stores of the same photos")
+    parser.add_argument("--seeds", type=int, default=5, help="held-out splits of --accuracy")
     parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+
+    if args.accuracy:
+        Path(args.results).mkdir(parents=True, exist_ok=True)
+        print(accuracy(*map(Path, args.accuracy), args.seeds, Path(args.results)))
+        return
 
     if args.in_process:
         print(json.dumps(in_process(args)))
