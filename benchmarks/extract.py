@@ -334,8 +334,9 @@ def accuracy(float32: Path, quantized: Path, seeds: int, work: Path) -> str:
     """``classify`` on both stores with ``seeds`` held-out splits; Markdown rows of accuracy and agreement."""
     import csv
 
-    from furnitype.classify import classify, load_model
+    from furnitype.classify import load_model
     from furnitype.features import load
+    from furnitype.training import classify
 
     stores = {"float32": load(float32), "int8": load(quantized)}
     assert sorted(stores["float32"].sha256) == sorted(stores["int8"].sha256), "the stores hold other photos"
@@ -349,10 +350,10 @@ def accuracy(float32: Path, quantized: Path, seeds: int, work: Path) -> str:
             with open(run / "split.csv", newline="") as fh:
                 test = [(row["sha256"], row["label"]) for row in csv.DictReader(fh) if row["part"] == "test"]
             for row in result.rows:
-                loaded = load_model(run, row["model"])
+                loaded = load_model(run, row.model)
                 proba = loaded.model.predict_proba(np.stack([rows_by_sha[name][sha] for sha, _ in test]))
                 labels = np.asarray(loaded.classes)[np.argmax(proba, axis=1)]
-                predicted[name, row["model"]] = (labels, np.array([lab for _, lab in test]))
+                predicted[name, row.model] = (labels, np.array([lab for _, lab in test]))
             print(f"  seed {seed}: {name} done", file=sys.stderr, flush=True)
         for model in sorted({m for _, m in predicted}):
             (a, truth), (b, _) = predicted["float32", model], predicted["int8", model]

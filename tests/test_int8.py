@@ -174,8 +174,9 @@ def test_a_changed_calibration_photo_cannot_make_the_network_again(tmp_path, cac
 
 
 def test_predict_labels_new_photos_with_the_recorded_network(photos, tmp_path, cache):
-    from furnitype.classify import classify
+    from furnitype.classify import load_model
     from furnitype.predict import predict
+    from furnitype.training import classify
 
     feats = tmp_path / "train.h5"
     extract([photos], **SMALL, precision="int8", out=feats)
@@ -189,8 +190,6 @@ def test_predict_labels_new_photos_with_the_recorded_network(photos, tmp_path, c
     pipeline._network.cache_clear()
     result = predict(tmp_path / "run", [new])
     assert [p.error for p in result.predictions] == ["", "", ""]
-    from furnitype.classify import load_model
-
     model = load_model(tmp_path / "run").model
     expected = model.predict_proba(reference.features)
     got = np.array([[dict(p.top)[c] for c in CLASSES] for p in result.predictions])
