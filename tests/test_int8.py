@@ -93,6 +93,7 @@ def test_a_damaged_cache_file_is_rebuilt_never_trusted(photos, tmp_path, cache, 
         cached.unlink()
         cached.symlink_to(elsewhere)
 
+    _new_process()
     again = load(extract([photos], **SMALL, precision="int8", out=tmp_path / "b.h5").out)
     assert again.meta["quantization"] == reference.meta["quantization"]
     np.testing.assert_array_equal(again.features, reference.features)
@@ -136,9 +137,15 @@ def test_a_growing_store_keeps_its_quantized_network(photos, tmp_path):
         np.testing.assert_array_equal(rows[path], features)
 
 
-def _stored_spec(store: Path) -> ExtractSpec:
-    """The spec of a store's rows, as another process would get it (no network built in this one yet)."""
+def _new_process() -> None:
+    """Forget the networks this process built or read, as a new process would not have them."""
     pipeline._network.cache_clear()
+    int8._last_network.cache_clear()
+
+
+def _stored_spec(store: Path) -> ExtractSpec:
+    """The spec of a store's rows, as another process would get it."""
+    _new_process()
     feature_set = load(store)
     return spec_for(
         feature_set.settings,
@@ -157,6 +164,18 @@ def test_spec_for_rebuilds_exactly_the_recorded_network(photos, tmp_path, cache)
     rows = {o.path: o.features for batch in feature_batches(spec, paths, batch_size=32) for o in batch}
     np.testing.assert_array_equal(np.stack([rows[p] for p in paths]), stored.features)
     assert len(_cache_files(cache)) == 1
+
+
+def test_a_network_other_than_the_recorded_one_is_refused(photos, tmp_path):
+    stored = load(extract([photos], **SMALL, precision="int8", out=tmp_path / "f.h5").out)
+    recorded = int8.Quantization.parse(stored.meta["quantization"], stored.meta["calibration_photos"])
+    other = "sha256:" + "0" * 64  # as if another OpenVINO/NNCF version had made the recorded rows
+    settings = {**stored.settings, "quantization": stored.meta["quantization"].replace(recorded.network, other)}
+    _new_process()
+    spec = spec_for(settings, calibration_photos=stored.meta["calibration_photos"])
+    with pytest.raises(FurnitypeError, match=r"^the int8 network made from the calibration photos is sha256:.*, not "
+                       r"the recorded sha256:000000000000… .*--overwrite\.$"):
+        spec.build()
 
 
 def test_a_changed_calibration_photo_cannot_make_the_network_again(tmp_path, cache):
@@ -187,7 +206,7 @@ def test_predict_labels_new_photos_with_the_recorded_network(photos, tmp_path, c
         photo(700 + c, COLOURS[name]).save(new / name / "new.jpg", quality=90)
     reference = load(extract([new], **SMALL, precision="int8", calibrate=photos, out=tmp_path / "new.h5").out)
     shutil.rmtree(cache)
-    pipeline._network.cache_clear()
+    _new_process()
     result = predict(tmp_path / "run", [new])
     assert [p.error for p in result.predictions] == ["", "", ""]
     model = load_model(tmp_path / "run").model

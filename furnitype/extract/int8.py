@@ -14,6 +14,7 @@ and ``predict`` runs exactly the same network (from the cache, or rebuilt from t
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -199,21 +200,34 @@ def _network_files(spec: ExtractSpec) -> tuple[str, bytes, bytes]:
     quantization = spec.quantization
     if quantization is None or not quantization.photos:
         raise FurnitypeError("--precision int8 needs calibration photos (furnitype.extract.settings).")
+    try:
+        found = os.stat(spec.weights)
+        weights_stamp = (found.st_ino, found.st_size, found.st_mtime_ns)
+    except OSError:
+        weights_stamp = None
+    unnamed = replace(spec, quantization=replace(quantization, network=""))
+    path, network = _last_network(unnamed, weights_stamp, str(int8_cache_dir()))
+    if quantization.network not in ("", network[0]):
+        raise FurnitypeError(
+            f"the int8 network made from the calibration photos is {network[0][:19]}…, not the recorded "
+            f"{quantization.network[:19]}… (made by another OpenVINO/NNCF version?); put back the cache file "
+            f"{path} it was made with, or extract the photos again with --overwrite."
+        )
+    return network
+
+
+@functools.lru_cache(maxsize=1)
+def _last_network(spec: ExtractSpec, weights_stamp: tuple | None, cache: str) -> tuple[Path, tuple]:
+    """The cache file's path and the network: the one last found or built in this process (verified bytes), so
+    repeated ``extract`` calls in one process hash the weights file and read the cache file once."""
     made_from = _made_from(spec)
     key = hashlib.sha256(json.dumps(made_from, sort_keys=True).encode()).hexdigest()
-    path = int8_cache_dir() / f"{spec.backbone}-{key[:32]}.zip"
-    found = _read_cache(path, made_from)
-    if found and quantization.network in ("", found[0]):
-        return found
-    built = _quantize(spec)
-    if quantization.network and built[0] != quantization.network:
-        raise FurnitypeError(
-            f"the int8 network rebuilt from the calibration photos is {built[0][:19]}…, not the recorded "
-            f"{quantization.network[:19]}… (another OpenVINO/NNCF version?); restore the cache file {path}, "
-            "or extract the photos again with --overwrite."
-        )
-    _write_cache(path, made_from, *built)
-    return built
+    path = Path(cache) / f"{spec.backbone}-{key[:32]}.zip"
+    network = _read_cache(path, made_from)
+    if network is None:
+        network = _quantize(spec)
+        _write_cache(path, made_from, *network)
+    return path, network
 
 
 def _made_from(spec: ExtractSpec) -> dict:
