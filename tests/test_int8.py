@@ -296,3 +296,20 @@ def test_a_full_cache_folder_is_one_line(photos, tmp_path, monkeypatch):
     with pytest.raises(FurnitypeError, match=r"^cannot write the int8 network cache .*No space left on device"):
         extract([photos], **SMALL, precision="int8", out=tmp_path / "f.h5")
     assert list((tmp_path / "cache" / "int8").iterdir()) == [] and not (tmp_path / "f.h5").exists()
+
+
+def test_the_ray_engine_runs_the_same_int8_network(photos, tmp_path, cache):
+    ray = pytest.importorskip("ray")  # installed by `make test` (furnitype[ray]); see tests/test_ray_engine.py
+    local = load(extract([photos], **SMALL, precision="int8", out=tmp_path / "local.h5").out)
+    made = _cache_files(cache)[0].stat().st_ino
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")  # workers inherit FURNITYPE_CACHE_DIR
+    try:
+        remote = load(
+            extract([photos], **SMALL, precision="int8", out=tmp_path / "ray.h5", engine="ray", ray_workers=2).out
+        )
+    finally:
+        ray.shutdown()
+    assert remote.meta["quantization"] == local.meta["quantization"]
+    assert list(remote.paths) == list(local.paths)
+    np.testing.assert_array_equal(remote.features, local.features)
+    assert _cache_files(cache)[0].stat().st_ino == made  # the workers read the driver's network, made once
