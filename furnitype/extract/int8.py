@@ -177,6 +177,7 @@ def build(spec: ExtractSpec) -> Callable[[np.ndarray], np.ndarray]:
     _, xml, weights = _network_files(spec)
     try:
         core = ov.Core()
+        # The layers left unquantized run in float32, so features do not depend on the CPU having bfloat16.
         compiled = core.compile_model(
             core.read_model(xml, weights),
             "CPU",
