@@ -24,10 +24,7 @@ from furnitype.extract import int8
 from furnitype.extract.backbones import check_options, get_backbone, weights_identity
 from furnitype.extract.images import DECODE_MODES, check_interpolation, list_images
 from furnitype.extract.pipeline import ExtractSpec
-from furnitype.features.store import SETTING_KEYS, StoreError, read_meta
-
-#: Settings that only int8 feature files record.
-INT8_SETTINGS = ("quantization",)
+from furnitype.features.store import OPTIONAL_SETTING_KEYS, SETTING_KEYS, StoreError, read_meta
 
 STORE_DTYPES = ("float32", "float16")
 
@@ -145,7 +142,7 @@ def spec_for(
     InputError
         The recorded weights file is gone and no ``weights`` were given, or ``weights`` is not a file.
     """
-    optional = () if settings.get("precision") == "int8" else INT8_SETTINGS
+    optional = () if settings.get("precision") == "int8" else OPTIONAL_SETTING_KEYS
     missing = [key for key in SETTING_KEYS if key not in optional and settings.get(key) in (None, "")]
     if missing:
         raise SettingsMismatchError(f"{what} record no {', '.join(missing)}; cannot extract new photos the same way.")

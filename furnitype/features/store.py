@@ -42,6 +42,8 @@ SETTING_KEYS = (
     "store_dtype",
     "quantization",
 )
+#: Settings that only some files record (int8 stores: their quantized network); absent from ``settings`` else.
+OPTIONAL_SETTING_KEYS = ("quantization",)
 _STR = h5py.string_dtype("utf-8")
 _CHUNK_BYTES = 1 << 20
 
@@ -80,7 +82,7 @@ class FeatureSet:
     @property
     def settings(self) -> dict:
         """The subset of ``meta`` that decides feature values."""
-        return {key: self.meta.get(key) for key in SETTING_KEYS}
+        return {key: self.meta.get(key) for key in SETTING_KEYS if key in self.meta or key not in OPTIONAL_SETTING_KEYS}
 
 
 def load(path: str | os.PathLike) -> FeatureSet:
