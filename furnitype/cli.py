@@ -337,6 +337,49 @@ def similar(features, queries, k, exclude_self, sheet, weights, as_json) -> None
         click.echo(f"contact sheet: {sheet}")
 
 
+@cli.command()
+@click.argument("run", type=click.Path(file_okay=False))
+@click.argument("features", type=click.Path(dir_okay=False))
+@click.option("--n", "-n", "n", default=40, show_default=True, type=click.IntRange(min=1), help="Photos to suggest.")
+@click.option("--out", "-o", default="to-label.csv", show_default=True, type=click.Path(dir_okay=False),
+              help="The CSV to correct: path,label,probability,label_2,probability_2,sha256.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+@click.option("--sheet", type=click.Path(dir_okay=False), help="Draw the photos with the model's guesses (PNG).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_api_errors
+def suggest(run, features, n, out, overwrite, sheet, as_json) -> None:
+    """Pick the photos of FEATURES most worth labelling to adapt RUN's model to their source.
+
+    FEATURES holds new photos (from extract, with the run's feature settings; its labels are ignored). The
+    CSV lists the chosen photos, most worth labelling first, with the model's guess in the label column:
+    correct it, then add the photos to the training store and retrain:
+
+    \b
+      furnitype extract --manifest to-label.csv --out train.h5 [--weights ...]
+      furnitype classify train.h5 --test new.h5
+
+    \b
+    Examples:
+      furnitype suggest runs/furniture new.h5
+      furnitype suggest runs/furniture new.h5 --n 20 --sheet to-label.png
+    """
+    from furnitype.suggest import suggest as run_suggest
+
+    result = run_suggest(run, features, n=n)
+    result.write_csv(out, overwrite=overwrite)
+    if sheet:
+        from furnitype.reports.sheet import labelling_sheet
+
+        labelling_sheet(result.suggestions, sheet, title=f"{features}: to label for run {run} ({result.model})")
+    if as_json:
+        _print_json({**result.as_dict(), "out": out, "sheet": sheet})
+        return
+    click.echo(result.format_table())
+    for note in result.notes:
+        click.echo(f"note: {note}")
+    click.echo(result.summary() + f"; wrote {out}" + (f" and {sheet}" if sheet else ""))
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="furnitype")

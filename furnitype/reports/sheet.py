@@ -1,12 +1,14 @@
-"""A contact sheet of ``similar`` results: one row per query, the query photo then its neighbours (Pillow, PNG).
+"""Contact sheets (Pillow, PNG): ``similar`` results, one row per query, the query photo then its neighbours;
+and photos to label (``suggest``), in a grid in priority order.
 
-Each tile shows the photo (aspect kept, EXIF orientation applied) above three caption lines: rank and cosine
-distance, label, file name. The frame tells the label apart at a glance: blue for the query, green for a
-neighbour with the query's label, red for another label, grey when either has none.
+Each tile shows the photo (aspect kept, EXIF orientation applied) above caption lines and the file name. In a
+``similar`` sheet the frame tells the label apart at a glance: blue for the query, green for a neighbour with
+the query's label, red for another label, grey when either has none.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +16,17 @@ from typing import Protocol
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from furnitype.errors import InputError
+from furnitype.reports.files import replace_file
+
+
+class ToLabel(Protocol):
+    """What a tile of a labelling sheet shows (``furnitype.suggest.Suggestion`` is one)."""
+
+    path: str
+    label: str
+    probability: float
+    label_2: str
+    probability_2: float
 
 
 class Neighbour(Protocol):
@@ -95,12 +107,70 @@ def contact_sheet(
                   thumb, font, small)
     for i, text in enumerate(footer):
         draw.text((MARGIN, height - MARGIN - (len(footer) - i) * line), text, fill="black", font=font)
-    path = Path(path)
-    try:
-        sheet.save(path, "PNG")
-    except OSError as err:
-        raise InputError(f"cannot write {path}: {err.strerror or err}") from None
-    return path
+    return _save(sheet, path)
+
+
+def labelling_sheet(
+    photos: Sequence[ToLabel],
+    path: str | os.PathLike,
+    *,
+    title: str = "",
+    thumb: int = 160,
+    columns: int = 6,
+    max_tiles: int = 120,
+) -> Path:
+    """Draw photos to label in a grid, most worth labelling first, each with the model's two best guesses.
+
+    Parameters
+    ----------
+    photos : sequence of ToLabel
+        From ``furnitype.suggest``, in priority order.
+    path : str or path-like
+        The PNG to write.
+    title : str, default=""
+        First header line (e.g. the run and the feature file).
+    thumb : int, default=160
+        Side of a photo's square box, in pixels.
+    columns : int, default=6
+    max_tiles : int, default=120
+        Photos drawn; the footer counts any left out.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    font, small = _font(max(11, thumb // 12)), _font(max(10, thumb // 14))
+    line = _line_height(font)
+    tile_w, tile_h = thumb + 2 * FRAME, thumb + 2 * FRAME + 3 * line + 6
+    shown = list(photos)[:max_tiles]
+    columns = max(1, min(columns, len(shown)))
+    rows = -(-len(shown) // columns)
+    width = 2 * MARGIN + columns * tile_w + (columns - 1) * GAP
+    header = [title, "In order of how much their labels would teach the model: rank, the model's guess and its "
+              "probability, the runner-up. Correct the label column of the CSV by eye."]
+    header = [wrapped for text in header if text for wrapped in _wrap(text, font, width - 2 * MARGIN)]
+    footer = [f"... and {len(photos) - len(shown)} more photos not drawn"] if len(photos) > len(shown) else []
+    top = MARGIN + len(header) * line + GAP
+    height = top + rows * (tile_h + GAP) + len(footer) * line + MARGIN
+    sheet = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, text in enumerate(header):
+        draw.text((MARGIN, MARGIN + i * line), text, fill="black", font=font)
+    for i, photo in enumerate(shown):
+        corner = (MARGIN + (i % columns) * (tile_w + GAP), top + (i // columns) * (tile_h + GAP))
+        captions = [f"#{i + 1}  {photo.label} {photo.probability:.2f}", f"or {photo.label_2} {photo.probability_2:.2f}"]
+        _tile(sheet, draw, corner, photo.path, UNKNOWN, captions, thumb, font, small)
+    for i, text in enumerate(footer):
+        draw.text((MARGIN, height - MARGIN - (len(footer) - i) * line), text, fill="black", font=font)
+    return _save(sheet, path)
+
+
+def _save(sheet: Image.Image, path: str | os.PathLike) -> Path:
+    """The sheet as a PNG at ``path``, written beside and renamed (a failed write leaves the old file)."""
+    png = io.BytesIO()
+    sheet.save(png, "PNG")
+    return replace_file(path, png.getvalue())
 
 
 def _tile(sheet, draw, corner, photo_path: str, colour: str, captions: list[str], thumb: int, font, small) -> None:

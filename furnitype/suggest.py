@@ -1,0 +1,255 @@
+"""``suggest``: the photos of a new source most worth labelling, to adapt a run's model to that source.
+
+The rows of a feature file (made with the run's feature settings; any labels it has are ignored) are scored
+by the run's best model for those settings, and ``furnitype.classify.selection.labelling_order`` picks the
+ones whose labels would teach the model most. Photos already in the run's training data are never suggested,
+and a photo stored twice is suggested once. The list goes out as a CSV whose ``label`` column is the model's
+guess, for a person to correct; ``extract --manifest`` then adds the photos with their labels to the training
+store, and ``classify`` retrains.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from furnitype.classify.run import LoadedModel, load_model, load_run
+from furnitype.classify.selection import labelling_order
+from furnitype.errors import InputError, SettingsMismatchError, StoreError
+from furnitype.features.store import SETTING_KEYS, FeatureSet, load
+from furnitype.reports.files import replace_file
+
+#: The columns of the CSV ``suggest`` writes, in order.
+CSV_COLUMNS = ("path", "label", "probability", "label_2", "probability_2", "sha256")
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """A photo worth labelling, with the model's two most probable classes.
+
+    Attributes
+    ----------
+    path : str
+        The photo's path as the feature file stores it.
+    label, probability : str, float
+        The model's guess and its probability (the person labelling corrects the guess).
+    label_2, probability_2 : str, float
+        The runner-up.
+    sha256 : str
+        Hex digest of the photo's bytes.
+    """
+
+    path: str
+    label: str
+    probability: float
+    label_2: str
+    probability_2: float
+    sha256: str
+
+    def as_dict(self) -> dict:
+        """The CSV's columns as a dict."""
+        return {key: getattr(self, key) for key in CSV_COLUMNS}
+
+
+@dataclass(frozen=True)
+class SuggestResult:
+    """What one ``suggest`` call found.
+
+    Attributes
+    ----------
+    suggestions : list of Suggestion
+        Most worth labelling first.
+    run, file : str
+        The run folder and the feature file.
+    model, features : str
+        The run's model (``dense``, ``logreg`` or ``svm``) and the feature set it was trained on.
+    rows : int
+        Rows of the feature file.
+    in_training : int
+        Rows left out because their photo is one of the run's training photos.
+    notes : list of str
+        What the call worked around (``n`` capped, duplicate photos, unusable rows).
+    seconds : float
+    """
+
+    suggestions: list[Suggestion]
+    run: str
+    file: str
+    model: str
+    features: str
+    rows: int
+    in_training: int
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        """One line: how many photos are suggested, out of how many, by which model."""
+        line = (
+            f"{len(self.suggestions):,} of {self.rows:,} photos of {self.file} suggested for labelling by "
+            f"{self.model} ({self.features})"
+        )
+        if self.in_training:
+            line += f"; {self.in_training:,} already training photos left out"
+        return line + f"; {self.seconds:.1f} s"
+
+    def as_dict(self) -> dict:
+        """JSON-ready: the run, model, counts, notes and the suggestions (CSV columns)."""
+        return {
+            "run": self.run,
+            "file": self.file,
+            "model": self.model,
+            "features": self.features,
+            "rows": self.rows,
+            "in_training": self.in_training,
+            "notes": self.notes,
+            "suggestions": [s.as_dict() for s in self.suggestions],
+        }
+
+    def format_table(self) -> str:
+        """Aligned text: rank, guess and its probability, the runner-up, path."""
+        lines = [f"{'#':>3}  {'guess':<14} {'prob':>5}  {'or':<14} {'prob':>5}  path"]
+        for rank, s in enumerate(self.suggestions, 1):
+            lines.append(
+                f"{rank:>3}  {s.label:<14} {s.probability:>5.3f}  {s.label_2:<14} {s.probability_2:>5.3f}  {s.path}"
+            )
+        return "\n".join(lines)
+
+    def write_csv(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the suggestions as CSV (``CSV_COLUMNS``), replacing ``path`` only with ``overwrite``.
+
+        The file is written beside ``path`` and renamed into place, so a failed write leaves the previous file
+        (perhaps a list already being labelled) as it was.
+        """
+        path = Path(path)
+        if os.path.lexists(path) and not overwrite:
+            raise InputError(
+                f"{path} already exists (a list being labelled?); choose another --out, or --overwrite to replace it."
+            )
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(CSV_COLUMNS)
+        for s in self.suggestions:
+            writer.writerow([s.path, s.label, f"{s.probability:.6f}", s.label_2, f"{s.probability_2:.6f}", s.sha256])
+        return replace_file(path, text.getvalue().encode("utf-8"))
+
+
+def suggest(run: str | os.PathLike, features: str | os.PathLike, *, n: int = 40) -> SuggestResult:
+    """Rank the photos of a feature file by how much labelling them would teach the run's model; keep ``n``.
+
+    Parameters
+    ----------
+    run : path
+        A run folder written by ``furnitype classify``.
+    features : path
+        A feature file of new photos (``furnitype extract``), made with the settings of one of the run's
+        feature sets; its labels, if any, are ignored.
+    n : int, default=40
+        Photos to suggest; capped (with a note) at the photos that can be suggested.
+
+    Returns
+    -------
+    SuggestResult
+
+    Raises
+    ------
+    InputError
+        ``n`` below 1, a run without models, an empty feature file, or every photo already a training photo.
+    SettingsMismatchError
+        The feature file's settings are not those of any of the run's feature sets.
+    StoreError
+        The run or the feature file is damaged.
+    """
+    started = time.perf_counter()
+    if n < 1:
+        raise InputError(f"n must be at least 1. Received: n={n}")
+    fs = load(features)
+    if len(fs) == 0:
+        raise InputError(f"{features} is empty: it holds no photos.")
+    loaded = _model_for(run, fs)
+    if fs.features.shape[1] != loaded.model.n_features_in_:
+        raise SettingsMismatchError(
+            f"{features} has {fs.features.shape[1]} features per photo, but run {run}'s {loaded.name} model was "
+            f"trained on {loaded.model.n_features_in_}."
+        )
+    notes = []
+    training = _training_photos(Path(run), loaded.features)
+    in_training = np.isin(fs.sha256, list(training))
+    _, first = np.unique(fs.sha256, return_index=True)
+    repeated = np.ones(len(fs), dtype=bool)
+    repeated[first] = False
+    if np.any(repeated & ~in_training):
+        count = int(np.sum(repeated & ~in_training))
+        notes.append(f"{count} rows repeat another row's photo; each photo is suggested once.")
+    finite = np.isfinite(fs.features).all(axis=1)
+    if not finite.all():
+        notes.append(f"{int(np.sum(~finite))} rows hold NaN or infinite features and are left out; extract them again.")
+    candidates = np.flatnonzero(~in_training & ~repeated & finite)
+    if len(candidates) == 0:
+        raise InputError(f"every photo of {features} is already a training photo of run {run}; nothing to suggest.")
+    if n > len(candidates):
+        notes.append(f"only {len(candidates)} photos can be suggested (asked for {n}); suggesting all of them.")
+        n = len(candidates)
+    X = fs.features[candidates]
+    proba = loaded.model.predict_proba(X)
+    picked = labelling_order(proba, X, n)
+    classes = np.asarray(loaded.classes)
+    suggestions = []
+    for row, p in zip(candidates[picked], proba[picked], strict=True):
+        first, second = np.argsort(-p, kind="stable")[:2]
+        suggestions.append(
+            Suggestion(str(fs.paths[row]), str(classes[first]), float(p[first]), str(classes[second]),
+                       float(p[second]), str(fs.sha256[row]))
+        )
+    return SuggestResult(
+        suggestions=suggestions,
+        run=str(run),
+        file=str(features),
+        model=loaded.name,
+        features=loaded.features,
+        rows=len(fs),
+        in_training=int(np.sum(in_training)),
+        notes=notes,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _model_for(run: str | os.PathLike, fs: FeatureSet) -> LoadedModel:
+    """The run's best model on features with ``fs``'s settings; refuse a file whose settings no feature set has."""
+    document = load_run(run).document
+    if not document["rows"]:
+        raise InputError(f"run {run} has no models; train some with furnitype classify.")
+    for row in document["rows"]:  # best first
+        if _differences(document["feature_sets"][row["features"]]["settings"], fs.settings) == []:
+            return load_model(run, row["model"], features=row["features"])
+    key = document["rows"][0]["features"]
+    differing = _differences(document["feature_sets"][key]["settings"], fs.settings)
+    had = ", ".join(f"{k}={fs.settings.get(k)}" for k in differing)
+    want = ", ".join(f"{k}={document['feature_sets'][key]['settings'].get(k)}" for k in differing)
+    raise SettingsMismatchError(
+        f"{fs.file} was made with {had}, but run {run}'s {key} features with {want}; "
+        "extract the photos with the run's settings."
+    )
+
+
+def _differences(a: dict, b: dict) -> list[str]:
+    return [key for key in SETTING_KEYS if str(a.get(key)) != str(b.get(key))]
+
+
+def _training_photos(run: Path, features: str) -> set[str]:
+    """The sha256 of the photos the run trained its ``features`` models on (from its split.csv)."""
+    split = run / "split.csv"
+    try:
+        with open(split, newline="", encoding="utf-8") as fh:
+            return {
+                row["sha256"] for row in csv.DictReader(fh) if row["features"] == features and row["part"] == "train"
+            }
+    except FileNotFoundError:
+        raise StoreError(f"run {run} has no split.csv, so its training photos are unknown.") from None
+    except (OSError, KeyError, csv.Error, UnicodeDecodeError) as err:
+        raise StoreError(f"{split} cannot be read: {err}") from None

@@ -1,0 +1,319 @@
+"""``furnitype suggest``: the ranking it writes, training photos left out, the CSV and sheet, every bad input."""
+
+from __future__ import annotations
+
+import csv
+import errno
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from furnitype import features as store
+from furnitype.classify import classify, load_model
+from furnitype.classify.selection import labelling_order
+from furnitype.classify.synthetic import make_features
+from furnitype.errors import InputError, SettingsMismatchError, StoreError
+from furnitype.extract.images import read_manifest
+from furnitype.suggest import CSV_COLUMNS, suggest
+from tests.conftest import run_cli as invoke
+from tests.images import COLOURS, photo
+
+META = {
+    "backbone": "vgg16",
+    "weights": "imagenet",
+    "pooling": "avg",
+    "image_size": 224,
+    "interpolation": "bilinear",
+    "precision": "float32",
+    "decode": "exact",
+    "store_dtype": "float32",
+}
+CLASSES = ["bed", "chair", "sofa"]
+
+
+def write(path, X, sha256, labels=None, paths=None, **meta):
+    """A feature file of ``X`` (labels "" unless given), with the test settings overridden by ``meta``."""
+    n = len(X)
+    store.save(
+        path,
+        features=X,
+        paths=paths if paths is not None else [f"/new/{i:03d}.jpg" for i in range(n)],
+        labels=list(labels) if labels is not None else [""] * n,
+        sha256=list(sha256),
+        meta={**META, **meta},
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A run (logreg) trained on 48 rows, and a file of 30 new rows plus 4 of the run's own photos."""
+    base = tmp_path_factory.mktemp("suggest")
+    X, labels, sha = make_features([16, 16, 16], 24, seed=1, separation=1.5, classes=CLASSES)
+    train = write(base / "train.h5", X, sha, labels, paths=[f"/train/{i}.jpg" for i in range(len(X))])
+    run = classify([train], models=["logreg"], cv=3, out=base / "run", model_params={"logreg": {"Cs": (0.1, 1.0)}})
+    parts = {}
+    with open(run.path / "split.csv", newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            parts.setdefault(row["part"], []).append(row["sha256"])
+    # New photos: the same classes seen from another "source" (a shifted generator seed), half of them labelled.
+    new_X, new_labels, _ = make_features([10, 10, 10], 24, seed=1, separation=0.8, classes=CLASSES)
+    new_sha = [f"{i:064x}" for i in range(len(new_X))]
+    trained, tested = parts["train"][:2], parts["test"][:2]
+    by_sha = {s: i for i, s in enumerate(sha)}
+    rows = np.vstack([new_X, X[[by_sha[s] for s in trained + tested]]])
+    all_sha = new_sha + trained + tested
+    given = [lab if i % 2 else "" for i, lab in enumerate(new_labels)] + ["bed"] * 4
+    new = write(base / "new.h5", rows, all_sha, given)
+    return {"base": base, "run": run.path, "new": new, "trained": trained, "tested": tested, "new_sha": new_sha}
+
+
+def test_suggestions_follow_the_ranking_of_the_models_probabilities(setup):
+    fs = store.load(setup["new"])
+    loaded = load_model(setup["run"])
+    usable = np.flatnonzero(~np.isin(fs.sha256, setup["trained"]))
+    proba = loaded.model.predict_proba(fs.features[usable])
+    expected = usable[labelling_order(proba, fs.features[usable], 12)]
+
+    result = suggest(setup["run"], setup["new"], n=12)
+
+    assert [s.path for s in result.suggestions] == fs.paths[expected].tolist()
+    assert [s.sha256 for s in result.suggestions] == fs.sha256[expected].tolist()
+    classes = np.array(loaded.classes)
+    for s, p in zip(result.suggestions, loaded.model.predict_proba(fs.features[expected]), strict=True):
+        order = np.argsort(-p)
+        assert (s.label, s.label_2) == (classes[order[0]], classes[order[1]])
+        assert s.probability == pytest.approx(p[order[0]]) and s.probability_2 == pytest.approx(p[order[1]])
+    assert (result.model, result.rows, result.in_training, result.notes) == ("logreg", 34, 2, [])
+
+
+def test_training_photos_are_never_suggested_but_test_photos_may_be(setup):
+    result = suggest(setup["run"], setup["new"], n=32)
+
+    suggested = {s.sha256 for s in result.suggestions}
+    assert suggested.isdisjoint(setup["trained"])
+    assert suggested == set(setup["new_sha"]) | set(setup["tested"])
+
+
+def test_n_above_the_photos_that_can_be_suggested_is_capped_with_a_note(setup):
+    result = suggest(setup["run"], setup["new"], n=500)
+
+    assert len(result.suggestions) == 32
+    assert result.notes == ["only 32 photos can be suggested (asked for 500); suggesting all of them."]
+
+
+def test_a_photo_stored_twice_is_suggested_once(setup, tmp_path):
+    fs = store.load(setup["new"])
+    twice = write(tmp_path / "twice.h5", np.vstack([fs.features, fs.features[:3]]),
+                  [*fs.sha256, *fs.sha256[:3]], paths=[*fs.paths, "/copy/0.jpg", "/copy/1.jpg", "/copy/2.jpg"])
+
+    result = suggest(setup["run"], twice, n=100)
+
+    assert len(result.suggestions) == 32 and len({s.sha256 for s in result.suggestions}) == 32
+    assert "3 rows repeat another row's photo; each photo is suggested once." in result.notes
+
+
+def test_rows_with_nan_features_are_left_out_with_a_note(setup, tmp_path):
+    fs = store.load(setup["new"])
+    X = fs.features.copy()
+    X[[0, 5]] = np.nan
+    broken = write(tmp_path / "nan.h5", X, fs.sha256, paths=fs.paths)
+
+    result = suggest(setup["run"], broken, n=100)
+
+    assert {fs.paths[0], fs.paths[5]}.isdisjoint(s.path for s in result.suggestions)
+    assert len(result.suggestions) == 30
+    assert "2 rows hold NaN or infinite features and are left out; extract them again." in result.notes
+
+
+def test_cli_writes_the_csv_in_priority_order_and_extract_reads_it_back(setup, tmp_path):
+    out = tmp_path / "to-label.csv"
+    expected = suggest(setup["run"], setup["new"], n=7).suggestions
+
+    result = invoke("suggest", setup["run"], setup["new"], "--n", 7, "--out", out)
+
+    assert result.exit_code == 0, result.output
+    with open(out, newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    assert tuple(rows[0]) == CSV_COLUMNS == ("path", "label", "probability", "label_2", "probability_2", "sha256")
+    assert [r[0] for r in rows[1:]] == [s.path for s in expected]
+    near = lambda value: pytest.approx(value, abs=1e-6)  # noqa: E731 - the CSV keeps 6 decimals
+    assert [(r[1], float(r[2]), r[3], float(r[4]), r[5]) for r in rows[1:]] == [
+        (s.label, near(s.probability), s.label_2, near(s.probability_2), s.sha256) for s in expected
+    ]
+    # The corrected list goes back through extract --manifest: path and (corrected) label per row.
+    assert [(f.path, f.label) for f in read_manifest(out)] == [(s.path, s.label) for s in expected]
+    lines = result.output.splitlines()
+    assert lines[0].split() == ["#", "guess", "prob", "or", "prob", "path"] and len(lines) == 9
+    assert lines[-1].startswith(f"7 of 34 photos of {setup['new']} suggested for labelling by logreg")
+    assert lines[-1].endswith(f"wrote {out}")
+
+
+def test_cli_json(setup, tmp_path):
+    result = invoke("suggest", setup["run"], setup["new"], "--n", 3, "--out", tmp_path / "s.csv", "--json")
+
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output)
+    assert document["in_training"] == 2 and document["rows"] == 34 and document["model"] == "logreg"
+    assert [list(s) for s in document["suggestions"]] == [list(CSV_COLUMNS)] * 3
+    assert document["out"] == str(tmp_path / "s.csv") and document["sheet"] is None
+
+
+def test_an_existing_list_is_kept_unless_overwrite(setup, tmp_path):
+    out = tmp_path / "to-label.csv"
+    out.write_text("path,label\n/new/000.jpg,sofa\n", encoding="utf-8")
+
+    refused = invoke("suggest", setup["run"], setup["new"], "--out", out)
+    assert refused.exit_code == 2
+    assert refused.output == (
+        f"Error: {out} already exists (a list being labelled?); choose another --out, or --overwrite to replace it.\n"
+    )
+    assert out.read_text(encoding="utf-8") == "path,label\n/new/000.jpg,sofa\n"
+
+    replaced = invoke("suggest", setup["run"], setup["new"], "--out", out, "--overwrite", "--n", 2)
+    assert replaced.exit_code == 0, replaced.output
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 3
+
+
+def test_a_full_disk_leaves_the_previous_list_whole(setup, tmp_path, monkeypatch):
+    out = tmp_path / "to-label.csv"
+    out.write_text("previous list\n", encoding="utf-8")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    result = invoke("suggest", setup["run"], setup["new"], "--out", out, "--overwrite")
+
+    assert result.exit_code == 2
+    assert result.output == f"Error: cannot write {out}: the disk is full\n"
+    assert out.read_text(encoding="utf-8") == "previous list\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["to-label.csv"]
+
+
+def test_an_out_folder_that_does_not_exist_is_one_line(setup, tmp_path):
+    out = tmp_path / "missing" / "to-label.csv"
+    result = invoke("suggest", setup["run"], setup["new"], "--out", out)
+
+    assert result.exit_code == 2
+    assert result.output == f"Error: cannot write {out}: No such file or directory\n"
+
+
+def test_a_feature_file_with_other_settings_is_refused_naming_the_differences(setup, tmp_path):
+    fs = store.load(setup["new"])
+    other = write(tmp_path / "other.h5", fs.features, fs.sha256, image_size=160, pooling="max")
+
+    with pytest.raises(SettingsMismatchError):
+        suggest(setup["run"], other)
+    result = invoke("suggest", setup["run"], other, "--out", tmp_path / "x.csv")
+
+    assert result.exit_code == 1
+    assert result.output == (
+        f"Error: {other} was made with pooling=max, image_size=160, but run {setup['run']}'s train features with "
+        "pooling=avg, image_size=224; extract the photos with the run's settings.\n"
+    )
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_the_right_feature_set_of_a_run_with_two_is_used(setup, tmp_path):
+    X, labels, sha = make_features([12, 12, 12], 8, seed=5, separation=2.0, classes=CLASSES)
+    small = write(tmp_path / "small.h5", X, sha, labels, backbone="inception", image_size=299)
+    vgg = tmp_path / "vgg.h5"
+    shutil.copy(setup["base"] / "train.h5", vgg)
+    run = classify([vgg, small], models=["logreg"], cv=3, out=tmp_path / "run2",
+                   model_params={"logreg": {"Cs": (0.1,)}})
+    new_X, _, _ = make_features([3, 3, 3], 8, seed=6, classes=CLASSES)
+    new = write(tmp_path / "new-inception.h5", new_X, [f"{i:064x}" for i in range(9)],
+                backbone="inception", image_size=299)
+
+    result = suggest(run.path, new, n=4)
+
+    assert result.features == "small" and len(result.suggestions) == 4
+
+
+def test_an_empty_feature_file_is_one_line(setup, tmp_path):
+    empty = write(tmp_path / "empty.h5", np.zeros((0, 24), np.float32), [])
+
+    result = invoke("suggest", setup["run"], empty, "--out", tmp_path / "x.csv")
+
+    assert result.exit_code == 2 and result.output == f"Error: {empty} is empty: it holds no photos.\n"
+
+
+def test_a_feature_file_that_is_not_there_is_one_line(setup, tmp_path):
+    result = invoke("suggest", setup["run"], tmp_path / "nope.h5", "--out", tmp_path / "x.csv")
+
+    assert result.exit_code == 2 and result.output == f"Error: feature file not found: {tmp_path / 'nope.h5'}\n"
+
+
+def test_only_training_photos_leaves_nothing_to_suggest(setup, tmp_path):
+    fs = store.load(setup["new"])
+    trained = np.isin(fs.sha256, setup["trained"])
+    only = write(tmp_path / "only.h5", fs.features[trained], fs.sha256[trained])
+
+    with pytest.raises(InputError, match=r"every photo of .*only\.h5 is already a training photo of run"):
+        suggest(setup["run"], only)
+
+
+def test_a_run_without_models_is_one_line(setup, tmp_path):
+    empty_run = tmp_path / "run"
+    shutil.copytree(setup["run"], empty_run)
+    document = json.loads((empty_run / "metrics.json").read_text(encoding="utf-8"))
+    document["rows"] = []
+    (empty_run / "metrics.json").write_text(json.dumps(document), encoding="utf-8")
+
+    result = invoke("suggest", empty_run, setup["new"], "--out", tmp_path / "x.csv")
+
+    assert result.exit_code == 2
+    assert result.output == f"Error: run {empty_run} has no models; train some with furnitype classify.\n"
+
+
+def test_a_merged_report_folder_has_no_models_to_suggest_with(setup, tmp_path):
+    merged = tmp_path / "merged"
+    assert invoke("report", setup["run"], setup["run"], "--out", merged).exit_code == 0
+
+    result = invoke("suggest", merged, setup["new"], "--out", tmp_path / "x.csv")
+
+    assert result.exit_code == 1 and result.output.startswith("Error: ") and result.output.count("\n") == 1
+    assert "no saved model" in result.output
+
+
+def test_a_run_without_its_split_is_one_line(setup, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(setup["run"], run)
+    (run / "split.csv").unlink()
+
+    with pytest.raises(StoreError, match=r"has no split\.csv, so its training photos are unknown"):
+        suggest(run, setup["new"])
+
+
+def test_n_below_one(setup, tmp_path):
+    with pytest.raises(InputError, match="n must be at least 1"):
+        suggest(setup["run"], setup["new"], n=0)
+    result = invoke("suggest", setup["run"], setup["new"], "--n", 0, "--out", tmp_path / "x.csv")
+    assert result.exit_code == 2 and "0 is not in the range x>=1" in result.output
+
+
+def test_the_sheet_shows_the_photos_with_the_guesses(setup, tmp_path):
+    photos = []
+    for i in range(5):
+        path = tmp_path / f"p{i}.jpg"
+        photo(200 + i, COLOURS[CLASSES[i % 3]], (60, 40)).save(path)
+        photos.append(str(path))
+    fs = store.load(setup["new"])
+    five = write(tmp_path / "five.h5", fs.features[:5], fs.sha256[:5], paths=photos)
+    sheet = tmp_path / "to-label.png"
+
+    result = invoke("suggest", setup["run"], five, "--n", 5, "--out", tmp_path / "x.csv", "--sheet", sheet)
+
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[-1].endswith(f"and {sheet}")
+    with Image.open(sheet) as img:
+        drawn = np.asarray(img.convert("RGB"))
+    # Five tiles in one row; each photo's coloured box shows inside its tile (the photos were found).
+    assert drawn.shape[1] > drawn.shape[0] > 160
+    for colour in {COLOURS[c] for c in CLASSES}:
+        assert np.any(np.all(np.abs(drawn.astype(int) - colour) < 30, axis=2))
