@@ -1,4 +1,5 @@
-"""``make demo``: draw a small synthetic catalogue and run the whole pipeline on it, command by command.
+"""``make demo``: draw a small synthetic catalogue and run the whole pipeline on it, command by command, then
+adapt the model to a new source of photos (suggest, label, extract, classify).
 
 Usage: ``python -m furnitype.demo DIR [--weights-vgg16 W] [--weights-inception W]``. Weights default to
 ``imagenet``; when they cannot be downloaded, the demo says so and goes on with random weights.
@@ -6,6 +7,7 @@ Usage: ``python -m furnitype.demo DIR [--weights-vgg16 W] [--weights-inception W
 
 from __future__ import annotations
 
+import csv
 import shlex
 import sys
 from pathlib import Path
@@ -20,9 +22,13 @@ CLASSES = ("lamp", "shelf", "stool", "mirror")
 PER_CLASS = 30
 
 
-def draw_product(kind: str, rng: np.random.Generator, size: int = 160) -> Image.Image:
-    """One synthetic product photo: a simple drawing of ``kind`` in a random colour, place and scale."""
-    background = tuple(int(v) for v in rng.integers(200, 256, 3))
+def draw_product(kind: str, rng: np.random.Generator, size: int = 160, *, dark: bool = False) -> Image.Image:
+    """One synthetic product photo: a simple drawing of ``kind`` in a random colour, place and scale.
+
+    ``dark``: another source's look, a dim background and a noisier sensor.
+    """
+    low, high = (40, 110) if dark else (200, 256)
+    background = tuple(int(v) for v in rng.integers(low, high, 3))
     img = Image.new("RGB", (size, size), background)
     draw = ImageDraw.Draw(img)
     colour = tuple(int(v) for v in rng.integers(0, 160, 3))
@@ -48,17 +54,17 @@ def draw_product(kind: str, rng: np.random.Generator, size: int = 160) -> Image.
     else:
         draw.ellipse([x, y, x + s * 0.6, y + s * 0.85], outline=colour, width=int(s * 0.06))
         draw.ellipse([x + s * 0.1, y + s * 0.1, x + s * 0.5, y + s * 0.75], fill=(190, 215, 235))
-    noise = rng.normal(0, 6, (size, size, 3))
+    noise = rng.normal(0, 14 if dark else 6, (size, size, 3))
     return Image.fromarray(np.clip(np.asarray(img, np.float32) + noise, 0, 255).astype(np.uint8))
 
 
-def draw_catalogue(folder: Path, per_class: int = PER_CLASS, seed: int = 0) -> Path:
+def draw_catalogue(folder: Path, per_class: int = PER_CLASS, seed: int = 0, *, dark: bool = False) -> Path:
     """Write ``folder/<class>/<class>_<i>.jpg`` (kept when already there); returns ``folder``."""
     rng = np.random.default_rng(seed)
     for kind in CLASSES:
         (folder / kind).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            image = draw_product(kind, rng)
+            image = draw_product(kind, rng, dark=dark)
             target = folder / kind / f"{kind}_{i:02d}.jpg"
             if not target.exists():
                 image.save(target, quality=90)
@@ -70,10 +76,12 @@ def _run(args: list[str]) -> None:
     cli.main(args, prog_name="furnitype", standalone_mode=False)
 
 
-def _extract(photos: Path, backbone: str, weights: str, out: Path) -> None:
+def _extract(photos: Path, backbone: str, weights: str, out: Path) -> str:
+    """Extract ``photos``; returns the weights used (random ones when ImageNet's cannot be downloaded)."""
     args = ["extract", str(photos), "--backbone", backbone, "--out", str(out), "--overwrite"]
     try:
         _run([*args, "--weights", weights])
+        return weights
     except click.ClickException as err:
         if weights != "imagenet" or "ImageNet weights" not in err.message:
             raise
@@ -85,6 +93,35 @@ def _extract(photos: Path, backbone: str, weights: str, out: Path) -> None:
             err=True,
         )
         _run([*args, "--weights", "none"])
+        return "none"
+
+
+def _label_by_folder(to_label: Path) -> None:
+    """Play the person who labels: put each photo's true class (its folder) in the CSV's label column."""
+    with open(to_label, newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    for row in rows[1:]:
+        row[1] = Path(row[0]).parent.name
+    with open(to_label, "w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows(rows)
+    click.echo(f"\n(the demo labels {len(rows) - 1} photos of {to_label} by eye: the label column now holds the "
+               "true classes)", err=True)
+
+
+def adapt_to_new_source(folder: Path, weights: str) -> None:
+    """The loop of docs/adapt.md: suggest photos of a new source, label them, add them, retrain, compare."""
+    source = draw_catalogue(folder / "new-source", per_class=12, seed=2, dark=True)
+    click.echo(f"\nDrew {len(CLASSES) * 12} photos of a new source (dark, noisy) in {source}", err=True)
+    new, train, to_label = folder / "new-source-vgg16.h5", folder / "features-vgg16.h5", folder / "to-label.csv"
+    _run(["extract", str(source), "--weights", weights, "--out", str(new), "--overwrite"])
+    _run(["predict", str(folder / "run"), str(source), "--features", "features-vgg16", "--out",
+          str(folder / "new-source-predictions.csv")])
+    _run(["suggest", str(folder / "run"), str(new), "--n", "8", "--out", str(to_label), "--overwrite",
+          "--sheet", str(folder / "to-label.png")])
+    _label_by_folder(to_label)
+    _run(["extract", "--manifest", str(to_label), "--weights", weights, "--out", str(train)])
+    _run(["classify", str(train), "--test", str(new), "--models", "logreg,svm", "--cv", "3", "--out",
+          str(folder / "run-adapted"), "--overwrite", "--quiet"])
 
 
 @click.command()
@@ -96,7 +133,7 @@ def main(folder: Path, weights_vgg16: str, weights_inception: str) -> None:
     photos = draw_catalogue(folder / "photos")
     click.echo(f"Drew {len(CLASSES) * PER_CLASS} synthetic product photos in {photos}", err=True)
     try:
-        _extract(photos, "vgg16", weights_vgg16, folder / "features-vgg16.h5")
+        vgg16_weights = _extract(photos, "vgg16", weights_vgg16, folder / "features-vgg16.h5")
         _extract(photos, "inception", weights_inception, folder / "features-inception.h5")
         _run(["info", str(folder / "features-vgg16.h5")])
         features = [str(folder / "features-vgg16.h5"), str(folder / "features-inception.h5")]
@@ -105,6 +142,7 @@ def main(folder: Path, weights_vgg16: str, weights_inception: str) -> None:
         _run(["predict", str(folder / "run"), str(fresh), "--out", str(folder / "predictions.csv")])
         query = str(fresh / "lamp" / "lamp_00.jpg")
         _run(["similar", features[0], query, "--k", "5", "--sheet", str(folder / "similar.png")])
+        adapt_to_new_source(folder, vgg16_weights)
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)

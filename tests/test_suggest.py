@@ -77,7 +77,7 @@ def test_suggestions_follow_the_ranking_of_the_models_probabilities(setup):
     loaded = load_model(setup["run"])
     usable = np.flatnonzero(~np.isin(fs.sha256, setup["trained"]))
     proba = loaded.model.predict_proba(fs.features[usable])
-    expected = usable[labelling_order(proba, fs.features[usable], 12)]
+    expected = usable[labelling_order(proba, 12)]
 
     result = suggest(setup["run"], setup["new"], n=12)
 
