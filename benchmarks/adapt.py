@@ -3,11 +3,11 @@
 Run by hand::
 
     .venv/bin/python benchmarks/adapt.py ../shared/data/furniture --features ../feats/furniture-vgg16.h5 \\
-        [--pool-per-class 60] [--seeds 20] [--work ../bench/adapt]
+        [--pool-per-class 60] [--seeds 20] [--results ../bench/adapt]
 
 1. **New sources.** ``--pool-per-class`` photos of each class (evenly spaced by path) are written again as
    ``phone`` and ``catalogue`` photos (``benchmarks/predict.py``'s variants) and extracted with the feature
-   file's own settings (cached in ``--work``). The old source is every other row of the feature file: the
+   file's own settings (cached in ``--results``). The old source is every other row of the feature file: the
    originals of the new-source photos are never in it. A third new source needs no extraction:
    ``subgroup``: in each class, up to ``--pool-per-class`` photos of one of two k-means clusters of the class's
    features (drawn by the seed); the old source keeps none of that cluster, as when a supplier's tables all
@@ -209,11 +209,11 @@ def main() -> None:
     parser.add_argument("--features", required=True, help="the feature file of those photos (from extract)")
     parser.add_argument("--pool-per-class", type=int, default=60, help="new-source photos per class")
     parser.add_argument("--seeds", type=int, default=20)
-    parser.add_argument("--work", default="../bench/adapt", help="folder of the variant photos, stores and result")
+    parser.add_argument("--results", default="../bench/adapt", help="folder of the variant photos, stores and result")
     parser.add_argument("--only-extract", action="store_true")
     args = parser.parse_args()
 
-    work = Path(args.work)
+    work = Path(args.results)
     work.mkdir(parents=True, exist_ok=True)
     features = store.load(args.features)
     pool, variants = variant_sets(args.folder, features, args.pool_per_class, work)
