@@ -43,7 +43,7 @@ from predict import held_apart, write_variant  # noqa: E402 - benchmarks/predict
 from furnitype import features as store  # noqa: E402
 from furnitype.classify.models import make_model  # noqa: E402
 from furnitype.classify.selection import labelling_order  # noqa: E402
-from furnitype.classify.split import split_by_content  # noqa: E402
+from furnitype.classify.split import ContentSplit  # noqa: E402
 
 VARIANTS = ("phone", "catalogue")
 BUDGETS = (20, 40, 80)
@@ -158,7 +158,7 @@ def adapt(old: tuple, new: tuple, seed: int, say=lambda line: None) -> dict:
     """Accuracy on the new source's test part before and after adding picked photos, per strategy and budget."""
     X_old, y_old, g_old = old
     X_new, y_new, g_new = new
-    pool, test = split_by_content(y_new, g_new, test_size=0.5, seed=seed)
+    pool, test = next(ContentSplit(0.5, random_state=seed).split(X_new, y_new, g_new))
     rng = np.random.default_rng(seed)
     base = fit(X_old, y_old, g_old, seed)
     result = {"n_pool": len(pool), "n_test": len(test), "before": accuracy(base, X_new[test], y_new[test])}

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from furnitype.classify.run import LoadedModel, load_model, load_run
+from furnitype.classify.run import LoadedModel, load_model, load_run, training_photos
 from furnitype.classify.selection import labelling_order
-from furnitype.errors import InputError, SettingsMismatchError, StoreError
+from furnitype.errors import InputError, SettingsMismatchError
 from furnitype.features.store import SETTING_KEYS, FeatureSet, load
 from furnitype.reports.files import replace_file
 
@@ -178,8 +178,7 @@ def suggest(run: str | os.PathLike, features: str | os.PathLike, *, n: int = 40)
             f"trained on {loaded.model.n_features_in_}."
         )
     notes = []
-    training = _training_photos(Path(run), loaded.features)
-    in_training = np.isin(fs.sha256, list(training))
+    in_training = np.isin(fs.sha256, list(training_photos(run, loaded.features)))
     _, first = np.unique(fs.sha256, return_index=True)
     repeated = np.ones(len(fs), dtype=bool)
     repeated[first] = False
@@ -222,15 +221,16 @@ def suggest(run: str | os.PathLike, features: str | os.PathLike, *, n: int = 40)
 def _model_for(run: str | os.PathLike, fs: FeatureSet) -> LoadedModel:
     """The run's best model on features with ``fs``'s settings; refuse a file whose settings no feature set has."""
     document = load_run(run).document
-    if not document["rows"]:
+    if not document.rows:
         raise InputError(f"run {run} has no models; train some with furnitype classify.")
-    for row in document["rows"]:  # best first
-        if _differences(document["feature_sets"][row["features"]]["settings"], fs.settings) == []:
-            return load_model(run, row["model"], features=row["features"])
-    key = document["rows"][0]["features"]
-    differing = _differences(document["feature_sets"][key]["settings"], fs.settings)
+    for row in document.rows:  # best first
+        if not _differences(document.feature_sets[row.features].settings, fs.settings):
+            return load_model(run, row.model, features=row.features)
+    key = document.rows[0].features
+    wanted = document.feature_sets[key].settings
+    differing = _differences(wanted, fs.settings)
     had = ", ".join(f"{k}={fs.settings.get(k)}" for k in differing)
-    want = ", ".join(f"{k}={document['feature_sets'][key]['settings'].get(k)}" for k in differing)
+    want = ", ".join(f"{k}={wanted.get(k)}" for k in differing)
     raise SettingsMismatchError(
         f"{fs.file} was made with {had}, but run {run}'s {key} features with {want}; "
         "extract the photos with the run's settings."
@@ -239,17 +239,3 @@ def _model_for(run: str | os.PathLike, fs: FeatureSet) -> LoadedModel:
 
 def _differences(a: dict, b: dict) -> list[str]:
     return [key for key in SETTING_KEYS if str(a.get(key)) != str(b.get(key))]
-
-
-def _training_photos(run: Path, features: str) -> set[str]:
-    """The sha256 of the photos the run trained its ``features`` models on (from its split.csv)."""
-    split = run / "split.csv"
-    try:
-        with open(split, newline="", encoding="utf-8") as fh:
-            return {
-                row["sha256"] for row in csv.DictReader(fh) if row["features"] == features and row["part"] == "train"
-            }
-    except FileNotFoundError:
-        raise StoreError(f"run {run} has no split.csv, so its training photos are unknown.") from None
-    except (OSError, KeyError, csv.Error, UnicodeDecodeError) as err:
-        raise StoreError(f"{split} cannot be read: {err}") from None

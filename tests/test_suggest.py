@@ -13,12 +13,13 @@ import pytest
 from PIL import Image
 
 from furnitype import features as store
-from furnitype.classify import classify, load_model
+from furnitype.classify import load_model
 from furnitype.classify.selection import labelling_order
 from furnitype.classify.synthetic import make_features
 from furnitype.errors import InputError, SettingsMismatchError, StoreError
 from furnitype.extract.images import read_manifest
 from furnitype.suggest import CSV_COLUMNS, suggest
+from furnitype.training import classify
 from tests.conftest import run_cli as invoke
 from tests.images import COLOURS, photo
 
@@ -277,8 +278,8 @@ def test_a_merged_report_folder_has_no_models_to_suggest_with(setup, tmp_path):
 
     result = invoke("suggest", merged, setup["new"], "--out", tmp_path / "x.csv")
 
-    assert result.exit_code == 1 and result.output.startswith("Error: ") and result.output.count("\n") == 1
-    assert "no saved model" in result.output
+    assert result.exit_code == 2 and result.output.startswith("Error: ") and result.output.count("\n") == 1
+    assert f"{merged} is a report of" in result.output and "it holds no models" in result.output
 
 
 def test_a_run_without_its_split_is_one_line(setup, tmp_path):
@@ -286,7 +287,7 @@ def test_a_run_without_its_split_is_one_line(setup, tmp_path):
     shutil.copytree(setup["run"], run)
     (run / "split.csv").unlink()
 
-    with pytest.raises(StoreError, match=r"has no split\.csv, so its training photos are unknown"):
+    with pytest.raises(StoreError, match=r"^run .*run is damaged: split\.csv: missing$"):
         suggest(run, setup["new"])
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -37,7 +38,7 @@ from furnitype.classify.metadata import (
     read_run_document,
 )
 from furnitype.classify.output import recover
-from furnitype.classify.runfiles import Damage, folder_inside
+from furnitype.classify.runfiles import Damage, folder_inside, read_inside
 from furnitype.errors import InputError, StoreError
 
 SPLIT_FILE = "split.csv"
@@ -282,3 +283,25 @@ def write_split(path: Path, rows: Iterable[tuple[str, str, str, str]]) -> None:
         writer = csv.writer(fh)
         writer.writerow(["features", "sha256", "label", "part"])
         writer.writerows(rows)
+
+
+def training_photos(run_dir: str | os.PathLike, features: str) -> set[str]:
+    """The sha256 of the photos a run trained its models of the feature set ``features`` on (``split.csv``).
+
+    Raises
+    ------
+    StoreError
+        ``split.csv`` is missing, cannot be read, or is not what ``classify`` writes.
+    """
+    try:
+        text = read_inside(run_dir, SPLIT_FILE).decode("utf-8")
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        if reader.fieldnames != ["features", "sha256", "label", "part"]:
+            raise Damage(SPLIT_FILE, "its columns are not features, sha256, label, part")
+        return {row["sha256"] for row in reader if row["features"] == features and row["part"] == "train"}
+    except UnicodeDecodeError:
+        raise damaged(run_dir, Damage(SPLIT_FILE, "not UTF-8 text")) from None
+    except csv.Error as err:
+        raise damaged(run_dir, Damage(SPLIT_FILE, f"not CSV: {err}")) from None
+    except Damage as damage:
+        raise damaged(run_dir, damage) from None
