@@ -219,20 +219,25 @@ def classify(
 @click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), help="Write the (merged) report files here.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing report at --out (never a run).")
+@click.option("--mistakes", type=click.Path(dir_okay=False),
+              help="Write the misclassified test photos and possible label errors as CSV.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a table.")
 @_api_errors
-def report(runs, out, overwrite, as_json) -> None:
+def report(runs, out, overwrite, mistakes, as_json) -> None:
     """Reprint saved runs, or merge several into one table; nothing is retrained.
 
     \b
     Examples:
       furnitype report runs/furniture
       furnitype report runs/vgg16 runs/inception --out runs/compared
+      furnitype report runs/furniture --mistakes mistakes.csv
       furnitype report runs/furniture --json
     """
     from furnitype.training import report_runs
 
-    _print_run(report_runs(runs, out=out, overwrite=overwrite), as_json)
+    _print_run(report_runs(runs, out=out, overwrite=overwrite, mistakes=mistakes), as_json)
+    if mistakes and not as_json:
+        click.echo(f"mistakes: {mistakes}")
 
 
 def _print_run(run, as_json: bool) -> None:

@@ -30,6 +30,7 @@ from furnitype.classify.metadata import (
     write_feature_set,
     write_run_document,
 )
+from furnitype.classify.mistakes import MISTAKES_FILE, Mistake, find_mistakes, read_mistakes, write_mistakes
 from furnitype.classify.models import CLASS_WEIGHTS, MODEL_NAMES, MODELS, make_model
 from furnitype.classify.notes import baseline_note, fit_notes
 from furnitype.classify.output import building, refuse_one_of
@@ -43,6 +44,7 @@ from furnitype.classify.run import (
     write_split,
 )
 from furnitype.errors import InputError
+from furnitype.reports.mistakes import write_mistakes_csv
 from furnitype.reports.table import write_report
 
 #: Share of each class's distinct photos held out for testing when no test files are given.
@@ -126,7 +128,7 @@ def classify(
         sets = load_train_test_sets(
             feature_files, test_files, test_size=options.test_size or DEFAULT_TEST_SIZE, seed=seed, warn=warn
         )
-        rows, feature_sets, notes = [], {}, []
+        rows, feature_sets, notes, mistakes = [], {}, [], []
         for data in sets:
             say(data.describe())
             baseline = fit_baseline(data)
@@ -140,6 +142,9 @@ def classify(
                 fits.append(fit)
             notes += baseline_note(data, fits, baseline)
             rows += [fit.row for fit in fits]
+            best = rank_rows([fit.row for fit in fits])[0]
+            best_fit = next(fit for fit in fits if fit.row.model == best.model)
+            mistakes += find_mistakes(data, best_fit, n_splits=options.cv, seed=seed)
         document = RunDocument(
             format=RUN_FORMAT,
             kind=RUN_KIND,
@@ -153,12 +158,16 @@ def classify(
             notes=notes + mixed_test_sets_note(rows),
             warnings=warnings,
         )
-        _write_run(folder.path, document, sets)
+        _write_run(folder.path, document, sets, mistakes)
     return Run(out, document)
 
 
 def report_runs(
-    run_dirs: Sequence[str | os.PathLike], *, out: str | os.PathLike | None = None, overwrite: bool = False
+    run_dirs: Sequence[str | os.PathLike],
+    *,
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    mistakes: str | os.PathLike | None = None,
 ) -> Run:
     """Reprint or merge saved runs without retraining; with ``out``, write the (merged) report files there.
 
@@ -171,8 +180,12 @@ def report_runs(
         ``metrics.json`` (a report, not a run: it holds no models). Written as ``classify`` writes a run: one
         process at a time, built beside and renamed in; a folder that is not empty is refused unless it is
         a report and ``overwrite`` is set, and a run is never written into.
+        The runs' mistakes are shown when every run records them.
     overwrite : bool, default=False
         Replace an existing report at ``out``.
+    mistakes : str or path-like, optional
+        A CSV to write the report's lists of mistakes to (``furnitype.classify.mistakes.COLUMNS``): per feature
+        set, the misclassified test photos and the possible label errors, up to 50 of each.
 
     Returns
     -------
@@ -182,16 +195,26 @@ def report_runs(
     Raises
     ------
     InputError
-        No runs, a run folder that does not exist, or an ``out`` that may not be written (see ``classify``).
+        No runs, a run folder that does not exist, an ``out`` that may not be written (see ``classify``), or
+        ``mistakes`` asked of a run that records none.
     StoreError
         A damaged run, or another process writing ``out``.
     """
     if not run_dirs:
         raise InputError("give at least one run folder.")
     runs = [load_run(d) for d in run_dirs]
+    names = [Path(os.path.realpath(run.path)).name for run in runs]  # "." is named by its folder's name
+    recorded = _recorded_mistakes(runs, names)
+    if mistakes is not None:
+        if recorded is None:
+            missing = [str(run.path) for run in runs if read_mistakes(run.path) is None]
+            raise InputError(
+                f"run {', '.join(missing)} records no mistakes (made by an earlier furnitype); "
+                "train it again with furnitype classify."
+            )
+        write_mistakes_csv(recorded, mistakes)
     if len(runs) == 1 and out is None:
         return runs[0]
-    names = [Path(os.path.realpath(run.path)).name for run in runs]  # "." is named by its folder's name
     if len(runs) > 1:
         document = merge_documents([(name, run.document) for name, run in zip(names, runs, strict=True)])
     else:
@@ -200,9 +223,24 @@ def report_runs(
         return Run(None, document)
     refuse_one_of(out, [run.path for run in runs], str(out))
     with building(out, kind=REPORT_KIND, overwrite=overwrite) as folder:
-        write_report(document, folder.path)
+        if recorded is not None:
+            write_mistakes(folder.path / MISTAKES_FILE, recorded)
+        write_report(document, folder.path, recorded)
         write_run_document(folder.path, document)
     return Run(Path(out), document)
+
+
+def _recorded_mistakes(runs: Sequence[Run], names: Sequence[str]) -> list[Mistake] | None:
+    """The runs' recorded mistakes, feature sets named ``run/key`` when several; None when a run records none."""
+    found = []
+    for run, name in zip(runs, names, strict=True):
+        mistakes = read_mistakes(run.path)
+        if mistakes is None:
+            return None
+        if len(runs) > 1:
+            mistakes = [dataclasses.replace(m, features=f"{name}/{m.features}") for m in mistakes]
+        found += mistakes
+    return found
 
 
 def _check_options(feature_files, models, test_files, test_size, val_size, cv, seed, class_weight) -> RunOptions:
@@ -281,13 +319,14 @@ def _feature_set_record(data: TrainTestSet, baseline: Baseline) -> FeatureSetRec
     )
 
 
-def _write_run(run_dir: Path, document: RunDocument, sets: Sequence[TrainTestSet]) -> None:
-    """Write a run's metadata, split and report (the models are already saved)."""
+def _write_run(run_dir: Path, document: RunDocument, sets: Sequence[TrainTestSet], mistakes: list[Mistake]) -> None:
+    """Write a run's metadata, split, mistakes and report (the models are already saved)."""
     split = []
     for data in sets:
         write_feature_set(run_dir / "models" / data.key, document.feature_sets[data.key])
         split += [(data.key, g, y, "train") for g, y in zip(data.train.sha256, data.train.labels, strict=True)]
         split += [(data.key, g, y, "test") for g, y in zip(data.test.sha256, data.test.labels, strict=True)]
     write_split(run_dir / SPLIT_FILE, split)
-    write_report(document, run_dir)
+    write_mistakes(run_dir / MISTAKES_FILE, mistakes)
+    write_report(document, run_dir, mistakes)
     write_run_document(run_dir, document)

@@ -52,11 +52,19 @@ class Fit:
         Its line of the table.
     predicted : ndarray of int
         The predicted class index of each test row.
+    proba : ndarray of shape (n_test, n_classes)
+        The class probabilities of each test row.
     """
 
     model: FeatureClassifier
     row: Row
     predicted: np.ndarray
+    proba: np.ndarray
+
+
+def reference_model() -> Pipeline:
+    """The baseline, unfitted: ``StandardScaler`` + ``LogisticRegression(C=BASELINE_C)``."""
+    return make_pipeline(StandardScaler(), LogisticRegression(C=BASELINE_C, max_iter=1000))
 
 
 def fit_baseline(data: TrainTestSet) -> Baseline:
@@ -65,8 +73,7 @@ def fit_baseline(data: TrainTestSet) -> Baseline:
     wall = time.perf_counter()
     # Thin lbfgs products: more BLAS threads only add overhead (see LogRegModel).
     with threadpool_limits(limits=1, user_api="blas"):
-        pipeline = make_pipeline(StandardScaler(), LogisticRegression(C=BASELINE_C, max_iter=1000))
-        pipeline.fit(data.train.features, y_train)
+        pipeline = reference_model().fit(data.train.features, y_train)
     fit_seconds = time.perf_counter() - wall
     return Baseline(pipeline, score(data.y_test, pipeline.predict_proba(data.test.features)), fit_seconds)
 
@@ -133,7 +140,7 @@ def fit_and_score(
         f"{data.key}: {model.name} accuracy {row.accuracy:.3f} ({row.chosen}), fit {fit_seconds:.1f} s, "
         f"{predict_ms:.3f} ms/image"
     )
-    return Fit(model, row, scores.predicted)
+    return Fit(model, row, scores.predicted, proba)
 
 
 def _cpu_seconds() -> float:

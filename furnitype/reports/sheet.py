@@ -179,7 +179,7 @@ def _tile(sheet, draw, corner, photo_path: str, colour: str, captions: list[str]
     side = thumb + 2 * FRAME
     draw.rectangle([x, y, x + side - 1, y + side - 1], fill=colour)
     draw.rectangle([x + FRAME, y + FRAME, x + FRAME + thumb - 1, y + FRAME + thumb - 1], fill="#f2f2f2")
-    image = _thumbnail(photo_path, thumb)
+    image = thumbnail(photo_path, thumb)
     if image is None:
         draw.text((x + FRAME + 8, y + side // 2 - 8), "no preview", fill="#666666", font=font)
     else:
@@ -192,7 +192,7 @@ def _tile(sheet, draw, corner, photo_path: str, colour: str, captions: list[str]
                   fill="#555555" if last else "black", font=small if last else font)
 
 
-def _thumbnail(path: str, size: int) -> Image.Image | None:
+def thumbnail(path: str, size: int) -> Image.Image | None:
     """The photo upright (EXIF), in RGB, fitting a ``size`` square; None when it is gone or cannot be opened."""
     try:
         with Image.open(path) as img:

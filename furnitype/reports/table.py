@@ -12,9 +12,13 @@ import html
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from furnitype.classify.metadata import ROW_SCALARS, SCORE_NAMES, Row, RunDocument
+from furnitype.classify.mistakes import Mistake
+from furnitype.reports.mistakes import STYLE as MISTAKES_STYLE
+from furnitype.reports.mistakes import html_section, markdown_section, write_thumbnails
 from furnitype.reports.plots import plot_confusion, plot_scores
 
 #: The columns of report.csv, in order (one row per feature set x model).
@@ -65,16 +69,24 @@ def format_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
-def write_report(document: RunDocument, out_dir: str | os.PathLike) -> dict[str, list[str]]:
+def write_report(
+    document: RunDocument, out_dir: str | os.PathLike, mistakes: Sequence[Mistake] | None = None
+) -> dict[str, list[str]]:
     """Write report.csv, report.md, report.html, scores.png and a confusion PNG per row into ``out_dir``.
+
+    With ``mistakes`` (the run's, ``furnitype.classify.mistakes``), the reports get a section of them and
+    their thumbnails go to ``out_dir/mistakes/``.
 
     Returns
     -------
     dict of str to list of str
-        File names written, by kind (``csv``, ``markdown``, ``html``, ``bar_chart``, ``confusion``).
+        File names written, by kind (``csv``, ``markdown``, ``html``, ``bar_chart``, ``confusion``,
+        ``thumbnails``).
     """
     out = Path(out_dir)
     rows = document.rows
+    thumbnails = write_thumbnails(mistakes, out) if mistakes is not None else {}
+    section = _MistakesSection(mistakes, thumbnails, list(document.feature_sets), out)
     confusion = {}
     for row in rows:
         name = f"confusion-{_slug(_row_id(row))}.png"
@@ -86,15 +98,34 @@ def write_report(document: RunDocument, out_dir: str | os.PathLike) -> dict[str,
         writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         writer.writerows(row.scalars() for row in rows)
-    (out / "report.md").write_text(_markdown(document, confusion), encoding="utf-8")
-    (out / "report.html").write_text(_html(document, confusion, out), encoding="utf-8")
+    (out / "report.md").write_text(_markdown(document, confusion, section), encoding="utf-8")
+    (out / "report.html").write_text(_html(document, confusion, out, section), encoding="utf-8")
     return {
         "csv": ["report.csv"],
         "markdown": ["report.md"],
         "html": ["report.html"],
         "bar_chart": ["scores.png"],
         "confusion": list(confusion.values()),
+        "thumbnails": sorted(set(thumbnails.values())),
     }
+
+
+@dataclass(frozen=True)
+class _MistakesSection:
+    """What the mistakes section of a report needs (``mistakes`` None: the run records none)."""
+
+    mistakes: Sequence[Mistake] | None
+    thumbnails: dict[str, str]
+    feature_sets: list[str]
+    out: Path
+
+    def markdown(self) -> list[str]:
+        return [] if self.mistakes is None else markdown_section(self.mistakes, self.thumbnails, self.feature_sets)
+
+    def html(self) -> list[str]:
+        if self.mistakes is None:
+            return []
+        return html_section(self.mistakes, self.thumbnails, self.feature_sets, self.out)
 
 
 # -- rendering ------------------------------------------------------------------------------------------
@@ -227,7 +258,7 @@ def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(headers), line(["---"] * len(headers)), *(line(r) for r in rows)])
 
 
-def _markdown(document: RunDocument, confusion: dict[str, str]) -> str:
+def _markdown(document: RunDocument, confusion: dict[str, str], mistakes: _MistakesSection) -> str:
     rows = document.rows
     parts = [
         f"# furnitype classify: {document.run}",
@@ -268,7 +299,7 @@ def _markdown(document: RunDocument, confusion: dict[str, str]) -> str:
             f"![confusion matrix]({confusion[_row_id(row)]})",
             "",
         ]
-    return "\n".join(parts)
+    return "\n".join(parts + mistakes.markdown())
 
 
 def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -293,13 +324,13 @@ img { max-width: 100%; }
 """
 
 
-def _html(document: RunDocument, confusion: dict[str, str], out: Path) -> str:
+def _html(document: RunDocument, confusion: dict[str, str], out: Path, mistakes: _MistakesSection) -> str:
     rows = document.rows
     esc = html.escape
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>furnitype classify: {esc(document.run)}</title><style>{_STYLE}</style></head><body>",
+        f"<title>furnitype classify: {esc(document.run)}</title><style>{_STYLE}{MISTAKES_STYLE}</style></head><body>",
         f"<h1>furnitype classify: {esc(document.run)}</h1>",
         f"<p>{esc(_split_text(document))}</p>",
         "<h2>Results, best first</h2>",
@@ -326,5 +357,6 @@ def _html(document: RunDocument, confusion: dict[str, str], out: Path) -> str:
             _image(out, confusion[_row_id(row)], f"confusion matrix of {row.label}"),
             "</div>",
         ]
+    parts += mistakes.html()
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
