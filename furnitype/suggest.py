@@ -177,20 +177,8 @@ def suggest(run: str | os.PathLike, features: str | os.PathLike, *, n: int = 40)
             f"{features} has {fs.features.shape[1]} features per photo, but run {run}'s {loaded.name} model was "
             f"trained on {loaded.model.n_features_in_}."
         )
-    notes = []
     in_training = np.isin(fs.sha256, list(training_photos(run, loaded.features)))
-    _, first = np.unique(fs.sha256, return_index=True)
-    repeated = np.ones(len(fs), dtype=bool)
-    repeated[first] = False
-    if np.any(repeated & ~in_training):
-        count = int(np.sum(repeated & ~in_training))
-        notes.append(f"{count} rows repeat another row's photo; each photo is suggested once.")
-    finite = np.isfinite(fs.features).all(axis=1)
-    if not finite.all():
-        notes.append(f"{int(np.sum(~finite))} rows hold NaN or infinite features and are left out; extract them again.")
-    candidates = np.flatnonzero(~in_training & ~repeated & finite)
-    if len(candidates) == 0:
-        raise InputError(f"every photo of {features} is already a training photo of run {run}; nothing to suggest.")
+    candidates, notes = _candidates(fs, in_training, run)
     if n > len(candidates):
         notes.append(f"only {len(candidates)} photos can be suggested (asked for {n}); suggesting all of them.")
         n = len(candidates)
@@ -200,10 +188,10 @@ def suggest(run: str | os.PathLike, features: str | os.PathLike, *, n: int = 40)
     classes = np.asarray(loaded.classes)
     suggestions = []
     for row, p in zip(candidates[picked], proba[picked], strict=True):
-        first, second = np.argsort(-p, kind="stable")[:2]
+        guess, runner_up = np.argsort(-p, kind="stable")[:2]
         suggestions.append(
-            Suggestion(str(fs.paths[row]), str(classes[first]), float(p[first]), str(classes[second]),
-                       float(p[second]), str(fs.sha256[row]))
+            Suggestion(str(fs.paths[row]), str(classes[guess]), float(p[guess]), str(classes[runner_up]),
+                       float(p[runner_up]), str(fs.sha256[row]))
         )
     return SuggestResult(
         suggestions=suggestions,
@@ -216,6 +204,25 @@ def suggest(run: str | os.PathLike, features: str | os.PathLike, *, n: int = 40)
         notes=notes,
         seconds=time.perf_counter() - started,
     )
+
+
+def _candidates(fs: FeatureSet, in_training: np.ndarray, run: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
+    """Rows that may be suggested (not training photos, each photo once, finite features), and notes."""
+    notes = []
+    first_of_photo = np.zeros(len(fs), dtype=bool)
+    first_of_photo[np.unique(fs.sha256, return_index=True)[1]] = True
+    repeated = ~first_of_photo & ~in_training
+    if repeated.any():
+        notes.append(f"{int(repeated.sum())} rows repeat another row's photo; each photo is suggested once.")
+    finite = np.isfinite(fs.features).all(axis=1)
+    if not finite.all():
+        notes.append(f"{int((~finite).sum())} rows hold NaN or infinite features and are left out; extract them again.")
+    candidates = np.flatnonzero(first_of_photo & ~in_training & finite)
+    if len(candidates) == 0:
+        if in_training.all():
+            raise InputError(f"every photo of {fs.file} is already a training photo of run {run}; nothing to suggest.")
+        raise InputError(f"no photo of {fs.file} can be suggested: {' '.join(notes)}")
+    return candidates, notes
 
 
 def _model_for(run: str | os.PathLike, fs: FeatureSet) -> LoadedModel:

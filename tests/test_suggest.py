@@ -318,3 +318,16 @@ def test_the_sheet_shows_the_photos_with_the_guesses(setup, tmp_path):
     assert drawn.shape[1] > drawn.shape[0] > 160
     for colour in {COLOURS[c] for c in CLASSES}:
         assert np.any(np.all(np.abs(drawn.astype(int) - colour) < 30, axis=2))
+
+
+def test_no_usable_row_at_all_is_one_line(setup, tmp_path):
+    fs = store.load(setup["new"])
+    broken = write(tmp_path / "all-nan.h5", np.full_like(fs.features[:3], np.nan), fs.sha256[:3])
+
+    result = invoke("suggest", setup["run"], broken, "--out", tmp_path / "x.csv")
+
+    assert result.exit_code == 2
+    assert result.output == (
+        f"Error: no photo of {broken} can be suggested: 3 rows hold NaN or infinite features and are left out; "
+        "extract them again.\n"
+    )
