@@ -2,8 +2,9 @@
 
 One row per feature file x model: each feature file is split into training and test photos
 (``furnitype.classify.data``), the baseline and every model are fitted and scored
-(``furnitype.classify.evaluation``), the run notes what is worth knowing (``furnitype.classify.notes``), and
-the run folder (``furnitype.classify.run``) gets the models, the split, ``metrics.json`` and the report
+(``furnitype.classify.evaluation``), the run notes what is worth knowing (``furnitype.classify.notes``) and
+lists each feature set's mistakes (``furnitype.classify.mistakes``), and the run folder
+(``furnitype.classify.run``) gets the models, the split, the mistakes, ``metrics.json`` and the report
 (``furnitype.reports.table``).
 """
 

@@ -6,6 +6,8 @@ Layout::
                                           settings), rows (metrics, per-class scores, confusion matrix, choices)
     RUN/report.csv, report.md, report.html, scores.png, confusion-<features>-<model>.png
     RUN/split.csv                         features, sha256, label, part (train/test) of every row used
+    RUN/mistakes.csv, mistakes/*.jpg      per feature set, misclassified test photos and possible label errors
+                                          (``furnitype.classify.mistakes``), and their thumbnails
     RUN/models/<features>/settings.json   the feature settings a model needs at prediction time
     RUN/models/<features>/<model>/        model.json + model.keras (dense) or model.skops (logreg, svm)
 
