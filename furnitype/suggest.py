@@ -159,11 +159,12 @@ def suggest(run: str | os.PathLike, features: str | os.PathLike, *, n: int = 40)
     Raises
     ------
     InputError
-        ``n`` below 1, a run without models, an empty feature file, or every photo already a training photo.
+        ``n`` below 1, a report folder instead of a run (it holds no models), an empty feature file, or no
+        photo left to suggest.
     SettingsMismatchError
         The feature file's settings are not those of any of the run's feature sets.
     StoreError
-        The run or the feature file is damaged.
+        The run (its models, its split) or the feature file is damaged.
     """
     started = time.perf_counter()
     if n < 1:
@@ -228,8 +229,6 @@ def _candidates(fs: FeatureSet, in_training: np.ndarray, run: str | os.PathLike)
 def _model_for(run: str | os.PathLike, fs: FeatureSet) -> LoadedModel:
     """The run's best model on features with ``fs``'s settings; refuse a file whose settings no feature set has."""
     document = load_run(run).document
-    if not document.rows:
-        raise InputError(f"run {run} has no models; train some with furnitype classify.")
     for row in document.rows:  # best first
         if not _differences(document.feature_sets[row.features].settings, fs.settings):
             return load_model(run, row.model, features=row.features)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import os
 import shutil
 
 import numpy as np
@@ -191,6 +192,7 @@ def test_merged_reports_keep_each_runs_mistakes(setup, tmp_path):
         features = [row["features"] for row in csv.DictReader(fh)]
     n = len(read_mistakes(setup["run"]))
     assert features == [f"{setup['run'].name}/train"] * n + ["other/train"] * n
+    assert [m.features for m in read_mistakes(merged)] == features  # the report keeps them too
 
 
 def test_a_photo_gone_since_training_is_listed_without_a_thumbnail(setup, tmp_path):
@@ -226,16 +228,52 @@ def test_a_run_that_records_no_mistakes_is_one_line(setup, tmp_path):
     assert "Mistakes" not in (tmp_path / "plain" / "report.html").read_text(encoding="utf-8")
 
 
-DAMAGED = ["features,model\nx,y\n", "\xff\xfe not text", f"{','.join(COLUMNS)}\n" + "a," * 8 + "b\n"]
+DAMAGED = {
+    "columns": ("features,model\nx,y\n", "its columns are not features, model, kind"),
+    "not text": ("\xff\xfe not text", "not UTF-8 text"),
+    "probability": (f"{','.join(COLUMNS)}\nf,m,misclassified,/p.jpg,a,b,x,0.1,{'0' * 64}\n", "not a number"),
+    "kind": (f"{','.join(COLUMNS)}\nf,m,other,/p.jpg,a,b,0.9,0.1,{'0' * 64}\n", "kind 'other' is not one of"),
+    "sha256 as a path": (f"{','.join(COLUMNS)}\nf,m,misclassified,/p.jpg,a,b,0.9,0.1,../../../x\n", "not 64 hex"),
+    "short line": (f"{','.join(COLUMNS)}\nf,m,misclassified\n", "not 9 fields"),
+}
 
 
-@pytest.mark.parametrize("content", DAMAGED)
-def test_a_damaged_mistakes_file_is_one_line(setup, tmp_path, content):
+@pytest.mark.parametrize("name", DAMAGED)
+def test_a_damaged_mistakes_file_is_one_line(setup, tmp_path, name):
+    content, problem = DAMAGED[name]
     run = tmp_path / "run"
     shutil.copytree(setup["run"], run)
     (run / MISTAKES_FILE).write_bytes(content.encode("latin-1"))
 
-    with pytest.raises(StoreError, match="mistakes.csv (is damaged|cannot be read)"):
+    with pytest.raises(StoreError, match=rf"^run {run} is damaged: mistakes\.csv.*{problem}"):
         read_mistakes(run)
     result = invoke("report", run, "--mistakes", tmp_path / "m.csv")
-    assert result.exit_code == 1 and result.output.startswith("Error: ") and result.output.count("\n") == 1
+    assert result.exit_code == 1 and result.output.startswith(f"Error: run {run} is damaged: mistakes.csv")
+    assert result.output.count("\n") == 1 and not (tmp_path / "m.csv").exists()
+
+
+def test_a_mistakes_file_that_is_a_symlink_out_of_the_run_is_refused(setup, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(setup["run"], run)
+    outside = tmp_path / "elsewhere.csv"
+    (run / MISTAKES_FILE).rename(outside)
+    (run / MISTAKES_FILE).symlink_to(outside)
+
+    with pytest.raises(StoreError, match=r"mistakes\.csv: is a symbolic link"):
+        read_mistakes(run)
+
+
+def test_a_photo_path_that_is_a_fifo_gets_no_thumbnail_and_no_wait(setup, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(setup["run"], run)
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)
+    first, *rest = read_mistakes(run)
+    with open(run / MISTAKES_FILE, "w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows([COLUMNS, dataclasses.astuple(dataclasses.replace(first, path=str(fifo))),
+                                  *(dataclasses.astuple(m) for m in rest)])
+
+    result = invoke("report", run, "--out", tmp_path / "again")
+
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "again" / "report.html").read_text(encoding="utf-8").count("no preview") == 1

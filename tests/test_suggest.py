@@ -259,22 +259,24 @@ def test_only_training_photos_leaves_nothing_to_suggest(setup, tmp_path):
         suggest(setup["run"], only)
 
 
-def test_a_run_without_models_is_one_line(setup, tmp_path):
-    empty_run = tmp_path / "run"
-    shutil.copytree(setup["run"], empty_run)
-    document = json.loads((empty_run / "metrics.json").read_text(encoding="utf-8"))
-    document["rows"] = []
-    (empty_run / "metrics.json").write_text(json.dumps(document), encoding="utf-8")
+def test_a_run_whose_models_are_gone_is_one_line(setup, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(setup["run"], run)
+    shutil.rmtree(run / "models" / "train" / "logreg")
 
-    result = invoke("suggest", empty_run, setup["new"], "--out", tmp_path / "x.csv")
+    result = invoke("suggest", run, setup["new"], "--out", tmp_path / "x.csv")
 
-    assert result.exit_code == 2
-    assert result.output == f"Error: run {empty_run} has no models; train some with furnitype classify.\n"
+    assert result.exit_code == 1
+    assert result.output.startswith(f"Error: run {run} is damaged: models/train/logreg")
+    assert result.output.count("\n") == 1
+    assert not (tmp_path / "x.csv").exists()
 
 
-def test_a_merged_report_folder_has_no_models_to_suggest_with(setup, tmp_path):
+@pytest.mark.parametrize("runs", [1, 2])
+def test_a_report_folder_has_no_models_to_suggest_with(setup, tmp_path, runs):
     merged = tmp_path / "merged"
-    assert invoke("report", setup["run"], setup["run"], "--out", merged).exit_code == 0
+    shutil.copytree(setup["run"], tmp_path / "other")
+    assert invoke("report", setup["run"], *[tmp_path / "other"][: runs - 1], "--out", merged).exit_code == 0
 
     result = invoke("suggest", merged, setup["new"], "--out", tmp_path / "x.csv")
 

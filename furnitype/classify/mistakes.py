@@ -18,7 +18,9 @@ has no folds of its own to reuse.
 from __future__ import annotations
 
 import csv
+import io
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
@@ -29,11 +31,13 @@ from threadpoolctl import threadpool_limits
 
 from furnitype.classify.data import TrainTestSet
 from furnitype.classify.evaluation import Fit, reference_model
+from furnitype.classify.run import damaged
+from furnitype.classify.runfiles import Damage, read_inside
 from furnitype.classify.split import ContentKFold, max_splits
-from furnitype.errors import StoreError
 
 MISTAKES_FILE = "mistakes.csv"
 KINDS = ("misclassified", "label_issue")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -206,29 +210,52 @@ def write_mistakes(path: str | os.PathLike, mistakes: Iterable[Mistake]) -> Path
 
 
 def read_mistakes(run_dir: str | os.PathLike) -> list[Mistake] | None:
-    """The mistakes a run recorded, in file order; None when the run has no ``mistakes.csv``.
+    """The mistakes a run (or report) recorded, in file order; None when it has no ``mistakes.csv``.
+
+    The file is read as received data (``furnitype.classify.runfiles``): from inside the folder only, and
+    every field checked, since the sha256 names the thumbnail files.
 
     Raises
     ------
     StoreError
-        The file cannot be read or is damaged.
+        The file cannot be read or is not what ``classify`` writes (``run X is damaged: mistakes.csv ...``).
     """
-    path = Path(run_dir) / MISTAKES_FILE
     try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            if tuple(reader.fieldnames or ()) != COLUMNS:
-                raise StoreError(f"{path} is damaged: its columns are not {', '.join(COLUMNS)}.")
-            found = [
-                Mistake(**{**row, "probability": float(row["probability"]),
-                           "label_probability": float(row["label_probability"])})
-                for row in reader
-            ]
-    except FileNotFoundError:
-        return None
-    except (OSError, csv.Error, UnicodeDecodeError, ValueError, TypeError) as err:
-        raise StoreError(f"{path} cannot be read: {err}") from None
-    unknown = sorted({m.kind for m in found} - set(KINDS))
-    if unknown:
-        raise StoreError(f"{path} is damaged: unknown kind {', '.join(unknown)}.")
+        data = read_inside(run_dir, MISTAKES_FILE)
+    except Damage as damage:
+        if damage.where == MISTAKES_FILE and damage.problem == "missing":
+            return None
+        raise damaged(run_dir, damage) from None
+    try:
+        return _parse(data)
+    except Damage as damage:
+        raise damaged(run_dir, damage) from None
+
+
+def _parse(data: bytes) -> list[Mistake]:
+    try:
+        reader = csv.DictReader(io.StringIO(data.decode("utf-8"), newline=""))
+        if tuple(reader.fieldnames or ()) != COLUMNS:
+            raise Damage(MISTAKES_FILE, f"its columns are not {', '.join(COLUMNS)}")
+        rows = list(reader)
+    except UnicodeDecodeError:
+        raise Damage(MISTAKES_FILE, "not UTF-8 text") from None
+    except csv.Error as err:
+        raise Damage(MISTAKES_FILE, f"not CSV: {err}") from None
+    found = []
+    for i, row in enumerate(rows, start=2):
+        where = f"{MISTAKES_FILE} line {i}"
+        if None in row or None in row.values():
+            raise Damage(where, f"not {len(COLUMNS)} fields")
+        if row["kind"] not in KINDS:
+            raise Damage(where, f"kind {row['kind']!r} is not one of {', '.join(KINDS)}")
+        if not _SHA256.fullmatch(row["sha256"]):
+            raise Damage(where, "sha256 is not 64 hex digits")
+        try:
+            probabilities = {key: float(row[key]) for key in ("probability", "label_probability")}
+        except ValueError:
+            raise Damage(where, "a probability is not a number") from None
+        if not all(0.0 <= p <= 1.0 for p in probabilities.values()):
+            raise Damage(where, "a probability is not between 0 and 1")
+        found.append(Mistake(**{**row, **probabilities}))
     return found

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -193,11 +194,22 @@ def _tile(sheet, draw, corner, photo_path: str, colour: str, captions: list[str]
 
 
 def thumbnail(path: str, size: int) -> Image.Image | None:
-    """The photo upright (EXIF), in RGB, fitting a ``size`` square; None when it is gone or cannot be opened."""
+    """The photo upright (EXIF), in RGB, fitting a ``size`` square; None when it is gone or cannot be opened.
+
+    Only a regular file is read: a path named by a received run or store that leads to a FIFO or a device
+    gets the placeholder instead of a reader that waits forever.
+    """
     try:
-        with Image.open(path) as img:
-            img.draft("RGB", (size, size))
-            upright = ImageOps.exif_transpose(img).convert("RGB")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                return None
+            with Image.open(fh) as img:
+                img.draft("RGB", (size, size))
+                upright = ImageOps.exif_transpose(img).convert("RGB")
         upright.thumbnail((size, size))
         return upright
     except Exception:  # noqa: BLE001 - missing, moved or broken files all get the placeholder
