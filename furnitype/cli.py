@@ -75,23 +75,28 @@ def cli() -> None:
               help="CPUs per Ray worker.  [default: 1]")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="Feature file.  [default: features-<backbone>.h5]")
 @click.option("--manifest", type=click.Path(dir_okay=False), help="CSV of path,label rows (paths relative to it).")
-@click.option("--overwrite", is_flag=True, help="Replace a feature file made with other settings.")
+@click.option("--label", help="Label every photo of this call with NAME (default: its folder's or manifest's; "
+              "a photo listed without one keeps its stored label).", metavar="NAME")
+@click.option("--rehash", is_flag=True, help="Read every file again, even those whose size and times are unchanged.")
+@click.option("--overwrite", is_flag=True, help="Replace a feature file made with other settings, or a damaged one.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @_api_errors
 def extract(images, backbone, weights, pooling, image_size, batch_size, precision, store_dtype, interpolation, decode,
-            calibrate, workers, engine, address, ray_workers, gpus_per_worker, cpus_per_worker, out, manifest,
-            overwrite, quiet, as_json) -> None:
+            calibrate, workers, engine, address, ray_workers, gpus_per_worker, cpus_per_worker, out, manifest, label,
+            rehash, overwrite, quiet, as_json) -> None:
     """Extract pooled CNN features of IMAGES into an HDF5 feature cache.
 
     IMAGES are folders (one subfolder per class, or unlabelled photos) or image files. Only photos whose
-    content is not in the cache yet are computed.
+    content is not in the cache yet are computed; files whose size and times are unchanged are not read again.
+    Rows of photos gone from a listed folder are removed. Ctrl-C keeps the finished batches (exit 130).
 
     \b
     Examples:
       furnitype extract photos/ --backbone inception
       furnitype extract photos/ --weights vgg16_notop.weights.h5 --precision bfloat16 --out vgg.h5
       furnitype extract photos/ --weights vgg16_notop.weights.h5 --precision int8 --out vgg-int8.h5
+      furnitype extract new-sofas/ --label sofa --out vgg.h5
       furnitype extract --manifest labels.csv --json
       furnitype extract photos/ --engine ray --address auto --ray-workers 8 --gpus-per-worker 1
     """
@@ -99,15 +104,23 @@ def extract(images, backbone, weights, pooling, image_size, batch_size, precisio
         raise click.UsageError("give at least one folder or image file, or --manifest CSV.")
     _ray_only(engine, address=address, ray_workers=ray_workers, gpus_per_worker=gpus_per_worker,
               cpus_per_worker=cpus_per_worker)
+    from furnitype.errors import Interrupted
     from furnitype.extraction import extract as run_extract
 
-    result = run_extract(
-        images, backbone=backbone, weights=weights, pooling=pooling, image_size=image_size, batch_size=batch_size,
-        precision=precision, store_dtype=store_dtype, interpolation=interpolation, decode=decode, out=out,
-        calibrate=calibrate, manifest=manifest, overwrite=overwrite, progress=not quiet and not as_json,
-        workers=workers, engine=engine, ray_address=address, ray_workers=ray_workers, gpus_per_worker=gpus_per_worker,
-        cpus_per_worker=cpus_per_worker,
-    )
+    try:
+        result = run_extract(
+            images, backbone=backbone, weights=weights, pooling=pooling, image_size=image_size,
+            batch_size=batch_size, precision=precision, store_dtype=store_dtype, interpolation=interpolation,
+            decode=decode, calibrate=calibrate, out=out, manifest=manifest, label=label, rehash=rehash,
+            overwrite=overwrite, progress=not quiet and not as_json, workers=workers, engine=engine,
+            ray_address=address, ray_workers=ray_workers, gpus_per_worker=gpus_per_worker,
+            cpus_per_worker=cpus_per_worker,
+        )
+    except Interrupted as stop:
+        click.echo(str(stop), err=True)
+        sys.exit(stop.exit_code)
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
     if as_json:
         _print_json(result.as_dict())
     else:
@@ -132,6 +145,8 @@ def info(file, as_json) -> None:
         _print_json(summary)
         return
     click.echo(f"{file}: {summary['rows']:,} rows x {summary['feature_dim']:,} features")
+    if summary["dead_rows"]:
+        click.echo(f"  {summary['dead_rows']:,} removed rows wait for compaction (furnitype compact {file})")
     for name, count in summary["classes"].items():
         click.echo(f"  {name or '(unlabelled)':<20} {count:>8,}")
     click.echo("settings:")
@@ -140,6 +155,28 @@ def info(file, as_json) -> None:
     click.echo(f"skipped: {len(summary['skipped'])}")
     for path, reason in summary["skipped"]:
         click.echo(f"  {path}: {reason}")
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@_api_errors
+def compact(file) -> None:
+    """Rewrite a feature file with only its rows: drop removed rows, give back unused space.
+
+    Also upgrades an older feature file to the current format. Extract compacts by itself when removed rows
+    pass a quarter of the file.
+
+    \b
+    Example:
+      furnitype compact features-vgg16.h5
+    """
+    from furnitype.features.store import compact as run_compact
+
+    done = run_compact(file)
+    click.echo(
+        f"{file}: {done.rows:,} rows kept, {done.dropped:,} removed entries dropped, "
+        f"{done.bytes_before / 1e6:,.1f} MB -> {done.bytes_after / 1e6:,.1f} MB"
+    )
 
 
 @cli.command()

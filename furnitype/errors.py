@@ -19,3 +19,9 @@ class SettingsMismatchError(FurnitypeError):
 
 class StoreError(FurnitypeError):
     """A feature file that cannot be read: not furnitype's, damaged, or locked by another writer."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a command after some of its work was kept; the message says what (exit 130)."""
+
+    exit_code = 130

@@ -1,4 +1,8 @@
-"""``extract``: list images, hash them, compute only the features the store lacks, keep everything."""
+"""``extract``: list images, read only what changed, compute only the features the store lacks, keep everything.
+
+What to compute is an ``ExtractSpec``; where it runs is an engine (``furnitype.engines``); what the store holds
+and how it changes is the ``FeatureCache`` (``furnitype.features.cache``).
+"""
 
 from __future__ import annotations
 
@@ -7,22 +11,32 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from furnitype import __version__
-from furnitype.engines import batch_source
-from furnitype.errors import InputError
+from furnitype.engines import BatchSource, batch_source
+from furnitype.errors import InputError, Interrupted
 from furnitype.extract.backbones import get_backbone
-from furnitype.extract.images import ImageFile, list_images, sha256_file
-from furnitype.extract.pipeline import ExtractSpec, Outcome
-from furnitype.extract.settings import calibrated, resolve_settings
-from furnitype.features import store
-from furnitype.features.journal import Journal, Row, Skip
+from furnitype.extract.images import ImageDecodeError, Listing, hash_file, list_images
+from furnitype.extract.pipeline import ExtractSpec
+from furnitype.extract.settings import calibrated, recorded_settings, resolve_settings
+from furnitype.features.cache import FeatureCache, Hashed
+
+#: ``extract``'s keyword form of an ``ExtractSpec`` (with their defaults) and of the Ray engine.
+SPEC_OPTIONS = {
+    "backbone": "vgg16",
+    "weights": "imagenet",
+    "pooling": "avg",
+    "image_size": None,
+    "precision": "float32",
+    "interpolation": "bilinear",
+    "decode": "exact",
+}
+ENGINE_OPTIONS = ("ray_address", "ray_workers", "gpus_per_worker", "cpus_per_worker")
 
 
 @dataclass(frozen=True)
@@ -34,14 +48,20 @@ class ExtractResult:
     out : str
         The feature file.
     listed, extracted, reused, skipped : int
-        Files listed; rows computed by the network now; rows taken from the cache (same content seen before,
-        in the store, an interrupted run's journal or a duplicate in this listing); files that could not be used.
+        Files listed; rows computed by the network now; listed files whose row came from the cache (unchanged,
+        or the same content seen before, or a duplicate in this listing); files that could not be used.
     removed : int
         Rows dropped because their file is no longer in a listed folder.
+    relabelled : int
+        Rows whose label changed (a listed label, or ``label``, differs from the stored one).
+    hashed : int
+        Files read to compute their sha256 (new files, files whose size, mtime, inode or ctime changed).
     rows : int
         Rows in the store now.
     seconds : float
         Wall time of the whole call.
+    warnings : list of str
+        Folders that could not be listed (their rows are kept), files that could not be read this time.
     """
 
     out: str
@@ -50,47 +70,45 @@ class ExtractResult:
     reused: int
     skipped: int
     removed: int
+    relabelled: int
+    hashed: int
     rows: int
     seconds: float
+    warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        """One line: ``2,655 extracted, 2 skipped (see: furnitype info FILE)``."""
+        """One line: ``2,655 extracted, 2 skipped, 2,657 hashed (see: furnitype info FILE)``."""
         parts = [f"{self.extracted:,} extracted"]
         if self.reused:
             parts.append(f"{self.reused:,} reused from the cache")
         if self.removed:
             parts.append(f"{self.removed:,} removed (no longer on disk)")
-        line = ", ".join(parts) + f", {self.skipped:,} skipped"
+        if self.relabelled:
+            parts.append(f"{self.relabelled:,} relabelled")
+        parts += [f"{self.skipped:,} skipped", f"{self.hashed:,} hashed"]
         hint = f"see: furnitype info {self.out}" if self.skipped else f"{self.out}, {self.seconds:.1f} s"
-        return f"{line} ({hint})"
+        return f"{', '.join(parts)} ({hint})"
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 def extract(
-    inputs: Sequence[str | os.PathLike],
+    inputs: Sequence[str | os.PathLike] = (),
     *,
-    backbone: str = "vgg16",
-    weights: str = "imagenet",
-    pooling: str = "avg",
-    image_size: int | None = None,
-    batch_size: int = 32,
-    precision: str = "float32",
-    store_dtype: str = "float32",
-    interpolation: str = "bilinear",
-    decode: str = "exact",
-    calibrate: str | os.PathLike | None = None,
+    spec: ExtractSpec | None = None,
+    engine: str | BatchSource = "local",
     out: str | os.PathLike | None = None,
     manifest: str | os.PathLike | None = None,
+    label: str | None = None,
+    store_dtype: str = "float32",
+    calibrate: str | os.PathLike | None = None,
     overwrite: bool = False,
-    progress: bool = True,
+    rehash: bool = False,
+    batch_size: int = 32,
     workers: int | None = None,
-    engine: str = "local",
-    ray_address: str | None = None,
-    ray_workers: int | None = None,
-    gpus_per_worker: float | None = None,
-    cpus_per_worker: float | None = None,
+    progress: bool = True,
+    **options,
 ) -> ExtractResult:
     """Extract pooled convolutional features of images into an HDF5 feature store (the cache).
 
@@ -98,236 +116,150 @@ def extract(
     ----------
     inputs : sequence of path
         Folders (one subfolder per class, or unlabelled photos) and/or image files.
-    backbone : str, default="vgg16"
-        ``vgg16`` or ``inception`` (InceptionV3).
-    weights : str, default="imagenet"
-        ``imagenet``, ``none`` (random, seeded) or the path of a Keras weights file.
-    pooling : {"avg", "max", "flatten"}, default="avg"
-    image_size : int, default=None
-        Square input side; None keeps Keras' size (224 for VGG16, 299 for InceptionV3).
-    batch_size : int, default=32
-    precision : {"float32", "bfloat16", "float16", "int8"}, default="float32"
-        Compute precision (Keras mixed precision; ``int8``: OpenVINO, needs ``furnitype[int8]``); rows are
-        stored as ``store_dtype``.
-    store_dtype : {"float32", "float16"}, default="float32"
-    interpolation : str, default="bilinear"
-        Resize filter, as ``keras.utils.load_img`` names them.
-    decode : {"exact", "draft"}, default="exact"
-        ``draft`` lets the JPEG decoder downscale first (faster on large photos).
-    calibrate : path, default=None
-        int8 only: the photos (folder or file) to calibrate the quantized network on; None: the ones the store
-        was made with, else a fixed, seeded sample of the listed photos (``furnitype.extract.int8``).
+    spec : ExtractSpec, default=None
+        What to compute (backbone, weights, pooling, image size, interpolation, precision, decoding). None: made
+        from the keyword form ``backbone="vgg16", weights="imagenet", pooling="avg", image_size=None (Keras'
+        size), precision="float32", interpolation="bilinear", decode="exact"`` given in ``options``.
+    engine : {"local", "ray"} or callable, default="local"
+        Where the network runs: this process, Ray actors (``furnitype.engines.ray``, needs ``furnitype[ray]``;
+        its keyword form ``ray_address``, ``ray_workers``, ``gpus_per_worker``, ``cpus_per_worker`` in
+        ``options``), or any callable ``engine(spec, paths, batch_size=, workers=)`` yielding batches of
+        ``Outcome``. Listing, hashing, the cache and the store stay here either way.
     out : path, default=None
-        The feature file; None gives ``features-<backbone>.h5``.
+        The feature file; None gives ``features-<backbone>.h5``. A symbolic link is followed.
     manifest : path, default=None
         A CSV of ``path,label`` rows, added to ``inputs``.
+    label : str, default=None
+        Label every listed photo with this class. Otherwise a photo takes its folder's (or the manifest's)
+        label, and one listed without a label keeps the label its row has.
+    store_dtype : {"float32", "float16"}, default="float32"
+    calibrate : path, default=None
+        ``precision="int8"`` only: the photos (folder or file) to calibrate the quantized network on; None: the
+        ones the store was made with, else a fixed, seeded sample of the listed photos
+        (``furnitype.extract.int8``).
     overwrite : bool, default=False
-        Replace a store (or interrupted run) made with other settings, or a damaged store, instead of refusing
-        it. A store made with the same settings is always kept and reused.
-    progress : bool, default=True
-        Show a progress bar on stderr.
+        Replace a store (or an unfinished write) made with other settings, or a damaged store, instead of
+        refusing it. A store made with the same settings is always kept and reused.
+    rehash : bool, default=False
+        Read every listed file again (by default a file whose size, mtime, inode and ctime are unchanged keeps
+        its recorded sha256).
+    batch_size : int, default=32
     workers : int, default=None
         Decoding threads (None: up to 4), in each Ray worker with ``engine="ray"``.
-    engine : {"local", "ray"}, default="local"
-        Where the network runs: this process, or Ray actors (``furnitype.engines.ray``; needs
-        ``furnitype[ray]``). Listing, hashing, the cache and the store stay here either way.
-    ray_address, ray_workers, gpus_per_worker, cpus_per_worker
-        The Ray cluster, its number of workers (one network each) and resources per worker (see
-        ``furnitype.engines.ray.RayEngine``); only with ``engine="ray"``.
+    progress : bool, default=True
+        Show a progress bar on stderr.
 
     Returns
     -------
     ExtractResult
+
+    Raises
+    ------
+    Interrupted
+        Ctrl-C: the batches finished before it are kept (a ``KeyboardInterrupt`` saying how many rows).
     """
     started = time.perf_counter()
-    spec, settings = resolve_settings(
-        backbone, weights, pooling, image_size, precision, store_dtype, interpolation, decode
-    )
+    spec, settings = _spec(spec, store_dtype, options)
+    batches = _engine(engine, options)
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1. Received: batch_size={batch_size}")
-    batches = batch_source(
-        engine,
-        ray_address=ray_address,
-        ray_workers=ray_workers,
-        gpus_per_worker=gpus_per_worker,
-        cpus_per_worker=cpus_per_worker,
-    )
-    listing = list_images(inputs, manifest)
+    if label is not None and not label.strip():
+        raise InputError("label must not be empty. Received: label=''")
+    if calibrate is not None and spec.precision != "int8":
+        raise InputError(f"--calibrate is for --precision int8 only. Received: precision={spec.precision!r}")
     out = Path(out or f"features-{spec.backbone}.h5")
-    _check_writable(out)
-    if spec.precision == "int8":
-        spec, settings = calibrated(spec, settings, [f.path for f in listing.files], calibrate=calibrate, store=out)
-    elif calibrate is not None:
-        raise InputError(f"--calibrate is for --precision int8 only. Received: precision={precision!r}")
-    previous = _previous_store(out, settings, overwrite)
-
-    with Journal(out, settings, overwrite=overwrite) as journal:
-        features_by_sha = {sha: f for sha, f in zip(previous.sha256, previous.features, strict=True)}
-        features_by_sha.update({row.sha256: row.features for row in journal.rows})
-        previous_skips = _skips_of(previous)
-        reasons_by_sha = {sha: reason for _, sha, reason in previous_skips if sha}
-        reasons_by_sha.update({skip.sha256: skip.reason for skip in journal.skips if skip.sha256})
-
-        sha_by_path, unreadable = _hash_all(listing.files, progress)
-        known = features_by_sha.keys() | reasons_by_sha.keys()
-        todo = sorted({sha: p for p, sha in sha_by_path.items() if sha not in known}.values())
-        labels = {f.path: f.label for f in listing.files}
-        extracted = 0
-        bar = tqdm(
-            total=len(todo),
-            unit="img",
-            desc=f"extract {spec.backbone}",
-            disable=not progress or not todo,
-            file=sys.stderr,
-            dynamic_ncols=True,
-        )
-        with bar:
-            for batch in batches(spec, todo, batch_size=batch_size, workers=workers):
-                rows, skips = _journal_records(batch, sha_by_path, labels)
-                journal.append(rows, skips)
-                features_by_sha.update({row.sha256: row.features for row in rows})
-                reasons_by_sha.update({skip.sha256: skip.reason for skip in skips if skip.sha256})
-                unreadable.update({skip.path: skip.reason for skip in skips if not skip.sha256})
-                extracted += len(rows)
-                bar.update(len(batch))
-
-        merged = _merge(previous, previous_skips, listing, sha_by_path, unreadable, features_by_sha, reasons_by_sha)
-        if merged != _contents(previous, previous_skips) or journal.rows or extracted:
-            _save(out, merged, features_by_sha, spec, settings)
-        journal.remove()
-
-    skipped_paths = {s[0] for s in merged["skipped"]}
-    skipped = sum(1 for f in listing.files if f.path in skipped_paths)
+    cache = FeatureCache(out, settings, meta=_provenance(spec, settings), overwrite=overwrite)
+    try:
+        with cache:
+            listing = list_images(inputs, manifest)
+            if spec.precision == "int8":  # the quantized network is part of the settings: made (or found) now
+                spec, settings = calibrated(spec, settings, listing.paths, calibrate=calibrate, store=cache.real)
+                cache.require(settings, meta=_provenance(spec, settings))
+            to_hash = cache.compare(listing, label=label, rehash=rehash)
+            cache.hashed(_hash_all(listing, to_hash, progress))
+            todo = cache.todo()
+            bar = tqdm(
+                total=len(todo),
+                unit="img",
+                desc=f"extract {spec.backbone}",
+                disable=not progress or not todo,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
+            with bar:
+                for batch in batches(spec, todo, batch_size=batch_size, workers=workers):
+                    cache.add(batch)
+                    bar.update(len(batch))
+            counts = cache.finish()
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted: {cache.counts.extracted:,} rows kept; rerun to go on") from None
     return ExtractResult(
         out=str(out),
-        listed=len(listing.files),
-        extracted=extracted,
-        reused=len(listing.files) - skipped - extracted,
-        skipped=skipped,
-        removed=len(set(previous.paths) - set(merged["paths"]) - skipped_paths),
-        rows=len(merged["paths"]),
+        listed=counts.listed,
+        extracted=counts.extracted,
+        reused=counts.reused,
+        skipped=counts.skipped,
+        removed=counts.removed,
+        relabelled=counts.relabelled,
+        hashed=counts.hashed,
+        rows=counts.rows,
         seconds=time.perf_counter() - started,
+        warnings=counts.warnings,
     )
 
 
-def _check_writable(out: Path) -> None:
-    folder = out.parent if str(out.parent) else Path(".")
-    if not folder.is_dir():
-        raise InputError(f"cannot write {out}: folder {folder} does not exist.")
-    if not os.access(folder, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise InputError(f"cannot write {out}: permission denied.")
+def _spec(spec: ExtractSpec | None, store_dtype: str, options: dict) -> tuple[ExtractSpec, dict]:
+    """The spec (given, or made from its keyword form) and the settings the store records."""
+    given = {key: options.pop(key) for key in SPEC_OPTIONS if key in options}
+    if spec is not None:
+        if given:
+            raise InputError(f"give spec or its options ({', '.join(given)}), not both.")
+        return spec, recorded_settings(spec, store_dtype)
+    chosen = {**SPEC_OPTIONS, **given}
+    return resolve_settings(store_dtype=store_dtype, **chosen)
 
 
-def _previous_store(out: Path, settings: dict, overwrite: bool) -> store.FeatureSet:
-    if out.exists():
+def _engine(engine: str | BatchSource, options: dict) -> BatchSource:
+    ray_options = {key: options.pop(key) for key in ENGINE_OPTIONS if key in options}
+    if options:
+        raise TypeError(f"extract() got an unexpected keyword argument {next(iter(options))!r}")
+    if callable(engine):
+        if any(value is not None for value in ray_options.values()):
+            raise InputError(f"{', '.join(ray_options)} only apply to engine='ray'; configure the engine given.")
+        return engine
+    return batch_source(engine, **ray_options)
+
+
+def _hash_all(listing: Listing, indices: list[int], progress: bool) -> dict[int, Hashed]:
+    """sha256 and stat of the listed files at ``indices`` (threads: hashlib releases the GIL)."""
+
+    def digest(i: int) -> Hashed:
         try:
-            store.check_settings(store.read_meta(out), settings, out)
-            return store.load(out)
-        except (store.SettingsMismatchError, store.StoreError):
-            if not overwrite:
-                raise
-    empty = np.array([], dtype=str)
-    return store.FeatureSet(np.zeros((0, 0), np.float32), empty, empty, empty)
+            sha, stat = hash_file(listing.paths[i])
+        except ImageDecodeError as err:
+            return Hashed(reason=str(err), gone=err.gone)
+        return Hashed(sha, stat)
+
+    bar = tqdm(
+        total=len(indices),
+        unit="file",
+        desc="hash",
+        disable=not progress,
+        delay=2.0,
+        leave=False,
+        file=sys.stderr,
+    )
+    results = {}
+    with bar, ThreadPoolExecutor(max_workers=4) as pool:
+        for i, result in zip(indices, pool.map(digest, indices), strict=True):
+            results[i] = result
+            bar.update()
+    return results
 
 
-def _skips_of(feature_set: store.FeatureSet) -> list[tuple[str, str, str]]:
-    """Skipped ``(path, sha256, reason)`` of a store (sha256 read beside the public pairs)."""
-    if not feature_set.file:
-        return []
-    import h5py
-
-    with h5py.File(feature_set.file, "r") as h5:
-        shas = h5["skipped/sha256"].asstr()[...] if len(h5["skipped/sha256"]) else []
-    return [(p, sha, r) for (p, r), sha in zip(feature_set.skipped, shas, strict=True)]
-
-
-def _hash_all(files: list[ImageFile], progress: bool) -> tuple[dict[str, str], dict[str, str]]:
-    """sha256 of every listed file (threads: hashlib releases the GIL); unreadable files with their reason."""
-
-    def digest(f: ImageFile):
-        try:
-            return sha256_file(f.path)
-        except FileNotFoundError:
-            return None, "file not found"
-        except OSError as err:
-            return None, f"unreadable: {err.strerror or err}"
-
-    sha_by_path, unreadable = {}, {}
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        results = pool.map(digest, files)
-        for f, result in tqdm(
-            zip(files, results, strict=True),
-            total=len(files),
-            unit="file",
-            desc="hash",
-            disable=not progress,
-            delay=2.0,
-            leave=False,
-            file=sys.stderr,
-        ):
-            if isinstance(result, str):
-                sha_by_path[f.path] = result
-            else:
-                unreadable[f.path] = result[1]
-    return sha_by_path, unreadable
-
-
-def _journal_records(batch: list[Outcome], sha_by_path: dict, labels: dict) -> tuple[list[Row], list[Skip]]:
-    rows, skips = [], []
-    for outcome in batch:
-        if outcome.reason:
-            same_bytes = outcome.sha256 == sha_by_path[outcome.path]
-            skips.append(Skip(outcome.path, labels[outcome.path], outcome.sha256 if same_bytes else "", outcome.reason))
-        elif outcome.sha256 != sha_by_path[outcome.path]:
-            skips.append(Skip(outcome.path, labels[outcome.path], "", "changed while being read; rerun to include it"))
-        else:
-            rows.append(Row(outcome.path, labels[outcome.path], outcome.sha256, outcome.features))
-    return rows, skips
-
-
-def _contents(feature_set: store.FeatureSet, skips: list[tuple[str, str, str]]) -> dict:
+def _provenance(spec: ExtractSpec, settings: dict) -> dict:
+    """What a new store records beside its settings."""
     return {
-        "paths": list(feature_set.paths),
-        "labels": list(feature_set.labels),
-        "sha256": list(feature_set.sha256),
-        "skipped": sorted(skips),
-    }
-
-
-def _merge(previous, previous_skips, listing, sha_by_path, unreadable, features_by_sha, reasons_by_sha) -> dict:
-    """Rows and skips of the new store: the listing's files, plus earlier rows outside the listed folders."""
-    listed = {f.path for f in listing.files}
-    folders = tuple(folder.rstrip(os.sep) + os.sep for folder in listing.folders)
-
-    def kept(path: str) -> bool:
-        return path not in listed and not path.startswith(folders)
-
-    rows = {
-        p: (lab, sha) for p, lab, sha in zip(previous.paths, previous.labels, previous.sha256, strict=True) if kept(p)
-    }
-    skips = {p: (sha, reason) for p, sha, reason in previous_skips if kept(p)}
-    for f in listing.files:
-        sha = sha_by_path.get(f.path)
-        if f.path in unreadable:
-            skips[f.path] = ("", unreadable[f.path])
-        elif sha in features_by_sha:
-            rows[f.path] = (f.label, sha)
-        else:
-            skips[f.path] = (sha, reasons_by_sha[sha])
-    ordered = sorted(rows)
-    return {
-        "paths": ordered,
-        "labels": [rows[p][0] for p in ordered],
-        "sha256": [rows[p][1] for p in ordered],
-        "skipped": sorted((p, *skips[p]) for p in skips),
-    }
-
-
-def _save(out: Path, merged: dict, features_by_sha: dict, spec: ExtractSpec, settings: dict) -> None:
-    features = np.stack([features_by_sha[sha] for sha in merged["sha256"]]) if merged["sha256"] else None
-    if features is None:
-        features = np.zeros((0, 0), np.float32)
-    meta = {
         **settings,
         "preprocessing": f"keras.applications.{get_backbone(spec.backbone).keras_name}.preprocess_input",
         "weights_source": spec.weights,
@@ -335,15 +267,6 @@ def _save(out: Path, merged: dict, features_by_sha: dict, spec: ExtractSpec, set
         **{f"{package}_version": _version(package) for package in ("keras", "tensorflow", "h5py", "pillow")},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    store.save(
-        out,
-        features=features,
-        paths=merged["paths"],
-        labels=merged["labels"],
-        sha256=merged["sha256"],
-        skipped=merged["skipped"],
-        meta=meta,
-    )
 
 
 def _version(package: str) -> str:

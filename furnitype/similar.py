@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from furnitype.errors import InputError
-from furnitype.extract.images import list_images, sha256_file
+from furnitype.extract.images import ImageDecodeError, list_images, sha256_file
 from furnitype.features.index import CosineIndex
 from furnitype.features.store import FeatureSet, load
 
@@ -152,8 +152,8 @@ class SimilarIndex:
     def _lookup(self, path: str, folder_label: str) -> _Query:
         try:
             sha = sha256_file(path)
-        except OSError as err:
-            return _Query(path, folder_label, error=f"unreadable: {err.strerror or err}")
+        except ImageDecodeError as err:
+            return _Query(path, folder_label, error=str(err))
         rows = self._rows_by_sha.get(sha)
         if not rows:
             return _Query(path, folder_label)

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -23,6 +21,7 @@ from furnitype.extract.pipeline import ExtractSpec
 from furnitype.extraction import extract
 from furnitype.features import load
 from tests.images import make_photo_folder, photo
+from tests.store_writer import kill_when
 
 SMALL = {"backbone": "vgg16", "weights": "none", "image_size": 32, "progress": False}
 
@@ -186,7 +185,7 @@ def test_bad_files_are_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
     assert reasons["empty.jpg"] == "empty file" and "not an image" in reasons["text.png"]
     assert "truncated" in reasons["truncated.jpg"]
     assert (result.extracted, result.skipped, result.rows) == (8, 3, 8)
-    assert result.summary().startswith("8 extracted, 3 skipped (see: furnitype info")
+    assert result.summary().startswith("8 extracted, 3 skipped, 11 hashed (see: furnitype info")
 
     tried = []
     real_load = ExtractSpec.load
@@ -213,34 +212,35 @@ def test_damaged_store_is_a_clear_error(photos, tmp_path):
     out = tmp_path / "f.h5"
     extract([photos], **SMALL, out=out)
     out.write_bytes(out.read_bytes()[:3000])  # a half-copied file
-    with pytest.raises(StoreError, match="not a readable HDF5 feature file"):
+    with pytest.raises(StoreError, match=r"f.h5 is damaged \(truncated file: eof = 3000.*\); --overwrite rebuilds it"):
         extract([photos], **SMALL, out=out)
     assert extract([photos], **SMALL, out=out, overwrite=True).rows == 6
 
 
 def test_killed_run_resumes_and_equals_an_uninterrupted_run(tmp_path):
+    """kill -9 in the middle of a batch's in-place append (its undo file exists), then rerun."""
     folder = make_photo_folder(tmp_path / "photos", per_class=20, classes=("bed", "chair", "sofa"))
     args = ["extract", str(folder), "--weights", "none", "--image-size", "128", "--batch-size", "2", "--quiet"]
     out = tmp_path / "killed.h5"
-    journal = Path(f"{out}.journal")
+    undo = Path(f"{out}.undo")
     proc = subprocess.Popen(
         [sys.executable, "-m", "furnitype.cli", *args, "--out", str(out)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if journal.exists() and journal.stat().st_size > 20_000:  # header + several batches of rows
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert not out.exists() and journal.exists()
+    appends = []
+
+    def in_a_later_append() -> bool:  # several batches committed, and the next one half written
+        if undo.exists() and (not appends or appends[-1] != out.stat().st_mtime_ns):
+            appends.append(out.stat().st_mtime_ns)
+        return len(appends) >= 4 and undo.exists()
+
+    assert kill_when(proc, in_a_later_append), "the run finished before it could be killed"
+    assert undo.exists() and not (tmp_path / "whole.h5").exists()
 
     resumed = extract([folder], backbone="vgg16", weights="none", image_size=128, batch_size=2, out=out, progress=False)
     assert 0 < resumed.extracted < 60 and resumed.reused == 60 - resumed.extracted
-    assert not journal.exists()
+    assert not undo.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["killed.h5", "photos"]
     reference = extract(
         [folder],
         backbone="vgg16",

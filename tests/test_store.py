@@ -1,6 +1,20 @@
-"""The HDF5 store and the journal on their own: round trip, refusals, a torn journal tail."""
+"""The feature store on its own (no network): format, transactions, locks, crashes, damage, full disks.
+
+Races and kills run real processes (``tests.store_writer`` drives the same append path as ``extract``).
+"""
 
 from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import zlib
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -8,60 +22,437 @@ import pytest
 
 from furnitype.errors import SettingsMismatchError, StoreError
 from furnitype.features import load, read_meta, save
-from furnitype.features.journal import Journal, Row, Skip
+from furnitype.features import undo as undo_module
+from furnitype.features.cache import FeatureCache
+from furnitype.features.store import compact, summary
+from tests import store_writer
+from tests.store_writer import SETTINGS, FakeListing, append, features_of, remove_half
 
+#: Root without the powers that ignore file permissions: a permission test that drops them for real.
+WITHOUT_ROOT_POWERS = [
+    "setpriv",
+    "--inh-caps=-dac_override,-dac_read_search",
+    "--bounding-set=-dac_override,-dac_read_search",
+]
 META = {"backbone": "vgg16", "weights": "none(seed=0)", "pooling": "avg", "image_size": 32}
 
 
-def test_round_trip(tmp_path):
+def _save_three(path: Path) -> np.ndarray:
     features = np.arange(12, dtype=np.float32).reshape(3, 4)
     save(
-        tmp_path / "f.h5",
+        path,
         features=features,
-        paths=["/a", "/b", "/c"],
+        paths=["/b/2.jpg", "/a/1.jpg", "/c/3.jpg"],
         labels=["x", "", "y"],
-        sha256=["a" * 64, "b" * 64, "c" * 64],
-        skipped=[("/d", "", "empty file")],
+        sha256=["b" * 64, "a" * 64, "c" * 64],
+        skipped=[("/d/4.jpg", "", "empty file")],
         meta=META,
     )
+    return features
+
+
+def _consistent(store: Path) -> int:
+    """Rows of a store written by ``tests.store_writer``: every row's features are its path's."""
+    rows = load(store)
+    assert len(set(rows.paths)) == len(rows)
+    for path, features in zip(rows.paths, rows.features, strict=True):
+        np.testing.assert_array_equal(features, features_of(path))
+    return len(rows)
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith((".undo", ".journal")) or ".tmp-" in p.name)
+
+
+def test_round_trip_sorted_by_path(tmp_path):
+    features = _save_three(tmp_path / "f.h5")
     rows = load(tmp_path / "f.h5")
-    np.testing.assert_array_equal(rows.features, features)
-    assert list(rows.paths) == ["/a", "/b", "/c"] and list(rows.labels) == ["x", "", "y"]
-    assert list(rows.sha256) == ["a" * 64, "b" * 64, "c" * 64]
-    assert rows.classes == ["x", "y"] and rows.skipped == [("/d", "empty file")]
+    assert list(rows.paths) == ["/a/1.jpg", "/b/2.jpg", "/c/3.jpg"]
+    np.testing.assert_array_equal(rows.features, features[[1, 0, 2]])
+    assert list(rows.labels) == ["", "x", "y"] and list(rows.sha256) == ["a" * 64, "b" * 64, "c" * 64]
+    assert rows.classes == ["x", "y"] and rows.skipped == [("/d/4.jpg", "empty file")]
     assert rows.settings["backbone"] == "vgg16" and read_meta(tmp_path / "f.h5")["n_rows"] == 3
-    assert not list(tmp_path.glob(".*tmp*"))  # written beside, then renamed
+    assert rows.meta["furnitype_format"] == 2 and "label_counts" not in rows.meta
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.h5"]  # written beside, renamed, lock removed
 
 
-def test_foreign_and_newer_files_are_refused(tmp_path):
+def test_plain_h5py_reads_the_live_rows(tmp_path):
+    """The recipe of docs/formats.md: keep the rows whose /live is 1."""
+    store = tmp_path / "s.h5"
+    append(str(store), 0, 10, 5)
+    remove_half(str(store))  # compacts (half of the rows are dead)
+    append(str(store), 100, 2, 2)
+    with FeatureCache(store, SETTINGS, meta=SETTINGS) as cache:  # remove one row, no compaction
+        listing = FakeListing([p for p in load(store).paths.tolist() if not p.endswith("000100.jpg")], [])
+        listing.labels = ["a"] * len(listing.paths)
+        listing.folders = ["/photos/a"]
+        cache.compare(listing)
+        cache.hashed({})
+        cache.finish()
+    with h5py.File(store, "r") as h5:
+        live = h5["live"][:] == 1
+        features = h5["features"][:][live]
+        paths = h5["path"].asstr()[:][live]
+        assert h5.attrs["dead_rows"] == 1 and len(live) == 7
+    assert sorted(paths) == sorted(load(store).paths) and len(paths) == 6
+    np.testing.assert_array_equal(features[np.argsort(paths)], load(store).features)
+
+
+def test_format_1_is_read_and_upgraded_on_its_first_write(tmp_path):
+    store = tmp_path / "old.h5"
+    paths = [f"/photos/a/{i:06d}.jpg" for i in range(4)]
+    with h5py.File(store, "w") as h5:  # what furnitype 0.1 wrote
+        h5.create_dataset("features", data=np.stack([features_of(p) for p in paths]), compression="gzip")
+        h5.create_dataset("sha256", data=np.array([store_writer.digest(p) for p in paths], dtype="S64"))
+        h5.create_dataset("path", data=paths, dtype=h5py.string_dtype())
+        h5.create_dataset("label", data=["a"] * 4, dtype=h5py.string_dtype())
+        h5.create_dataset("classes", data=["a"], dtype=h5py.string_dtype())
+        for name, values in (("path", ["/photos/a/bad.jpg"]), ("sha256", ["f" * 64]), ("reason", ["empty file"])):
+            h5.create_dataset(f"skipped/{name}", data=values, dtype=h5py.string_dtype())
+        for key, value in SETTINGS.items():
+            h5.attrs[key] = value
+        h5.attrs["furnitype_format"] = 1
+        h5.attrs["feature_dim"] = store_writer.DIM
+    before = load(store)
+    assert before.meta["furnitype_format"] == 1 and len(before) == 4 and before.skipped == [
+        ("/photos/a/bad.jpg", "empty file")
+    ]
+    append(str(store), 0, 6, 3)  # rows 0-3 are there already: only 4 and 5 are new
+    after = load(store)
+    assert after.meta["furnitype_format"] == 2 and _consistent(store) == 6
+    assert after.skipped == before.skipped and after.classes == ["a"]
+
+
+def test_foreign_newer_and_damaged_files_are_one_line_errors(tmp_path):
     with h5py.File(tmp_path / "other.h5", "w") as h5:
         h5["x"] = [1, 2]
     with pytest.raises(StoreError, match="not a furnitype feature file"):
         load(tmp_path / "other.h5")
-    save(tmp_path / "f.h5", features=np.zeros((1, 2)), paths=["/a"], labels=[""], sha256=["a" * 64], meta=META)
+    _save_three(tmp_path / "f.h5")
     with h5py.File(tmp_path / "f.h5", "a") as h5:
         h5.attrs["furnitype_format"] = 99
     with pytest.raises(StoreError, match="newer furnitype"):
         load(tmp_path / "f.h5")
+    _save_three(tmp_path / "f.h5")
+    with h5py.File(tmp_path / "f.h5", "a") as h5:
+        h5["live"].resize((2,))  # a column cut short
+    with pytest.raises(StoreError, match=r"f.h5 is damaged \(/live is missing or has the wrong length\); --overwrite"):
+        load(tmp_path / "f.h5")
+    (tmp_path / "dir.h5").mkdir()
+    with pytest.raises(StoreError, match="not a furnitype feature file"):
+        load(tmp_path / "dir.h5")
+    _save_three(tmp_path / "nan.h5")
+    with h5py.File(tmp_path / "nan.h5", "a") as h5:
+        h5["features"][1, 2] = np.nan
+    with pytest.raises(StoreError, match="nan.h5 is damaged \\(some features are not finite numbers\\)"):
+        load(tmp_path / "nan.h5")
 
 
-def test_journal_survives_a_torn_tail_and_refuses_other_settings(tmp_path):
-    store = tmp_path / "f.h5"
-    with Journal(store, META) as journal:
-        journal.append([Row("/a", "x", "a" * 64, np.ones(4))], [Skip("/b", "", "b" * 64, "empty file")])
-    with open(f"{store}.journal", "ab") as fh:
-        fh.write(b"R\x10\x00\x00")  # a record cut short by kill -9
-    with Journal(store, META) as journal:
-        assert [r.path for r in journal.rows] == ["/a"] and journal.skips[0].reason == "empty file"
-        assert journal.dropped_bytes == 4
-        np.testing.assert_array_equal(journal.rows[0].features, np.ones(4))
-    with pytest.raises(SettingsMismatchError, match="pooling=avg"):
-        Journal(store, {**META, "pooling": "max"}).__enter__()
-    with Journal(store, {**META, "pooling": "max"}, overwrite=True) as journal:
-        assert journal.rows == []
+DAMAGE_SCRIPT = textwrap.dedent(
+    """
+    import shutil, sys
+    from furnitype.errors import FurnitypeError
+    from furnitype.features import load
+    from furnitype.features.cache import FeatureCache
+    from tests.store_writer import SETTINGS, FakeListing
+    source, work = sys.argv[1], sys.argv[2]
+    size = len(open(source, "rb").read())
+    for n, offset in enumerate(range(0, size - 16, max(1, size // 60))):
+        shutil.copy(source, work)
+        with open(work, "r+b") as fh:
+            fh.seek(offset)
+            fh.write(bytes(range(0xF0, 0x100)))
+        for what in ("load", "write"):
+            try:
+                if what == "load":
+                    load(work)
+                else:
+                    with FeatureCache(work, SETTINGS, meta=SETTINGS) as cache:
+                        cache.compare(FakeListing(["/photos/a/000001.jpg"], ["a"], folders=["/photos/a"]))
+            except FurnitypeError as err:
+                assert "\\n" not in str(err), str(err)
+                print(what, offset, "error", str(err).split("(")[0])
+            else:
+                print(what, offset, "ok")
+    print("done")
+    """
+)
 
 
-def test_a_second_writer_is_refused(tmp_path):
-    with Journal(tmp_path / "f.h5", META):
-        with pytest.raises(StoreError, match="another furnitype process is writing"):
-            Journal(tmp_path / "f.h5", META).__enter__()
+def test_damaged_bytes_anywhere_give_one_line_never_a_crash(tmp_path):
+    store = tmp_path / "s.h5"
+    append(str(store), 0, 40, 8)
+    remove_half(str(store))
+    append(str(store), 100, 8, 4)
+    done = subprocess.run(
+        [sys.executable, "-c", DAMAGE_SCRIPT, str(store), str(tmp_path / "work.h5")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]  # no traceback, no segmentation fault
+    lines = done.stdout.splitlines()
+    assert lines[-1] == "done" and len(lines) > 100
+    errors = [line for line in lines if " error " in line]
+    assert errors and all("is damaged" in line or "not a furnitype" in line for line in errors), errors[:5]
+
+
+def test_overwrite_rebuilds_a_damaged_store_and_undo_file(tmp_path):
+    store = tmp_path / "s.h5"
+    append(str(store), 0, 8, 8)
+    store.write_bytes(store.read_bytes()[:3000])
+    with pytest.raises(StoreError, match=r"s.h5 is damaged \(truncated file"):
+        append(str(store), 0, 8, 8)
+    with FeatureCache(store, SETTINGS, meta=SETTINGS, overwrite=True) as cache:
+        cache.compare(FakeListing([], []))
+        cache.hashed({})
+        assert cache.fresh  # rebuilt at the first commit; the damaged file stays until then
+    assert store.stat().st_size == 3000
+    for bad in ("directory", "garbage", "outside", "link"):
+        store.unlink(missing_ok=True)
+        append(str(store), 0, 8, 8)
+        undo = Path(f"{store}.undo")
+        if bad == "directory":
+            undo.mkdir()
+        elif bad == "garbage":
+            undo.write_bytes(b"not an undo log at all, but long enough to have a header")
+        elif bad == "link":
+            undo.symlink_to(tmp_path / "victim")
+            (tmp_path / "victim").write_bytes(b"keep me")
+        else:  # a valid header and a record with a valid CRC for a page outside the file
+            header = b"FTUNDO1\n" + (100).to_bytes(8, "little")
+            page = (5).to_bytes(8, "little")
+            crc = zlib.crc32(b"abcd", zlib.crc32(page)).to_bytes(4, "little")
+            record = page + (4).to_bytes(4, "little") + crc + b"abcd"
+            undo.write_bytes(header + zlib.crc32(header).to_bytes(4, "little") + record)
+        with pytest.raises(StoreError, match=r"s.h5 is damaged \(s.h5.undo is .*\); --overwrite rebuilds it"):
+            load(store)
+        with pytest.raises(StoreError, match="s.h5.undo is"):
+            append(str(store), 0, 8, 8)
+        with FeatureCache(store, SETTINGS, meta=SETTINGS, overwrite=True) as cache:
+            assert cache.fresh
+        assert not os.path.lexists(undo) and (bad != "link" or (tmp_path / "victim").read_bytes() == b"keep me")
+
+
+def test_a_second_writer_is_refused_at_once_also_through_another_name(tmp_path):
+    store = tmp_path / "s.h5"
+    (tmp_path / "link.h5").symlink_to(store)
+    writer = store_writer.start(store, 2000, 8)
+    try:
+        assert writer.stdout.readline().startswith("committed")
+        for name in (store, tmp_path / "link.h5"):
+            started = time.monotonic()
+            with pytest.raises(StoreError, match=f"another furnitype process is writing {name}"):
+                FeatureCache(name, SETTINGS, meta=SETTINGS).__enter__()
+            assert time.monotonic() - started < 1
+    finally:
+        writer.kill()
+        writer.wait()
+    assert (tmp_path / "link.h5").is_symlink()
+    _consistent(store)
+
+
+def test_lock_undo_and_temporary_files_are_never_written_through_links(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me")
+    store = tmp_path / "s.h5"
+    Path(f"{store}.lock").symlink_to(victim)
+    with pytest.raises(StoreError, match=r"s.h5.lock is a symbolic link, not furnitype's lock file; remove it"):
+        append(str(store), 0, 8, 8)
+    Path(f"{store}.lock").unlink()
+    (tmp_path / f".s.h5.tmp-{os.getpid()}").symlink_to(victim)  # what a killed run would have left, as a link
+    append(str(store), 0, 8, 8)
+    assert victim.read_bytes() == b"keep me" and _leftovers(tmp_path) == [] and _consistent(store) == 8
+
+
+def test_kill_9_during_in_place_appends_rolls_back_to_the_last_commit(tmp_path):
+    store = tmp_path / "s.h5"
+    append(str(store), 0, 8, 8)
+    undo = Path(f"{store}.undo")
+    hot = 0
+    for _ in range(6):
+        writer = store_writer.start(store, 300, 4)
+        assert store_writer.kill_when(writer, undo.exists), "the writer ended before it could be killed"
+        committed = [int(line.split()[1]) for line in writer.stdout.read().splitlines()]
+        hot += undo.exists()
+        rows = _consistent(store)  # the reader rolls the unfinished transaction back
+        assert not undo.exists() and rows in (committed[-1] if committed else 8, (committed or [8])[-1] + 4)
+    assert hot == 6
+
+
+def test_kill_9_during_compaction_keeps_the_store(tmp_path):
+    store = tmp_path / "s.h5"
+    temporary = tmp_path / f".{store.name}.tmp-"
+    append(str(store), 0, 8, 8)
+    killed = 0
+    for _ in range(4):
+        writer = store_writer.start(store, 6, 8, compact=True)
+        killed += store_writer.kill_when(
+            writer, lambda: any(p.name.startswith(temporary.name) for p in tmp_path.iterdir())
+        )
+        rows = _consistent(store)
+        assert rows in (24, 48) or rows % 4 == 0
+    assert killed == 4
+    append(str(store), 0, 48, 8)  # the next writer removes what the killed compactions left
+    assert _leftovers(tmp_path) == [] and _consistent(store) == 48
+
+
+READER_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+    from furnitype.features import load
+    from tests.store_writer import features_of
+    seen = []
+    end = time.monotonic() + float(sys.argv[2])
+    while time.monotonic() < end:
+        rows = load(sys.argv[1])
+        for path, features in zip(rows.paths, rows.features):
+            assert np.array_equal(features, features_of(path)), path
+        seen.append(len(rows))
+    print(" ".join(map(str, seen)))
+    """
+)
+
+
+def test_a_reader_sees_only_committed_rows_while_a_writer_appends(tmp_path):
+    store = tmp_path / "s.h5"
+    append(str(store), 0, 8, 8)
+    writer = store_writer.start(store, 150, 4)
+    reader = subprocess.run(
+        [sys.executable, "-c", READER_SCRIPT, str(store), "3"], capture_output=True, text=True, timeout=120
+    )
+    writer.wait()
+    assert reader.returncode == 0, reader.stderr[-2000:]
+    seen = [int(n) for n in reader.stdout.split()]
+    assert len(seen) > 5 and seen == sorted(seen) and all(n % 4 == 0 for n in seen)
+    assert len(set(seen)) > 1, "the reader never saw the writer's rows come in"
+    assert _consistent(store) == 600
+
+
+def _full_after(monkeypatch, calls: int, *, overwrites_too: bool = False) -> list:
+    """``write_all`` raises ENOSPC from its ``calls``-th call on for writes that need new space (past the end of
+    the file), as a full disk does; ``overwrites_too``: for every write (a copy-on-write file system)."""
+    real = undo_module.write_all
+    count = [0]
+
+    def write_all(fd, data, offset):
+        grows = offset + len(memoryview(data).cast("B")) > os.fstat(fd).st_size
+        count[0] += grows or overwrites_too
+        if count[0] >= calls and (grows or overwrites_too):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data, offset)
+
+    monkeypatch.setattr(undo_module, "write_all", write_all)
+    return count
+
+
+@pytest.mark.parametrize("calls", [1, 2, 3, 4])
+def test_a_full_disk_during_a_transaction_leaves_the_store_as_it_was(tmp_path, monkeypatch, calls):
+    store = tmp_path / "s.h5"
+    append(str(store), 0, 16, 8)
+    before = store.read_bytes()
+    _full_after(monkeypatch, calls)
+    with pytest.raises(StoreError) as caught:
+        append(str(store), 100, 4, 4)
+    monkeypatch.undo()
+    message = str(caught.value)
+    assert message.startswith(f"disk full while writing {store}: the last change was not written")
+    assert "the store is intact (16 rows)" in message
+    assert store.read_bytes() == before and _leftovers(tmp_path) == []
+    append(str(store), 100, 4, 4)
+    assert _consistent(store) == 20
+
+
+def test_a_rollback_that_cannot_write_either_is_finished_by_the_next_run(tmp_path, monkeypatch):
+    store = tmp_path / "s.h5"
+    append(str(store), 0, 16, 8)
+    before = load(store)
+    _full_after(monkeypatch, 8, overwrites_too=True)
+    with pytest.raises(StoreError, match="could not be rolled back yet .*the next furnitype run on it finishes"):
+        append(str(store), 100, 4, 4)
+    monkeypatch.undo()
+    assert Path(f"{store}.undo").exists()
+    after = load(store)  # the reader finishes the rollback
+    assert list(after.paths) == list(before.paths) and _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("calls", [1, 3, 6])
+def test_a_full_disk_while_writing_a_new_file_removes_it(tmp_path, monkeypatch, calls):
+    store = tmp_path / "s.h5"
+    _save_three(store)
+    before = store.read_bytes()
+    _full_after(monkeypatch, calls)
+    intact = r"disk full while writing .*s.h5: the last change was not written and the store is intact \(3 rows\)"
+    with pytest.raises(StoreError, match=intact):
+        save(store, features=np.ones((50, 8)), paths=[f"/p/{i}" for i in range(50)], labels=[""] * 50,
+             sha256=["a" * 64] * 50, meta=META)
+    with pytest.raises(StoreError, match="disk full"):
+        compact(store)
+    monkeypatch.undo()
+    assert store.read_bytes() == before and _leftovers(tmp_path) == []
+    assert len(load(store)) == 3
+
+
+def test_ctrl_c_during_a_transaction_waits_for_the_commit(tmp_path, monkeypatch):
+    store = tmp_path / "s.h5"
+    append(str(store), 0, 8, 8)
+    real_add = FeatureCache.add
+
+    def add_then_interrupt(self, outcomes):
+        os.kill(os.getpid(), signal.SIGINT)  # arrives while the batch is being written below
+        real_add(self, outcomes)
+
+    monkeypatch.setattr(FeatureCache, "add", add_then_interrupt)
+    real_write = undo_module.PagedFile.write
+
+    def slow_write(self, data):
+        time.sleep(0.001)
+        return real_write(self, data)
+
+    monkeypatch.setattr(undo_module.PagedFile, "write", slow_write)
+    with pytest.raises(KeyboardInterrupt):
+        append(str(store), 100, 4, 4)
+    assert _leftovers(tmp_path) == []
+    assert _consistent(store) in (8, 12)
+
+
+def test_a_hot_undo_left_by_a_dead_writer_is_rolled_back_by_the_next_reader(tmp_path):
+    store = tmp_path / "s.h5"
+    append(str(store), 0, 8, 8)
+    writer = store_writer.start(store, 300, 4)
+    assert store_writer.kill_when(writer, Path(f"{store}.undo").exists)
+    info = subprocess.run(
+        [sys.executable, "-m", "furnitype.cli", "info", str(store), "--json"], capture_output=True, text=True
+    )
+    assert info.returncode == 0, info.stderr
+    assert json.loads(info.stdout)["rows"] == _consistent(store) and not Path(f"{store}.undo").exists()
+
+
+def test_a_reader_that_cannot_write_gets_one_line_about_the_unfinished_write(tmp_path):
+    store = tmp_path / "s.h5"
+    append(str(store), 0, 8, 8)
+    writer = store_writer.start(store, 300, 4)
+    assert store_writer.kill_when(writer, Path(f"{store}.undo").exists)
+    os.chmod(tmp_path, 0o555)  # the folder cannot be written, the store can be read
+    try:
+        info = subprocess.run([*WITHOUT_ROOT_POWERS, sys.executable, "-m", "furnitype.cli", "info", str(store)],
+                              capture_output=True, text=True)
+    finally:
+        os.chmod(tmp_path, 0o755)
+    assert info.returncode == 1 and "Traceback" not in info.stderr
+    assert info.stderr.strip() == (
+        f"Error: {store} has an unfinished write (s.h5.undo) that only a user who can write its folder "
+        f"can roll back: run furnitype info {store} as that user."
+    )
+    assert Path(f"{store}.undo").exists() and _consistent(store) > 0  # as that user (root here)
+
+
+def test_settings_mismatch_and_the_summary(tmp_path):
+    store = tmp_path / "s.h5"
+    append(str(store), 0, 8, 8)
+    with pytest.raises(SettingsMismatchError, match="pooling=avg, but this run asks for pooling=max"):
+        FeatureCache(store, {**SETTINGS, "pooling": "max"}, meta=SETTINGS).__enter__()
+    described = summary(store)
+    assert (described["rows"], described["dead_rows"], described["format"]) == (8, 0, 2)
+    assert described["classes"] == {"a": 8} and described["feature_dim"] == store_writer.DIM

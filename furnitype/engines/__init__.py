@@ -1,8 +1,8 @@
 """Where the expensive work runs: ``local`` (threads in this process) or ``ray`` (a Ray cluster).
 
 Every engine yields the same ``list[Outcome]`` batches from the same per-batch code
-(``furnitype.extract.pipeline``), so the cache, the journal and the store do not know which one ran. Ray is
-imported only when the ray engine is asked for.
+(``furnitype.extract.pipeline``), so the cache and the store do not know which one ran: the driver commits each
+batch to the store as it returns. Ray is imported only when the ray engine is asked for.
 """
 
 from __future__ import annotations

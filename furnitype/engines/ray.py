@@ -3,10 +3,10 @@
 The driver keeps the listing, the hashing, the cache and the store; it sends Ray only the paths whose content
 the store lacks. Each actor builds the network once (``ExtractSpec.build``) and runs the local engine's own
 per-batch code (``feature_batches``: read, hash, decode, infer) on one batch of paths at a time; each batch comes
-back as one block and is journaled by the driver before the next one is taken, so a killed driver resumes at
-batch granularity. Workers read the photos (and a weights file) by path: on a cluster every node must see them
-at the same path (a shared file system); a worker that reads other bytes than the driver hashed is caught by
-the sha256 check and the file is skipped ("changed while being read").
+back as one block and the driver commits it to the store (one transaction) before taking the next, so a killed
+driver resumes at batch granularity. Workers read the photos (and a weights file) by path: on a cluster every
+node must see them at the same path (a shared file system); a worker that reads other bytes than the driver
+hashed is caught by the sha256 check and the file is skipped ("changed while being read").
 """
 
 from __future__ import annotations

@@ -206,7 +206,8 @@ def _weights_error(backbone: Backbone, weights: str, err: Exception) -> Furnityp
     if weights == "imagenet":
         cache = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
         return FurnitypeError(
-            f"could not get the ImageNet weights for {backbone.name} ({first_line}); when offline, put the "
-            f"official {backbone.imagenet_file} into {cache}, or pass --weights PATH."
+            f"could not get the ImageNet weights for {backbone.name} ({first_line}); what works offline: "
+            f"--weights PATH (a weights file, or the official {backbone.imagenet_file} put into {cache}), "
+            "or --weights none (random weights)."
         )
     return FurnitypeError(f"could not load {backbone.name} weights from {weights}: {first_line}")

@@ -1,15 +1,20 @@
-"""Image files: listing (folders, single files, CSV manifests), content hashing and robust decoding."""
+"""Image files: listing (folders, single files, CSV manifests), safe reading and hashing, robust decoding."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import hashlib
 import os
+import stat
 import warnings
-from collections.abc import Iterable, Sequence
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -33,12 +38,24 @@ DECODE_MODES = ("exact", "draft")
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
+#: Files larger than this are skipped, not read (no photo is that large; a device or a runaway file may be).
+MAX_FILE_BYTES = 1 << 30
+NOT_REGULAR = "not a regular file"
+MISSING = "file not found"
+
+
 class ImageDecodeError(Exception):
-    """A file that cannot be used as an image; the message is the reason recorded in the feature file."""
+    """A file that cannot be used as an image; the message is the reason recorded in the feature file.
+
+    ``gone`` is False for a file that exists but could not be read this time (permissions, I/O).
+    """
+
+    def __init__(self, reason: str, *, gone: bool = True):
+        super().__init__(reason)
+        self.gone = gone
 
 
-@dataclass(frozen=True)
-class ImageFile:
+class ImageFile(NamedTuple):
     """One listed image: absolute path and label ("" when unlabelled)."""
 
     path: str
@@ -47,40 +64,124 @@ class ImageFile:
 
 @dataclass(frozen=True)
 class Listing:
-    """What a set of inputs lists, and the folders it covers (rows under them that are not listed are gone)."""
+    """What a set of inputs lists, as columns (one entry per file, in listing order).
 
-    files: list[ImageFile]
+    Attributes
+    ----------
+    paths, labels : list of str
+        Absolute paths; labels ("" when unlabelled).
+    stats : ndarray of shape (n_files, 4), int64
+        ``size, mtime_ns, inode, ctime_ns`` of each file (symbolic links followed).
+    reasons : dict of int to str
+        Files that cannot be photos and why: ``not a regular file``, ``file not found``, ``too large ...``.
+    folders : list of str
+        The folders walked (stored rows under them whose file is not listed are gone).
+    unlisted : list of (folder, reason)
+        Folders (or subfolders) that could not be listed: their stored rows are kept.
+    """
+
+    paths: list[str]
+    labels: list[str]
+    stats: np.ndarray
+    reasons: dict[int, str]
     folders: list[str]
+    unlisted: list[tuple[str, str]]
+
+    @property
+    def files(self) -> list[ImageFile]:
+        return [ImageFile(p, label) for p, label in zip(self.paths, self.labels, strict=True)]
+
+
+class _Collector:
+    """Builds a ``Listing``: one entry per path (the first listing of a path wins)."""
+
+    def __init__(self, unique: bool):
+        self.paths: list[str] = []
+        self.labels: list[str] = []
+        self.stats = array("q")
+        self.reasons: dict[int, str] = {}
+        self.unlisted: list[tuple[str, str]] = []
+        self._seen: set[str] | None = set() if unique else None
+
+    def add(self, path: str, label: str, entry: os.DirEntry | None = None) -> None:
+        if self._seen is not None:
+            if path in self._seen:
+                return
+            self._seen.add(path)
+        try:
+            st = entry.stat() if entry is not None else os.stat(path)
+        except OSError as err:
+            st, reason = None, MISSING if err.errno == errno.ENOENT else f"unreadable: {err.strerror or err}"
+        else:
+            reason = _unusable(st)
+        if reason:
+            self.reasons[len(self.paths)] = reason
+            self.stats.extend((-1, 0, 0, 0))
+        else:
+            self.stats.extend((st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))
+        self.paths.append(path)
+        self.labels.append(label)
+
+    def walk(self, root: str) -> None:
+        """Add the images under ``root`` (depth first, names sorted); record folders that cannot be listed."""
+        stack = [(root, "")]
+        suffixes = IMAGE_SUFFIXES
+        while stack:
+            folder, label = stack.pop()
+            try:
+                with os.scandir(folder) as scan:
+                    entries = sorted(scan, key=lambda e: e.name)
+            except OSError as err:
+                self.unlisted.append((folder, err.strerror or str(err)))
+                continue
+            subfolders = []
+            for entry in entries:
+                name = entry.name
+                if name.startswith("."):
+                    continue
+                try:
+                    is_folder = entry.is_dir(follow_symlinks=False)
+                except OSError:
+                    is_folder = False
+                if is_folder:
+                    subfolders.append((entry.path, label or name))
+                elif os.path.splitext(name)[1].lower() in suffixes:
+                    self.add(entry.path, label, entry)
+            stack.extend(reversed(subfolders))
+
+    def listing(self, folders: list[str]) -> Listing:
+        stats = np.frombuffer(self.stats, dtype=np.int64).reshape(-1, 4).copy()
+        return Listing(self.paths, self.labels, stats, self.reasons, folders, self.unlisted)
 
 
 def list_images(inputs: Sequence[str | os.PathLike], manifest: str | os.PathLike | None = None) -> Listing:
     """List image files from folders, single files and/or a ``path,label`` CSV manifest.
 
     A folder is walked recursively; a file in a subfolder takes the name of the top subfolder as its label,
-    a file directly in the folder is unlabelled. Hidden files and folders and non-image suffixes are ignored.
-    Manifest paths are relative to the CSV. The same file listed twice is kept once (the first listing).
+    a file directly in the folder is unlabelled. Hidden files and folders and non-image suffixes are ignored;
+    symbolic links to files are followed, links to folders are not walked. Manifest paths are relative to the
+    CSV. The same file listed twice is kept once (the first listing). A listed file that cannot be a photo
+    (a FIFO, a device, a broken link, over ``MAX_FILE_BYTES``) is kept with its reason, never opened here.
     """
-    files: dict[str, ImageFile] = {}
+    collector = _Collector(unique=len(inputs) + (manifest is not None) > 1)
     folders: list[str] = []
     for given in inputs:
         path = Path(given)
         if path.is_dir():
             folder = os.path.abspath(path)
             folders.append(folder)
-            for found in _walk(folder):
-                files.setdefault(found.path, found)
-        elif path.is_file():
-            absolute = os.path.abspath(path)
-            files.setdefault(absolute, ImageFile(absolute))
+            collector.walk(folder)
+        elif os.path.lexists(path) and not path.is_dir():
+            collector.add(os.path.abspath(path), "")
         else:
             raise InputError(f"input not found: {given}")
     if manifest is not None:
         for found in read_manifest(manifest):
-            files.setdefault(found.path, found)
-    if not files:
+            collector.add(found.path, found.label)
+    if not collector.paths and not collector.unlisted:
         where = ", ".join(str(p) for p in [*inputs, *([manifest] if manifest else [])])
         raise InputError(f"no images found in {where} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}).")
-    return Listing(sorted(files.values(), key=lambda f: f.path), folders)
+    return collector.listing(folders)
 
 
 def read_manifest(manifest: str | os.PathLike) -> list[ImageFile]:
@@ -99,35 +200,78 @@ def read_manifest(manifest: str | os.PathLike) -> list[ImageFile]:
     return [ImageFile(os.path.abspath(base / row[0].strip()), row[1].strip() if len(row) > 1 else "") for row in rows]
 
 
-def _walk(folder: str) -> Iterable[ImageFile]:
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        relative = os.path.relpath(dirpath, folder)
-        label = "" if relative == "." else relative.split(os.sep)[0]
-        for name in sorted(filenames):
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
-                yield ImageFile(os.path.join(dirpath, name), label)
+def _unusable(st: os.stat_result) -> str:
+    """Why a file with this stat cannot be a photo ("" when it can)."""
+    if not stat.S_ISREG(st.st_mode):
+        return NOT_REGULAR
+    if st.st_size > MAX_FILE_BYTES:
+        return f"too large: {st.st_size / (1 << 30):.1f} GiB (the limit is {MAX_FILE_BYTES / (1 << 30):g} GiB)"
+    return ""
+
+
+@contextlib.contextmanager
+def open_photo(path: str) -> Iterator[tuple[int, os.stat_result]]:
+    """Open a file for reading only if it is a regular file within ``MAX_FILE_BYTES``: ``(fd, stat)``.
+
+    Opening never blocks (a FIFO is refused, not waited on); ``ImageDecodeError`` says why a file is refused.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ImageDecodeError(MISSING) from None
+    except OSError as err:
+        raise ImageDecodeError(f"unreadable: {err.strerror or err}", gone=False) from None
+    try:
+        st = os.fstat(fd)
+        reason = _unusable(st)
+        if reason:
+            raise ImageDecodeError(reason)
+        yield fd, st
+    finally:
+        os.close(fd)
 
 
 def read_file(path: str) -> tuple[bytes, str]:
     """Return a file's bytes and their sha256 hex digest; ``ImageDecodeError`` when it cannot be read."""
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except FileNotFoundError:
-        raise ImageDecodeError("file not found") from None
-    except OSError as err:
-        raise ImageDecodeError(f"unreadable: {err.strerror or err}") from None
+    with open_photo(path) as (fd, st):
+        data = _read(fd, st.st_size)
     return data, hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path: str) -> str:
-    """The sha256 hex digest of a file's bytes (read in blocks)."""
+def hash_file(path: str) -> tuple[str, tuple[int, int, int, int]]:
+    """The sha256 hex digest of a file's bytes and what the file was when read (size, mtime_ns, inode,
+    ctime_ns); ``ImageDecodeError`` when it cannot be read, or changed while being read."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    with open_photo(path) as (fd, st):
+        try:
+            while block := os.read(fd, 1 << 20):
+                digest.update(block)
+            after = os.fstat(fd)
+        except OSError as err:
+            raise ImageDecodeError(f"unreadable: {err.strerror or err}", gone=False) from None
+    stamp = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+    if stamp != (after.st_size, after.st_mtime_ns, after.st_ino, after.st_ctime_ns):
+        raise ImageDecodeError("changed while being read; rerun to include it", gone=False)
+    return digest.hexdigest(), stamp
+
+
+def sha256_file(path: str) -> str:
+    """The sha256 hex digest of a file's bytes; ``ImageDecodeError`` when it cannot be read."""
+    return hash_file(path)[0]
+
+
+def _read(fd: int, size: int) -> bytes:
+    """All bytes of an open file (at most ``MAX_FILE_BYTES``: a file growing past it is refused)."""
+    chunks, total = [], 0
+    try:
+        while chunk := os.read(fd, max(size - total + 1, 1 << 16)):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > MAX_FILE_BYTES:
+                raise ImageDecodeError("changed while being read; rerun to include it", gone=False)
+    except OSError as err:
+        raise ImageDecodeError(f"unreadable: {err.strerror or err}", gone=False) from None
+    return b"".join(chunks)
 
 
 def decode_image(data: bytes, size: int, interpolation: str = "bilinear", decode: str = "exact") -> np.ndarray:

@@ -1,6 +1,6 @@
 """The settings that decide a feature row's value, both ways: options to ``ExtractSpec`` + recorded settings
-(``resolve_settings``, for ``extract``), and recorded settings back to the ``ExtractSpec`` that made them
-(``spec_for``, for ``predict`` and ``similar``).
+(``resolve_settings``, ``recorded_settings``, for ``extract``), and recorded settings back to the
+``ExtractSpec`` that made them (``spec_for``, for ``predict`` and ``similar``).
 
 A feature file records these settings (``furnitype.features.SETTING_KEYS``), and a run records its training
 file's; ``spec_for`` refuses weights whose identity (sha256 of the file, ``imagenet`` or ``none(seed=0)``) is not
@@ -41,29 +41,36 @@ def resolve_settings(
 ) -> tuple[ExtractSpec, dict]:
     """Check extraction options; return the ``ExtractSpec`` and the settings a feature file records."""
     entry = get_backbone(backbone)
-    image_size = image_size or entry.default_size
-    weights = str(weights)
-    check_options(entry, weights=weights, pooling=pooling, image_size=image_size, precision=precision)
-    check_interpolation(interpolation)
-    if decode not in DECODE_MODES:
-        raise InputError(f"decode must be one of {', '.join(DECODE_MODES)}. Received: decode={decode!r}")
+    spec = ExtractSpec(
+        entry.name, str(weights), pooling, image_size or entry.default_size, interpolation, precision, decode
+    )
+    return spec, recorded_settings(spec, store_dtype)
+
+
+def recorded_settings(spec: ExtractSpec, store_dtype: str) -> dict:
+    """Check a spec (and the store dtype) before any work; return the settings a feature file records."""
+    entry = get_backbone(spec.backbone)
+    check_options(
+        entry, weights=spec.weights, pooling=spec.pooling, image_size=spec.image_size, precision=spec.precision
+    )
+    check_interpolation(spec.interpolation)
+    if spec.decode not in DECODE_MODES:
+        raise InputError(f"decode must be one of {', '.join(DECODE_MODES)}. Received: decode={spec.decode!r}")
     if store_dtype not in STORE_DTYPES:
         raise InputError(f"store dtype must be one of {', '.join(STORE_DTYPES)}. Received: {store_dtype!r}")
-    if precision == "int8":  # before listing and hashing: fail fast on a CPU or an install that cannot run it
+    if spec.precision == "int8":  # before listing and hashing: fail fast on a CPU or an install that cannot run it
         int8.check_cpu(int8.cpu_flags())
         int8.import_runtime()
-    spec = ExtractSpec(entry.name, weights, pooling, image_size, interpolation, precision, decode)
-    settings = {
+    return {
         "backbone": entry.name,
-        "weights": weights_identity(weights),
-        "pooling": pooling,
-        "image_size": image_size,
-        "interpolation": interpolation,
-        "precision": precision,
-        "decode": decode,
+        "weights": weights_identity(spec.weights),
+        "pooling": spec.pooling,
+        "image_size": spec.image_size,
+        "interpolation": spec.interpolation,
+        "precision": spec.precision,
+        "decode": spec.decode,
         "store_dtype": store_dtype,
     }
-    return spec, settings
 
 
 def calibrated(

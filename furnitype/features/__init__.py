@@ -1,5 +1,5 @@
-"""The HDF5 feature store (see ``store`` for the layout)."""
+"""The HDF5 feature store (see ``store`` for the layout, ``cache`` for how an extraction changes it)."""
 
-from furnitype.features.store import SETTING_KEYS, FeatureSet, load, read_meta, save
+from furnitype.features.store import SETTING_KEYS, FeatureSet, compact, load, read_meta, save, summary
 
-__all__ = ["SETTING_KEYS", "FeatureSet", "load", "read_meta", "save"]
+__all__ = ["SETTING_KEYS", "FeatureSet", "compact", "load", "read_meta", "save", "summary"]

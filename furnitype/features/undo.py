@@ -1,0 +1,379 @@
+"""Crash-safe writes to an HDF5 file in place: a rollback journal, as SQLite keeps one.
+
+h5py's ``fileobj`` driver hands every read and write of the HDF5 library to a Python file object; ``PagedFile`` is
+that object. Writes to the file as it was when the transaction began are held in memory, page by page; before
+they reach the file, the old bytes of those pages are appended to ``FILE.undo`` (each with its CRC) and fsynced.
+Bytes past the old end of the file go straight to the file: a rollback cuts them off. Commit = close HDF5, write
+the held pages, fsync the file, remove the undo file. A process killed in between leaves the undo file "hot";
+``rollback`` (run by the next opener that can take the writer lock) writes the saved pages back and truncates the
+file to its old size, so the file is exactly what the last commit left.
+
+A failed write (a full disk) never reaches HDF5 as an error, which HDF5 does not survive well: from then on the
+file object keeps everything in memory, HDF5 closes normally, and the caller rolls the file back.
+
+Undo file layout: ``MAGIC | old size (u64) | crc32 (u32)``, then records ``page number (u64) | length (u32) |
+crc32 of number and bytes (u32) | the page's old bytes``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import stat
+import struct
+import threading
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+PAGE = 4096
+_MAGIC = b"FTUNDO1\n"
+_HEADER = struct.Struct("<8sQI")
+_RECORD = struct.Struct("<QII")
+_held_back: list | None = None
+#: Pages held in memory before they are written out (undo first) in the middle of a transaction.
+_HELD_PAGES_LIMIT = (32 << 20) // PAGE
+
+
+class UndoDamaged(Exception):
+    """An undo file that cannot be trusted (not furnitype's, or damaged); the message says why."""
+
+
+def undo_path(path: str | os.PathLike) -> Path:
+    """``FILE.undo`` beside ``path``."""
+    return Path(f"{path}.undo")
+
+
+def write_all(fd: int, data, offset: int) -> None:
+    """``os.pwrite`` until every byte is written (the single place where store bytes reach the disk)."""
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def fsync_folder(path: Path) -> None:
+    """Make a created, renamed or removed name in ``path``'s folder durable."""
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class UndoLog:
+    """The old bytes of every page a transaction overwrites, durable before the page is."""
+
+    def __init__(self, path: Path, fd: int, size: int):
+        self.path = path
+        self.size = size
+        self.saved: set[int] = set()
+        self._fd = fd
+        self._offset = _HEADER.size
+
+    @classmethod
+    def create(cls, path: Path, size: int) -> UndoLog:
+        """Create ``path`` (never through a symbolic link, never over a file) for a file of ``size`` bytes."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        log = cls(path, fd, size)
+        try:
+            head = _MAGIC + struct.pack("<Q", size)
+            write_all(fd, head + struct.pack("<I", zlib.crc32(head)), 0)
+            os.fsync(fd)
+            fsync_folder(path)
+        except BaseException:
+            log.remove()
+            raise
+        return log
+
+    def save(self, fd: int, pages: list[int]) -> None:
+        """Append the current bytes of ``pages`` (those not saved yet, inside the old size) and fsync."""
+        records = []
+        for page in pages:
+            if page in self.saved or page * PAGE >= self.size:
+                continue
+            old = os.pread(fd, min(PAGE, self.size - page * PAGE), page * PAGE)
+            records.append(_RECORD.pack(page, len(old), zlib.crc32(old, zlib.crc32(struct.pack("<Q", page)))) + old)
+            self.saved.add(page)
+        if records:
+            blob = b"".join(records)
+            write_all(self._fd, blob, self._offset)
+            os.fsync(self._fd)
+            self._offset += len(blob)
+
+    def close(self) -> None:
+        """Close the log, leaving it for ``rollback``."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def remove(self) -> None:
+        """Close and delete the log: the transaction is committed."""
+        self.close()
+        self.path.unlink()
+        fsync_folder(self.path)
+
+
+def rollback(path: Path) -> bool:
+    """Put back the pages saved in ``path``'s undo file and cut the file to its old size; False when none.
+
+    The caller holds the writer lock and an exclusive lock on the file. Running it again after it was
+    interrupted is harmless.
+
+    Raises
+    ------
+    UndoDamaged
+        The undo file is a link, not a regular file, or not furnitype's; the file is left as it is.
+    """
+    log = undo_path(path)
+    try:
+        fd = os.open(log, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except OSError as err:
+        if os.path.islink(log):
+            raise UndoDamaged("a symbolic link, not furnitype's") from None
+        raise UndoDamaged(err.strerror or str(err)) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UndoDamaged("not a regular file")
+        data = _read_all(fd)
+    finally:
+        os.close(fd)
+    size, pages = _parse(data)
+    if size is not None:
+        target = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            for page, old in pages:
+                write_all(target, old, page * PAGE)
+            os.ftruncate(target, size)
+            os.fsync(target)
+        finally:
+            os.close(target)
+    log.unlink()
+    fsync_folder(log)
+    return True
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse(data: bytes) -> tuple[int | None, list[tuple[int, bytes]]]:
+    """The old size and the saved pages; ``(None, [])`` for a header cut short before any page was saved."""
+    if len(data) < _HEADER.size:
+        if _MAGIC.startswith(data[: len(_MAGIC)]):
+            return None, []  # killed while writing the header: the file was not touched yet
+        raise UndoDamaged("not a furnitype undo file")
+    magic, size, crc = _HEADER.unpack_from(data)
+    if magic != _MAGIC:
+        raise UndoDamaged("not a furnitype undo file")
+    if zlib.crc32(data[: _HEADER.size - 4]) != crc:
+        if len(data) == _HEADER.size:
+            return None, []  # a torn header is fsynced before any page is written
+        raise UndoDamaged("its header checksum is wrong")
+    pages, offset = [], _HEADER.size
+    while offset + _RECORD.size <= len(data):
+        page, length, crc = _RECORD.unpack_from(data, offset)
+        old = data[offset + _RECORD.size : offset + _RECORD.size + length]
+        if len(old) != length or zlib.crc32(old, zlib.crc32(struct.pack("<Q", page))) != crc:
+            break  # the record being written when the process died: its page was not touched yet
+        if page * PAGE >= size or length != min(PAGE, size - page * PAGE):
+            raise UndoDamaged(f"it saves page {page}, outside the file's old {size} bytes")
+        pages.append((page, old))
+        offset += _RECORD.size + length
+    return size, pages
+
+
+class PagedFile(io.RawIOBase):
+    """The file object h5py's ``fileobj`` driver reads and writes (see the module docstring).
+
+    Parameters
+    ----------
+    fd : int
+        The file, open for reading and writing; it stays open after ``close``.
+    undo : UndoLog or None
+        The undo log of this transaction; None for a new file written beside the store (nothing to undo).
+    """
+
+    def __init__(self, fd: int, undo: UndoLog | None):
+        super().__init__()
+        self.fd = fd
+        self.undo = undo
+        self.size = os.fstat(fd).st_size
+        self.failed: OSError | None = None
+        self._pos = 0
+        self._old_pages = -(-undo.size // PAGE) if undo else 0
+        self._held: dict[int, bytearray] = {}
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        start, end = self._pos, self._pos + len(view)
+        if not self._held:
+            self._read_disk(view, start)
+            self._pos = end
+            return len(view)
+        position = start
+        while position < end:
+            page = position // PAGE
+            stop = min(end, (page + 1) * PAGE)
+            held = self._held.get(page)
+            if held is not None:
+                view[position - start : stop - start] = held[position - page * PAGE : stop - page * PAGE]
+            else:
+                self._read_disk(view[position - start : stop - start], position)
+            position = stop
+        self._pos = end
+        return len(view)
+
+    def _read_disk(self, view: memoryview, offset: int) -> None:
+        """Fill ``view`` from the file at ``offset``; zeros past its end (as HDF5's own drivers give)."""
+        done = 0
+        while done < len(view) and offset + done < self.size:
+            got = os.preadv(self.fd, [view[done:]], offset + done)
+            if not got:
+                break
+            done += got
+        view[done:] = bytes(len(view) - done)
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        start, end = self._pos, self._pos + len(view)
+        held_end = min(end, self._old_pages * PAGE) if not self.failed else end
+        if start < held_end:
+            self._hold(start, view[: held_end - start])
+        if end > held_end:
+            direct_start = max(start, held_end)
+            try:
+                write_all(self.fd, view[direct_start - start :], direct_start)
+            except OSError as err:
+                self._fail(err)
+                self._hold(direct_start, view[direct_start - start :])
+        self._pos = end
+        self.size = max(self.size, end)
+        if len(self._held) > _HELD_PAGES_LIMIT and not self.failed:
+            self._write_held()
+        return len(view)
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self._pos if size is None else size
+        if size < self.size and not self.failed:
+            self._write_held()
+            if self.undo and not self.failed:
+                self._save(range(size // PAGE, self._old_pages))
+        if not self.failed:
+            try:
+                os.ftruncate(self.fd, size)
+            except OSError as err:
+                self._fail(err)
+        for page in [p for p in self._held if p * PAGE >= size]:
+            del self._held[page]
+        self.size = size
+        return size
+
+    def flush(self) -> None:
+        """Nothing: pages are written at ``commit`` (HDF5 flushes its own caches before closing)."""
+
+    def commit(self) -> None:
+        """Write the held pages (their old bytes saved first) and fsync the file; raise the first failure."""
+        self._write_held()
+        if not self.failed:
+            try:
+                os.fsync(self.fd)
+            except OSError as err:
+                self._fail(err)
+        if self.failed:
+            raise self.failed
+
+    def _hold(self, start: int, view: memoryview) -> None:
+        position, end = start, start + len(view)
+        while position < end:
+            page = position // PAGE
+            held = self._held.get(page)
+            if held is None:
+                held = bytearray(PAGE)
+                old = os.pread(self.fd, PAGE, page * PAGE) if page * PAGE < self.size else b""
+                held[: len(old)] = old
+                self._held[page] = held
+            stop = min(end, (page + 1) * PAGE)
+            held[position - page * PAGE : stop - page * PAGE] = view[position - start : stop - start]
+            position = stop
+
+    def _write_held(self) -> None:
+        if self.failed or not self._held:
+            return
+        pages = sorted(self._held)
+        if self.undo:
+            self._save(pages)
+        for page in pages:
+            if self.failed:
+                return
+            length = min(PAGE, self.size - page * PAGE)
+            if length > 0:
+                try:
+                    write_all(self.fd, memoryview(self._held[page])[:length], page * PAGE)
+                except OSError as err:
+                    self._fail(err)
+                    return
+            del self._held[page]
+
+    def _save(self, pages) -> None:
+        try:
+            self.undo.save(self.fd, list(pages))
+        except OSError as err:
+            self._fail(err)
+
+    def _fail(self, err: OSError) -> None:
+        """From now on keep every write in memory: HDF5 goes on to a normal close, the caller rolls back."""
+        if self.failed is None:
+            self.failed = err
+            self._old_pages = 0
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[list]:
+    """Hold Ctrl-C (SIGINT) back while the block runs, then raise ``KeyboardInterrupt`` if one came.
+
+    Yields the list of signals received so far: a long block checks it between steps to stop early. Outside the
+    main thread (where signal handlers cannot be set) the block runs as it is.
+    """
+    global _held_back
+    if threading.current_thread() is not threading.main_thread():
+        yield []
+        return
+    if _held_back is not None:  # inside an outer block: that one raises when it ends
+        yield _held_back
+        return
+    received: list = []
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    _held_back = received
+    try:
+        yield received
+    finally:
+        _held_back = None
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+    if received:
+        raise KeyboardInterrupt

@@ -1,0 +1,286 @@
+"""``extract`` against the store's promises: a run costs what changed, nothing is lost (races, unlistable folders,
+odd files, full disks, Ctrl-C, failed starts), labels are kept. Real processes for races, signals and permissions."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from furnitype.errors import FurnitypeError, InputError, StoreError
+from furnitype.extract import images
+from furnitype.extract.pipeline import ExtractSpec, feature_batches
+from furnitype.extraction import extract
+from furnitype.features import load, summary
+from furnitype.features import undo as undo_module
+from tests.conftest import run_cli
+from tests.images import make_photo_folder, photo
+from tests.store_writer import kill_when
+from tests.test_store import WITHOUT_ROOT_POWERS
+
+SMALL = {"backbone": "vgg16", "weights": "none", "image_size": 32, "progress": False}
+CLI_SMALL = ["--weights", "none", "--image-size", "32", "--quiet"]
+
+
+def _cli(*args, timeout: float = 300, prefix: tuple = (), **kwargs) -> subprocess.CompletedProcess:
+    """``furnitype ARGS`` in a process of its own (a hang fails the test instead of stopping the suite)."""
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "furnitype.cli", *map(str, args)], capture_output=True, text=True,
+        timeout=timeout, **kwargs,
+    )
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_file() or p.is_symlink())
+
+
+@pytest.fixture
+def folder(photo_folder, tmp_path) -> Path:
+    return Path(shutil.copytree(photo_folder, tmp_path / "photos"))
+
+
+def test_unchanged_files_are_not_read_again(folder, tmp_path, monkeypatch):
+    out = tmp_path / "f.h5"
+    os.utime(folder / "bed" / "bed_0.jpg", ns=(1, 1))  # older than the racy window: its stat can be trusted
+    first = extract([folder], **SMALL, out=out)
+    assert (first.extracted, first.hashed) == (6, 6)
+    for path in folder.rglob("*.jpg"):
+        os.utime(path, ns=(10**18, 10**18))  # a stat recorded now will be trusted next time
+    extract([folder], **SMALL, out=out, rehash=True)
+
+    read = []
+    real = images.hash_file
+    monkeypatch.setattr("furnitype.extraction.hash_file", lambda path: (read.append(path), real(path))[1])
+    again = extract([folder], **SMALL, out=out)
+    assert (again.extracted, again.reused, again.hashed, read) == (0, 6, 0, [])
+
+    touched = folder / "chair" / "chair_1.jpg"
+    os.utime(touched, ns=(10**18 + 5, 10**18 + 5))
+    assert extract([folder], **SMALL, out=out).hashed == 1 and read == [str(touched)]
+    result = run_cli("extract", folder, *CLI_SMALL, "--out", out, "--rehash", "--json")
+    assert json.loads(result.stdout)["hashed"] == 6 and len(read) == 7
+
+
+def test_rows_of_removed_files_are_masked_then_compacted(folder, tmp_path):
+    out = tmp_path / "f.h5"
+    for i in range(6):
+        photo(40 + i).save(folder / "chair" / f"more_{i}.jpg")
+    extract([folder], **SMALL, out=out)
+    size = out.stat().st_size
+    (folder / "chair" / "more_0.jpg").unlink()
+    removed = extract([folder], **SMALL, out=out)
+    assert (removed.removed, removed.rows) == (1, 11) and summary(out)["dead_rows"] == 1
+    assert "removed (no longer on disk)" in removed.summary()
+    assert out.stat().st_size >= size  # masked in place, not rewritten
+    for i in range(1, 5):
+        (folder / "chair" / f"more_{i}.jpg").unlink()
+    assert extract([folder], **SMALL, out=out).rows == 7
+    assert summary(out)["dead_rows"] == 0  # 5 dead of 12 passed a quarter: compacted
+    result = run_cli("compact", out)
+    assert result.exit_code == 0 and result.output.startswith(f"{out}: 7 rows kept, 0 removed entries dropped")
+    assert len(load(out)) == 7
+
+
+def test_a_folder_that_cannot_be_listed_keeps_its_rows(folder, tmp_path):
+    out = tmp_path / "f.h5"
+    extract([folder], **SMALL, out=out)
+    os.chmod(folder / "chair", 0)
+    try:
+        done = _cli("extract", folder, *CLI_SMALL, "--out", out, "--json", prefix=WITHOUT_ROOT_POWERS)
+    finally:
+        os.chmod(folder / "chair", 0o755)
+    assert done.returncode == 0, done.stderr
+    summary_ = json.loads(done.stdout)
+    assert (summary_["removed"], summary_["rows"], summary_["listed"]) == (0, 6, 3)
+    assert f"warning: could not list {folder / 'chair'} (Permission denied); its rows are kept" in done.stderr
+    assert sorted(load(out).labels) == ["bed"] * 3 + ["chair"] * 3
+
+
+def test_fifos_devices_and_links_to_dev_zero_are_skipped_never_read(folder, tmp_path):
+    out = tmp_path / "f.h5"
+    extract([folder], **SMALL, out=out)
+    os.mkfifo(folder / "bed" / "pipe.jpg")
+    (folder / "chair" / "zero.jpg").symlink_to("/dev/zero")
+    (folder / "chair" / "gone.jpg").symlink_to(tmp_path / "nothing-here")
+    os.mkfifo(tmp_path / "listed.png")
+    (tmp_path / "m.csv").write_text(f"path,label\n{tmp_path / 'listed.png'},sofa\n")
+    done = _cli("extract", folder, "--manifest", tmp_path / "m.csv", *CLI_SMALL, "--out", out, "--json", timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["skipped"] == 4
+    reasons = {Path(p).name: r for p, r in load(out).skipped}
+    assert reasons == {
+        "pipe.jpg": "not a regular file",
+        "zero.jpg": "not a regular file",
+        "listed.png": "not a regular file",
+        "gone.jpg": "file not found",
+    }
+    similar = _cli("similar", out, folder / "bed" / "pipe.jpg", folder / "chair" / "zero.jpg", "--json", timeout=120)
+    assert similar.returncode == 0, similar.stderr
+    assert [m["error"] for m in json.loads(similar.stdout)] == ["not a regular file"] * 2
+
+    outcomes = []  # predict's path: the per-batch reading code, in a thread that must not hang
+    spec = ExtractSpec("vgg16", "none", image_size=32)
+    worker = threading.Thread(
+        target=lambda: outcomes.extend(o for b in feature_batches(spec, [str(tmp_path / "listed.png")]) for o in b)
+    )
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive() and [o.reason for o in outcomes] == ["not a regular file"]
+
+
+def test_files_over_the_size_cap_are_skipped(folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(images, "MAX_FILE_BYTES", 20_000)
+    photo(60, size=(200, 200)).save(folder / "bed" / "big.png")  # noise: about 100 kB
+    result = extract([folder], **SMALL, out=tmp_path / "f.h5")
+    reasons = dict(load(tmp_path / "f.h5").skipped)
+    assert result.skipped == 1
+    assert reasons[str(folder / "bed" / "big.png")].startswith("too large: 0.0 GiB (the limit is 1.86265e-05 GiB)")
+    with pytest.raises(images.ImageDecodeError, match="too large"):
+        images.read_file(str(folder / "bed" / "big.png"))
+
+
+def test_labels_are_kept_changed_and_set(photo_folder, folder, tmp_path):
+    out = tmp_path / "f.h5"
+    extract([folder], **SMALL, out=out)
+    bed = extract([folder / "bed"], **SMALL, out=out)  # listed without a label: the rows keep theirs
+    assert (bed.relabelled, bed.removed, bed.rows) == (0, 0, 6)
+    assert sorted(load(out).labels) == ["bed"] * 3 + ["chair"] * 3
+    loose = tmp_path / "loose.jpg"
+    shutil.copy(folder / "bed" / "bed_0.jpg", loose)  # a copy of a labelled photo, listed without a label
+    assert extract([loose], **SMALL, out=out).extracted == 0
+    rows = load(out)
+    assert rows.labels[list(rows.paths).index(str(loose))] == "bed"
+
+    result = run_cli("extract", folder / "chair", *CLI_SMALL, "--out", out, "--label", "sofa")
+    assert result.exit_code == 0 and "3 relabelled" in result.output
+    assert sorted(load(out).labels) == ["bed"] * 4 + ["sofa"] * 3 and load(out).classes == ["bed", "sofa"]
+    moved = extract([folder], **SMALL, out=out)  # the folders' own labels again
+    assert moved.relabelled == 3 and summary(out)["classes"] == {"bed": 4, "chair": 3}
+    with pytest.raises(InputError, match="label must not be empty"):
+        extract([folder], **SMALL, out=out, label=" ")
+
+
+def test_a_failed_start_leaves_nothing_behind(folder, tmp_path):
+    bad = tmp_path / "bad.weights.h5"
+    bad.write_text("not weights")
+    out = tmp_path / "f.h5"
+    with pytest.raises(FurnitypeError, match="could not load vgg16 weights"):
+        extract([folder], **{**SMALL, "weights": str(bad)}, out=out)
+    assert _files(tmp_path) == ["bad.weights.h5"]
+    assert extract([folder], **SMALL, out=out).extracted == 6  # the corrected command is not refused
+
+    offline = {**os.environ, "KERAS_HOME": str(tmp_path / "keras"), "https_proxy": "http://127.0.0.1:9",
+               "HTTPS_PROXY": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}
+    done = _cli("extract", folder, "--weights", "imagenet", "--image-size", "32", "--quiet", "--out",
+                tmp_path / "g.h5", env=offline)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "what works offline: --weights PATH" in done.stderr and "--weights none (random weights)" in done.stderr
+    assert [line for line in done.stderr.splitlines() if line.startswith("Error: ")] == [done.stderr.splitlines()[-1]]
+    assert _files(tmp_path) == ["bad.weights.h5", "f.h5"]
+
+
+def test_ctrl_c_exits_130_and_keeps_the_finished_batches(tmp_path):
+    folder = make_photo_folder(tmp_path / "photos", per_class=20, classes=("bed", "chair", "sofa"))
+    out = tmp_path / "f.h5"
+    args = ["extract", folder, "--weights", "none", "--image-size", "128", "--batch-size", "2", "--out", out]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "furnitype.cli", *map(str, args)], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert kill_when(proc, lambda: out.exists() and out.stat().st_size > 250_000, sig=signal.SIGINT)
+    stderr = proc.stderr.read()
+    assert proc.returncode == 130, stderr
+    kept = len(load(out))
+    assert stderr.splitlines()[-1] == f"interrupted: {kept} rows kept; rerun to go on" and 0 < kept < 60
+    assert _files(tmp_path) == ["f.h5"]
+    rerun = extract([folder], backbone="vgg16", weights="none", image_size=128, out=out, progress=False)
+    assert rerun.extracted == 60 - kept and rerun.rows == 60
+
+
+def test_a_second_writer_is_refused_and_the_first_keeps_every_row(tmp_path):
+    first = make_photo_folder(tmp_path / "first", per_class=20, classes=("bed", "chair", "sofa"))
+    second = make_photo_folder(tmp_path / "second", per_class=1, classes=("sofa",))
+    out = tmp_path / "f.h5"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "furnitype.cli", "extract", str(first), "--weights", "none", "--image-size", "128",
+         "--batch-size", "2", "--quiet", "--out", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    lock = Path(f"{out}.lock")
+    try:
+        while proc.poll() is None and not (out.exists() and lock.exists()):
+            pass
+        refused = run_cli("extract", second, *CLI_SMALL[:4], "--image-size", "128", "--out", out)
+        link = tmp_path / "link.h5"
+        link.symlink_to(out)
+        through_link = run_cli("extract", second, "--weights", "none", "--image-size", "128", "--out", link)
+    finally:
+        assert proc.wait(timeout=300) == 0
+    assert refused.exit_code == 1
+    assert refused.output == f"Error: another furnitype process is writing {out}; wait for it to finish.\n"
+    assert through_link.exit_code == 1 and "another furnitype process is writing" in through_link.output
+    assert len(load(out)) == 60
+    assert extract([second], backbone="vgg16", weights="none", image_size=128, out=link, progress=False).rows == 61
+    assert link.is_symlink() and len(load(out)) == 61
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_store(folder, tmp_path, monkeypatch):
+    out = tmp_path / "f.h5"
+    extract([folder / "bed"], **SMALL, out=out)
+    before = out.read_bytes()
+    real = undo_module.write_all
+
+    def full(fd, data, offset):
+        if offset + len(memoryview(data).cast("B")) > os.fstat(fd).st_size:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data, offset)
+
+    monkeypatch.setattr(undo_module, "write_all", full)
+    result = run_cli("extract", folder, *CLI_SMALL, "--out", out)
+    monkeypatch.undo()
+    assert result.exit_code == 1
+    assert result.output == (
+        f"Error: disk full while writing {out}: the last change was not written and the store is intact "
+        "(3 rows); free space or fix the cause and rerun.\n"
+    )
+    assert out.read_bytes() == before and _files(tmp_path) == ["f.h5"]
+    with pytest.raises(StoreError, match=r"disk full while writing .*\(0 rows\)"):
+        monkeypatch.setattr(undo_module, "write_all", full)
+        extract([folder], **SMALL, out=tmp_path / "new.h5")
+    monkeypatch.undo()
+    assert _files(tmp_path) == ["f.h5"]
+    assert extract([folder], **SMALL, out=out).rows == 6
+
+
+def test_leftovers_of_killed_runs_are_cleaned_by_the_next_run(folder, tmp_path):
+    out = tmp_path / "f.h5"
+    extract([folder], **SMALL, out=out)
+    (tmp_path / ".f.h5.tmp-99999").write_bytes(b"half a store")
+    (tmp_path / "f.h5.journal").write_bytes(b"FTJ1 an interrupted run of furnitype 0.1")
+    Path(f"{out}.lock").write_bytes(b"")
+    (tmp_path / ".other.h5.tmp-1").write_bytes(b"not ours")
+    extract([folder], **SMALL, out=out)
+    assert _files(tmp_path) == [".other.h5.tmp-1", "f.h5"]
+
+
+def test_spec_and_engine_form_equals_the_keyword_form(photo_folder, tmp_path):
+    keyword = extract([photo_folder], **SMALL, out=tmp_path / "a.h5")
+    spec = ExtractSpec("vgg16", "none", image_size=32)
+    explicit = extract([photo_folder], spec=spec, engine=feature_batches, out=tmp_path / "b.h5", progress=False)
+    assert keyword.extracted == explicit.extracted == 6
+    np.testing.assert_array_equal(load(tmp_path / "a.h5").features, load(tmp_path / "b.h5").features)
+    with pytest.raises(InputError, match=r"give spec or its options \(pooling\), not both"):
+        extract([photo_folder], spec=spec, pooling="max", out=tmp_path / "c.h5")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'poolin'"):
+        extract([photo_folder], poolin="max", out=tmp_path / "c.h5")
+    with pytest.raises(InputError, match="only apply to engine='ray'"):
+        extract([photo_folder], spec=spec, engine=feature_batches, ray_workers=2, out=tmp_path / "c.h5")
