@@ -171,13 +171,10 @@ def extract(
     cache = FeatureCache(out, settings, meta=_provenance(spec, settings), overwrite=overwrite)
     try:
         with cache:
-            listing = list_images(inputs, manifest)
-            if spec.precision == "int8":  # the quantized network is part of the settings: made (or found) now
-                spec, settings = calibrated(spec, settings, listing.paths, calibrate=calibrate, store=cache.real)
-                cache.require(settings, meta=_provenance(spec, settings))
-            to_hash = cache.compare(listing, label=label, rehash=rehash)
-            cache.hashed(_hash_all(listing, to_hash, progress))
-            todo = cache.todo()
+            spec, todo = _plan(
+                cache, spec, settings, inputs, manifest, label=label, rehash=rehash, calibrate=calibrate,
+                progress=progress,
+            )
             bar = tqdm(
                 total=len(todo),
                 unit="img",
@@ -206,6 +203,21 @@ def extract(
         seconds=time.perf_counter() - started,
         warnings=counts.warnings,
     )
+
+
+def _plan(
+    cache: FeatureCache, spec: ExtractSpec, settings: dict, inputs, manifest, *, label, rehash, calibrate, progress
+) -> tuple[ExtractSpec, list[str]]:
+    """List, compare with the store, hash what changed: the spec (int8: with its quantized network) and the paths
+    the network must see. The listing, which grows with the catalogue, is freed before the network's memory
+    comes on top."""
+    listing = list_images(inputs, manifest)
+    if spec.precision == "int8":  # the quantized network is part of the settings: made (or found) now
+        spec, settings = calibrated(spec, settings, listing.paths, calibrate=calibrate, store=cache.real)
+        cache.require(settings, meta=_provenance(spec, settings))
+    to_hash = cache.compare(listing, label=label, rehash=rehash)
+    cache.hashed(_hash_all(listing, to_hash, progress))
+    return spec, cache.todo()
 
 
 def _spec(spec: ExtractSpec | None, store_dtype: str, options: dict) -> tuple[ExtractSpec, dict]:

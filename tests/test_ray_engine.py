@@ -7,10 +7,8 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,7 @@ from furnitype.extract.pipeline import ExtractSpec, feature_batches
 from furnitype.extraction import extract
 from furnitype.features import load
 from tests.images import make_photo_folder, photo
+from tests.store_writer import kill_when
 
 SMALL = {"backbone": "vgg16", "weights": "none", "image_size": 32, "batch_size": 4, "progress": False}
 
@@ -121,7 +120,6 @@ def test_killed_ray_driver_resumes_and_equals_an_uninterrupted_run(ray_local, tm
     folder = make_photo_folder(tmp_path / "photos", per_class=12, classes=("bed", "chair", "sofa"), size=(96, 96))
     settings = ["--weights", "none", "--image-size", "128", "--batch-size", "2", "--quiet"]
     out = tmp_path / "killed.h5"
-    journal = Path(f"{out}.journal")
     address = ray_local.get_runtime_context().gcs_address
     proc = subprocess.Popen(
         [sys.executable, "-m", "furnitype.cli", "extract", str(folder), *settings, "--out", str(out),
@@ -129,20 +127,16 @@ def test_killed_ray_driver_resumes_and_equals_an_uninterrupted_run(ray_local, tm
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 150
-    while time.monotonic() < deadline and proc.poll() is None:
-        if journal.exists() and journal.stat().st_size > 10_000:  # header + a few batches of 2 rows
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished (or failed) before it could be killed"
-    assert not out.exists() and journal.exists()
+
+    def committed() -> bool:  # a few batches appended
+        return out.exists() and load(out).meta["n_rows"] >= 6
+
+    assert kill_when(proc, committed, timeout=150), "the run finished (or failed) before it could be killed"
 
     options = {"backbone": "vgg16", "weights": "none", "image_size": 128, "batch_size": 2, "progress": False}
     resumed = extract([folder], **options, out=out, engine="ray", ray_workers=2)
     assert 0 < resumed.extracted < 36 and resumed.reused == 36 - resumed.extracted
-    assert not journal.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["killed.h5", "photos"]
     whole = extract([folder], **options, out=tmp_path / "whole.h5")
     assert whole.extracted == 36
     _same_store(load(out), load(tmp_path / "whole.h5"))

@@ -209,7 +209,13 @@ class FeatureCache:
         if any(len(f) and (f.min() < 0 or f.max() >= len(self.folders.names)) for f in self.folder.values()):
             raise ValueError("a folder index is out of range")
         self.label_counts = view.label_counts()
-        keys = _prefix_keys(view.column("rows", "sha256"))
+        keys = np.concatenate(  # in blocks: the digests as text would take 64 bytes a row
+            [np.zeros(0, np.uint64)]
+            + [
+                _prefix_keys(view.column("rows", "sha256", np.arange(start, min(start + 65536, self.n["rows"]))))
+                for start in range(0, self.n["rows"], 65536)
+            ]
+        )
         self._key_rows = np.argsort(keys, kind="stable")
         self._keys = keys[self._key_rows]
         shas = view.column("skipped", "sha256")
@@ -257,7 +263,7 @@ class FeatureCache:
         self._hashed = dict(results)
         self.counts.hashed = sum(1 for r in results.values() if r.sha256)
         listing, entries, match, changes = self.listing, self._entries, self._match, self._changes
-        self._todo: dict[str, list[int]] = {}
+        self._todo: dict[str, list[tuple[str, str, tuple]]] = {}  # sha256 -> (path, label, stat) of each file
         labels = self._labels()
         tables, entry_labels = entries.table, entries.label
         for i in np.flatnonzero(self._unchanged).tolist():
@@ -274,7 +280,7 @@ class FeatureCache:
                 self._unusable(i, result, labels[i])
                 continue
             stat = self._recorded_stat(result.stat)
-            if entry >= 0 and entries.sha[entry] == result.sha256:
+            if entry >= 0 and entries.sha[entry] == result.sha256.encode():
                 if entries.table[entry] == "skipped":
                     self.counts.skipped += 1
                 self._relabel(entry, labels[i])
@@ -291,15 +297,17 @@ class FeatureCache:
                 changes.skips.append((path, labels[i], result.sha256, self._skip_reasons[result.sha256], stat))
                 self.counts.skipped += 1
             else:
-                self._todo.setdefault(result.sha256, []).append(i)
+                self._todo.setdefault(result.sha256, []).append((path, labels[i], stat))
         self._remove_unlisted()
         self._sent: dict[str, str] = {}
+        # What grows with the listing is not needed any more: the network's memory comes on top of what is left.
+        self.listing = self._entries = self._match = self._unchanged = self._hashed = None
 
     def todo(self) -> list[str]:
         """One path per content the store lacks (the others with the same content get copies of its row)."""
         paths = []
         for sha, members in self._todo.items():
-            paths.append(self.listing.paths[members[0]])
+            paths.append(members[0][0])
             self._sent[paths[-1]] = sha
         return paths
 
@@ -308,18 +316,15 @@ class FeatureCache:
 
         The first commit also carries the changes that need no network (removals, labels, reused rows).
         """
-        labels = self._labels()
         extracted = 0
         for outcome in outcomes:
             sha = self._sent.pop(outcome.path)
             members = self._todo.pop(sha)
-            stats = [self._recorded_stat(self._hashed[i].stat) for i in members]
             features = None if outcome.reason else np.asarray(outcome.features, dtype=np.float32)
             if features is not None and outcome.sha256 == sha:
                 stored = features.astype(self.settings.get("store_dtype", "float32"))
                 if np.isfinite(stored).all():
-                    for i, stat in zip(members, stats, strict=True):
-                        self._changes.rows.append((self.listing.paths[i], labels[i], sha, stat, stored))
+                    self._changes.rows += [(path, label, sha, stat, stored) for path, label, stat in members]
                     extracted += 1
                     continue
                 reason = f"its features are not finite numbers at precision {self.settings.get('precision')}"
@@ -327,14 +332,13 @@ class FeatureCache:
                 reason = outcome.reason
             else:
                 reason = outcome.reason or "changed while being read; rerun to include it"
-                first = self.listing.paths[members[0]]
-                for n, i in enumerate(members):
+                first = members[0][0]
+                for n, (path, label, _) in enumerate(members):
                     why = reason if n == 0 else f"not read: {first}, with the same content, was {reason}"
-                    self._changes.skips.append((self.listing.paths[i], labels[i], "", why, STAT_UNKNOWN))
+                    self._changes.skips.append((path, label, "", why, STAT_UNKNOWN))
                 self.counts.skipped += len(members)
                 continue
-            for i, stat in zip(members, stats, strict=True):
-                self._changes.skips.append((self.listing.paths[i], labels[i], sha, reason, stat))
+            self._changes.skips += [(path, label, sha, reason, stat) for path, label, stat in members]
             self.counts.skipped += len(members)
         self._commit(extracted)
 
@@ -605,8 +609,9 @@ class _Entries:
         self.table += [table] * len(index)
         self.index += index.tolist()
         self.path += paths
-        self.label += view.column(table, "label", index).tolist()
-        self.sha += [s.decode() for s in view.column(table, "sha256", index).tolist()]
+        interned: dict[str, str] = {}
+        self.label += [interned.setdefault(label, label) for label in view.column(table, "label", index).tolist()]
+        self.sha += view.column(table, "sha256", index).tolist()  # bytes: half the size of str
         reasons = view.column(table, "reason", index).tolist() if table == "skipped" else [""] * len(index)
         self.reason += reasons
         self.stat = np.concatenate([self.stat, view.column(table, "stat", index).reshape(-1, 4)])

@@ -486,6 +486,11 @@ def open_store(
             try:
                 h5 = h5py.File(real, "r", locking=False)
             except READ_ERRORS as err:
+                if "file signature not found" in str(err):
+                    raise DamagedStoreError(
+                        f"{given} is not a readable HDF5 feature file (file signature not found); "
+                        "--overwrite replaces it."
+                    ) from None
                 raise damaged(given, err) from None
             try:
                 try:
