@@ -127,7 +127,8 @@ def bench(size: int, work: Path, photos: Path) -> list[tuple[str, str]]:
     save(store, features=RandomFeatures(size), paths=paths, labels=labels, sha256=digests,
          meta={"backbone": "vgg16", "weights": "none(seed=0)", "pooling": "avg", "image_size": 224,
                "interpolation": "bilinear", "precision": "bfloat16", "decode": "exact", "store_dtype": "float32"})
-    print(f"{size:,}: bulk build {time.perf_counter() - started:.0f} s, {store.stat().st_size / 1e6:,.0f} MB", flush=True)
+    built = time.perf_counter() - started
+    print(f"{size:,}: bulk build {built:.0f} s, {store.stat().st_size / 1e6:,.0f} MB", flush=True)
     del paths, labels, digests
     time.sleep(2)  # past the racy window: the stats recorded now are trusted by the next run
 

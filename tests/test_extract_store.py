@@ -284,3 +284,20 @@ def test_spec_and_engine_form_equals_the_keyword_form(photo_folder, tmp_path):
         extract([photo_folder], poolin="max", out=tmp_path / "c.h5")
     with pytest.raises(InputError, match="only apply to engine='ray'"):
         extract([photo_folder], spec=spec, engine=feature_batches, ray_workers=2, out=tmp_path / "c.h5")
+
+
+def test_names_that_are_not_utf8_are_skipped_with_a_warning(folder, tmp_path):
+    odd = folder / os.fsdecode(b"bed/caf\xe9.jpg")
+    shutil.copy(folder / "bed" / "bed_0.jpg", odd)
+    result = extract([folder], **SMALL, out=tmp_path / "f.h5")
+    assert (result.extracted, result.skipped, result.rows) == (6, 1, 6)
+    assert result.warnings == [f"skipped {folder}/bed/caf\\xe9.jpg: a feature file records only UTF-8 names; rename it"]
+
+
+def test_a_store_that_cannot_be_written_is_refused_before_any_work(folder, tmp_path):
+    out = tmp_path / "f.h5"
+    extract([folder], **SMALL, out=out)
+    os.chmod(out, 0o444)
+    done = _cli("extract", folder, *CLI_SMALL, "--out", out, prefix=WITHOUT_ROOT_POWERS)
+    assert (done.returncode, done.stderr) == (2, f"Error: cannot write {out}: permission denied.\n")
+    assert _files(tmp_path) == ["f.h5"]

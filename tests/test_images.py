@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -117,6 +120,15 @@ def test_manifest_paths_are_relative_to_the_csv(tmp_path):
     ]
 
 
+def test_a_file_listed_twice_is_kept_once_with_its_first_label(tmp_path):
+    root = make_photo_folder(tmp_path / "photos", per_class=1)
+    (tmp_path / "m.csv").write_text("photos/bed/bed_0.jpg,sofa\nphotos/bed/bed_0.jpg,lamp\n")
+    listing = list_images([], tmp_path / "m.csv")
+    assert (listing.paths, listing.labels) == ([str(root / "bed" / "bed_0.jpg")], ["sofa"])
+    both = list_images([root, root / "bed"], tmp_path / "m.csv")
+    assert both.labels == ["bed", "chair"] and len(both.paths) == 2
+
+
 def test_missing_or_empty_inputs_are_input_errors(tmp_path):
     with pytest.raises(InputError, match="input not found"):
         list_images([tmp_path / "nope"])
@@ -125,3 +137,27 @@ def test_missing_or_empty_inputs_are_input_errors(tmp_path):
         list_images([tmp_path / "empty"])
     with pytest.raises(InputError, match="manifest not found"):
         list_images([], tmp_path / "nope.csv")
+
+
+def test_listing_records_what_cannot_be_a_photo_and_folders_it_cannot_list(tmp_path):
+    root = make_photo_folder(tmp_path / "photos", per_class=1)
+    os.mkfifo(root / "bed" / "pipe.jpg")
+    (root / "bed" / "zero.jpg").symlink_to("/dev/zero")
+    (root / "bed" / "gone.jpg").symlink_to(tmp_path / "nothing")
+    (root / "sofa").mkdir()
+    os.chmod(root / "sofa", 0)
+    try:
+        listing = subprocess.run(
+            ["setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search",
+             sys.executable, "-c", "from furnitype.extract.images import list_images;"
+             f"l = list_images([{str(root)!r}]); print(repr((l.paths, l.reasons, l.unlisted, l.stats.tolist())))"],
+            capture_output=True, text=True, check=True,
+        ).stdout
+    finally:
+        os.chmod(root / "sofa", 0o755)
+    paths, reasons, unlisted, stats = eval(listing)  # noqa: S307 - our own repr
+    names = [os.path.basename(p) for p in paths]
+    assert names == ["bed_0.jpg", "gone.jpg", "pipe.jpg", "zero.jpg", "chair_0.jpg"]
+    assert reasons == {1: "file not found", 2: "not a regular file", 3: "not a regular file"}
+    assert unlisted == [(str(root / "sofa"), "Permission denied")]
+    assert stats[0][0] == (root / "bed" / "bed_0.jpg").stat().st_size and stats[2] == [-1, 0, 0, 0]

@@ -163,7 +163,7 @@ def list_images(inputs: Sequence[str | os.PathLike], manifest: str | os.PathLike
     CSV. The same file listed twice is kept once (the first listing). A listed file that cannot be a photo
     (a FIFO, a device, a broken link, over ``MAX_FILE_BYTES``) is kept with its reason, never opened here.
     """
-    collector = _Collector(unique=len(inputs) + (manifest is not None) > 1)
+    collector = _Collector(unique=len(inputs) > 1 or manifest is not None)
     folders: list[str] = []
     for given in inputs:
         path = Path(given)

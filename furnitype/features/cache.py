@@ -60,7 +60,7 @@ _HEX = np.full(256, 255, np.uint8)
 _HEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
 
 
-@dataclass
+@dataclass(slots=True)
 class Hashed:
     """What reading one listed file gave: its sha256 and stat, or the reason it could not be read.
 
@@ -251,6 +251,11 @@ class FeatureCache:
             same_stat[known] = (stored == listing.stats[known]).all(axis=1) & (stored[:, 0] >= 0)
         failed = np.zeros(n, bool)
         failed[list(listing.reasons)] = True
+        for i in _not_utf8(listing.paths):
+            failed[i] = True
+            self.counts.skipped += 1
+            name = listing.paths[i].encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            self.counts.warnings.append(f"skipped {name}: a feature file records only UTF-8 names; rename it")
         unchanged = same_stat & ~failed & (not rehash)
         self._unchanged = unchanged
         self._hashed: dict[int, Hashed] = {}
@@ -617,6 +622,23 @@ class _Entries:
         self.stat = np.concatenate([self.stat, view.column(table, "stat", index).reshape(-1, 4)])
         self.walked = np.concatenate([self.walked, walked])
         self.by_path.update(zip(paths, range(start, start + len(paths)), strict=True))
+
+
+def _not_utf8(paths: list[str]) -> list[int]:
+    """Indices of paths with bytes that are not UTF-8 (``os.fsdecode`` keeps them as lone surrogates)."""
+    try:
+        "\0".join(paths).encode("utf-8")
+    except UnicodeEncodeError:
+        return [i for i, path in enumerate(paths) if not path.isascii() and _surrogates(path)]
+    return []
+
+
+def _surrogates(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _prefix_keys(sha256: np.ndarray) -> np.ndarray:

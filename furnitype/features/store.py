@@ -704,6 +704,12 @@ def writable(given: str | os.PathLike) -> Path:
         raise InputError(f"cannot write {given}: folder {Path(given).parent} does not exist.")
     if real.is_dir():
         raise InputError(f"cannot write {given}: it is a folder.")
+    try:
+        os.close(os.open(real, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC))
+    except (PermissionError, IsADirectoryError):
+        raise InputError(f"cannot write {given}: permission denied.") from None
+    except OSError:
+        pass  # not there yet, or not a regular file: said when it is read
     return real
 
 
