@@ -704,6 +704,8 @@ def writable(given: str | os.PathLike) -> Path:
         raise InputError(f"cannot write {given}: folder {Path(given).parent} does not exist.")
     if real.is_dir():
         raise InputError(f"cannot write {given}: it is a folder.")
+    if real.exists() and not real.is_file():  # never replace a device or a FIFO, --overwrite or not
+        raise InputError(f"cannot write {given}: it is not a regular file.")
     try:
         os.close(os.open(real, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC))
     except (PermissionError, IsADirectoryError):
