@@ -301,3 +301,20 @@ def test_a_store_that_cannot_be_written_is_refused_before_any_work(folder, tmp_p
     done = _cli("extract", folder, *CLI_SMALL, "--out", out, prefix=WITHOUT_ROOT_POWERS)
     assert (done.returncode, done.stderr) == (2, f"Error: cannot write {out}: permission denied.\n")
     assert _files(tmp_path) == ["f.h5"]
+
+
+def test_rows_that_are_not_finite_are_skipped_not_stored(photo_folder, tmp_path):
+    """An engine (the documented extension point) that returns NaN for one photo: the row is refused."""
+    from furnitype.extract.pipeline import Outcome
+
+    def faulty_engine(spec, paths, **options):
+        for batch in feature_batches(spec, paths, **options):
+            yield [Outcome(o.path, o.sha256, o.features * np.nan) if o.path.endswith("bed_1.jpg") else o for o in batch]
+
+    out = tmp_path / "f.h5"
+    result = extract([photo_folder], **SMALL, engine=faulty_engine, out=out)
+    assert (result.extracted, result.skipped, result.rows) == (5, 1, 5)
+    assert load(out).skipped == [
+        (str(photo_folder / "bed" / "bed_1.jpg"),
+         "its features are not finite numbers (NaN or infinity): check the weights and precision")
+    ]

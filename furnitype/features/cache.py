@@ -332,7 +332,7 @@ class FeatureCache:
                     self._changes.rows += [(path, label, sha, stat, stored) for path, label, stat in members]
                     extracted += 1
                     continue
-                reason = f"its features are not finite numbers at precision {self.settings.get('precision')}"
+                reason = "its features are not finite numbers (NaN or infinity): check the weights and precision"
             elif outcome.sha256 == sha:
                 reason = outcome.reason
             else:
