@@ -52,7 +52,7 @@ class WriterLock:
             except OSError as err:
                 os.close(fd)
                 raise StoreError(f"cannot lock {self.path}: {err.strerror or err}") from None
-            if _same_file(fd, self.path):
+            if same_file(fd, self.path):
                 self._fd = fd
                 return self
             os.close(fd)  # the previous writer removed the file while we waited for it: lock the new one
@@ -62,7 +62,7 @@ class WriterLock:
         if self._fd is None:
             return
         try:
-            if _same_file(self._fd, self.path):
+            if same_file(self._fd, self.path):
                 self.path.unlink()
         except OSError:
             pass  # a lock file left behind is harmless: the next writer locks and reuses it
@@ -116,7 +116,7 @@ def _open_lock_file(path: Path, given: str) -> int:
     return fd
 
 
-def _same_file(fd: int, path: Path) -> bool:
+def same_file(fd: int, path: Path) -> bool:
     """Whether ``path`` still names the file open as ``fd``."""
     try:
         named = os.stat(path, follow_symlinks=False)

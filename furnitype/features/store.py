@@ -39,7 +39,7 @@ import h5py
 import numpy as np
 
 from furnitype.errors import InputError, SettingsMismatchError, StoreError
-from furnitype.features.locking import WriterLock, real_path, wait_for_lock
+from furnitype.features.locking import WriterLock, real_path, same_file, wait_for_lock
 from furnitype.features.undo import (
     PagedFile,
     UndoDamaged,
@@ -476,7 +476,7 @@ def open_store(
         fd = _open_for_reading(real, given)
         try:
             wait_for_lock(fd, exclusive=False, what=str(given))
-            if not _names(fd, real):
+            if not same_file(fd, real):
                 continue  # replaced (compacted) while we waited: read the new file
             if check_undo and os.path.lexists(undo_path(real)):
                 os.close(fd)
@@ -917,16 +917,6 @@ def _take(values: np.ndarray, index: np.ndarray | None) -> np.ndarray:
 
 def _regular(fd: int) -> bool:
     return stat.S_ISREG(os.fstat(fd).st_mode)
-
-
-def _names(fd: int, path: Path) -> bool:
-    """Whether ``path`` still names the file open as ``fd``."""
-    try:
-        named = os.stat(path)
-    except FileNotFoundError:
-        return False
-    held = os.fstat(fd)
-    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _plain(value):
