@@ -166,8 +166,6 @@ def load(path: str | os.PathLike) -> FeatureSet:
             skipped = _skipped(view)
         except READ_ERRORS as err:
             raise damaged(path, err) from None
-        if not np.isfinite(features).all():
-            raise damaged(path, "some features are not finite numbers")
         meta = view.meta
     paths = np.array(paths[order].tolist(), dtype=str)
     labels = np.array(labels.tolist(), dtype=str)
@@ -225,8 +223,9 @@ def save(
 
     ``skipped`` holds ``(path, sha256, reason)`` triples; ``meta["store_dtype"]`` (default float32) is the
     dtype of /features. Rows are written in the order given, in blocks (``features`` may be any array-like with
-    ``shape`` and slicing, such as a memory map). What each file was when hashed is not known: the first
-    ``extract`` over these files hashes them once.
+    ``shape`` and slicing, such as a memory map), as given (``extract`` itself never stores a row that is not
+    finite: it records the file as skipped). What each file was when hashed is not known: the first ``extract``
+    over these files hashes them once.
     """
     given = path
     features = features if hasattr(features, "shape") else np.asarray(features, dtype=np.float32)
@@ -250,8 +249,6 @@ def save(
                 stop = min(start + _BLOCK_ROWS, n_rows)
                 block = np.asarray(features[start:stop], dtype=np.float32)
                 stored = block.astype(store_dtype)
-                if not np.isfinite(stored).all():
-                    raise ValueError(f"features must be finite numbers in {store_dtype} (rows {start}-{stop - 1}).")
                 block_paths = [str(p) for p in paths[start:stop]]
                 layout.append(
                     "rows",
