@@ -1,94 +1,214 @@
-"""The ``furnitype`` command line: each command parses its options, calls the API once and prints."""
+"""The ``furnitype`` command line: each command parses its options, calls the API once and prints.
+
+What every command shares lives here once: the options (``json_option``, ``quiet_option``, ``out_option``,
+``weights_option``, ``batch_options``, ``engine_options``), the choices (taken from the registries and constants
+of the API), and ``api_command``, which turns the API's errors into ``Error: <one line>`` with their exit code,
+Ctrl-C into exit 130, and shows the API's progress lines on stderr. The conventions are written in docs/cli.md.
+"""
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import click
+from tqdm import tqdm
 
 from furnitype.classify.metadata import MAX_SEED
+from furnitype.classify.models import CLASS_WEIGHTS, MODEL_NAMES
+from furnitype.engines import ENGINES
 from furnitype.errors import FurnitypeError
+from furnitype.extract.backbones import POOLINGS, PRECISIONS, list_backbones
+from furnitype.extract.images import DECODE_MODES, INTERPOLATIONS
+from furnitype.extract.settings import STORE_DTYPES
+
+#: The exit code of a command stopped by Ctrl-C (128 + SIGINT, as shells report it).
+EXIT_INTERRUPTED = 130
 
 
-def _api_errors(command):
-    """Turn furnitype's exceptions into a one-line ``Error: ...`` and the error's exit code."""
+class Command(click.Command):
+    """A command whose one-line summary in ``furnitype --help`` is never cut short."""
+
+    def get_short_help_str(self, limit: int = 45) -> str:
+        return super().get_short_help_str(limit=1_000)
+
+
+class Group(click.Group):
+    """The commands, listed in ``--help`` in the order they are defined here: the order of the pipeline."""
+
+    command_class = Command
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)
+
+
+# -- what every command shares ----------------------------------------------------------------------------
+
+
+def api_command(command: Callable) -> Callable:
+    """Run a command's body: the API's progress lines on stderr (unless ``--quiet``), its errors as one line
+    ``Error: ...`` with the error's exit code, Ctrl-C as exit 130 with what was kept."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with _progress_lines(enabled=not kwargs.get("quiet", False)):
+                return command(*args, **kwargs)
         except FurnitypeError as err:
             exc = click.ClickException(str(err))
             exc.exit_code = err.exit_code
             raise exc from None
+        except KeyboardInterrupt as stop:
+            click.echo(str(stop) or "interrupted", err=True)
+            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
 
     return wrapper
+
+
+class _ProgressHandler(logging.Handler):
+    """The API's progress lines (``loading vgg16 ...``) on stderr, on lines of their own above a progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+@contextmanager
+def _progress_lines(*, enabled: bool) -> Iterator[None]:
+    logger = logging.getLogger("furnitype")
+    if not enabled:
+        yield
+        return
+    handler, level = _ProgressHandler(logging.INFO), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _options(*decorators: Callable) -> Callable:
+    """Apply option decorators in the order given (they appear in ``--help`` in that order)."""
+
+    def apply(command: Callable) -> Callable:
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+
+    return apply
+
+
+def json_option(help: str = "Print the result as JSON on stdout (progress stays on stderr).") -> Callable:
+    return click.option("--json", "as_json", is_flag=True, help=help)
+
+
+def quiet_option(help: str = "No progress bar or progress lines on stderr (warnings are still shown).") -> Callable:
+    return click.option("--quiet", "-q", is_flag=True, help=help)
+
+
+def out_option(help: str, *, default: str | None = None) -> Callable:
+    return click.option("--out", "-o", default=default, show_default=default is not None, type=click.Path(),
+                        help=help)
+
+
+def weights_option(help: str, *, default: str | None = None) -> Callable:
+    return click.option("--weights", default=default, show_default=default is not None, help=help)
+
+
+def batch_options(*, ray: bool = False) -> Callable:
+    where = " (in each Ray worker with --engine ray)" if ray else ""
+    return _options(
+        click.option("--batch-size", default=32, show_default=True, type=int, help="Photos per batch."),
+        click.option("--workers", type=int, help=f"Decoding threads{where}.  [default: up to 4]"),
+    )
+
+
+def engine_options(*, what: str, workers: bool) -> Callable:
+    """``--engine`` and ``--address``; with ``workers``, the Ray worker options too (only with ``--engine ray``)."""
+    options = [
+        click.option("--engine", default="local", show_default=True, type=click.Choice(ENGINES),
+                     help=f"ray: {what} on Ray workers (needs pip install 'furnitype[ray]')."),
+        click.option("--address", help="Ray cluster: auto, HOST:PORT or ray://HOST:PORT.  "
+                     "[default: $RAY_ADDRESS, else a local Ray]"),
+    ]
+    if workers:
+        options += [
+            click.option("--ray-workers", type=int,
+                         help="Ray workers, one network each.  [default: as many as the cluster's GPUs/CPUs allow]"),
+            click.option("--gpus-per-worker", type=float, help="GPUs per Ray worker.  [default: 0]"),
+            click.option("--cpus-per-worker", type=float, help="CPUs per Ray worker.  [default: 1]"),
+        ]
+    return _options(*options)
+
+
+def top_k_option(help: str, default: int) -> Callable:
+    """``-k/--top-k``, with ``--k`` kept as another name for it."""
+    return click.option("--top-k", "-k", "--k", "top_k", default=default, show_default=True, type=int, help=help)
 
 
 def _print_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
 
-def _ray_only(engine: str, **options) -> None:
-    """Refuse Ray's options without ``--engine ray``."""
-    given = ["--" + name.replace("_", "-") for name, value in options.items() if value is not None]
-    if given and engine != "ray":
-        raise click.UsageError(f"{', '.join(given)} only apply with --engine ray.")
+# -- the commands, in pipeline order ------------------------------------------------------------------------
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 @click.version_option(package_name="furnitype")
 def cli() -> None:
-    """Recognise furniture and home-goods product photos with pretrained convolutional networks."""
+    """Recognise furniture and home-goods product photos with pretrained convolutional networks.
+
+    \b
+    The pipeline: extract features of photos, train and compare classifiers on them, then label new photos
+    or find look-alikes:
+      furnitype extract photos/ --out vgg.h5
+      furnitype classify vgg.h5 --out runs/furniture
+      furnitype predict runs/furniture new-photos/
+      furnitype similar vgg.h5 new-sofa.jpg
+
+    Exit codes: 0 success, 1 an error furnitype explains, 2 bad input or usage, 130 interrupted (docs/cli.md).
+    """
 
 
 @cli.command()
 @click.argument("images", nargs=-1, type=click.Path())
 @click.option("--backbone", "-b", default="vgg16", show_default=True,
-              type=click.Choice(["vgg16", "inception", "inception_v3"], case_sensitive=False),
+              type=click.Choice(list_backbones(), case_sensitive=False),
               help="Convolutional base (inception = InceptionV3).")
-@click.option("--weights", default="imagenet", show_default=True, help="imagenet, none (random, seeded) or a file.")
-@click.option("--pooling", default="avg", show_default=True, type=click.Choice(["avg", "max", "flatten"]))
-@click.option("--image-size", type=click.IntRange(min=1), help="Square input side.  [default: 224 / 299]")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--precision", default="float32", show_default=True,
-              type=click.Choice(["float32", "bfloat16", "float16", "int8"]),
+@weights_option("imagenet, none (random, seeded) or a weights file.", default="imagenet")
+@click.option("--pooling", default="avg", show_default=True, type=click.Choice(POOLINGS))
+@click.option("--image-size", type=int, help="Square input side in pixels.  [default: 224 / 299]")
+@click.option("--precision", default="float32", show_default=True, type=click.Choice(PRECISIONS),
               help="Compute precision (mixed; int8: OpenVINO, needs pip install 'furnitype[int8]').")
-@click.option("--store-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]))
-@click.option("--interpolation", default="bilinear", show_default=True,
-              type=click.Choice(["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]))
-@click.option("--decode", default="exact", show_default=True, type=click.Choice(["exact", "draft"]),
+@click.option("--store-dtype", default="float32", show_default=True, type=click.Choice(STORE_DTYPES))
+@click.option("--interpolation", default="bilinear", show_default=True, type=click.Choice(tuple(INTERPOLATIONS)))
+@click.option("--decode", default="exact", show_default=True, type=click.Choice(DECODE_MODES),
               help="draft: let the JPEG decoder downscale first (faster on big photos).")
 @click.option("--calibrate", type=click.Path(exists=True),
               help="int8: calibrate on these photos.  [default: the store's, else a sample of IMAGES]")
-@click.option("--workers", type=click.IntRange(min=1),
-              help="Decoding threads (in each Ray worker with --engine ray).  [default: up to 4]")
-@click.option("--engine", default="local", show_default=True, type=click.Choice(["local", "ray"]),
-              help="ray: run the network on Ray workers (needs pip install 'furnitype[ray]').")
-@click.option("--address", help="Ray cluster: auto, HOST:PORT or ray://HOST:PORT.  [default: $RAY_ADDRESS, else local]")
-@click.option("--ray-workers", type=click.IntRange(min=1),
-              help="Ray workers, one network each.  [default: as many as the cluster's GPUs/CPUs allow]")
-@click.option("--gpus-per-worker", type=click.FloatRange(min=0), help="GPUs per Ray worker.  [default: 0]")
-@click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True),
-              help="CPUs per Ray worker.  [default: 1]")
-@click.option("--out", "-o", type=click.Path(dir_okay=False), help="Feature file.  [default: features-<backbone>.h5]")
+@batch_options(ray=True)
+@engine_options(what="run the network", workers=True)
+@out_option("Feature file.  [default: features-<backbone>.h5]")
 @click.option("--manifest", type=click.Path(dir_okay=False), help="CSV of path,label rows (paths relative to it).")
-@click.option("--label", help="Label every photo of this call with NAME (default: its folder's or manifest's; "
-              "a photo listed without one keeps its stored label).", metavar="NAME")
+@click.option("--label", metavar="NAME", help="Label every photo of this call with NAME (default: its folder's or "
+              "manifest's; a photo listed without one keeps its stored label).")
 @click.option("--rehash", is_flag=True, help="Read every file again, even those whose size and times are unchanged.")
 @click.option("--overwrite", is_flag=True, help="Replace a feature file made with other settings, or a damaged one.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-@_api_errors
-def extract(images, backbone, weights, pooling, image_size, batch_size, precision, store_dtype, interpolation, decode,
-            calibrate, workers, engine, address, ray_workers, gpus_per_worker, cpus_per_worker, out, manifest, label,
-            rehash, overwrite, quiet, as_json) -> None:
-    """Extract pooled CNN features of IMAGES into an HDF5 feature cache.
+@quiet_option()
+@json_option("Print a JSON summary on stdout (progress stays on stderr).")
+@api_command
+def extract(images, backbone, weights, pooling, image_size, precision, store_dtype, interpolation, decode,
+            calibrate, batch_size, workers, engine, address, ray_workers, gpus_per_worker, cpus_per_worker, out,
+            manifest, label, rehash, overwrite, quiet, as_json) -> None:
+    """Extract pooled CNN features of photos into an HDF5 feature store (the cache).
 
     IMAGES are folders (one subfolder per class, or unlabelled photos) or image files. Only photos whose
-    content is not in the cache yet are computed; files whose size and times are unchanged are not read again.
+    content is not in the store yet are computed; files whose size and times are unchanged are not read again.
     Rows of photos gone from a listed folder are removed. Ctrl-C keeps the finished batches (exit 130).
 
     \b
@@ -102,23 +222,15 @@ def extract(images, backbone, weights, pooling, image_size, batch_size, precisio
     """
     if not images and not manifest:
         raise click.UsageError("give at least one folder or image file, or --manifest CSV.")
-    _ray_only(engine, address=address, ray_workers=ray_workers, gpus_per_worker=gpus_per_worker,
-              cpus_per_worker=cpus_per_worker)
-    from furnitype.errors import Interrupted
     from furnitype.extraction import extract as run_extract
 
-    try:
-        result = run_extract(
-            images, backbone=backbone, weights=weights, pooling=pooling, image_size=image_size,
-            batch_size=batch_size, precision=precision, store_dtype=store_dtype, interpolation=interpolation,
-            decode=decode, calibrate=calibrate, out=out, manifest=manifest, label=label, rehash=rehash,
-            overwrite=overwrite, progress=not quiet and not as_json, workers=workers, engine=engine,
-            ray_address=address, ray_workers=ray_workers, gpus_per_worker=gpus_per_worker,
-            cpus_per_worker=cpus_per_worker,
-        )
-    except Interrupted as stop:
-        click.echo(str(stop), err=True)
-        sys.exit(stop.exit_code)
+    result = run_extract(
+        images, backbone=backbone, weights=weights, pooling=pooling, image_size=image_size, precision=precision,
+        interpolation=interpolation, decode=decode, store_dtype=store_dtype, calibrate=calibrate, out=out,
+        manifest=manifest, label=label, rehash=rehash, overwrite=overwrite, batch_size=batch_size, workers=workers,
+        engine=engine, ray_address=address, ray_workers=ray_workers, gpus_per_worker=gpus_per_worker,
+        cpus_per_worker=cpus_per_worker, progress=not quiet,
+    )
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     if as_json:
@@ -129,10 +241,10 @@ def extract(images, backbone, weights, pooling, image_size, batch_size, precisio
 
 @cli.command()
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
-@_api_errors
+@json_option("Print everything as JSON.")
+@api_command
 def info(file, as_json) -> None:
-    """Show a feature file: rows, classes with counts, settings, skipped files with reasons.
+    """Show what a feature file holds: rows, classes with counts, settings, skipped files with reasons.
 
     \b
     Example:
@@ -159,7 +271,7 @@ def info(file, as_json) -> None:
 
 @cli.command()
 @click.argument("file", type=click.Path(dir_okay=False))
-@_api_errors
+@api_command
 def compact(file) -> None:
     """Rewrite a feature file with only its rows: drop removed rows, give back unused space.
 
@@ -181,14 +293,10 @@ def compact(file) -> None:
 
 @cli.command()
 @click.argument("features", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--models", default="dense,logreg,svm", show_default=True, help="Comma-separated models.")
-@click.option(
-    "--test",
-    "test_files",
-    multiple=True,
-    type=click.Path(dir_okay=False),
-    help="Separately extracted test features (repeat: one per FEATURES file, matched by settings).",
-)
+@click.option("--models", default=",".join(MODEL_NAMES), show_default=True,
+              help=f"Comma-separated models, of {', '.join(MODEL_NAMES)}.")
+@click.option("--test", "test_files", multiple=True, type=click.Path(dir_okay=False),
+              help="Separately extracted test features (repeat: one per FEATURES file, matched by settings).")
 @click.option("--test-size", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Share of each class held out for testing.  [default: 0.2]")
 @click.option("--val-size", type=click.FloatRange(0, 1, max_open=True), default=0.15, show_default=True,
@@ -196,26 +304,18 @@ def compact(file) -> None:
 @click.option("--cv", type=click.IntRange(min=2), default=5, show_default=True, help="CV folds for logreg and svm.")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=42, show_default=True,
               help="Seed of the split, folds and weights.")
-@click.option(
-    "--class-weight",
-    type=click.Choice(["none", "balanced"]),
-    default="none",
-    show_default=True,
-    help="Weigh classes inversely to their size.",
-)
-@click.option("--engine", default="local", show_default=True, type=click.Choice(["local", "ray"]),
-              help="ray: cross-validate on Ray workers (needs pip install 'furnitype[ray]').")
-@click.option("--address", help="Ray cluster: auto, HOST:PORT or ray://HOST:PORT.  [default: $RAY_ADDRESS, else local]")
-@click.option("--out", type=click.Path(file_okay=False), help="Run folder.  [default: runs/<date-time>]")
+@click.option("--class-weight", default="none", show_default=True,
+              type=click.Choice([str(weight).lower() for weight in CLASS_WEIGHTS]),
+              help="Weigh classes inversely to their size.")
+@engine_options(what="cross-validate", workers=False)
+@out_option("Run folder.  [default: runs/<date-time>]")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run at --out (swapped in when complete).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress lines (warnings are still shown).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a table.")
-@_api_errors
-def classify(
-    features, models, test_files, test_size, val_size, cv, seed, class_weight, engine, address, out, overwrite, quiet,
-    as_json
-) -> None:
-    """Train dense, logreg and svm on FEATURES files and compare them in one report.
+@quiet_option("No progress lines (warnings are still shown).")
+@json_option()
+@api_command
+def classify(features, models, test_files, test_size, val_size, cv, seed, class_weight, engine, address, out,
+             overwrite, quiet, as_json) -> None:
+    """Train dense, logreg and svm on feature files and compare them in one report.
 
     A row per FEATURES file x model, best first, scored on held-out photos (split by image content) or on
     --test files; the run folder keeps the report (CSV, Markdown, HTML, PNGs), the split and the models.
@@ -229,9 +329,6 @@ def classify(
     from furnitype.engines import joblib_backend
     from furnitype.training import classify as run_classify
 
-    if test_files and test_size is not None:
-        raise click.UsageError("use either --test or --test-size, not both.")
-    _ray_only(engine, address=address)
     with joblib_backend(engine, ray_address=address):
         run = run_classify(
             features,
@@ -254,12 +351,12 @@ def classify(
 
 @cli.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
-@click.option("--out", type=click.Path(file_okay=False), help="Write the (merged) report files here.")
+@out_option("Write the (merged) report files into this folder.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing report at --out (never a run).")
-@click.option("--mistakes", type=click.Path(dir_okay=False),
+@click.option("--mistakes", type=click.Path(),
               help="Write the misclassified test photos and possible label errors as CSV.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a table.")
-@_api_errors
+@json_option()
+@api_command
 def report(runs, out, overwrite, mistakes, as_json) -> None:
     """Reprint saved runs, or merge several into one table; nothing is retrained.
 
@@ -284,7 +381,7 @@ def _print_run(run, as_json: bool) -> None:
     if as_json:
         _print_json(run.summary())
         return
-    click.echo(format_table(run.rows))
+    click.echo(format_table(run.rows, run.document.feature_sets))
     for note in run.notes:
         click.echo(f"note: {note}")
     if run.report_html is not None and run.report_html.is_file():
@@ -294,24 +391,23 @@ def _print_run(run, as_json: bool) -> None:
 @cli.command()
 @click.argument("run", type=click.Path(file_okay=False))
 @click.argument("images", nargs=-1, required=True, type=click.Path())
-@click.option("--model", "-m", default="best", show_default=True,
-              type=click.Choice(["best", "dense", "logreg", "svm"]), help="best: the model of the run's best row.")
+@click.option("--model", "-m", default="best", show_default=True, type=click.Choice(["best", *MODEL_NAMES]),
+              help="best: the model of the run's best row.")
 @click.option("--features", "feature_set", help="The run's feature set (training file name without .h5).  "
               "[default: the best row's]")
-@click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1), help="Classes kept per photo.")
-@click.option("--weights", help="Backbone weights file.  [default: the one recorded with the run's features]")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--workers", type=click.IntRange(min=1), help="Decoding threads.  [default: up to 4]")
-@click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write the predictions as CSV.")
-@click.option("--json", "as_json", is_flag=True, help="Print the predictions as a JSON list.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary line.")
-@_api_errors
-def predict(run, images, model, feature_set, top_k, weights, batch_size, workers, out, as_json, quiet) -> None:
-    """Label IMAGES with a model of RUN, extracting them exactly as the run's features were made.
+@top_k_option("Classes kept per photo.", default=3)
+@weights_option("Backbone weights file.  [default: the one recorded with the run's features]")
+@batch_options()
+@out_option("Write the predictions as CSV (the table is then not printed).")
+@quiet_option("No progress bar, progress lines or summary line.")
+@json_option("Print the predictions as a JSON list (progress stays on stderr).")
+@api_command
+def predict(run, images, model, feature_set, top_k, weights, batch_size, workers, out, quiet, as_json) -> None:
+    """Label new photos with a model of a run, extracting them exactly as the run's features were made.
 
-    IMAGES are files or folders (walked like extract). The backbone, weights, input size, pooling and precision
-    come from the run; a weights file whose sha256 differs from the recorded one is refused. A file that
-    cannot be used gets a row with the reason (the command still succeeds).
+    IMAGES are files or folders (walked like extract); rows come in the order given. The backbone, weights,
+    input size, pooling and precision come from the run; a weights file whose sha256 differs from the recorded
+    one is refused. A file that cannot be used gets a row with the reason (the command still succeeds).
 
     \b
     Examples:
@@ -322,9 +418,7 @@ def predict(run, images, model, feature_set, top_k, weights, batch_size, workers
     from furnitype.predict import predict as run_predict
 
     result = run_predict(run, images, model=model, features=feature_set, top_k=top_k, weights=weights,
-                         batch_size=batch_size, workers=workers, progress=not quiet and not as_json)
-    if out:
-        result.write_csv(out)
+                         batch_size=batch_size, workers=workers, out=out, progress=not quiet)
     if as_json:
         _print_json([p.as_dict() for p in result.predictions])
         return
@@ -337,14 +431,16 @@ def predict(run, images, model, feature_set, top_k, weights, batch_size, workers
 @cli.command()
 @click.argument("features", type=click.Path(dir_okay=False))
 @click.argument("queries", nargs=-1, required=True, type=click.Path())
-@click.option("--k", "-k", "k", default=5, show_default=True, type=click.IntRange(min=1), help="Neighbours per query.")
+@top_k_option("Neighbours per query.", default=5)
 @click.option("--exclude-self", is_flag=True, help="Leave a stored query's own row out of its neighbours.")
-@click.option("--sheet", type=click.Path(dir_okay=False), help="Draw a contact sheet PNG of the results.")
-@click.option("--weights", help="Weights for new photos.  [default: the one recorded in FEATURES]")
-@click.option("--json", "as_json", is_flag=True, help="Print the results as a JSON list.")
-@_api_errors
-def similar(features, queries, k, exclude_self, sheet, weights, as_json) -> None:
-    """Find the stored photos of FEATURES that look most like each QUERY (cosine distance).
+@click.option("--sheet", type=click.Path(), help="Draw a contact sheet PNG of the results.")
+@weights_option("Weights for new photos.  [default: the one recorded in FEATURES]")
+@batch_options()
+@quiet_option("No progress lines on stderr.")
+@json_option("Print the results as a JSON list.")
+@api_command
+def similar(features, queries, top_k, exclude_self, sheet, weights, batch_size, workers, quiet, as_json) -> None:
+    """Find the stored photos that look most like each query photo (cosine distance of their features).
 
     A QUERY already in FEATURES (same path or same content) uses its stored row and finds itself first, at
     distance 0; another photo is extracted with the feature file's own settings. Folders are walked.
@@ -352,19 +448,13 @@ def similar(features, queries, k, exclude_self, sheet, weights, as_json) -> None
     \b
     Examples:
       furnitype similar feats/vgg16.h5 photos/chair/3f2a.jpg
-      furnitype similar feats/vgg16.h5 new-sofa.jpg --k 8 --sheet sofa.png
+      furnitype similar feats/vgg16.h5 new-sofa.jpg --top-k 8 --sheet sofa.png
       furnitype similar feats/vgg16.h5 queries/ --exclude-self --json
     """
-    from furnitype.similar import SimilarIndex
+    from furnitype.similar import similar as run_similar
 
-    index = SimilarIndex.open(features)
-    matches = index.search(queries, k=k, exclude_self=exclude_self, weights=weights)
-    if sheet:
-        from furnitype.reports.sheet import contact_sheet
-
-        meta = index.feature_set.meta
-        title = f"{features}: {len(index.feature_set):,} photos, {meta.get('backbone')} {meta.get('pooling')}"
-        contact_sheet(matches, sheet, title=title)
+    matches = run_similar(features, queries, k=top_k, exclude_self=exclude_self, weights=weights,
+                          batch_size=batch_size, workers=workers, sheet=sheet)
     if as_json:
         _print_json([m.as_dict() for m in matches])
         return
@@ -382,15 +472,14 @@ def similar(features, queries, k, exclude_self, sheet, weights, as_json) -> None
 @cli.command()
 @click.argument("run", type=click.Path(file_okay=False))
 @click.argument("features", type=click.Path(dir_okay=False))
-@click.option("--n", "-n", "n", default=40, show_default=True, type=click.IntRange(min=1), help="Photos to suggest.")
-@click.option("--out", "-o", default="to-label.csv", show_default=True, type=click.Path(dir_okay=False),
-              help="The CSV to correct: path,label,probability,label_2,probability_2,sha256.")
+@click.option("--n", "-n", "n", default=40, show_default=True, type=int, help="Photos to suggest.")
+@out_option("The CSV to correct: path,label,probability,label_2,probability_2,sha256.", default="to-label.csv")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
-@click.option("--sheet", type=click.Path(dir_okay=False), help="Draw the photos with the model's guesses (PNG).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@_api_errors
+@click.option("--sheet", type=click.Path(), help="Draw the photos with the model's guesses (PNG).")
+@json_option()
+@api_command
 def suggest(run, features, n, out, overwrite, sheet, as_json) -> None:
-    """Pick the photos of FEATURES most worth labelling to adapt RUN's model to their source.
+    """Pick the new photos most worth labelling to adapt a run's model to their source.
 
     FEATURES holds new photos (from extract, with the run's feature settings; its labels are ignored). The
     CSV lists the chosen photos, most worth labelling first, with the model's guess in the label column:
@@ -407,12 +496,7 @@ def suggest(run, features, n, out, overwrite, sheet, as_json) -> None:
     """
     from furnitype.suggest import suggest as run_suggest
 
-    result = run_suggest(run, features, n=n)
-    result.write_csv(out, overwrite=overwrite)
-    if sheet:
-        from furnitype.reports.sheet import labelling_sheet
-
-        labelling_sheet(result.suggestions, sheet, title=f"{features}: to label for run {run} ({result.model})")
+    result = run_suggest(run, features, n=n, out=out, overwrite=overwrite, sheet=sheet)
     if as_json:
         _print_json({**result.as_dict(), "out": out, "sheet": sheet})
         return
@@ -428,4 +512,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

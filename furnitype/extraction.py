@@ -20,9 +20,9 @@ from tqdm import tqdm
 from furnitype import __version__
 from furnitype.engines import BatchSource, batch_source
 from furnitype.errors import InputError, Interrupted
-from furnitype.extract.backbones import get_backbone
+from furnitype.extract.backbones import check_memory, get_backbone
 from furnitype.extract.images import ImageDecodeError, Listing, hash_file, list_images
-from furnitype.extract.pipeline import ExtractSpec
+from furnitype.extract.pipeline import ExtractSpec, check_batching
 from furnitype.extract.settings import calibrated, recorded_settings, resolve_settings
 from furnitype.features.cache import FeatureCache, Hashed
 
@@ -161,8 +161,8 @@ def extract(
     started = time.perf_counter()
     spec, settings = _spec(spec, store_dtype, options)
     batches = _engine(engine, options)
-    if batch_size < 1:
-        raise InputError(f"batch size must be at least 1. Received: batch_size={batch_size}")
+    check_batching(batch_size, workers)
+    check_memory(get_backbone(spec.backbone), spec.image_size, batch_size)
     if label is not None and not label.strip():
         raise InputError("label must not be empty. Received: label=''")
     if calibrate is not None and spec.precision != "int8":

@@ -3,11 +3,13 @@
 The photos go through the same code path as ``extract`` (``ExtractSpec`` + ``feature_batches``) with the
 settings the run records for the model's feature set; the network's features are rounded to the store's dtype,
 as the model saw them in training, then the model gives class probabilities. A file that cannot be used gets
-a row with the reason instead of a label.
+a row with the reason instead of a label. Rows come in the order the photos were given (a folder's photos
+sorted by path).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import sys
@@ -23,9 +25,11 @@ from furnitype.classify.metadata import METRICS_FILE
 from furnitype.classify.run import damaged, load_model
 from furnitype.classify.runfiles import Damage
 from furnitype.errors import InputError
+from furnitype.extract.backbones import check_memory, get_backbone
 from furnitype.extract.images import ImageFile, list_images
-from furnitype.extract.pipeline import feature_batches
+from furnitype.extract.pipeline import check_batching, feature_batches
 from furnitype.extract.settings import as_stored, spec_for
+from furnitype.outputs import check_output, significant, write_file
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,7 @@ class Prediction:
     given_label : str
         The file's folder label when a folder was walked (as ``extract`` labels it), else "".
     sha256 : str
-        Hex digest of the file's bytes ("" when unreadable).
+        Hex digest of the file's bytes ("" when it could not be read).
     error : str
         Why the file could not be used ("" when it was).
     """
@@ -59,14 +63,17 @@ class Prediction:
     error: str = ""
 
     def as_dict(self) -> dict:
-        """JSON-ready: ``path, label, probability, top_k [{label, probability}], given_label, sha256, error``."""
+        """JSON-ready: ``path, label, probability, top_k [{label, probability}], given_label, sha256, error``.
+
+        A value that does not apply is None; probabilities have 6 significant digits.
+        """
         return {
             "path": self.path,
             "label": self.label,
-            "probability": self.probability,
-            "top_k": [{"label": label, "probability": p} for label, p in self.top],
-            "given_label": self.given_label,
-            "sha256": self.sha256,
+            "probability": significant(self.probability),
+            "top_k": [{"label": label, "probability": significant(p)} for label, p in self.top],
+            "given_label": self.given_label or None,
+            "sha256": self.sha256 or None,
             "error": self.error or None,
         }
 
@@ -78,7 +85,7 @@ class PredictResult:
     Attributes
     ----------
     predictions : list of Prediction
-        One per listed file, sorted by path.
+        One per listed file, in the order given (a folder's files sorted by path).
     run : str
     model : str
         ``dense``, ``logreg`` or ``svm``.
@@ -121,19 +128,17 @@ class PredictResult:
         return ["path", "label", "probability", *ranked, "given_label", "sha256", "error"]
 
     def write_csv(self, path: str | os.PathLike) -> Path:
-        """Write the predictions as CSV (columns: ``csv_columns()``); returns the path."""
+        """Write the predictions as CSV (columns: ``csv_columns()``; an empty cell where there is no value,
+        probabilities with 6 significant digits); returns the path."""
         path = Path(path)
-        try:
-            with open(path, "w", newline="", encoding="utf-8") as fh:
-                writer = csv.writer(fh)
-                writer.writerow(self.csv_columns())
-                for p in self.predictions:
-                    ranked = [value for pair in p.top for value in pair]
-                    ranked += [""] * (2 * self.top_k - len(ranked))
-                    probability = "" if p.probability is None else p.probability
-                    writer.writerow([p.path, p.label or "", probability, *ranked, p.given_label, p.sha256, p.error])
-        except OSError as err:
-            raise InputError(f"cannot write {path}: {err.strerror or err}") from None
+        with write_file(path, newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(self.csv_columns())
+            for p in self.predictions:
+                ranked = [value for label, prob in p.top for value in (label, significant(prob))]
+                ranked += [""] * (2 * self.top_k - len(ranked))
+                probability = "" if p.probability is None else significant(p.probability)
+                writer.writerow([p.path, p.label or "", probability, *ranked, p.given_label, p.sha256, p.error])
         return path
 
     def format_table(self) -> str:
@@ -159,6 +164,7 @@ def predict(
     weights: str | None = None,
     batch_size: int = 32,
     workers: int | None = None,
+    out: str | os.PathLike | None = None,
     progress: bool = False,
 ) -> PredictResult:
     """Label photos with a model of a run, extracting their features exactly as the run's features were made.
@@ -169,7 +175,8 @@ def predict(
         A run folder written by ``furnitype classify``.
     images : sequence of path
         Image files and/or folders (walked like ``extract``: recursively, a subfolder's name is the
-        ``given_label``). A path that does not exist gets a row with the error ``file not found``.
+        ``given_label``). A path that does not exist gets a row with the error ``file not found``. Rows come
+        in this order (a folder's files sorted by path).
     model : {"dense", "logreg", "svm", "best"} or None, default=None
         None or ``"best"``: the model of the run's best row.
     features : str, default=None
@@ -182,6 +189,8 @@ def predict(
     batch_size : int, default=32
     workers : int, default=None
         Decoding threads (None: up to 4).
+    out : path, default=None
+        Also write the predictions as CSV there (``PredictResult.write_csv``); checked before any work.
     progress : bool, default=False
         Show a progress bar on stderr.
 
@@ -194,13 +203,17 @@ def predict(
     SettingsMismatchError
         The weights are not the ones the run's features were made with.
     InputError
-        No images given, a bad ``top_k``/``batch_size``, the recorded weights file is gone (and no ``weights``).
+        No images given, a bad ``top_k``/``batch_size``/``workers``, the recorded weights file is gone (and no
+        ``weights``), an ``out`` that cannot be written, a batch that does not fit in memory.
     """
     started = time.perf_counter()
     if not images:
         raise InputError("give at least one image file or folder.")
-    if top_k < 1 or batch_size < 1:
-        raise InputError(f"top_k and batch_size must be at least 1. Received: top_k={top_k}, batch_size={batch_size}")
+    if top_k < 1:
+        raise InputError(f"top_k must be at least 1. Received: top_k={top_k}")
+    check_batching(batch_size, workers)
+    if out is not None:
+        check_output(out)
     loaded = load_model(run, None if model in (None, "best") else model, features=features)
     spec = spec_for(
         loaded.settings,
@@ -209,12 +222,13 @@ def predict(
         calibration_photos=loaded.meta.get("calibration_photos"),
         what=f"run {run}'s {loaded.features} features",
     )
+    check_memory(get_backbone(spec.backbone), spec.image_size, batch_size)
     files = _listing(images)
     top_k = min(top_k, len(loaded.classes))
     classes = np.array(loaded.classes)
     labels = {f.path: f.label for f in files}
     by_path: dict[str, Prediction] = {}
-    todo = [f.path for f in files]  # a missing file gets its row from the decoder: "file not found"
+    todo = list(labels)  # each file once; a missing one gets its row from the decoder: "file not found"
     bar = tqdm(total=len(todo), unit="img", desc="predict", disable=not progress or not todo, file=sys.stderr)
     with bar:
         for batch in feature_batches(spec, todo, batch_size=batch_size, workers=workers):
@@ -232,7 +246,7 @@ def predict(
                 if o.reason:
                     by_path[o.path] = Prediction(o.path, None, None, given_label=labels[o.path], error=o.reason)
             bar.update(len(batch))
-    return PredictResult(
+    result = PredictResult(
         predictions=[by_path[f.path] for f in files],
         run=str(run),
         model=loaded.name,
@@ -242,6 +256,9 @@ def predict(
         top_k=top_k,
         seconds=time.perf_counter() - started,
     )
+    if out is not None:
+        result.write_csv(out)
+    return result
 
 
 def _check_dimension(run, loaded, spec, n_features: int) -> None:
@@ -258,9 +275,15 @@ def _check_dimension(run, loaded, spec, n_features: int) -> None:
 
 
 def _listing(images: Sequence[str | os.PathLike]) -> list[ImageFile]:
-    """Files of the existing inputs (walked like ``extract``) and the missing ones, sorted by path."""
-    present = [p for p in images if os.path.exists(p)]
-    files = {f.path: f for f in list_images(present).files} if present else {}
-    for path in {os.path.abspath(p) for p in images if not os.path.exists(p)} - files.keys():
-        files[path] = ImageFile(path)
-    return sorted(files.values(), key=lambda f: f.path)
+    """The files of ``images`` in the order given: a folder's (walked like ``extract``) sorted by path, a file
+    or a missing path as it is; a file given twice comes twice."""
+    files: list[ImageFile] = []
+    for given in images:
+        if os.path.isdir(given):
+            with contextlib.suppress(InputError):  # a folder without photos adds no rows
+                files += list_images([given]).files
+        else:
+            files.append(ImageFile(os.path.abspath(given)))
+    if not files:
+        raise InputError(f"no images found in {', '.join(str(p) for p in images)}.")
+    return files

@@ -19,22 +19,24 @@ import numpy as np
 
 from furnitype.errors import InputError
 from furnitype.extract.images import ImageDecodeError, list_images, sha256_file
+from furnitype.extract.pipeline import check_batching
 from furnitype.features.index import CosineIndex
 from furnitype.features.store import FeatureSet, load
+from furnitype.outputs import check_output, significant
 
 
 @dataclass(frozen=True)
 class Neighbour:
-    """A stored photo near a query: its path, label, cosine distance (0 = same direction, up to 2) and sha256."""
+    """A stored photo near a query: its path, label ("" when it has none) and cosine distance (0 = same
+    direction, up to 2)."""
 
     path: str
     label: str
     distance: float
-    sha256: str
 
     def as_dict(self) -> dict:
-        """``{"path", "label", "distance"}``."""
-        return {"path": self.path, "label": self.label, "distance": self.distance}
+        """``{"path", "label", "distance"}``: no label is None; the distance has 6 significant digits."""
+        return {"path": self.path, "label": self.label or None, "distance": significant(self.distance)}
 
 
 @dataclass(frozen=True)
@@ -62,10 +64,11 @@ class Match:
     error: str = ""
 
     def as_dict(self) -> dict:
-        """``{"query", "label", "in_store", "error", "neighbours": [{"path", "label", "distance"}]}``."""
+        """``{"query", "label", "in_store", "error", "neighbours": [{"path", "label", "distance"}]}``; a value
+        that does not apply is None."""
         return {
             "query": self.query,
-            "label": self.label,
+            "label": self.label or None,
             "in_store": self.in_store,
             "error": self.error or None,
             "neighbours": [n.as_dict() for n in self.neighbours],
@@ -118,6 +121,7 @@ class SimilarIndex:
         """The ``k`` nearest stored photos of each query; see ``similar`` for the parameters."""
         if k < 1:
             raise InputError(f"k must be at least 1. Received: k={k}")
+        check_batching(batch_size, workers)
         items = self._resolve(queries)
         self._extract([q for q in items if q.row is None and not q.error], weights, batch_size, workers)
         usable = [i for i, q in enumerate(items) if not q.error]
@@ -165,6 +169,7 @@ class SimilarIndex:
         """Features of the queries the store does not hold, made with the store's own settings."""
         if not todo:
             return
+        from furnitype.extract.backbones import check_memory, get_backbone
         from furnitype.extract.pipeline import feature_batches
         from furnitype.extract.settings import as_stored, spec_for
 
@@ -176,6 +181,7 @@ class SimilarIndex:
             calibration_photos=meta.get("calibration_photos"),
             what=f"the rows of {self.feature_set.file or 'the feature set'}",
         )
+        check_memory(get_backbone(spec.backbone), spec.image_size, batch_size)
         by_path: dict[str, list[_Query]] = {}
         for query in todo:  # a file given twice is extracted once
             by_path.setdefault(query.path, []).append(query)
@@ -192,7 +198,7 @@ class SimilarIndex:
         if query.row is not None and not exclude_self:
             pairs.insert(0, (query.row, 0.0))
         fs = self.feature_set
-        return [Neighbour(str(fs.paths[r]), str(fs.labels[r]), d, str(fs.sha256[r])) for r, d in pairs[:k]]
+        return [Neighbour(str(fs.paths[r]), str(fs.labels[r]), d) for r, d in pairs[:k]]
 
 
 def similar(
@@ -204,6 +210,7 @@ def similar(
     weights: str | None = None,
     batch_size: int = 32,
     workers: int | None = None,
+    sheet: str | os.PathLike | None = None,
 ) -> list[Match]:
     """The ``k`` stored photos nearest to each query photo, by cosine distance of their features.
 
@@ -225,12 +232,25 @@ def similar(
     batch_size : int, default=32
     workers : int, default=None
         Decoding threads for new queries (None: up to 4).
+    sheet : path, default=None
+        Also draw the results as a contact sheet PNG there (``furnitype.reports.sheet``); checked before any
+        work.
 
     Returns
     -------
     list of Match
         One per query file, in the order given (a folder's files sorted by path).
     """
-    return SimilarIndex.open(features).search(
+    if sheet is not None:
+        check_output(sheet)
+    index = SimilarIndex.open(features)
+    matches = index.search(
         queries, k=k, exclude_self=exclude_self, weights=weights, batch_size=batch_size, workers=workers
     )
+    if sheet is not None:
+        from furnitype.reports.sheet import contact_sheet
+
+        meta = index.feature_set.meta
+        title = f"{features}: {len(index.feature_set):,} photos, {meta.get('backbone')} {meta.get('pooling')}"
+        contact_sheet(matches, sheet, title=title)
+    return matches

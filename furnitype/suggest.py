@@ -23,7 +23,9 @@ from furnitype.classify.run import LoadedModel, load_model, load_run, training_p
 from furnitype.classify.selection import labelling_order
 from furnitype.errors import InputError, SettingsMismatchError
 from furnitype.features.store import SETTING_KEYS, FeatureSet, load
+from furnitype.outputs import check_output
 from furnitype.reports.files import replace_file
+from furnitype.reports.sheet import labelling_sheet
 
 #: The columns of the CSV ``suggest`` writes, in order.
 CSV_COLUMNS = ("path", "label", "probability", "label_2", "probability_2", "sha256")
@@ -126,11 +128,7 @@ class SuggestResult:
         The file is written beside ``path`` and renamed into place, so a failed write leaves the previous file
         (perhaps a list already being labelled) as it was.
         """
-        path = Path(path)
-        if os.path.lexists(path) and not overwrite:
-            raise InputError(
-                f"{path} already exists (a list being labelled?); choose another --out, or --overwrite to replace it."
-            )
+        path = _check_csv(path, overwrite)
         text = io.StringIO()
         writer = csv.writer(text, lineterminator="\n")
         writer.writerow(CSV_COLUMNS)
@@ -139,7 +137,15 @@ class SuggestResult:
         return replace_file(path, text.getvalue().encode("utf-8"))
 
 
-def suggest(run: str | os.PathLike, features: str | os.PathLike, *, n: int = 40) -> SuggestResult:
+def suggest(
+    run: str | os.PathLike,
+    features: str | os.PathLike,
+    *,
+    n: int = 40,
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    sheet: str | os.PathLike | None = None,
+) -> SuggestResult:
     """Rank the photos of a feature file by how much labelling them would teach the run's model; keep ``n``.
 
     Parameters
@@ -151,6 +157,13 @@ def suggest(run: str | os.PathLike, features: str | os.PathLike, *, n: int = 40)
         feature sets; its labels, if any, are ignored.
     n : int, default=40
         Photos to suggest; capped (with a note) at the photos that can be suggested.
+    out : path, default=None
+        Also write the CSV there (``SuggestResult.write_csv``); an existing file is replaced only with
+        ``overwrite``.
+    overwrite : bool, default=False
+    sheet : path, default=None
+        Also draw the suggested photos with the model's guesses there, as a PNG
+        (``furnitype.reports.sheet.labelling_sheet``). ``out`` and ``sheet`` are checked before any work.
 
     Returns
     -------
@@ -159,8 +172,8 @@ def suggest(run: str | os.PathLike, features: str | os.PathLike, *, n: int = 40)
     Raises
     ------
     InputError
-        ``n`` below 1, a report folder instead of a run (it holds no models), an empty feature file, or no
-        photo left to suggest.
+        ``n`` below 1, a report folder instead of a run (it holds no models), an empty feature file, no photo
+        left to suggest, or an ``out`` or ``sheet`` that cannot be written.
     SettingsMismatchError
         The feature file's settings are not those of any of the run's feature sets.
     StoreError
@@ -169,6 +182,10 @@ def suggest(run: str | os.PathLike, features: str | os.PathLike, *, n: int = 40)
     started = time.perf_counter()
     if n < 1:
         raise InputError(f"n must be at least 1. Received: n={n}")
+    if out is not None:
+        _check_csv(out, overwrite)
+    if sheet is not None:
+        check_output(sheet)
     fs = load(features)
     if len(fs) == 0:
         raise InputError(f"{features} is empty: it holds no photos.")
@@ -194,7 +211,7 @@ def suggest(run: str | os.PathLike, features: str | os.PathLike, *, n: int = 40)
             Suggestion(str(fs.paths[row]), str(classes[guess]), float(p[guess]), str(classes[runner_up]),
                        float(p[runner_up]), str(fs.sha256[row]))
         )
-    return SuggestResult(
+    result = SuggestResult(
         suggestions=suggestions,
         run=str(run),
         file=str(features),
@@ -205,6 +222,21 @@ def suggest(run: str | os.PathLike, features: str | os.PathLike, *, n: int = 40)
         notes=notes,
         seconds=time.perf_counter() - started,
     )
+    if out is not None:
+        result.write_csv(out, overwrite=overwrite)
+    if sheet is not None:
+        labelling_sheet(suggestions, sheet, title=f"{features}: to label for run {run} ({loaded.name})")
+    return result
+
+
+def _check_csv(path: str | os.PathLike, overwrite: bool) -> Path:
+    """The CSV's path, when it may be written: an existing file (a list being labelled?) only with ``overwrite``."""
+    path = check_output(path)
+    if os.path.lexists(path) and not overwrite:
+        raise InputError(
+            f"{path} already exists (a list being labelled?); choose another --out, or --overwrite to replace it."
+        )
+    return path
 
 
 def _candidates(fs: FeatureSet, in_training: np.ndarray, run: str | os.PathLike) -> tuple[np.ndarray, list[str]]:

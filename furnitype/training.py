@@ -45,6 +45,7 @@ from furnitype.classify.run import (
     write_split,
 )
 from furnitype.errors import InputError
+from furnitype.outputs import check_output
 from furnitype.reports.mistakes import write_mistakes_csv
 from furnitype.reports.table import write_report
 
@@ -203,6 +204,10 @@ def report_runs(
     """
     if not run_dirs:
         raise InputError("give at least one run folder.")
+    if out is not None:
+        check_output(out, kind="folder")
+    if mistakes is not None:
+        check_output(mistakes)
     runs = [load_run(d) for d in run_dirs]
     names = [Path(os.path.realpath(run.path)).name for run in runs]  # "." is named by its folder's name
     recorded = _recorded_mistakes(runs, names)

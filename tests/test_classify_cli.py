@@ -21,7 +21,7 @@ META = {
     "image_size": 224,
     "interpolation": "bilinear",
     "precision": "float32",
-    "decode": "pil",
+    "decode": "exact",
     "store_dtype": "float32",
 }
 FAST = ["--models", "logreg,svm", "--cv", "3", "--quiet"]
@@ -56,7 +56,7 @@ def full_run(files, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "both"
     result = invoke("classify", files["vgg"], files["inception"], "--cv", "3", "--out", out, "--json", "-q")
     assert result.exit_code == 0, result.output
-    return out, json.loads(result.output)
+    return out, json.loads(result.stdout)
 
 
 def test_a_row_per_backbone_and_model_best_first(full_run):
@@ -135,8 +135,8 @@ def test_the_terminal_table(files, tmp_path):
     result = invoke("classify", files["vgg"], *FAST, "--out", tmp_path / "run")
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[0].split()[:4] == ["#", "backbone", "weights", "model"]
-    assert lines[2].startswith("1  vgg16") and lines[3].startswith("2  vgg16")
+    assert lines[0].split()[:5] == ["#", "features", "backbone", "weights", "model"]
+    assert lines[2].split()[:3] == ["1", "vgg", "vgg16"] and lines[3].split()[:3] == ["2", "vgg", "vgg16"]
     assert lines[-1] == f"HTML report: {tmp_path / 'run' / 'report.html'}"
     assert len({len(line.rstrip()) >= len(lines[0].split("chosen")[0]) for line in lines[:4]}) == 1
 
@@ -165,7 +165,7 @@ def test_a_separate_test_file(files, tmp_path):
     test = write(tmp_path / "test.h5", X[::2], labels[::2], [f"t{i}" for i in range(20)])
     result = invoke("classify", files["vgg"], "--test", test, *FAST, "--out", tmp_path / "r", "--json")
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output)
+    summary = json.loads(result.stdout)
     assert {r["n_test"] for r in summary["rows"]} == {20}
     assert {r["n_train"] for r in summary["rows"]} == {60}
 
@@ -312,7 +312,7 @@ def test_test_class_dropped_from_training_is_named(files, tmp_path):
         (["--cv", "1"], 2, "Invalid value for '--cv': 1 is not in the range x>=2."),
         (["--seed", "-1"], 2, "Invalid value for '--seed': -1 is not in the range 0<=x<=4294967295."),
         (["--val-size", "1"], 2, "Invalid value for '--val-size': 1.0 is not in the range 0<=x<1."),
-        (["--test", "x.h5", "--test-size", "0.3"], 2, "use either --test or --test-size, not both."),
+        (["--test", "x.h5", "--test-size", "0.3"], 2, "give test files or a test size, not both."),
     ],
 )
 def test_bad_options(files, args, code, message):
@@ -353,7 +353,7 @@ def test_a_row_trailing_the_baseline_says_why(files, tmp_path):
     gap = 100 * (row.accuracy - row.baseline_accuracy)
     assert row.vs_baseline_points == pytest.approx(gap, abs=0.01)
     (note,) = [n for n in run.notes if "trails the baseline" in n]
-    assert note.startswith("vgg16 (imagenet) / dense trails the baseline (StandardScaler + Logistic")
+    assert note.startswith("dense on vgg (vgg16, imagenet) trails the baseline (StandardScaler + Logistic")
     assert "McNemar p = " in note and "not tuned beyond early stopping" in note
     assert note in (tmp_path / "r" / "report.md").read_text()
 

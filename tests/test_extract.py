@@ -278,11 +278,11 @@ def test_cli_json_summary_and_info(photos, tmp_path):
     "args, code, message",
     [
         (["extract", "{tmp}/nope"], 2, "Error: input not found: {tmp}/nope"),
-        (["extract", "{photos}", "--out", "{tmp}/no/dir/f.h5"], 2, "Error: cannot write {tmp}/no/dir/f.h5: folder"),
+        (["extract", "{photos}", "--out", "{tmp}"], 2, "Error: cannot write {tmp}: it is a folder."),
         (["extract", "{photos}", "--weights", "{tmp}/missing.h5"], 2, "Error: weights must be imagenet, none or"),
         (
             ["extract", "{photos}", "--backbone", "inception", "--image-size", "40", "--weights", "none"],
-            1,
+            2,
             "Error: inception needs an input of at least 75 px. Received: image_size=40",
         ),
         (["extract"], 2, "give at least one folder or image file"),

@@ -147,7 +147,7 @@ def test_cli_csv_columns_and_rows(setup, tmp_path):
 def test_cli_json_list_and_model_choice(setup):
     result = invoke("predict", setup["runs"]["float32"], setup["new"], "--model", "svm", "--top-k", "5", "--json")
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.output)
+    rows = json.loads(result.stdout)
     assert len(rows) == 6
     for row in rows:
         assert set(row) == {"path", "label", "probability", "top_k", "given_label", "sha256", "error"}

@@ -200,8 +200,8 @@ def test_missing_ray_is_a_one_line_error(photos, tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--ray-workers", "2"], "Error: --ray-workers only apply with --engine ray."),
-        (["--address", "auto", "--gpus-per-worker", "1"], "Error: --address, --gpus-per-worker only apply with"),
+        (["--ray-workers", "2"], "Error: ray_workers applies only to the ray engine. Received: engine='local'"),
+        (["--address", "auto", "--gpus-per-worker", "1"], "Error: ray_address, gpus_per_worker apply only to the ray"),
         (["--engine", "gpu"], "Invalid value for '--engine'"),
     ],
 )
@@ -211,7 +211,7 @@ def test_ray_options_need_the_ray_engine(photos, tmp_path, args, message):
 
 
 def test_engine_options_are_checked_before_any_work(photos, tmp_path):
-    with pytest.raises(InputError, match="ray_workers only apply to the ray engine"):
+    with pytest.raises(InputError, match="ray_workers applies only to the ray engine"):
         extract([photos], **SMALL, out=tmp_path / "f.h5", ray_workers=2)
     with pytest.raises(InputError, match="engine must be one of local, ray. Received: engine='spark'"):
         extract([photos], **SMALL, out=tmp_path / "f.h5", engine="spark")

@@ -54,7 +54,7 @@ def test_reprint_a_run(runs):
 def test_report_json_matches_the_saved_table(runs):
     result = invoke("report", runs["first"], "--json")
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output)
+    summary = json.loads(result.stdout)
     with open(runs["first"] / "report.csv", newline="") as fh:
         saved = list(csv.DictReader(fh))
     assert [r["model"] for r in summary["rows"]] == [r["model"] for r in saved]
@@ -65,16 +65,17 @@ def test_merge_runs_into_one_table(runs, tmp_path):
     out = tmp_path / "merged"
     result = invoke("report", runs["first"], runs["second"], "--out", out, "--json")
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.output)["rows"]
+    rows = json.loads(result.stdout)["rows"]
     assert sorted(r["run"] for r in rows) == ["first", "second"]
     assert [r["rank"] for r in rows] == [1, 2]
     for name in ("report.csv", "report.md", "report.html", "scores.png", "metrics.json"):
         assert (out / name).is_file(), name
     assert len(list(out.glob("confusion-*.png"))) == 2
-    notes = json.loads(result.output)["notes"]
+    notes = json.loads(result.stdout)["notes"]
     assert any("2 different sets of test photos" in note for note in notes)
     table = invoke("report", runs["first"], runs["second"]).output.splitlines()
-    assert table[0].split()[:3] == ["#", "run", "backbone"] and "HTML report" not in table[-1]
+    assert table[0].split()[:3] == ["#", "features", "backbone"] and "HTML report" not in table[-1]
+    assert table[2].split()[1] in ("first/vgg16", "second/inception")
 
 
 def test_report_refuses_what_is_not_a_run(tmp_path, runs):
@@ -138,7 +139,7 @@ def test_format_table_aligns_columns():
     text = format_table(rank_rows([_row("svm", 0.912), _row("dense", 0.95)]))
     lines = text.splitlines()
     assert len({len(line) for line in lines[:2]}) == 1
-    assert lines[2].split()[:5] == ["1", "vgg16", "imagenet", "dense", "0.950"]
+    assert lines[2].split()[:6] == ["1", "f", "vgg16", "imagenet", "dense", "0.950"]
     position = lines[0].index("accuracy") + len("accuracy")
     assert all(line[position - 5 : position] in ("0.950", "0.912", "-----") for line in lines[1:])
 

@@ -122,7 +122,7 @@ def test_weights_other_than_the_stores_are_refused_for_new_photos(store, tmp_pat
 def test_cli_json_shape_and_folder_queries(store):
     result = invoke("similar", store["file"], store["photos"] / "sofa", "--k", "3", "--json")
     assert result.exit_code == 0, result.output
-    matches = json.loads(result.output)
+    matches = json.loads(result.stdout)
     assert [Path(m["query"]).name for m in matches] == [f"sofa_{i}.jpg" for i in range(5)]
     for m in matches:
         assert set(m) == {"query", "label", "in_store", "error", "neighbours"} and m["error"] is None

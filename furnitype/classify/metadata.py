@@ -29,6 +29,7 @@ from typing import Any, Union
 
 from furnitype.classify.runfiles import CONTROL_CHARACTERS, Damage, read_inside, relative_parts
 from furnitype.errors import StoreError
+from furnitype.outputs import significant
 
 #: Version of the run folder layout (``metrics.json``, ``split.csv``, ``models/``); a newer one is refused.
 RUN_FORMAT = 1
@@ -50,6 +51,7 @@ ROW_SCALARS = (
     "rank",
     "backbone",
     "weights",
+    "weights_identity",
     "model",
     "accuracy",
     "balanced_accuracy",
@@ -129,6 +131,14 @@ def short_hex(value: str) -> str | None:
     return None if re.fullmatch(r"[0-9a-f]{12}", value) else f"{value!r} is not 12 hex digits"
 
 
+def weights_identity(value: str) -> str | None:
+    """The check for a weights identity as a feature file records it: ``imagenet``, ``none(seed=N)`` or
+    ``sha256:`` and 64 hex digits."""
+    if re.fullmatch(r"imagenet|none\(seed=[0-9]+\)|sha256:[0-9a-f]{64}", value):
+        return None
+    return f"{value[:80]!r} is not imagenet, none(seed=N) or sha256:<64 hex digits>"
+
+
 def iso_time(value: str) -> str | None:
     """The check for an ISO 8601 time."""
     try:
@@ -190,6 +200,9 @@ class Row:
         ``accuracy - baseline_accuracy`` in points.
     rank : int
         Place in the table, 1 = best (0 before ranking).
+    weights_identity : str or None
+        The weights' full identity as the feature file records it (``imagenet``, ``none(seed=0)``,
+        ``sha256:<hex>``); None in runs written before it was recorded.
     """
 
     features: str = rule(label)
@@ -219,15 +232,18 @@ class Row:
     baseline_accuracy: float = rule(SHARE)
     vs_baseline_points: float = rule(between(-100, 100))
     rank: int = field(default=0, metadata={"check": NON_NEGATIVE})
+    weights_identity: str | None = field(default=None, metadata={"check": weights_identity})
 
     @property
     def label(self) -> str:
-        """``backbone (weights) / model``, as notes and pictures name a row."""
-        return f"{self.backbone} ({self.weights}) / {self.model}"
+        """``model on features (backbone, weights)``, as notes and pictures name a row."""
+        return f"{self.model} on {self.features} ({self.backbone}, {self.weights})"
 
     def scalars(self) -> dict:
-        """The report.csv columns of the row (``ROW_SCALARS``; no per-class lists or confusion matrix)."""
-        return {key: getattr(self, key) for key in ROW_SCALARS}
+        """The report.csv (and ``--json``) columns of the row (``ROW_SCALARS``; no per-class lists or confusion
+        matrix); floats with 6 significant digits."""
+        values = {key: getattr(self, key) for key in ROW_SCALARS}
+        return {key: significant(v) if isinstance(v, float) else v for key, v in values.items()}
 
     def _check_consistency(self, where: str) -> None:
         n = len(self.classes)

@@ -88,4 +88,5 @@ def _check_engine(engine: str, **ray_options) -> None:
         raise InputError(f"engine must be one of {', '.join(ENGINES)}. Received: engine={engine!r}")
     given = [name for name, value in ray_options.items() if value is not None]
     if engine == "local" and given:
-        raise InputError(f"{', '.join(given)} only apply to the ray engine. Received: engine='local'")
+        verb = "apply" if len(given) > 1 else "applies"
+        raise InputError(f"{', '.join(given)} {verb} only to the ray engine. Received: engine='local'")

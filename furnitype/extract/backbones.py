@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import stat
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-from furnitype.errors import FurnitypeError, InputError
+from furnitype.errors import FurnitypeError, InputError, first_line
 from furnitype.keras_loader import import_keras
+
+log = logging.getLogger("furnitype")
 
 POOLINGS = ("avg", "max", "flatten")
 #: Keras precisions (``mixed_*`` dtype policies); ``int8`` is OpenVINO's (``furnitype.extract.int8``).
@@ -47,6 +52,11 @@ class Backbone:
         Keras' own input size and the smallest size the network accepts.
     imagenet_file : str
         File name of the official notop weights in Keras' cache (``$KERAS_HOME/models``).
+    weight_arrays, weight_parameters : int
+        Arrays and numbers in the conv base's weights: a weights file is recognised by them.
+    bytes_per_pixel : int
+        Peak memory of inference per input pixel of one photo (float32, CPU; measured by
+        ``benchmarks/memory.py``): it bounds the image size and the batch that fit in memory.
     """
 
     name: str
@@ -55,6 +65,9 @@ class Backbone:
     default_size: int
     min_size: int
     imagenet_file: str
+    weight_arrays: int
+    weight_parameters: int
+    bytes_per_pixel: int
 
     def preprocess(self, batch: np.ndarray) -> np.ndarray:
         """Apply the backbone's own ``keras.applications.<module>.preprocess_input`` to float32 RGB 0-255."""
@@ -84,21 +97,34 @@ def get_backbone(name: str) -> Backbone:
     """Look a backbone up by name or alias."""
     key = _ALIASES.get(name.lower(), name.lower())
     if key not in _REGISTRY:
-        raise FurnitypeError(f"unknown backbone {name!r}; choose one of {', '.join(list_backbones())}.")
+        raise InputError(f"unknown backbone {name!r}; choose one of {', '.join(list_backbones())}.")
     return _REGISTRY[key]
 
 
 register_backbone(
-    Backbone("vgg16", "vgg16", "VGG16", 224, 32, "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    Backbone(
+        "vgg16",
+        "vgg16",
+        "VGG16",
+        default_size=224,
+        min_size=32,
+        imagenet_file="vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        weight_arrays=26,
+        weight_parameters=14_714_688,
+        bytes_per_pixel=700,
+    ),
 )
 register_backbone(
     Backbone(
         "inception",
         "inception_v3",
         "InceptionV3",
-        299,
-        75,
-        "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        default_size=299,
+        min_size=75,
+        imagenet_file="inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        weight_arrays=376,
+        weight_parameters=21_802_784,
+        bytes_per_pixel=280,
     ),
     "inception_v3",
     "inceptionv3",
@@ -125,19 +151,110 @@ def weights_identity(weights: str) -> str:
 
 
 def check_options(backbone: Backbone, *, weights: str, pooling: str, image_size: int, precision: str) -> None:
-    """Validate options before anything is built; messages end with ``Received: ...``."""
+    """Validate options before anything is built; an ``InputError`` whose message ends with ``Received: ...``."""
     if pooling not in POOLINGS:
-        raise FurnitypeError(f"pooling must be one of {', '.join(POOLINGS)}. Received: pooling={pooling!r}")
+        raise InputError(f"pooling must be one of {', '.join(POOLINGS)}. Received: pooling={pooling!r}")
     if precision not in PRECISIONS:
-        raise FurnitypeError(f"precision must be one of {', '.join(PRECISIONS)}. Received: precision={precision!r}")
+        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}. Received: precision={precision!r}")
     if image_size < backbone.min_size:
-        raise FurnitypeError(
+        raise InputError(
             f"{backbone.name} needs an input of at least {backbone.min_size} px. Received: image_size={image_size}"
         )
     if image_size > MAX_IMAGE_SIZE:
-        raise FurnitypeError(f"image size must be at most {MAX_IMAGE_SIZE} px. Received: image_size={image_size}")
-    if weights not in ("imagenet", "none", "None") and not Path(weights).is_file():
+        raise InputError(
+            f"image size must be at most {MAX_IMAGE_SIZE} px (a network's memory grows with its square). "
+            f"Received: image_size={image_size}"
+        )
+    if weights == "imagenet" or weights.lower() == "none":
+        return
+    if not Path(weights).is_file():
         raise InputError(f"weights must be imagenet, none or an existing file. Received: weights={weights!r}")
+    check_weights_file(backbone, weights)
+
+
+def check_weights_file(backbone: Backbone, path: str | os.PathLike) -> None:
+    """Refuse a weights file that cannot hold the conv base of ``backbone``, saying what it seems to hold.
+
+    The file is recognised by its arrays and their sizes (Keras 3 ``.weights.h5`` and the older ``.h5`` layout
+    alike), before TensorFlow is imported.
+    """
+    arrays, parameters = _weights_file_counts(path)
+    if (arrays, parameters) == (backbone.weight_arrays, backbone.weight_parameters):
+        return
+    if arrays == 0:
+        holds = "no weights"
+    else:
+        same = [b.name for b in _REGISTRY.values() if (b.weight_arrays, b.weight_parameters) == (arrays, parameters)]
+        holds = f"{same[0]} conv-base weights" if same else f"{arrays:,} arrays of {parameters:,} numbers"
+    raise InputError(
+        f"{path} does not hold {backbone.name} conv-base weights ({backbone.weight_arrays:,} arrays of "
+        f"{backbone.weight_parameters:,} numbers): it holds {holds}."
+    )
+
+
+def _weights_file_counts(path: str | os.PathLike) -> tuple[int, int]:
+    """Arrays and numbers in an HDF5 weights file; ``InputError`` when it is not one."""
+    import h5py
+
+    counts = [0, 0]
+
+    def count(_name: str, item) -> None:
+        if isinstance(item, h5py.Dataset) and item.shape:
+            counts[0] += 1
+            counts[1] += int(np.prod(item.shape))
+
+    try:
+        with h5py.File(path, "r") as h5:
+            h5.visititems(count)
+    except OSError as err:
+        raise InputError(f"{path} is not a Keras weights file (HDF5): {first_line(err)}.") from None
+    return counts[0], counts[1]
+
+
+def check_memory(backbone: Backbone, image_size: int, batch_size: int = 1) -> None:
+    """Refuse an image size (and batch) whose inference cannot fit in this machine's memory, with the reason.
+
+    The need is ``bytes_per_pixel`` of the backbone plus the decoded and preprocessed copies of each photo,
+    times the photos of a batch; what this machine has is its available memory (``MemAvailable``).
+    """
+    per_photo = image_size * image_size * (backbone.bytes_per_pixel + _COPY_BYTES_PER_PIXEL)
+    available = available_memory()
+    if per_photo > available:
+        largest = int((available / (backbone.bytes_per_pixel + _COPY_BYTES_PER_PIXEL)) ** 0.5)
+        raise InputError(
+            f"image_size={image_size} does not fit: {backbone.name} needs about {_size(per_photo)} of memory for "
+            f"one photo of that size, and this machine has {_size(available)} available; the largest that fits "
+            f"is about {largest} px."
+        )
+    if per_photo * batch_size > available:
+        raise InputError(
+            f"a batch of {batch_size} photos of {image_size} px does not fit: {backbone.name} needs about "
+            f"{_size(per_photo * batch_size)} of memory for it, and this machine has {_size(available)} "
+            f"available; use a batch size of at most {available // per_photo}, or a smaller image size."
+        )
+
+
+#: Memory per input pixel of each photo besides the network's: the decoded uint8 image in the read-ahead
+#: window (three batches), and the float32 batch before and after preprocessing.
+_COPY_BYTES_PER_PIXEL = 3 * 3 + 2 * 12
+
+
+def available_memory() -> int:
+    """Bytes of memory this process can still get: ``MemAvailable`` (Linux), else the physical memory."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _size(n: float) -> str:
+    """``n`` bytes in decimal units: ``9.4 GB``."""
+    exponent = min(max(int(np.log10(max(n, 1)) // 3), 1), 4)
+    return f"{n / 1000**exponent:,.1f} {('KB', 'MB', 'GB', 'TB')[exponent - 1]}"
 
 
 def build_model(
@@ -161,29 +278,41 @@ def keras_model(backbone: Backbone, *, weights: str, pooling: str, image_size: i
     check_options(backbone, weights=weights, pooling=pooling, image_size=image_size, precision=precision)
     if precision not in KERAS_PRECISIONS:
         raise FurnitypeError(f"{precision} networks are built by furnitype.extract.int8, not Keras.")
-    keras = import_keras()
-    builder = getattr(getattr(keras.applications, backbone.keras_name), backbone.builder)
-    keras_weights = None if weights.lower() == "none" else weights
-    previous_policy = keras.config.dtype_policy()
-    try:
-        if precision != "float32":
-            keras.config.set_dtype_policy(f"mixed_{precision}")
-        keras.utils.set_random_seed(RANDOM_INIT_SEED)
-        with contextlib.redirect_stdout(sys.stderr):  # Keras prints download progress on stdout
-            base = builder(
-                include_top=False,
-                weights=keras_weights,
-                input_shape=(image_size, image_size, 3),
-                pooling=None if pooling == "flatten" else pooling,
-            )
-        outputs = keras.layers.Flatten()(base.output) if pooling == "flatten" else base.output
-        model = keras.Model(base.input, outputs, name=f"{backbone.name}_{pooling}")
-    except Exception as err:  # noqa: BLE001 - Keras raises many types for a download or a bad file
-        raise _weights_error(backbone, weights, err) from None
-    finally:
-        keras.config.set_dtype_policy(previous_policy)
+    check_memory(backbone, image_size)
+    log.info("loading %s (%s weights) ...", backbone.name, _weights_name(weights))
+    # Keras' own output (download progress) goes to stderr, on lines of its own above any progress bar.
+    with tqdm.external_write_mode(file=sys.stderr), contextlib.redirect_stdout(sys.stderr):
+        keras = import_keras()
+        builder = getattr(getattr(keras.applications, backbone.keras_name), backbone.builder)
+        keras_weights = None if weights.lower() == "none" else weights
+        previous_policy = keras.config.dtype_policy()
+        try:
+            if precision != "float32":
+                keras.config.set_dtype_policy(f"mixed_{precision}")
+            keras.utils.set_random_seed(RANDOM_INIT_SEED)
+            with warnings.catch_warnings():
+                # A file that does not fit warns once per layer before failing: the error says it in one line.
+                warnings.simplefilter("ignore")
+                base = builder(
+                    include_top=False,
+                    weights=keras_weights,
+                    input_shape=(image_size, image_size, 3),
+                    pooling=None if pooling == "flatten" else pooling,
+                )
+            outputs = keras.layers.Flatten()(base.output) if pooling == "flatten" else base.output
+            model = keras.Model(base.input, outputs, name=f"{backbone.name}_{pooling}")
+        except Exception as err:  # noqa: BLE001 - Keras raises many types for a download or a bad file
+            raise _weights_error(backbone, weights, err) from None
+        finally:
+            keras.config.set_dtype_policy(previous_policy)
     model.trainable = False
     return model
+
+
+def _weights_name(weights: str) -> str:
+    if weights == "imagenet" or weights.lower() == "none":
+        return "random" if weights.lower() == "none" else "imagenet"
+    return os.path.basename(weights)
 
 
 def _traced(model, image_size: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -202,12 +331,12 @@ def _traced(model, image_size: int) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def _weights_error(backbone: Backbone, weights: str, err: Exception) -> FurnitypeError:
-    first_line = (str(err).splitlines() or [type(err).__name__])[0]
+    reason = first_line(err).rstrip(":")
     if weights == "imagenet":
         cache = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
         return FurnitypeError(
-            f"could not get the ImageNet weights for {backbone.name} ({first_line}); what works offline: "
+            f"could not get the ImageNet weights for {backbone.name} ({reason}); what works offline: "
             f"--weights PATH (a weights file, or the official {backbone.imagenet_file} put into {cache}), "
             "or --weights none (random weights)."
         )
-    return FurnitypeError(f"could not load {backbone.name} weights from {weights}: {first_line}")
+    return InputError(f"could not load {backbone.name} weights from {weights} ({reason}).")

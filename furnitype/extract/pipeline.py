@@ -11,10 +11,11 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
+from furnitype.errors import InputError
 from furnitype.extract import int8
 from furnitype.extract.backbones import build_model, get_backbone
 from furnitype.extract.images import ImageDecodeError, decode_image, read_file
@@ -52,9 +53,6 @@ class ExtractSpec:
         except ImageDecodeError as err:
             err.sha256 = sha256  # the bytes are known bad: the cache remembers them by content
             raise
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 @functools.lru_cache(maxsize=1)
@@ -106,6 +104,14 @@ def decoded(spec: ExtractSpec, paths: Iterable[str], workers: int, window: int) 
         while pending:
             head, future = pending.popleft()
             yield head, future.result()
+
+
+def check_batching(batch_size: int, workers: int | None) -> None:
+    """Refuse a batch size or a number of decoding threads below 1, before any work."""
+    if batch_size < 1:
+        raise InputError(f"batch size must be at least 1. Received: batch_size={batch_size}")
+    if workers is not None and workers < 1:
+        raise InputError(f"decoding threads must be at least 1. Received: workers={workers}")
 
 
 def feature_batches(

@@ -49,6 +49,7 @@ from furnitype.features.undo import (
     rollback,
     undo_path,
 )
+from furnitype.outputs import check_output, make_parents
 
 __all__ = [
     "FeatureSet",
@@ -695,12 +696,12 @@ def _replace(real: Path, tmp: Path, given) -> None:
 
 
 def writable(given: str | os.PathLike) -> Path:
-    """The store's real path, after checking that its folder exists and is a folder."""
+    """The store's real path, after checking that it can be written (its missing folders are made, as every
+    command makes an output's, ``furnitype.outputs``)."""
+    check_output(given)
     real = real_path(given)
     if not real.parent.is_dir():
-        raise InputError(f"cannot write {given}: folder {Path(given).parent} does not exist.")
-    if real.is_dir():
-        raise InputError(f"cannot write {given}: it is a folder.")
+        make_parents(real)
     if real.exists() and not real.is_file():  # never replace a device or a FIFO, --overwrite or not
         raise InputError(f"cannot write {given}: it is not a regular file.")
     try:

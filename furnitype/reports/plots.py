@@ -59,17 +59,19 @@ def plot_confusion(
     return path
 
 
-def plot_scores(rows: Sequence[Row], path: str | os.PathLike) -> Path:
+def plot_scores(rows: Sequence[Row], path: str | os.PathLike, *, title: str = "") -> Path:
     """Save a grouped bar chart of the table (accuracy, balanced accuracy, macro-F1 per row) as PNG.
 
-    A black tick over each group marks the accuracy of the plain logistic-regression baseline on the same
-    training and test rows.
+    Each group is named by its feature set (the training file's stem) and model; a black tick over each group
+    marks the accuracy of the plain logistic-regression baseline on the same training and test rows. The y axis
+    runs from 0 to 1, so bar heights compare; the legend sits under the chart.
 
     Parameters
     ----------
     rows : sequence of Row
         Table rows in display order.
     path : str or path-like
+    title : str, default=""
 
     Returns
     -------
@@ -79,24 +81,27 @@ def plot_scores(rows: Sequence[Row], path: str | os.PathLike) -> Path:
     from matplotlib.figure import Figure
 
     n = len(rows)
-    fig = Figure(figsize=(max(6.0, 1.3 * n + 2.0), 4.5), layout="constrained")
+    fig = Figure(figsize=(max(6.0, 1.1 * n + 1.5), 4.8), layout="constrained")
     ax = fig.add_subplot()
     width = 0.8 / len(BAR_METRICS)
     x = np.arange(n)
-    values = [getattr(row, key) for row in rows for key, _ in BAR_METRICS]
     for k, (key, label) in enumerate(BAR_METRICS):
         ax.bar(x + (k - 1) * width, [getattr(row, key) for row in rows], width, label=label)
-    baseline = [row.baseline_accuracy for row in rows]
     ax.hlines(
-        baseline, x - 0.45, x + 0.45, colors="black", linewidth=2, label="baseline accuracy (LogisticRegression C=0.1)"
+        [row.baseline_accuracy for row in rows],
+        x - 0.45,
+        x + 0.45,
+        colors="black",
+        linewidth=2,
+        label="baseline accuracy (LogisticRegression C=0.1)",
     )
-    values += baseline
-    ax.set_xticks(x, labels=[f"{r.backbone}\n{r.weights}\n{r.model}" for r in rows], fontsize=8)
-    low = max(0.0, min(values) - 0.1) if values else 0.0
-    ax.set_ylim(low, 1.0)
+    ax.set_xticks(x, labels=[f"{r.features}\n{r.model}" for r in rows], fontsize=8)
+    ax.set_ylim(0.0, 1.0)
     ax.set_ylabel("score on the test photos")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     ax.grid(axis="y", alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.legend(loc="outside lower center", ncols=2, fontsize=8, frameon=False)
     path = Path(path)
     fig.savefig(path, dpi=110)
     return path

@@ -1,7 +1,8 @@
 """The comparison table of a run: aligned text, and the report files (CSV, Markdown, HTML, PNGs).
 
 Everything here works on the run document (``RunDocument``, the content of ``metrics.json``) and its ``Row``s;
-functions return text or the paths they wrote, and never print.
+functions return text or the paths they wrote, and never print. Each row names its feature set (the training
+file's stem); the settings that differ between the compared feature sets get columns of their own.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ import csv
 import html
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from furnitype.classify.metadata import ROW_SCALARS, SCORE_NAMES, Row, RunDocument
+from furnitype.classify.metadata import ROW_SCALARS, SCORE_NAMES, FeatureSetRecord, Row, RunDocument
 from furnitype.classify.mistakes import Mistake
 from furnitype.reports.mistakes import STYLE as MISTAKES_STYLE
 from furnitype.reports.mistakes import html_section, markdown_section, write_thumbnails
@@ -23,9 +24,11 @@ from furnitype.reports.plots import plot_confusion, plot_scores
 
 #: The columns of report.csv, in order (one row per feature set x model).
 CSV_COLUMNS = ROW_SCALARS
-#: The columns of the printed and rendered table: (row key, header, format).
+#: The columns of the printed and rendered table: (row key, header, format); the settings that differ between
+#: the compared feature sets come after ``weights``.
 DISPLAY_COLUMNS = (
     ("rank", "#", "{}"),
+    ("features", "features", "{}"),
     ("backbone", "backbone", "{}"),
     ("weights", "weights", "{}"),
     ("model", "model", "{}"),
@@ -39,30 +42,33 @@ DISPLAY_COLUMNS = (
     ("vs_baseline_points", "vs baseline", "{:+.1f}"),
     ("chosen", "chosen", "{}"),
 )
-_NUMERIC = {
-    "accuracy",
-    "balanced_accuracy",
-    "macro_f1",
-    "top3_accuracy",
-    "log_loss",
-    "fit_seconds",
-    "predict_ms_per_image",
-    "vs_baseline_points",
-    "rank",
-}
+#: Settings shown in their own columns (and in the feature-set table); backbone and weights always are.
+SETTING_COLUMNS = ("pooling", "image_size", "interpolation", "precision", "decode", "store_dtype")
+_NUMBER = re.compile(r"[+-]?[0-9][0-9,]*(\.[0-9]+)?")
 
 
-def format_table(rows: Sequence[Row]) -> str:
-    """The table as aligned text, one line per row in the given order; numbers right-aligned."""
-    columns = _display_columns(rows)
-    cells = [[header for _, header, _ in columns]]
-    cells += [[_cell(row, key, fmt) for key, _, fmt in columns] for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+def differing_settings(feature_sets: Mapping[str, FeatureSetRecord]) -> list[str]:
+    """The settings (of ``SETTING_COLUMNS`` and any other recorded one) whose values differ between the
+    feature sets, in ``SETTING_COLUMNS`` order."""
+    keys = list(SETTING_COLUMNS) + sorted(
+        {key for fs in feature_sets.values() for key in fs.settings} - {*SETTING_COLUMNS, "backbone", "weights"}
+    )
+    return [key for key in keys if len({str(fs.settings.get(key)) for fs in feature_sets.values()}) > 1]
+
+
+def format_table(rows: Sequence[Row], feature_sets: Mapping[str, FeatureSetRecord] | None = None) -> str:
+    """The table as aligned text, one line per row in the given order; numbers right-aligned.
+
+    With ``feature_sets`` (the run document's), the settings that differ between them get columns.
+    """
+    headers, cells = _table_cells(rows, feature_sets or {})
+    numeric = _numeric_columns(cells, len(headers))
+    widths = [max(len(line[i]) for line in [headers, *cells]) for i in range(len(headers))]
     lines = []
-    for line in cells:
+    for line in [headers, *cells]:
         parts = [
-            text.rjust(width) if key in _NUMERIC else text.ljust(width)
-            for (key, _, _), text, width in zip(columns, line, widths, strict=True)
+            text.rjust(width) if number else text.ljust(width)
+            for text, width, number in zip(line, widths, numeric, strict=True)
         ]
         lines.append("  ".join(parts).rstrip())
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -131,16 +137,28 @@ class _MistakesSection:
 # -- rendering ------------------------------------------------------------------------------------------
 
 
-def _display_columns(rows: Sequence[Row]) -> list[tuple[str, str, str]]:
+def _display_columns(feature_sets: Mapping[str, FeatureSetRecord]) -> list[tuple[str, str, str]]:
     columns = list(DISPLAY_COLUMNS)
-    if len({row.run for row in rows}) > 1:
-        columns.insert(1, ("run", "run", "{}"))
+    at = [key for key, _, _ in columns].index("weights") + 1
+    columns[at:at] = [(key, key.replace("_", " "), "{}") for key in differing_settings(feature_sets)]
     return columns
 
 
-def _cell(row: Row, key: str, fmt: str) -> str:
-    value = getattr(row, key)
+def _cell(row: Row, key: str, fmt: str, feature_sets: Mapping[str, FeatureSetRecord]) -> str:
+    if hasattr(row, key):
+        value = getattr(row, key)
+    else:
+        fs = feature_sets.get(row.features)
+        value = fs.settings.get(key) if fs is not None else None
     return "" if value is None else fmt.format(value)
+
+
+def _numeric_columns(cells: Sequence[Sequence[str]], n: int) -> list[bool]:
+    """Columns whose every non-empty cell is a number (they are right-aligned)."""
+    return [
+        any(line[i] for line in cells) and all(not line[i] or _NUMBER.fullmatch(line[i]) for line in cells)
+        for i in range(n)
+    ]
 
 
 def _row_id(row: Row) -> str:
@@ -211,19 +229,8 @@ _BASELINE_HEADERS = [
     "log loss",
     "fit s",
 ]
-_SET_HEADERS = [
-    "features",
-    "file",
-    "backbone",
-    "weights",
-    "pooling",
-    "image size",
-    "dim",
-    "train",
-    "test",
-    "classes",
-    "left out",
-]
+_SET_HEADERS = ["features", "file", "backbone", "weights", *(key.replace("_", " ") for key in SETTING_COLUMNS),
+                "dim", "train", "test", "classes", "left out"]
 _CLASS_HEADERS = ["class", "precision", "recall", "F1", "test photos"]
 
 
@@ -234,8 +241,7 @@ def _set_rows(document: RunDocument) -> list[list[str]]:
             fs.file,
             str(fs.backbone),
             fs.weights,
-            str(fs.settings.get("pooling")),
-            str(fs.settings.get("image_size")),
+            *(str(fs.settings.get(setting, "")) for setting in SETTING_COLUMNS),
             str(fs.feature_dim),
             str(fs.n_train),
             str(fs.n_test),
@@ -246,9 +252,22 @@ def _set_rows(document: RunDocument) -> list[list[str]]:
     ]
 
 
-def _table_cells(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
-    columns = _display_columns(rows)
-    return [h for _, h, _ in columns], [[_cell(row, key, fmt) for key, _, fmt in columns] for row in rows]
+def _random_weights_note(document: RunDocument) -> str:
+    """A warning naming the feature sets made with random weights, or ""."""
+    random = [key for key, fs in document.feature_sets.items() if str(fs.settings.get("weights")).startswith("none")]
+    if not random:
+        return ""
+    return (
+        f"Made with random weights (--weights none): {', '.join(random)}. Their scores show what an untrained "
+        "network's features give, not what ImageNet features would."
+    )
+
+
+def _table_cells(
+    rows: Sequence[Row], feature_sets: Mapping[str, FeatureSetRecord]
+) -> tuple[list[str], list[list[str]]]:
+    columns = _display_columns(feature_sets)
+    return [h for _, h, _ in columns], [[_cell(row, key, fmt, feature_sets) for key, _, fmt in columns] for row in rows]
 
 
 def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -267,7 +286,8 @@ def _markdown(document: RunDocument, confusion: dict[str, str], mistakes: _Mista
         "",
         "## Results, best first",
         "",
-        _md_table(*_table_cells(rows)),
+        *([f"**Warning.** {_random_weights_note(document)}", ""] if _random_weights_note(document) else []),
+        _md_table(*_table_cells(rows, document.feature_sets)),
         "",
         f"*vs baseline*: accuracy minus that of a plain {document.baseline} on the same photos, in points.",
         "",
@@ -292,7 +312,7 @@ def _markdown(document: RunDocument, confusion: dict[str, str], mistakes: _Mista
     ]
     for row in rows:
         parts += [
-            f"### {row.rank}. {row.label} ({row.chosen})",
+            f"### {row.rank}. {row.label}: {row.chosen}",
             "",
             _md_table(_CLASS_HEADERS, _per_class_rows(row)),
             "",
@@ -302,9 +322,20 @@ def _markdown(document: RunDocument, confusion: dict[str, str], mistakes: _Mista
     return "\n".join(parts + mistakes.markdown())
 
 
-def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]], flagged: Sequence[str] = ()) -> str:
+    """An HTML table: number columns right-aligned, text left-aligned; a cell whose text is in ``flagged``
+    is marked."""
+    numeric = _numeric_columns(rows, len(headers))
+
+    def cell(tag: str, text: str, number: bool) -> str:
+        classes = " ".join(name for name, on in (("num", number), ("flag", text in flagged)) if on)
+        attribute = f' class="{classes}"' if classes else ""
+        return f"<{tag}{attribute}>{html.escape(str(text))}</{tag}>"
+
+    head = "".join(cell("th", h, number) for h, number in zip(headers, numeric, strict=True))
+    body = "".join(
+        "<tr>" + "".join(cell("td", c, number) for c, number in zip(r, numeric, strict=True)) + "</tr>" for r in rows
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -316,9 +347,11 @@ def _image(out: Path, name: str, alt: str) -> str:
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 80em; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
 th { background: #f2f2f2; }
-td:nth-child(-n+4) { text-align: left; }
+.num { text-align: right; font-variant-numeric: tabular-nums; }
+.flag { background: #fff3cd; color: #7a4d00; font-weight: 600; }
+p.flag { padding: 0.5em 0.8em; border-left: 4px solid #e0a800; }
 img { max-width: 100%; }
 .row { display: flex; flex-wrap: wrap; gap: 2em; align-items: flex-start; }
 """
@@ -334,7 +367,8 @@ def _html(document: RunDocument, confusion: dict[str, str], out: Path, mistakes:
         f"<h1>furnitype classify: {esc(document.run)}</h1>",
         f"<p>{esc(_split_text(document))}</p>",
         "<h2>Results, best first</h2>",
-        _html_table(*_table_cells(rows)),
+        *([f'<p class="flag">{esc(_random_weights_note(document))}</p>'] if _random_weights_note(document) else []),
+        _html_table(*_table_cells(rows, document.feature_sets), flagged=("random",)),
         f"<p><em>vs baseline</em>: accuracy minus that of a plain {esc(str(document.baseline))} "
         "on the same photos, in points.</p>",
         _image(out, "scores.png", "scores of every row"),
@@ -344,14 +378,14 @@ def _html(document: RunDocument, confusion: dict[str, str], out: Path, mistakes:
             parts += [f"<h2>{title}</h2><ul>", *(f"<li>{esc(item)}</li>" for item in items), "</ul>"]
     parts += [
         f"<h2>Baseline: {esc(str(document.baseline))}</h2>",
-        _html_table(_BASELINE_HEADERS, _baseline_rows(document)),
+        _html_table(_BASELINE_HEADERS, _baseline_rows(document), flagged=("random",)),
         "<h2>Feature sets</h2>",
-        _html_table(_SET_HEADERS, _set_rows(document)),
+        _html_table(_SET_HEADERS, _set_rows(document), flagged=("random",)),
         "<h2>Per class</h2>",
     ]
     for row in rows:
         parts += [
-            f"<h3>{row.rank}. {esc(row.label)} ({esc(row.chosen)})</h3>",
+            f"<h3>{row.rank}. {esc(row.label)}: {esc(row.chosen)}</h3>",
             '<div class="row">',
             _html_table(_CLASS_HEADERS, _per_class_rows(row)),
             _image(out, confusion[_row_id(row)], f"confusion matrix of {row.label}"),

@@ -39,10 +39,10 @@ from furnitype.classify.metadata import (
     read_model_record,
     write_model_record,
 )
-from furnitype.classify.models.payload import first_line
+from furnitype.classify.models import CLASS_WEIGHTS
 from furnitype.classify.runfiles import Damage
 from furnitype.classify.split import ContentKFold, max_splits
-from furnitype.errors import StoreError
+from furnitype.errors import StoreError, first_line
 
 #: Allowed values of common parameters, as scikit-learn constraints.
 POSITIVE = Interval(Real, 0, None, closed="neither")
@@ -50,9 +50,7 @@ COUNT = Interval(Integral, 1, None, closed="left")
 NON_NEGATIVE_INT = Interval(Integral, 0, None, closed="left")
 FRACTION = Interval(Real, 0, 1, closed="left")
 FOLDS = Interval(Integral, 2, None, closed="left")
-CLASS_WEIGHT = [StrOptions({"balanced"}), None]
-#: The ``class_weight`` values every model takes.
-CLASS_WEIGHTS = (None, "balanced")
+CLASS_WEIGHT = [StrOptions({weight for weight in CLASS_WEIGHTS if weight}), None]
 
 
 def one_of(values) -> StrOptions:
@@ -207,13 +205,13 @@ class FeatureClassifier(ClassifierMixin, BaseEstimator, abc.ABC):
         StoreError
             A newer format, another kind than asked for, or a file that cannot be read.
         """
-        from furnitype.classify.models import MODELS
+        from furnitype.classify.models import MODEL_NAMES, model_class
 
         directory = Path(directory)
         record = read_model_record(directory)
-        model_cls = MODELS.get(record.model)
-        if model_cls is None:
-            raise Damage(f"{MODEL_FILE} model", f"{record.model!r} is not a model kind ({', '.join(MODELS)})")
+        if record.model not in MODEL_NAMES:
+            raise Damage(f"{MODEL_FILE} model", f"{record.model!r} is not a model kind ({', '.join(MODEL_NAMES)})")
+        model_cls = model_class(record.model)
         if cls is not FeatureClassifier and model_cls is not cls:
             raise StoreError(f"{directory} holds a {model_cls.name} model, not a {cls.name} model.")
         if record.payload != model_cls.payload:

@@ -16,9 +16,9 @@ from furnitype.classify.models.base import (
     POSITIVE,
     FeatureClassifier,
 )
-from furnitype.classify.models.payload import first_line
 from furnitype.classify.runfiles import Damage, file_inside
 from furnitype.classify.split import ContentSplit
+from furnitype.errors import first_line
 
 
 class DenseModel(FeatureClassifier):

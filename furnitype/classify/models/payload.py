@@ -24,6 +24,7 @@ from sklearn.svm import SVC
 from sklearn.utils.validation import check_is_fitted
 
 from furnitype.classify.runfiles import Damage, read_inside
+from furnitype.errors import first_line
 
 #: Types a skops file may hold beyond skops' own trusted defaults (numpy, scikit-learn estimators): none.
 TRUSTED_SKOPS_TYPES: tuple[str, ...] = ()
@@ -143,11 +144,6 @@ def same_classes(estimator: object, classes: np.ndarray, where: str) -> None:
     found = getattr(estimator, "classes_", None)
     if not isinstance(found, np.ndarray) or found.shape != classes.shape or not np.array_equal(found, classes):
         raise Damage(where, f"the {type(estimator).__name__} predicts other classes than model.json lists")
-
-
-def first_line(err: BaseException) -> str:
-    """The first line of an exception's message (its type's name when it has none)."""
-    return (str(err).splitlines() or [type(err).__name__])[0]
 
 
 def _what(value: object) -> str:
