@@ -4,6 +4,8 @@ The exit codes (documented in docs/cli.md): 0 success, 1 ``FurnitypeError`` (and
 ``StoreError``), 2 ``InputError`` and click's usage errors, 130 interrupted by Ctrl-C.
 """
 
+import re
+
 
 class FurnitypeError(Exception):
     """A problem the user can fix; the message is one line and says how."""
@@ -32,7 +34,14 @@ class Interrupted(KeyboardInterrupt):
     exit_code = 130
 
 
-def first_line(err: BaseException | str) -> str:
-    """The first line of an error's message (its type's name when it has none), for one-line messages."""
-    text = str(err)
-    return (text.splitlines() or [type(err).__name__ if isinstance(err, BaseException) else ""])[0]
+def first_line(err: BaseException | str, limit: int = 400) -> str:
+    """An error's message as one line for our own messages: its first line (and the next one when the first
+    ends with a colon, as the detail then follows; the reason alone when h5py wraps it as ``Unable to ...
+    (reason)``), at most ``limit`` characters; its type's name when empty."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__ if isinstance(err, BaseException) else ""
+    text = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    wrapped = re.fullmatch(r"Unable to (?:synchronously )?[^(]*\((.*)\)", text)
+    text = wrapped.group(1) if wrapped else text
+    return text if len(text) <= limit else text[: limit - 1] + "…"

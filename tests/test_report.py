@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 
 import pytest
 
@@ -12,7 +13,7 @@ from furnitype.classify.metadata import Row
 from furnitype.classify.run import rank_rows
 from furnitype.classify.synthetic import make_features
 from furnitype.reports.plots import plot_confusion, plot_scores
-from furnitype.reports.table import format_table, write_report
+from furnitype.reports.table import differing_settings, format_table, write_report
 from furnitype.training import classify
 from tests.conftest import run_cli as invoke
 
@@ -162,3 +163,44 @@ def test_write_report_lists_its_files(runs, tmp_path):
     written = write_report(load_run(runs["first"]).document, tmp_path)
     assert written["confusion"] == ["confusion-vgg16-logreg.png"]
     assert all((tmp_path / name).is_file() for names in written.values() for name in names)
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    """A run on two stores of the same photos and backbone: float32 ImageNet, and bfloat16 random weights."""
+    base = tmp_path_factory.mktemp("compared")
+    X, labels, sha = make_features([12, 12, 12], 16, seed=5, separation=2.0)
+    for name, settings in (
+        ("vgg-f32", {"precision": "float32", "store_dtype": "float32", "weights": "imagenet"}),
+        ("vgg-bf16", {"precision": "bfloat16", "store_dtype": "float16", "weights": "none(seed=0)"}),
+    ):
+        store.save(base / f"{name}.h5", features=X, paths=[f"/p/{i}.jpg" for i in range(len(labels))],
+                   labels=list(labels), sha256=list(sha),
+                   meta={**META, "interpolation": "bilinear", "decode": "exact", **settings})
+    return classify([base / "vgg-f32.h5", base / "vgg-bf16.h5"], models=["logreg"], cv=3, out=base / "run")
+
+
+def test_feature_sets_are_told_apart_by_name_and_differing_settings(compared):
+    assert differing_settings(compared.document.feature_sets) == ["precision", "store_dtype"]
+    lines = format_table(compared.rows, compared.document.feature_sets).splitlines()
+    assert lines[0].split()[:8] == ["#", "features", "backbone", "weights", "precision", "store", "dtype", "model"]
+    cells = {line.split()[1]: line.split()[2:6] for line in lines[2:]}
+    assert cells == {"vgg-f32": ["vgg16", "imagenet", "float32", "float32"],
+                     "vgg-bf16": ["vgg16", "random", "bfloat16", "float16"]}
+    markdown = (compared.path / "report.md").read_text()
+    assert "logreg on vgg-f32 (vgg16, imagenet)" in markdown and "logreg on vgg-bf16 (vgg16, random)" in markdown
+    assert "**Warning.** Made with random weights (--weights none): vgg-bf16." in markdown
+    assert format_table(compared.rows).splitlines()[0].split()[:5] == ["#", "features", "backbone", "weights", "model"]
+
+
+def test_html_aligns_numbers_right_text_left_and_flags_random_weights(compared):
+    html = (compared.path / "report.html").read_text()
+    results = html.split("<h2>Results, best first</h2>")[1].split("</table>")[0]
+    assert '<p class="flag">Made with random weights (--weights none): vgg-bf16.' in results
+    header = re.findall(r"<th( class=\"num\")?>([^<]*)</th>", results)
+    aligned = {name: bool(num) for num, name in header}
+    assert aligned["accuracy"] and aligned["#"] and aligned["vs baseline"] and aligned["fit s"]
+    assert not aligned["features"] and not aligned["model"] and not aligned["chosen"] and not aligned["precision"]
+    assert '<td class="flag">random</td>' in results and "<td>vgg-bf16</td>" in results
+    assert re.search(r'<td class="num">0\.\d{3}</td>', results)
+    assert ".num { text-align: right" in html and "text-align: left" in html

@@ -185,7 +185,8 @@ def check_weights_file(backbone: Backbone, path: str | os.PathLike) -> None:
         holds = "no weights"
     else:
         same = [b.name for b in _REGISTRY.values() if (b.weight_arrays, b.weight_parameters) == (arrays, parameters)]
-        holds = f"{same[0]} conv-base weights" if same else f"{arrays:,} arrays of {parameters:,} numbers"
+        plural = "s" if arrays != 1 else ""
+        holds = f"{same[0]} conv-base weights" if same else f"{arrays:,} array{plural} of {parameters:,} numbers"
     raise InputError(
         f"{path} does not hold {backbone.name} conv-base weights ({backbone.weight_arrays:,} arrays of "
         f"{backbone.weight_parameters:,} numbers): it holds {holds}."

@@ -27,7 +27,6 @@ import contextlib
 import errno
 import json
 import os
-import re
 import stat
 import time
 from collections import Counter
@@ -38,7 +37,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from furnitype.errors import InputError, SettingsMismatchError, StoreError
+from furnitype.errors import InputError, SettingsMismatchError, StoreError, first_line
 from furnitype.features.locking import WriterLock, real_path, same_file, wait_for_lock
 from furnitype.features.undo import (
     PagedFile,
@@ -332,14 +331,6 @@ class DamagedStoreError(StoreError):
 def damaged(path: str | os.PathLike, reason: BaseException | str) -> StoreError:
     """``X is damaged (reason); --overwrite rebuilds it``."""
     return DamagedStoreError(f"{path} is damaged ({first_line(reason)}); --overwrite rebuilds it.")
-
-
-def first_line(reason: BaseException | str) -> str:
-    """The first line of an error, without h5py's ``Unable to synchronously open file (...)`` wrapping."""
-    text = str(reason).strip()
-    line = text.splitlines()[0] if text else type(reason).__name__
-    wrapped = re.fullmatch(r"Unable to (?:synchronously )?[^(]*\((.*)\)", line)
-    return wrapped.group(1) if wrapped else line
 
 
 def write_failed(given: str | os.PathLike, err: OSError, rows: int, kept: str = "") -> StoreError:

@@ -101,7 +101,7 @@ def plot_scores(rows: Sequence[Row], path: str | os.PathLike, *, title: str = ""
     ax.grid(axis="y", alpha=0.3)
     if title:
         ax.set_title(title, fontsize=10)
-    fig.legend(loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+    fig.legend(loc="outside lower center", ncols=len(BAR_METRICS) + 1, fontsize=8, frameon=False)
     path = Path(path)
     fig.savefig(path, dpi=110)
     return path

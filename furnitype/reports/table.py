@@ -96,10 +96,10 @@ def write_report(
     confusion = {}
     for row in rows:
         name = f"confusion-{_slug(_row_id(row))}.png"
-        title = f"{row.label}: accuracy {row.accuracy:.3f}"
+        title = f"{row.rank}. {row.label}: accuracy {row.accuracy:.3f}"
         plot_confusion(row.confusion, row.classes, title, out / name)
         confusion[_row_id(row)] = name
-    plot_scores(rows, out / "scores.png")
+    plot_scores(rows, out / "scores.png", title=f"{document.run}: scores on the test photos, best first")
     with open(out / "report.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
         writer.writeheader()

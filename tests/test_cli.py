@@ -1,0 +1,408 @@
+"""The command line's conventions (docs/cli.md): one spelling per option, choices from the API, commands in
+pipeline order, exit codes, Ctrl-C, outputs checked before any work, missing folders made, JSON shapes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pytest
+from click.testing import CliRunner
+
+import furnitype.extraction
+import furnitype.features.describe
+import furnitype.predict
+import furnitype.similar
+import furnitype.training
+from furnitype import features as store
+from furnitype.classify.models import CLASS_WEIGHTS, MODEL_NAMES, model_class
+from furnitype.classify.synthetic import make_features
+from furnitype.cli import cli
+from furnitype.engines import ENGINES
+from furnitype.errors import InputError
+from furnitype.extract.backbones import (
+    _COPY_BYTES_PER_PIXEL,
+    POOLINGS,
+    PRECISIONS,
+    available_memory,
+    check_memory,
+    get_backbone,
+    list_backbones,
+)
+from furnitype.extract.images import DECODE_MODES, INTERPOLATIONS
+from furnitype.extract.settings import STORE_DTYPES
+from furnitype.extraction import extract
+from furnitype.keras_loader import import_keras
+from furnitype.training import classify
+from tests.conftest import run_cli as invoke
+from tests.images import COLOURS, make_photo_folder, photo
+
+ROOT = Path(__file__).resolve().parents[1]
+PIPELINE = ["extract", "info", "compact", "classify", "report", "predict", "similar", "suggest"]
+SETTINGS = {"backbone": "vgg16", "image_size": 32, "batch_size": 8, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """A VGG16 weights file (random, seeded), a store of 12 photos made with it, and a logreg run on it."""
+    base = tmp_path_factory.mktemp("cli")
+    keras = import_keras()
+    keras.utils.set_random_seed(11)
+    weights = base / "vgg16.weights.h5"
+    keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(weights)
+    photos = make_photo_folder(base / "photos", per_class=4, classes=("bed", "chair", "sofa"))
+    feats = extract([photos], weights=str(weights), out=base / "vgg.h5", **SETTINGS).out
+    run = classify([feats], models=["logreg"], cv=3, out=base / "run").path
+    return {"base": base, "weights": weights, "photos": photos, "feats": feats, "run": run}
+
+
+def _one_line_error(result, code: int) -> str:
+    assert result.exit_code == code, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    assert "Traceback" not in result.output and "Warning" not in result.output
+    return lines[0]
+
+
+# -- one command line ---------------------------------------------------------------------------------------
+
+
+def test_help_lists_the_commands_in_pipeline_order_with_whole_summaries():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    listed = result.output.split("Commands:")[1]
+    names = [line.split()[0] for line in listed.splitlines() if line.startswith("  ") and line[2] != " "]
+    assert names == list(cli.commands)
+    assert names == [name for name in PIPELINE if name in names] and {"extract", "predict", "similar"} <= set(names)
+    flat = " ".join(listed.split())
+    for name, command in cli.commands.items():
+        summary = command.help.split("\n\n")[0]
+        assert f"{name} {' '.join(summary.split())}" in flat  # the whole first sentence, not cut with "..."
+
+
+def test_shared_options_have_one_spelling_on_every_command():
+    spellings = {
+        "out": ["--out", "-o"],
+        "quiet": ["--quiet", "-q"],
+        "as_json": ["--json"],
+        "top_k": ["--top-k", "-k", "--k"],
+        "weights": ["--weights"],
+        "batch_size": ["--batch-size"],
+        "workers": ["--workers"],
+        "engine": ["--engine"],
+        "address": ["--address"],
+    }
+    found = {name: set() for name in spellings}
+    for command_name, command in cli.commands.items():
+        for param in command.params:
+            if param.name in spellings:
+                assert param.opts == spellings[param.name], (command_name, param.opts)
+                found[param.name].add(command_name)
+    assert {"extract", "classify", "report", "predict"} <= found["out"]
+    assert {"extract", "classify", "predict", "similar"} <= found["quiet"]
+    assert found["top_k"] >= {"predict", "similar"}
+
+
+def test_choices_are_the_apis_own():
+    def choices(command: str, option: str) -> list:
+        param = next(p for p in cli.commands[command].params if p.name == option)
+        return list(param.type.choices)
+
+    assert choices("extract", "backbone") == list_backbones() and "inceptionv3" in list_backbones()
+    assert choices("extract", "pooling") == list(POOLINGS)
+    assert choices("extract", "precision") == list(PRECISIONS)
+    assert choices("extract", "store_dtype") == list(STORE_DTYPES)
+    assert choices("extract", "interpolation") == list(INTERPOLATIONS)
+    assert choices("extract", "decode") == list(DECODE_MODES)
+    assert choices("extract", "engine") == choices("classify", "engine") == list(ENGINES)
+    assert choices("predict", "model") == ["best", *MODEL_NAMES]
+    assert choices("classify", "class_weight") == [str(w).lower() for w in CLASS_WEIGHTS]
+    assert all(model_class(name).name == name for name in MODEL_NAMES)
+
+
+def test_the_inceptionv3_alias_is_accepted(photo_folder, tmp_path):
+    out = tmp_path / "inc.h5"
+    result = invoke("extract", photo_folder, "--backbone", "inceptionv3", "--weights", "none",
+                    "--image-size", "75", "--out", out, "-q")
+    assert result.exit_code == 0, result.output
+    assert store.read_meta(out)["backbone"] == "inception"
+
+
+def test_top_k_and_k_are_one_option(made):
+    outputs = [
+        invoke("similar", made["feats"], made["photos"] / "bed" / "bed_0.jpg", flag, "2", "--json").stdout
+        for flag in ("--top-k", "-k", "--k")
+    ]
+    assert outputs[0] == outputs[1] == outputs[2] and len(json.loads(outputs[0])[0]["neighbours"]) == 2
+    result = invoke("predict", made["run"], made["photos"] / "bed", "--k", "1", "--json", "-q")
+    assert result.exit_code == 0, result.output
+    assert {len(row["top_k"]) for row in json.loads(result.stdout)} == {1}
+
+
+# -- exit codes ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"pooling": "median"}, "pooling must be one of avg, max, flatten. Received: pooling='median'"),
+        ({"precision": "int4"}, "precision must be one of"),
+        ({"backbone": "resnet"}, "unknown backbone 'resnet'"),
+        ({"image_size": 8}, "vgg16 needs an input of at least 32 px. Received: image_size=8"),
+        ({"weights": "no-such-file.h5"}, "weights must be imagenet, none or an existing file"),
+        ({"batch_size": 0}, "batch size must be at least 1"),
+    ],
+)
+def test_a_bad_option_is_an_input_error_through_the_api_as_on_the_command_line(photo_folder, tmp_path, options,
+                                                                               message):
+    settings = {"backbone": "vgg16", "weights": "none", "image_size": 32, "progress": False, **options}
+    with pytest.raises(InputError, match=re.escape(message)) as raised:
+        extract([photo_folder], out=tmp_path / "f.h5", **settings)
+    assert raised.value.exit_code == 2
+    assert not list(tmp_path.iterdir())
+
+
+def test_bad_choices_and_bad_values_exit_2_on_the_command_line(photo_folder, tmp_path):
+    assert invoke("extract", photo_folder, "--pooling", "median").exit_code == 2
+    line = _one_line_error(invoke("extract", photo_folder, "--weights", tmp_path / "none.h5"), 2)
+    assert "weights must be imagenet, none or an existing file" in line
+    line = _one_line_error(invoke("extract", photo_folder, "--weights", "none", "--image-size", "8"), 2)
+    assert line == "Error: vgg16 needs an input of at least 32 px. Received: image_size=8"
+
+
+def test_an_image_size_that_cannot_fit_is_refused_with_the_reason(photo_folder, tmp_path):
+    line = _one_line_error(
+        invoke("extract", photo_folder, "--weights", "none", "--image-size", "100000", "--out", tmp_path / "f.h5"), 2
+    )
+    assert re.fullmatch(
+        r"Error: image_size=100000 does not fit: vgg16 needs about [0-9.,]+ TB of memory for one photo of that "
+        r"size, and this machine has [0-9.,]+ [KMGT]B available; the largest that fits is about [0-9]+ px\.",
+        line,
+    ), line
+    assert not list(tmp_path.iterdir())
+    vgg16 = get_backbone("vgg16")
+    per_photo = 500 * 500 * (vgg16.bytes_per_pixel + _COPY_BYTES_PER_PIXEL)
+    too_many = available_memory() // per_photo + 1
+    with pytest.raises(InputError, match=f"a batch of {too_many} photos of 500 px does not fit.*at most"):
+        check_memory(vgg16, 500, too_many)
+    check_memory(vgg16, 224, 32)
+
+
+def _weights_file_like(source: Path, path: Path, transform) -> Path:
+    """A copy of a weights file with every array passed through ``transform(name, array)``."""
+
+    def copy(name: str, item) -> None:
+        if isinstance(item, h5py.Dataset):
+            dst.create_dataset(name, data=transform(name, item[...]))
+
+    with h5py.File(source, "r") as src, h5py.File(path, "w") as dst:
+        src.visititems(copy)
+    return path
+
+
+def test_a_wrong_weights_file_is_one_line_naming_what_it_holds(made, photo_folder, tmp_path):
+    line = _one_line_error(
+        invoke("extract", photo_folder, "--backbone", "inception", "--weights", made["weights"], "--out",
+               tmp_path / "f.h5"),
+        2,
+    )
+    assert line == (
+        f"Error: {made['weights']} does not hold inception conv-base weights (376 arrays of 21,802,784 numbers): "
+        "it holds vgg16 conv-base weights."
+    )
+    half = _weights_file_like(made["weights"], tmp_path / "half.weights.h5",
+                              lambda name, a: a if "conv2d_1" not in name else a[..., :1])
+    assert "it holds 26 arrays of" in _one_line_error(invoke("extract", photo_folder, "--weights", half), 2)
+    (tmp_path / "text.h5").write_text("not HDF5")
+    line = _one_line_error(invoke("extract", photo_folder, "--weights", tmp_path / "text.h5"), 2)
+    assert line.startswith(f"Error: {tmp_path / 'text.h5'} is not a Keras weights file (HDF5)")
+    assert not (tmp_path / "f.h5").exists()
+
+
+def test_weights_that_keras_cannot_load_are_one_line_without_its_warnings(made, photo_folder, tmp_path):
+    swapped = _weights_file_like(made["weights"], tmp_path / "swapped.weights.h5",
+                                 lambda name, a: a.reshape(3, 3, 64, 3) if a.shape == (3, 3, 3, 64) else a)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["extract", str(photo_folder), "--weights", str(swapped), "--image-size", "33",
+                                 "--out", str(tmp_path / "f.h5"), "-q"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and "Skipping" not in result.stderr
+    assert result.stderr.startswith(f"Error: could not load vgg16 weights from {swapped} (A total of 1 objects")
+    assert "variable.shape=(3, 3, 3, 64), Received: value.shape=(3, 3, 64, 3)" in result.stderr
+
+
+# -- Ctrl-C --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "module, function, args",
+    [
+        (furnitype.extraction, "extract", ["extract", "{photos}", "--weights", "none"]),
+        (furnitype.features.describe, "describe", ["info", "x.h5"]),
+        (furnitype.training, "classify", ["classify", "x.h5"]),
+        (furnitype.training, "report_runs", ["report", "run"]),
+        (furnitype.predict, "predict", ["predict", "run", "a.jpg"]),
+        (furnitype.similar, "similar", ["similar", "x.h5", "a.jpg"]),
+    ],
+)
+def test_ctrl_c_exits_130_on_every_command(monkeypatch, photo_folder, module, function, args):
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, function, interrupted)
+    result = CliRunner().invoke(cli, [a.format(photos=photo_folder) for a in args])
+    assert result.exit_code == 130 and result.stderr == "interrupted\n" and result.stdout == ""
+
+
+def test_ctrl_c_says_what_was_kept(monkeypatch, photo_folder):
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt("interrupted: 30 rows kept; rerun to go on")
+
+    monkeypatch.setattr(furnitype.extraction, "extract", interrupted)
+    result = CliRunner().invoke(cli, ["extract", str(photo_folder)])
+    assert (result.exit_code, result.stderr) == (130, "interrupted: 30 rows kept; rerun to go on\n")
+
+
+def test_a_real_ctrl_c_during_classify(tmp_path):
+    X, labels, sha = make_features([40, 40, 40], 64, seed=3)
+    feats = tmp_path / "f.h5"
+    store.save(feats, features=X, paths=[f"/p/{i}.jpg" for i in range(len(labels))], labels=list(labels),
+               sha256=list(sha), meta={"backbone": "vgg16", "weights": "none(seed=0)"})
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "furnitype.cli", "classify", str(feats), "--models", "dense,svm", "--out",
+         str(tmp_path / "run")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+    )
+    started = proc.stderr.readline()  # the first progress line: the run has begun
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert started.startswith("f: ") and proc.returncode == 130, stderr
+    assert stderr.splitlines()[-1] == "interrupted" and "Traceback" not in stderr and stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.h5"]  # nothing half-written
+
+
+# -- outputs ---------------------------------------------------------------------------------------------------
+
+
+def test_every_output_is_checked_before_any_work(tmp_path):
+    folder, file = tmp_path / "folder", tmp_path / "file.txt"
+    folder.mkdir()
+    file.write_text("mine")
+    nothing = tmp_path / "no-such"  # every input is missing: the output is refused before they are looked at
+    cases = [
+        (["extract", nothing, "--out", folder], f"cannot write {folder}: it is a folder."),
+        (["classify", nothing, "--out", file], f"{file} exists and is not a furnitype run; choose another --out."),
+        (["report", nothing, "--out", file], f"cannot write {file}: it is a file, not a folder."),
+        (["predict", nothing, "a.jpg", "--out", folder], f"cannot write {folder}: it is a folder."),
+        (["predict", nothing, "a.jpg", "--out", file / "p.csv"], f"cannot write {file / 'p.csv'}: {file} is not a"),
+        (["similar", nothing, "a.jpg", "--sheet", folder], f"cannot write {folder}: it is a folder."),
+    ]
+    for args, message in cases:
+        assert _one_line_error(invoke(*args), 2).startswith(f"Error: {message}"), args
+    assert file.read_text() == "mine" and not list(folder.iterdir())
+
+
+def test_every_command_makes_missing_parent_folders(made, tmp_path):
+    new = tmp_path / "new"
+    photo = made["photos"] / "chair" / "chair_1.jpg"
+    commands = [
+        ["extract", photo, "--weights", made["weights"], "--image-size", "32", "--out", new / "a" / "f.h5", "-q"],
+        ["classify", made["feats"], "--models", "logreg", "--cv", "3", "--out", new / "b" / "run", "-q"],
+        ["report", made["run"], "--out", new / "c" / "merged"],
+        ["predict", made["run"], photo, "--out", new / "d" / "p.csv", "-q"],
+        ["similar", made["feats"], photo, "--sheet", new / "e" / "s.png", "-q"],
+    ]
+    for args in commands:
+        result = invoke(*args)
+        assert result.exit_code == 0, (args, result.output)
+    assert (new / "a" / "f.h5").is_file() and (new / "b" / "run" / "report.html").is_file()
+    assert (new / "c" / "merged" / "report.html").is_file() and (new / "d" / "p.csv").is_file()
+    assert (new / "e" / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_unwritable_output_is_refused_before_any_work(made, tmp_path):
+    """As root, but without the capability to override file permissions: a read-only folder is read-only."""
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    drop = ["setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search"]
+    done = subprocess.run(
+        [*drop, sys.executable, "-m", "furnitype.cli", "predict", str(made["run"]), str(made["photos"]),
+         "--out", str(locked / "sub" / "p.csv")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == f"Error: cannot write {locked / 'sub' / 'p.csv'}: permission denied in {locked}.\n"
+    assert "loading" not in done.stderr and not list(locked.iterdir())
+
+
+# -- what the commands print ---------------------------------------------------------------------------------
+
+
+def _significant(value: float) -> bool:
+    return value == float(f"{value:.6g}")
+
+
+def test_json_shapes_null_for_missing_and_six_significant_digits(made, tmp_path):
+    loose = tmp_path / "loose.jpg"
+    photo(77, COLOURS["sofa"]).save(loose)
+    result = invoke("predict", made["run"], loose, tmp_path / "gone.jpg", "--json", "-q")
+    assert result.exit_code == 0, result.output
+    found, gone = json.loads(result.stdout)
+    assert found["given_label"] is None and re.fullmatch("[0-9a-f]{64}", found["sha256"]) and found["error"] is None
+    assert _significant(found["probability"]) and all(_significant(t["probability"]) for t in found["top_k"])
+    assert gone == {"path": str(tmp_path / "gone.jpg"), "label": None, "probability": None, "top_k": [],
+                    "given_label": None, "sha256": None, "error": "file not found"}
+
+    [match] = json.loads(invoke("similar", made["feats"], loose, "--json", "-q").stdout)
+    assert match["label"] is None and match["error"] is None and not match["in_store"]
+    assert all(_significant(n["distance"]) and n["label"] for n in match["neighbours"])
+
+    rows = json.loads(invoke("report", made["run"], "--json").stdout)["rows"]
+    digest = store.read_meta(made["feats"])["weights"]
+    assert re.fullmatch("sha256:[0-9a-f]{64}", digest)
+    assert rows[0]["weights"] == f"file {digest[7:15]}" and rows[0]["weights_identity"] == digest
+    floats = [v for row in rows for v in row.values() if isinstance(v, float)]
+    assert floats and all(_significant(v) and not math.isnan(v) for v in floats)
+
+
+def test_predict_rows_come_in_the_order_given(made):
+    photos = made["photos"]
+    given = [photos / "sofa" / "sofa_2.jpg", photos / "bed", photos / "chair" / "chair_0.jpg"]
+    result = invoke("predict", made["run"], *given, "--json", "-q")
+    paths = [Path(row["path"]) for row in json.loads(result.stdout)]
+    assert paths == [given[0], *sorted((photos / "bed").glob("*.jpg")), given[2]]
+    invoke("predict", made["run"], *given, "--out", made["base"] / "order.csv", "-q")
+    lines = (made["base"] / "order.csv").read_text().splitlines()[1:]
+    assert [Path(line.split(",")[0]) for line in lines] == paths
+
+
+def test_json_keeps_the_progress_on_stderr_with_a_loading_line(photo_folder, tmp_path):
+    runner = CliRunner()
+    args = ["extract", str(photo_folder), "--weights", "none", "--image-size", "41", "--out", str(tmp_path / "f.h5")]
+    result = runner.invoke(cli, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["extracted"] == 6
+    pieces = re.split(r"[\r\n]", result.stderr)
+    assert "loading vgg16 (random weights) ..." in pieces  # a line of its own, not glued to the bar
+    assert any(piece.startswith("extract vgg16: 100%") for piece in pieces)
+    quiet = runner.invoke(cli, [*args[:-1], str(tmp_path / "g.h5"), "--json", "-q"])
+    assert quiet.exit_code == 0 and quiet.stderr == ""
+
+
+def test_scores_in_report_csv_have_six_significant_digits(made):
+    import csv
+
+    with open(made["run"] / "report.csv", newline="") as fh:
+        row = next(csv.DictReader(fh))
+    assert row["weights_identity"].startswith("sha256:")
+    for key in ("accuracy", "log_loss", "fit_seconds", "predict_ms_per_image"):
+        assert _significant(float(row[key])), (key, row[key])
