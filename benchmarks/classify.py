@@ -14,20 +14,15 @@ machine, so CPU time is the steadier figure), and compared with the target.
 from __future__ import annotations
 
 import argparse
-import resource
 import tempfile
-import time
 from pathlib import Path
+
+from _common import measure
 
 from furnitype import features as store
 from furnitype.classify.synthetic import make_features
 
 COUNTS = (703, 811, 106, 101, 712, 110, 114)
-
-
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -54,9 +49,9 @@ def main() -> None:
             sha256=list(sha),
             meta={"backbone": "synthetic", "weights": "none(seed=0)", "pooling": "avg"},
         )
-        wall, cpu = time.perf_counter(), _cpu_seconds()
-        run = classify([path], models=args.models.split(","), out=Path(tmp) / "run")
-        total_wall, total_cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
+        with measure() as took:
+            run = classify([path], models=args.models.split(","), out=Path(tmp) / "run")
+        total_wall, total_cpu = took.wall, took.cpu
 
     print(f"{len(labels)} rows x {args.dim} features, {len(COUNTS)} classes; 5-fold CV; 80/20 split")
     print(f"{'model':8} {'fit s':>7} {'fit CPU s':>10} {'ms/image':>9} {'accuracy':>9}  chosen")

@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -57,21 +56,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import evenly_spaced, measure, write_results
 
 BACKBONES = ("vgg16", "inception")
 PRECISIONS = ("float32", "bfloat16", "int8")
-
-
-def _cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _sample(files: list, k: int) -> list:
-    """``k`` evenly spaced items (all classes and photo sizes, in their proportions)."""
-    if k >= len(files):
-        return list(files)
-    return [files[i] for i in np.linspace(0, len(files) - 1, k).round().astype(int)]
 
 
 def _link_folder(files, root: Path) -> Path:
@@ -148,22 +136,22 @@ def in_process(args) -> dict:
     spec = ExtractSpec(backbone.name, args.weights, image_size=backbone.default_size, precision=args.precision)
     files = list_images([args.folder]).files
     if args.limit:
-        files = _sample(files, args.limit)
+        files = evenly_spaced(files, args.limit)
     network, preprocess = _network(args, spec, files)
     bs = args.batch_size
     calibration = tempfile.TemporaryDirectory()
     calibrate = _link_folder(files, Path(calibration.name, "photos")) if spec.precision == "int8" else None
 
     def model_alone(arrays: np.ndarray) -> tuple[float, float]:
-        wall, cpu = time.perf_counter(), _cpu()
-        for start in range(0, len(arrays), bs):
-            network(arrays[start : start + bs])
-        return time.perf_counter() - wall, _cpu() - cpu
+        with measure() as took:
+            for start in range(0, len(arrays), bs):
+                network(arrays[start : start + bs])
+        return took.wall, took.cpu
 
     def prepared(chosen) -> np.ndarray:
         return preprocess(np.stack([spec.load(f.path)[1] for f in chosen]))
 
-    arrays = prepared(_sample(files, args.model_images))
+    arrays = prepared(evenly_spaced(files, args.model_images))
     network(arrays[:bs])  # warm-up: trace and oneDNN primitives
     wall, cpu = model_alone(arrays)
     n = len(arrays)
@@ -179,9 +167,9 @@ def in_process(args) -> dict:
         for i, chosen in enumerate(slices):
             folder, arrays = _link_folder(chosen, Path(tmp, f"slice{i}")), prepared(chosen)
             a_wall, a_cpu = model_alone(arrays)
-            wall, cpu = time.perf_counter(), _cpu()
-            result = extract([folder], out=Path(tmp, f"slice{i}.h5"), **settings)
-            b_wall, b_cpu = time.perf_counter() - wall, _cpu() - cpu
+            with measure() as took:
+                result = extract([folder], out=Path(tmp, f"slice{i}.h5"), **settings)
+            b_wall, b_cpu = took.wall, took.cpu
             assert result.extracted == len(chosen), result
             n = len(chosen)
             pairs.append({"images": n, "model_wall_ms": 1000 * a_wall / n, "model_cpu_ms": 1000 * a_cpu / n,
@@ -195,9 +183,9 @@ def in_process(args) -> dict:
         data, _ = read_file(f.path)
         both = {}
         for mode in decode_cpu:
-            cpu = _cpu()
-            both[mode] = decode_image(data, spec.image_size, spec.interpolation, mode)
-            decode_cpu[mode] += _cpu() - cpu
+            with measure() as took:
+                both[mode] = decode_image(data, spec.image_size, spec.interpolation, mode)
+            decode_cpu[mode] += took.cpu
         if not np.array_equal(both["exact"], both["draft"]):
             changed.append((both["exact"], both["draft"]))
     draft = {"photos": len(files), "changed": len(changed),
@@ -220,7 +208,7 @@ def run_config(args, results: Path, work: Path) -> dict:
     weights = args.weights if args.backbone == "vgg16" else "none"
     files = list_images([args.folder]).files
     if args.limit:
-        files = _sample(files, args.limit)
+        files = evenly_spaced(files, args.limit)
     tag = f"{args.backbone}-{args.precision}"
     cache = work / f"int8-cache-{tag}"  # children inherit it: int8 is quantized once, in the timed calibration run
     shutil.rmtree(cache, ignore_errors=True)
@@ -245,7 +233,7 @@ def run_config(args, results: Path, work: Path) -> dict:
         sample_runs = {}
         if args.memory_sample and args.memory_sample < len(files):
             print(f"{tag}: extract over {args.memory_sample} photos", file=sys.stderr, flush=True)
-            folder = _link_folder(_sample(files, args.memory_sample), Path(tmp, "sample"))
+            folder = _link_folder(evenly_spaced(files, args.memory_sample), Path(tmp, "sample"))
             sample_runs = _run_child(command(folder, Path(tmp, "sample.h5")))
         startup = _run_child(command(one, Path(tmp, "one.h5"), 1))
     print(f"{tag}: model alone, interleaved slices, draft check", file=sys.stderr, flush=True)
@@ -271,7 +259,7 @@ def run_config(args, results: Path, work: Path) -> dict:
         "machine": {"cpus": os.cpu_count(), "when": time.strftime("%Y-%m-%d %H:%M")},
     }
     report["efficiency"] = inner["model"]["cpu_ms"] / report["extract"]["cpu_ms"]
-    (results / f"extract-{tag}.json").write_text(json.dumps(report, indent=1))
+    write_results(results / f"extract-{tag}.json", report)
     return report
 
 

@@ -22,23 +22,17 @@ Run by hand (about 10 minutes on 2 shared cores)::
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from _common import evenly_spaced, measure, write_results
 from PIL import Image, ImageEnhance, ImageOps
 
 VARIANTS = ("original", "phone", "exif", "catalogue")
-
-
-def _cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def held_apart(files: list, per_class: int) -> list:
@@ -46,8 +40,7 @@ def held_apart(files: list, per_class: int) -> list:
     chosen = []
     for label in sorted({f.label for f in files}):
         of_class = [f for f in files if f.label == label]
-        picks = np.linspace(0, len(of_class) - 1, min(per_class, len(of_class))).round().astype(int)
-        chosen += [of_class[i] for i in picks]
+        chosen += evenly_spaced(of_class, per_class)
     return chosen
 
 
@@ -125,13 +118,13 @@ def throughput(run: Path, held: list, slices: int, per_slice: int, settings: dic
         folder = write_variant(chunk, "original", work / f"slice{i}")
         measured = {}
         for kind in ("predict", "extract") if i % 2 == 0 else ("extract", "predict"):
-            wall, cpu = time.perf_counter(), _cpu()
-            if kind == "predict":
-                done = sum(not p.error for p in predict(run, [folder]).predictions)
-            else:
-                done = extract([folder], out=work / f"slice{i}.h5", progress=False, **settings).extracted
+            with measure() as took:
+                if kind == "predict":
+                    done = sum(not p.error for p in predict(run, [folder]).predictions)
+                else:
+                    done = extract([folder], out=work / f"slice{i}.h5", progress=False, **settings).extracted
             assert done == len(chunk), (kind, done)
-            measured[kind] = {"wall_s": time.perf_counter() - wall, "cpu_s": _cpu() - cpu}
+            measured[kind] = {"wall_s": took.wall, "cpu_s": took.cpu}
         pairs.append({"images": len(chunk), **measured})
         ratio = measured["predict"]["cpu_s"] / measured["extract"]["cpu_s"]
         print(f"  slice {i}: predict / extract CPU {ratio:.3f}", file=sys.stderr, flush=True)
@@ -191,7 +184,7 @@ def main() -> None:
         settings["weights"] = best.meta["weights_source"]
         print("interleaved predict / extract slices", file=sys.stderr, flush=True)
         report["throughput"] = throughput(run, held, args.slices, args.slice_images, settings, work)
-    (results / "predict.json").write_text(json.dumps(report, indent=1))
+    write_results(results / "predict.json", report)
     print(table(report))
 
 

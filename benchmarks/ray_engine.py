@@ -32,7 +32,6 @@ import argparse
 import csv
 import json
 import os
-import resource
 import shutil
 import statistics
 import sys
@@ -41,6 +40,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import cpu_seconds, evenly_spaced, write_results
 
 from furnitype.engines.ray import _quiet_ray_data
 
@@ -53,11 +53,6 @@ GPUS = {
     "H100 SXM": (495.0, "TF32 tensor cores"),
 }
 ACHIEVED = 0.4  # assumed share of the peak a batch-64 VGG16 forward pass reaches
-
-
-def _cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def _descendants_cpu(root: int) -> dict[int, float]:
@@ -100,12 +95,6 @@ class RayProcessesCpu:
             for pid, cpu in _descendants_cpu(os.getpid()).items():
                 self.seen[pid] = max(cpu, self.seen.get(pid, 0.0))
             return sum(self.seen.values())
-
-
-def _sample(files: list, k: int) -> list:
-    if k <= 0 or k >= len(files):
-        return list(files)
-    return [files[i] for i in np.linspace(0, len(files) - 1, k).round().astype(int)]
 
 
 def _write_manifest(files, path: Path) -> Path:
@@ -241,7 +230,7 @@ def main() -> None:
     results = Path(args.results)
     shutil.rmtree(results, ignore_errors=True)
     results.mkdir(parents=True)
-    files = _sample(list_images([args.folder]).files, args.limit)
+    files = evenly_spaced(list_images([args.folder]).files, args.limit)
     manifest = _write_manifest(files, results / "sample.csv")
     common = {"backbone": "vgg16", "weights": args.weights, "batch_size": args.batch_size, "progress": False,
               "manifest": manifest}
@@ -251,9 +240,9 @@ def main() -> None:
 
     def run(name: str, round_: int, **options) -> None:
         out = results / f"{name}-{round_}.h5"
-        wall, cpu, tree = time.perf_counter(), _cpu(), ray_cpu.total()
+        wall, cpu, tree = time.perf_counter(), cpu_seconds(), ray_cpu.total()
         result = extract([], **common, out=out, **options)
-        wall, cpu, tree = time.perf_counter() - wall, _cpu() - cpu, ray_cpu.total() - tree
+        wall, cpu, tree = time.perf_counter() - wall, cpu_seconds() - cpu, ray_cpu.total() - tree
         report["runs"].append({"run": name, "round": round_, "wall_s": wall, "driver_cpu_s": cpu,
                                "ray_processes_cpu_s": tree, "img_s": result.extracted / wall,
                                "cpu_ms_per_image": 1000 * (cpu + tree) / result.extracted,
@@ -285,7 +274,7 @@ def main() -> None:
                                 "cpus_per_worker": args.cpus_per_gpu_worker,
                                 "rows": projection(report["worker"]["read_decode_cpu_ms_per_image"],
                                                    args.cpus_per_gpu_worker)}
-    (results / "ray_engine.json").write_text(json.dumps(report, indent=1))
+    write_results(results / "ray_engine.json", report)
     print(markdown(report))
 
 

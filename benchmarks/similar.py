@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import evenly_spaced, write_results
 
 
 def _median_ms(fn, items) -> float:
@@ -66,13 +67,13 @@ def query_times(index, file: str, k: int, n_queries: int) -> dict:
     from furnitype.similar import similar
 
     rows = index.feature_set
-    picks = np.linspace(0, len(rows) - 1, n_queries).round().astype(int)
+    picks = evenly_spaced(range(len(rows)), n_queries)
     X = rows.features
     sk = NearestNeighbors(metric="cosine", algorithm="brute").fit(X)
     ours = index.index.kneighbors(X[picks], k + 1)[1]
     theirs = sk.kneighbors(X[picks], k + 1)[1]
     exe = Path(sys.executable).with_name("furnitype")
-    cli = [str(exe), "similar", file, str(rows.paths[picks[0]]), "--k", str(k), "--json"]
+    cli = [str(exe), "similar", file, str(rows.paths[picks[0]]), "--top-k", str(k), "--json"]
     alternating = {"search": (lambda i: index.index.kneighbors(X[i : i + 1], k + 1)),
                    "sklearn": (lambda i: sk.kneighbors(X[i : i + 1], k + 1))}
     times = {name: [] for name in alternating}
@@ -152,8 +153,7 @@ def main() -> None:
         paths = index.feature_set.paths
         queries = [paths[i] for i in np.linspace(0, len(paths) - 1, 8).round().astype(int)]
         contact_sheet(index.search(queries, k=args.k), args.sheet, title=f"{args.features}: {len(paths):,} photos")
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results).write_text(json.dumps(report, indent=1))
+    write_results(args.results, report)
     print(json.dumps(report, indent=1))
 
 

@@ -102,9 +102,9 @@ def fit_and_score(
     """
     model.prepare()
     say(f"{data.key}: fitting {model.name} ...")
-    wall, cpu = time.perf_counter(), cpu_seconds()
+    wall, cpu = time.perf_counter(), _cpu_seconds()
     model.fit(data.train.features, data.train.labels, groups=data.train.sha256)
-    fit_seconds, fit_cpu = time.perf_counter() - wall, cpu_seconds() - cpu
+    fit_seconds, fit_cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
     model.predict_proba(data.test.features[:1])  # warm-up: the first call of a Keras model traces it
     start = time.perf_counter()
     proba = model.predict_proba(data.test.features)
@@ -144,8 +144,8 @@ def fit_and_score(
     return Fit(model, row, scores.predicted, proba)
 
 
-def cpu_seconds() -> float:
-    """CPU seconds (user + system, all threads) this process has used: the steady figure on a machine whose
-    usable cores vary (benchmarks/ measure with it too)."""
+def _cpu_seconds() -> float:
+    """CPU seconds (user + system, all threads) this process has used: steadier than wall time where the
+    usable cores vary."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime

@@ -348,6 +348,7 @@ _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 80em; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
+td { white-space: nowrap; }
 th { background: #f2f2f2; }
 .num { text-align: right; font-variant-numeric: tabular-nums; }
 .flag { background: #fff3cd; color: #7a4d00; font-weight: 600; }

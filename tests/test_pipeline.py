@@ -1,4 +1,5 @@
-"""Speed features of extraction: bfloat16, float16 storage, one traced graph, the network cache, bounded prefetch."""
+"""The extraction pipeline's settings and machinery: bfloat16 and float16 storage, one traced graph for every batch
+size, the network reused until its weights file changes, a bounded read-ahead window."""
 
 from __future__ import annotations
 
