@@ -16,6 +16,7 @@ $(BIN)/furnitype: setup.cfg pyproject.toml
 
 test: $(BIN)/furnitype
 	$(BIN)/ruff check furnitype tests benchmarks
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q tests
 
 demo: $(BIN)/furnitype
@@ -23,6 +24,7 @@ demo: $(BIN)/furnitype
 
 lint: $(BIN)/furnitype
 	$(BIN)/ruff check furnitype tests benchmarks
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache build *.egg-info

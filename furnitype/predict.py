@@ -232,11 +232,11 @@ def predict(
     bar = tqdm(total=len(todo), unit="img", desc="predict", disable=not progress or not todo, file=sys.stderr)
     with bar:
         for batch in feature_batches(spec, todo, batch_size=batch_size, workers=workers):
-            done = [o for o in batch if not o.reason]
+            done = [(o, o.features) for o in batch if o.features is not None]
             if done:
-                X = as_stored(np.stack([o.features for o in done]), loaded.settings["store_dtype"])
+                X = as_stored(np.stack([features for _, features in done]), loaded.settings["store_dtype"])
                 _check_dimension(run, loaded, spec, X.shape[1])
-                for outcome, proba in zip(done, loaded.model.predict_proba(X), strict=True):
+                for (outcome, _), proba in zip(done, loaded.model.predict_proba(X), strict=True):
                     order = np.argsort(-proba, kind="stable")[:top_k]
                     top = [(str(classes[j]), float(proba[j])) for j in order]
                     by_path[outcome.path] = Prediction(

@@ -127,8 +127,7 @@ class SimilarIndex:
         usable = [i for i, q in enumerate(items) if not q.error]
         found: dict[int, list[Neighbour]] = {}
         if usable:
-            stored = self.feature_set.features
-            X = np.stack([stored[items[i].row] if items[i].row is not None else items[i].vector for i in usable])
+            X = np.stack([self._vector(items[i]) for i in usable])
             distances, rows = self.index.kneighbors(X, k + 1)
             for i, d, r in zip(usable, distances, rows, strict=True):
                 found[i] = self._neighbours(items[i], d, r, k, exclude_self)
@@ -188,10 +187,18 @@ class SimilarIndex:
         for batch in feature_batches(spec, list(by_path), batch_size=batch_size, workers=workers):
             for outcome in batch:
                 for query in by_path[outcome.path]:
-                    if outcome.reason:
+                    if outcome.features is None:
                         query.error = outcome.reason
                     else:
                         query.vector = as_stored(outcome.features, meta["store_dtype"])
+
+    def _vector(self, query: _Query) -> np.ndarray:
+        """A usable query's features: its stored row, or what the network made of it."""
+        if query.row is not None:
+            return self.feature_set.features[query.row]
+        if query.vector is None:
+            raise ValueError(f"{query.path} has no features")  # unreachable: such a query has its error set
+        return query.vector
 
     def _neighbours(self, query: _Query, distances, rows, k: int, exclude_self: bool) -> list[Neighbour]:
         pairs = [(int(r), float(d)) for d, r in zip(distances, rows, strict=True) if r != query.row]

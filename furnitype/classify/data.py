@@ -167,7 +167,7 @@ def _match_tests(trains, tests) -> dict[str, store.FeatureSet]:
     """Pair each test file with the feature file of the same settings; every feature file needs one."""
     if not tests:
         return {}
-    pairs = {}
+    pairs: dict[str, store.FeatureSet] = {}
     for test in tests:
         match = next((t for t in trains if _same_settings(t, test)), None)
         if match is None:

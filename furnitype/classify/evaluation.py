@@ -112,13 +112,18 @@ def fit_and_score(
     scores = score(data.y_test, proba)
     meta = data.train.meta
     baseline_accuracy = baseline.summary()["accuracy"]
+    summary = scores.summary()
     row = Row(
         features=data.key,
         backbone=meta.get("backbone", "?"),
         weights=weights_label(meta.get("weights")),
         weights_identity=meta.get("weights"),
         model=model.name,
-        **scores.summary(),
+        accuracy=summary["accuracy"],
+        balanced_accuracy=summary["balanced_accuracy"],
+        macro_f1=summary["macro_f1"],
+        top3_accuracy=summary["top3_accuracy"],
+        log_loss=summary["log_loss"],
         fit_seconds=round(fit_seconds, 3),
         fit_cpu_seconds=round(fit_cpu, 3),
         predict_ms_per_image=round(predict_ms, 4),
@@ -135,7 +140,7 @@ def fit_and_score(
         model_dir=model_dir(data.key, model.name),
         run=run,
         baseline_accuracy=baseline_accuracy,
-        vs_baseline_points=round(100 * (scores.summary()["accuracy"] - baseline_accuracy), 2),
+        vs_baseline_points=round(100 * (summary["accuracy"] - baseline_accuracy), 2),
     )
     say(
         f"{data.key}: {model.name} accuracy {row.accuracy:.3f} ({row.chosen}), fit {fit_seconds:.1f} s, "

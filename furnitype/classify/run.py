@@ -27,6 +27,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from furnitype.classify.metadata import (
     METRICS_FILE,
@@ -42,6 +43,9 @@ from furnitype.classify.metadata import (
 from furnitype.classify.output import recover
 from furnitype.classify.runfiles import Damage, folder_inside, read_inside
 from furnitype.errors import InputError, StoreError
+
+if TYPE_CHECKING:
+    from furnitype.classify.models import FeatureClassifier
 
 SPLIT_FILE = "split.csv"
 
@@ -113,7 +117,7 @@ class LoadedModel:
         The model's row of the report (its test metrics).
     """
 
-    model: object
+    model: FeatureClassifier
     name: str
     features: str
     settings: dict

@@ -15,9 +15,10 @@ class mix, and it offers no single train/test split.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import numpy as np
+import numpy.typing as npt
 from sklearn.model_selection import BaseCrossValidator
 
 
@@ -105,18 +106,18 @@ class ContentKFold(BaseCrossValidator):
             yield np.flatnonzero(fold == k)
 
 
-def max_splits(y: Sequence[str], groups: Sequence[str] | None) -> int:
+def max_splits(y: npt.ArrayLike, groups: npt.ArrayLike | None) -> int:
     """Distinct photos (groups) of the largest class: the most folds ``ContentKFold`` allows."""
-    labels, groups = _labels_and_groups(y, groups)
-    return max((len(members) for members in _groups_by_class(labels, groups)), default=0)
+    labels, group_of_row = _labels_and_groups(y, groups)
+    return max((len(members) for members in _groups_by_class(labels, group_of_row)), default=0)
 
 
-def group_labels(labels: Sequence[str], groups: Sequence[str]) -> dict[str, str]:
+def group_labels(labels: npt.ArrayLike, groups: npt.ArrayLike) -> dict[str, str]:
     """The label of each group: the most common label of its rows (ties: the first in sorted order).
 
     Parameters
     ----------
-    labels, groups : sequence of str, shape (n_rows,)
+    labels, groups : array-like of str, shape (n_rows,)
         Class name and group (sha256) of each row.
 
     Returns
@@ -125,7 +126,7 @@ def group_labels(labels: Sequence[str], groups: Sequence[str]) -> dict[str, str]
         Group → label, in first-seen order of the groups.
     """
     counts: dict[str, Counter] = {}
-    for label, group in zip(labels, groups, strict=True):
+    for label, group in zip(np.asarray(labels).tolist(), np.asarray(groups).tolist(), strict=True):
         counts.setdefault(group, Counter())[label] += 1
     return {g: min(c.items(), key=lambda item: (-item[1], item[0]))[0] for g, c in counts.items()}
 

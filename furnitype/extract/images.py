@@ -54,6 +54,9 @@ class ImageDecodeError(Exception):
         super().__init__(reason)
         self.gone = gone
 
+    #: The sha256 of the bytes that were read ("" when none were): a store remembers bad bytes by content.
+    sha256: str = ""
+
 
 class ImageFile(NamedTuple):
     """One listed image: absolute path and label ("" when unlabelled)."""

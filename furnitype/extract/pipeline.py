@@ -85,10 +85,12 @@ class Outcome:
     reason: str = ""
 
 
-def decoded(spec: ExtractSpec, paths: Iterable[str], workers: int, window: int) -> Iterator[tuple[str, object]]:
+def decoded(
+    spec: ExtractSpec, paths: Iterable[str], workers: int, window: int
+) -> Iterator[tuple[str, tuple[str, np.ndarray] | ImageDecodeError]]:
     """Yield ``(path, (sha256, image) | ImageDecodeError)`` in order, decoding ``window`` files ahead."""
 
-    def load(path: str):
+    def load(path: str) -> tuple[str, np.ndarray] | ImageDecodeError:
         try:
             return spec.load(path)
         except ImageDecodeError as err:
@@ -135,7 +137,7 @@ def feature_batches(
     images: list[np.ndarray] = []
     for path, result in decoded(spec, paths, workers, window=prefetch):
         if isinstance(result, ImageDecodeError):
-            batch.append(Outcome(path, getattr(result, "sha256", ""), reason=str(result)))
+            batch.append(Outcome(path, result.sha256, reason=str(result)))
             continue
         sha256, image = result
         batch.append(Outcome(path, sha256))

@@ -33,19 +33,27 @@ class ToLabel(Protocol):
 class Neighbour(Protocol):
     """What a tile of a neighbour shows (``furnitype.similar.Neighbour`` is one)."""
 
-    path: str
-    label: str
-    distance: float
+    @property
+    def path(self) -> str: ...
+    @property
+    def label(self) -> str: ...
+    @property
+    def distance(self) -> float: ...
 
 
 class Match(Protocol):
     """What a row of the sheet shows (``furnitype.similar.Match`` is one)."""
 
-    query: str
-    label: str
-    in_store: bool
-    error: str
-    neighbours: Sequence[Neighbour]
+    @property
+    def query(self) -> str: ...
+    @property
+    def label(self) -> str: ...
+    @property
+    def in_store(self) -> bool: ...
+    @property
+    def error(self) -> str: ...
+    @property
+    def neighbours(self) -> Sequence[Neighbour]: ...
 
 
 QUERY, SAME, OTHER, UNKNOWN = "#1f77b4", "#2ca02c", "#d62728", "#9a9a9a"
