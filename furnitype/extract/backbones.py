@@ -124,7 +124,7 @@ register_backbone(
         imagenet_file="inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
         weight_arrays=376,
         weight_parameters=21_802_784,
-        bytes_per_pixel=280,
+        bytes_per_pixel=250,
     ),
     "inception_v3",
     "inceptionv3",
