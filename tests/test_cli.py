@@ -406,3 +406,19 @@ def test_scores_in_report_csv_have_six_significant_digits(made):
     assert row["weights_identity"].startswith("sha256:")
     for key in ("accuracy", "log_loss", "fit_seconds", "predict_ms_per_image"):
         assert _significant(float(row[key])), (key, row[key])
+
+
+def test_keras_download_lines_stand_apart_from_the_bar(photo_folder, tmp_path, monkeypatch):
+    """ImageNet weights through a proxy that refuses: Keras announces the download, then fails at once."""
+    for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    result = CliRunner().invoke(cli, ["extract", str(photo_folder), "--image-size", "42", "--out",
+                                      str(tmp_path / "f.h5")])
+    assert result.exit_code == 1, result.output
+    pieces = re.split(r"[\r\n]", result.stderr)
+    assert "loading vgg16 (imagenet weights) ..." in pieces
+    assert any(re.fullmatch(r"Downloading data from https://\S+notop\.h5", piece) for piece in pieces)
+    error = result.stderr.splitlines()[-1]
+    assert error.startswith("Error: could not get the ImageNet weights for vgg16 (")
+    assert error.endswith("or pass --weights PATH (a weights file) or --weights none (random weights).")
