@@ -118,7 +118,8 @@ def classify(
     options = _check_options(feature_files, models, test_files, test_size, val_size, cv, seed, class_weight)
     for name in options.models:
         _new_model(name, options, model_params)  # every model's parameters checked before anything is trained
-    out = Path(out) if out is not None else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = check_output(out if out is not None else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"),
+                       kind="folder")
     warnings: list[str] = []
 
     def warn(message: str) -> None:
@@ -208,12 +209,13 @@ def report_runs(
         check_output(out, kind="folder")
     if mistakes is not None:
         check_output(mistakes)
-    runs = [load_run(d) for d in run_dirs]
-    names = [Path(os.path.realpath(run.path)).name for run in runs]  # "." is named by its folder's name
+    folders = [Path(d) for d in run_dirs]
+    runs = [load_run(folder) for folder in folders]
+    names = [Path(os.path.realpath(folder)).name for folder in folders]  # "." is named by its folder's name
     recorded = _recorded_mistakes(runs, names)
     if mistakes is not None:
         if recorded is None:
-            missing = [str(run.path) for run in runs if read_mistakes(run.path) is None]
+            missing = [str(folder) for folder in folders if read_mistakes(folder) is None]
             raise InputError(
                 f"run {', '.join(missing)} records no mistakes (made by an earlier furnitype); "
                 "train it again with furnitype classify."
@@ -227,7 +229,7 @@ def report_runs(
         document = dataclasses.replace(runs[0].document, kind=REPORT_KIND, merged_from=names)
     if out is None:
         return Run(None, document)
-    refuse_one_of(out, [run.path for run in runs], str(out))
+    refuse_one_of(out, folders, str(out))
     with building(out, kind=REPORT_KIND, overwrite=overwrite) as folder:
         if recorded is not None:
             write_mistakes(folder.path / MISTAKES_FILE, recorded)

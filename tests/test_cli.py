@@ -181,13 +181,26 @@ def test_an_image_size_that_cannot_fit_is_refused_with_the_reason(photo_folder, 
     line = _one_line_error(
         invoke("extract", photo_folder, "--weights", "none", "--image-size", "100000", "--out", tmp_path / "f.h5"), 2
     )
+    assert line == (
+        "Error: image size must be at most 1024 px (a network's memory grows with its square). "
+        "Received: image_size=100000"
+    )
+    line = _one_line_error(
+        invoke("extract", photo_folder, "--weights", "none", "--image-size", "1024", "--batch-size", "100000",
+               "--out", tmp_path / "f.h5"),
+        2,
+    )
     assert re.fullmatch(
-        r"Error: image_size=100000 does not fit: vgg16 needs about [0-9.,]+ TB of memory for one photo of that "
-        r"size, and this machine has [0-9.,]+ [KMGT]B available; the largest that fits is about [0-9]+ px\.",
+        r"Error: a batch of 100000 photos of 1024 px does not fit: vgg16 needs about [0-9.,]+ TB of memory for "
+        r"it, and this machine has [0-9.,]+ [KMGT]B available; use a batch size of at most [0-9]+, or a smaller "
+        r"image size\.",
         line,
     ), line
     assert not list(tmp_path.iterdir())
     vgg16 = get_backbone("vgg16")
+    with pytest.raises(InputError, match=r"image_size=100000 does not fit: vgg16 needs about [0-9.,]+ TB .* the "
+                                         r"largest that fits is about [0-9]+ px\."):
+        check_memory(vgg16, 100000)
     per_photo = 500 * 500 * (vgg16.bytes_per_pixel + _COPY_BYTES_PER_PIXEL)
     too_many = available_memory() // per_photo + 1
     with pytest.raises(InputError, match=f"a batch of {too_many} photos of 500 px does not fit.*at most"):
@@ -299,7 +312,7 @@ def test_every_output_is_checked_before_any_work(tmp_path):
     nothing = tmp_path / "no-such"  # every input is missing: the output is refused before they are looked at
     cases = [
         (["extract", nothing, "--out", folder], f"cannot write {folder}: it is a folder."),
-        (["classify", nothing, "--out", file], f"{file} exists and is not a furnitype run; choose another --out."),
+        (["classify", nothing, "--out", file], f"cannot write {file}: it is a file, not a folder."),
         (["report", nothing, "--out", file], f"cannot write {file}: it is a file, not a folder."),
         (["predict", nothing, "a.jpg", "--out", folder], f"cannot write {folder}: it is a folder."),
         (["predict", nothing, "a.jpg", "--out", file / "p.csv"], f"cannot write {file / 'p.csv'}: {file} is not a"),

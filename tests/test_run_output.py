@@ -354,8 +354,8 @@ def test_a_read_only_folder_is_one_line(feats, runs, tmp_path):
             done = subprocess.run([*without_write_permission(), sys.executable, "-m", "furnitype.cli",
                                    *map(str, args)], capture_output=True, text=True, timeout=300)
             assert done.returncode == 2, done.stderr
-            assert done.stderr == f"Error: cannot write {args[-2] if args[-1] == '--overwrite' else args[-1]}: " \
-                "Permission denied\n"
+            written = args[-2] if args[-1] == "--overwrite" else args[-1]
+            assert done.stderr == f"Error: cannot write {written}: permission denied in {parent}.\n"
     finally:
         parent.chmod(0o755)
     assert seed_of(out) == 1 and sorted(p.name for p in parent.iterdir()) == ["run"]

@@ -76,9 +76,10 @@ ROW_SCALARS = (
 # -- what a value may be (a field's ``check``: the value -> the problem, or None) --------------------------------
 
 
-def rule(check) -> Any:
-    """A record field whose value must also pass ``check`` (which returns the problem, or None)."""
-    return field(metadata={"check": check})
+def rule(check) -> dict:
+    """The metadata of a record field whose value must also pass ``check`` (which returns the problem, or None):
+    ``name: str = field(metadata=rule(label))``."""
+    return {"check": check}
 
 
 def at_least(low: float):
@@ -205,32 +206,32 @@ class Row:
         ``sha256:<hex>``); None in runs written before it was recorded.
     """
 
-    features: str = rule(label)
-    backbone: str = rule(label)
-    weights: str = rule(label)
-    model: str = rule(name)
-    accuracy: float = rule(SHARE)
-    balanced_accuracy: float = rule(SHARE)
-    macro_f1: float = rule(SHARE)
-    top3_accuracy: float = rule(SHARE)
-    log_loss: float = rule(NON_NEGATIVE)
-    fit_seconds: float = rule(NON_NEGATIVE)
-    fit_cpu_seconds: float = rule(NON_NEGATIVE)
-    predict_ms_per_image: float = rule(NON_NEGATIVE)
-    n_train: int = rule(COUNT)
-    n_test: int = rule(COUNT)
-    n_classes: int = rule(at_least(2))
-    test_set: str = rule(short_hex)
-    chosen: str = rule(label)
+    features: str = field(metadata=rule(label))
+    backbone: str = field(metadata=rule(label))
+    weights: str = field(metadata=rule(label))
+    model: str = field(metadata=rule(name))
+    accuracy: float = field(metadata=rule(SHARE))
+    balanced_accuracy: float = field(metadata=rule(SHARE))
+    macro_f1: float = field(metadata=rule(SHARE))
+    top3_accuracy: float = field(metadata=rule(SHARE))
+    log_loss: float = field(metadata=rule(NON_NEGATIVE))
+    fit_seconds: float = field(metadata=rule(NON_NEGATIVE))
+    fit_cpu_seconds: float = field(metadata=rule(NON_NEGATIVE))
+    predict_ms_per_image: float = field(metadata=rule(NON_NEGATIVE))
+    n_train: int = field(metadata=rule(COUNT))
+    n_test: int = field(metadata=rule(COUNT))
+    n_classes: int = field(metadata=rule(at_least(2)))
+    test_set: str = field(metadata=rule(short_hex))
+    chosen: str = field(metadata=rule(label))
     details: dict
     params: dict
-    classes: list[str] = rule(class_names)
+    classes: list[str] = field(metadata=rule(class_names))
     confusion: list[list[int]]
     per_class: dict[str, list[float]]
     model_dir: str
-    run: str = rule(label)
-    baseline_accuracy: float = rule(SHARE)
-    vs_baseline_points: float = rule(between(-100, 100))
+    run: str = field(metadata=rule(label))
+    baseline_accuracy: float = field(metadata=rule(SHARE))
+    vs_baseline_points: float = field(metadata=rule(between(-100, 100)))
     rank: int = field(default=0, metadata={"check": NON_NEGATIVE})
     weights_identity: str | None = field(default=None, metadata={"check": weights_identity})
 
@@ -305,14 +306,14 @@ class FeatureSetRecord:
     file: str
     test_file: str
     backbone: str | None
-    weights: str = rule(label)
+    weights: str = field(metadata=rule(label))
     settings: dict[str, Scalar]
     meta: dict[str, Scalar]
-    feature_dim: int = rule(COUNT)
-    classes: list[str] = rule(class_names)
+    feature_dim: int = field(metadata=rule(COUNT))
+    classes: list[str] = field(metadata=rule(class_names))
     dropped_classes: list[str]
-    n_train: int = rule(COUNT)
-    n_test: int = rule(COUNT)
+    n_train: int = field(metadata=rule(COUNT))
+    n_test: int = field(metadata=rule(COUNT))
     baseline: dict[str, float]
 
     def _check_consistency(self, where: str) -> None:
@@ -340,12 +341,12 @@ class RunOptions:
     feature_files: list[str]
     models: list[str]
     test_files: list[str]
-    test_size: float | None = rule(share_of_photos)
-    val_size: float = rule(share_of_photos)
-    cv: int = rule(at_least(2))
-    seed: int = rule(between(0, MAX_SEED))
-    class_weight: str | None = rule(one_of("balanced"))
-    min_photos_per_class: int = rule(COUNT)
+    test_size: float | None = field(metadata=rule(share_of_photos))
+    val_size: float = field(metadata=rule(share_of_photos))
+    cv: int = field(metadata=rule(at_least(2)))
+    seed: int = field(metadata=rule(between(0, MAX_SEED)))
+    class_weight: str | None = field(metadata=rule(one_of("balanced")))
+    min_photos_per_class: int = field(metadata=rule(COUNT))
 
     def _check_consistency(self, where: str) -> None:
         if not self.feature_files:
@@ -384,14 +385,14 @@ class RunDocument:
         Remarks on the results; problems with the input that the run worked around.
     """
 
-    format: int = rule(COUNT)
-    kind: str = rule(one_of(RUN_KIND, REPORT_KIND))
-    run: str = rule(label)
+    format: int = field(metadata=rule(COUNT))
+    kind: str = field(metadata=rule(one_of(RUN_KIND, REPORT_KIND)))
+    run: str = field(metadata=rule(label))
     baseline: str | None
     feature_sets: dict[str, FeatureSetRecord]
     rows: list[Row]
-    notes: list[str] = rule(one_line)
-    warnings: list[str] = rule(one_line)
+    notes: list[str] = field(metadata=rule(one_line))
+    warnings: list[str] = field(metadata=rule(one_line))
     created: str | None = field(default=None, metadata={"check": iso_time})
     versions: dict[str, str] | None = None
     options: RunOptions | None = None
@@ -449,15 +450,17 @@ class RunDocument:
         for key in ("classes", "n_train", "n_test", "weights"):
             if getattr(row, key) != getattr(feature_set, key):
                 raise Damage(f"{at}.{key}", f"differs from feature_sets.{row.features}.{key}")
+        if row.weights_identity is not None and row.weights_identity != feature_set.settings.get("weights"):
+            raise Damage(f"{at}.weights_identity", f"differs from feature_sets.{row.features}.settings.weights")
         if self.kind != RUN_KIND:
             return
-        if name(row.features):
-            raise Damage(f"{at}.features", name(row.features))
+        if problem := name(row.features):
+            raise Damage(f"{at}.features", problem)
         if row.model_dir != model_dir(row.features, row.model):
             raise Damage(f"{at}.model_dir", f"{row.model_dir!r} is not {model_dir(row.features, row.model)!r}")
         if row.run != self.run:
             raise Damage(f"{at}.run", f"{row.run!r}, but the run is {self.run!r}")
-        if row.model not in self.options.models:
+        if row.model not in (self.options.models if self.options is not None else []):
             raise Damage(f"{at}.model", f"{row.model!r} is not one of options.models")
 
 
@@ -482,13 +485,13 @@ class ModelRecord:
         Package versions that wrote it.
     """
 
-    format: int = rule(COUNT)
-    model: str = rule(name)
+    format: int = field(metadata=rule(COUNT))
+    model: str = field(metadata=rule(name))
     params: dict
-    classes: list[str] = rule(class_names)
-    n_features_in: int = rule(COUNT)
+    classes: list[str] = field(metadata=rule(class_names))
+    n_features_in: int = field(metadata=rule(COUNT))
     fitted: dict
-    payload: str = rule(name)
+    payload: str = field(metadata=rule(name))
     versions: dict[str, str] = field(default_factory=dict)
 
 
@@ -615,7 +618,7 @@ def _hints(cls: type) -> dict:
 def _typed(hint: Any, value: Any, where: str) -> Any:
     """``value`` checked against the annotation ``hint`` (records built, lists and mappings item by item)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _record(hint, value, where)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:

@@ -215,7 +215,7 @@ class _Lock:
         except OSError:
             pass  # an empty lock file left behind is harmless: the next writer reuses it
         finally:
-            os.close(self.fd)
+            os.close(self._held)
 
     def record(self) -> None:
         """Record this process as the writer, before it makes anything a killed writer would leave."""
@@ -238,14 +238,21 @@ class _Lock:
             except OSError:
                 pass  # still recorded: the next writer tidies
 
+    @property
+    def _held(self) -> int:
+        """The locked file's descriptor (only inside ``with``)."""
+        if self.fd is None:
+            raise RuntimeError(f"{self.path} is not locked by this process")
+        return self.fd
+
     def _recorded(self) -> list[int]:
-        text = os.pread(self.fd, 4096, 0).decode("ascii", "replace")
+        text = os.pread(self._held, 4096, 0).decode("ascii", "replace")
         return [int(line) for line in text.split() if line.isdigit()]
 
     def _write(self, pids: list[int]) -> None:
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, "".join(f"{pid}\n" for pid in pids).encode(), 0)
-        os.fsync(self.fd)
+        os.ftruncate(self._held, 0)
+        os.pwrite(self._held, "".join(f"{pid}\n" for pid in pids).encode(), 0)
+        os.fsync(self._held)
 
 
 def _tidy_leftovers(target: Path, pid: int) -> bool:

@@ -196,9 +196,9 @@ def load_model(run_dir: str | os.PathLike, model: str | None = None, *, features
     row = matches[0]
     feature_set = run.document.feature_sets[row.features]
     try:
-        fitted = _loaded_model(run.path, row, feature_set)
+        fitted = _loaded_model(Path(run_dir), row, feature_set)
     except Damage as damage:
-        raise damaged(run.path, damage) from None
+        raise damaged(run_dir, damage) from None
     return LoadedModel(
         model=fitted,
         name=row.model,

@@ -168,7 +168,14 @@ def choose_photos(spec: ExtractSpec, paths: Sequence[str], source: str) -> tuple
 def prepare(spec: ExtractSpec) -> ExtractSpec:
     """``spec`` with its quantized network's hash, building the network (or finding it in the cache) now."""
     network, _, _ = _network_files(spec)
-    return replace(spec, quantization=replace(spec.quantization, network=network))
+    return replace(spec, quantization=replace(quantization_of(spec), network=network))
+
+
+def quantization_of(spec: ExtractSpec) -> Quantization:
+    """The quantization an int8 ``spec`` names (a spec of another precision names none: a ``ValueError``)."""
+    if spec.quantization is None:
+        raise ValueError(f"this {spec.precision} spec names no quantized network")
+    return spec.quantization
 
 
 def build(spec: ExtractSpec) -> Callable[[np.ndarray], np.ndarray]:
@@ -240,7 +247,7 @@ def _made_from(spec: ExtractSpec) -> dict:
         "image_size": spec.image_size,
         "interpolation": spec.interpolation,
         "decode": spec.decode,
-        "calibration": [sha for _, sha in spec.quantization.photos],
+        "calibration": [sha for _, sha in quantization_of(spec).photos],
     }
 
 
@@ -317,7 +324,7 @@ def _quantize(spec: ExtractSpec) -> tuple[str, bytes, bytes]:
     """Quantize the float32 Keras network (with its preprocessing) on the calibration photos; IR bytes."""
     ov = import_runtime()
     nncf = _import_nncf()
-    images = [_calibration_image(spec, path, sha) for path, sha in spec.quantization.photos]
+    images = [_calibration_image(spec, path, sha) for path, sha in quantization_of(spec).photos]
     backbone = get_backbone(spec.backbone)
     from furnitype.keras_loader import import_keras
 
@@ -354,14 +361,17 @@ def _calibration_image(spec: ExtractSpec, path: str, sha256: str) -> np.ndarray:
     try:
         found, image = spec.load(path)
     except ImageDecodeError as err:
-        found, image = f"unusable ({err})", None
+        raise _calibration_gone(path, f"unusable ({err})") from None
     if found != sha256:
-        state = found if image is None else "changed"
-        raise InputError(
-            f"int8 calibration photo {path} is {state}: the quantized network cannot be made again "
-            "as recorded; put the photo back, or extract the photos again with --overwrite."
-        )
+        raise _calibration_gone(path, "changed")
     return image
+
+
+def _calibration_gone(path: str, state: str) -> InputError:
+    return InputError(
+        f"int8 calibration photo {path} is {state}: the quantized network cannot be made again "
+        "as recorded; put the photo back, or extract the photos again with --overwrite."
+    )
 
 
 def _version(package: str) -> str:

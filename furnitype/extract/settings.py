@@ -96,10 +96,11 @@ def calibrated(
     else:
         quantization = int8.Quantization(int8.choose_photos(spec, listed, "the listed photos"))
     spec = int8.prepare(replace(spec, quantization=quantization))
+    prepared = int8.quantization_of(spec)
     return spec, {
         **settings,
-        "quantization": spec.quantization.describe(),
-        "calibration_photos": spec.quantization.photos_json(),
+        "quantization": prepared.describe(),
+        "calibration_photos": prepared.photos_json(),
     }
 
 

@@ -91,7 +91,7 @@ def svc(model: object, n_features: int, n_classes: int, where: str) -> SVC:
 
     The compiled prediction code reads the support vectors by the counts it is given, so they must agree.
     """
-    if type(model) is not SVC or model.kernel not in ("linear", "rbf"):
+    if not isinstance(model, SVC) or type(model) is not SVC or model.kernel not in ("linear", "rbf"):
         raise Damage(where, f"{_what(model)}, not a fitted linear or rbf SVC")
     fitted(model, where)
     n_vectors = int(np.sum(getattr(model, "_n_support", 0)))
