@@ -5,20 +5,18 @@ The rules (docs/cli.md, "Conventions"):
 - An output is checked before anything is computed (``check_output``): a file output must not be a folder, a
   folder output must not be a file, and the nearest existing folder above it must be writable.
 - Missing parent folders of an output are created when it is written, by every command.
-- A file is written beside its final place and renamed over it (``write_file``), so a failed or interrupted
-  write leaves the previous file as it was.
+- A file is written beside its final place and renamed over it (``replace_file``), so a failed or
+  interrupted write leaves the previous file as it was.
 - Probabilities, distances and seconds in JSON and CSV output carry 6 significant digits (``significant``);
   a missing value is ``null`` in JSON and an empty cell in CSV, never ``""`` in JSON.
 """
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import Literal, overload
 
 from furnitype.errors import InputError
 
@@ -65,38 +63,45 @@ def make_parents(path: str | os.PathLike) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def write_file(path: str | os.PathLike, mode: Literal["w", "wb"] = "w", **open_args: Any) -> Iterator[IO]:
-    """Open a temporary file beside ``path`` for writing; on success it is synced and renamed over ``path``.
+def replace_file(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file beside it, synced and renamed into place.
 
-    Missing parent folders are created. On any error (a full disk, Ctrl-C) the temporary file is removed, the
-    previous ``path`` is left as it was, and an ``OSError`` becomes a one-line ``InputError``.
+    Missing parent folders are created. A full disk, an error or Ctrl-C leaves the previous file at ``path``
+    whole (or no file); the temporary file is never written through a symlink (``O_NOFOLLOW``) and is removed
+    on failure.
+
+    Raises
+    ------
+    InputError
+        The file cannot be written (one line: the path and why).
     """
     path = make_parents(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    created = False
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as err:
-        raise InputError(f"cannot write {path}: {err.strerror or err}") from None
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; the output gets the usual permissions
-        with open(fd, mode, **open_args) as fh:
-            yield fh
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        created = True
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(name, path)
+        os.replace(tmp, path)
+        created = False
     except OSError as err:
-        raise InputError(f"cannot write {path}: {err.strerror or err}") from None
+        why = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+        raise InputError(f"cannot write {path}: {why}") from None
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name)
+        if created:
+            tmp.unlink(missing_ok=True)
+    return path
+
+
+@overload
+def significant(value: float, digits: int = DIGITS) -> float: ...
+@overload
+def significant(value: None, digits: int = DIGITS) -> None: ...
 
 
 def significant(value: float | None, digits: int = DIGITS) -> float | None:
     """``value`` rounded to ``digits`` significant digits (None stays None)."""
     return None if value is None else float(f"{value:.{digits}g}")
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import os
 import sys
 import time
@@ -29,7 +30,7 @@ from furnitype.extract.backbones import check_memory, get_backbone
 from furnitype.extract.images import ImageFile, list_images
 from furnitype.extract.pipeline import check_batching, feature_batches
 from furnitype.extract.settings import as_stored, spec_for
-from furnitype.outputs import check_output, significant, write_file
+from furnitype.outputs import check_output, replace_file, significant
 
 
 @dataclass(frozen=True)
@@ -131,14 +132,15 @@ class PredictResult:
         """Write the predictions as CSV (columns: ``csv_columns()``; an empty cell where there is no value,
         probabilities with 6 significant digits); returns the path."""
         path = Path(path)
-        with write_file(path, newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(self.csv_columns())
-            for p in self.predictions:
-                ranked = [value for label, prob in p.top for value in (label, significant(prob))]
-                ranked += [""] * (2 * self.top_k - len(ranked))
-                probability = "" if p.probability is None else significant(p.probability)
-                writer.writerow([p.path, p.label or "", probability, *ranked, p.given_label, p.sha256, p.error])
+        text = io.StringIO()
+        writer = csv.writer(text)
+        writer.writerow(self.csv_columns())
+        for p in self.predictions:
+            ranked = [value for label, prob in p.top for value in (label, significant(prob))]
+            ranked += [""] * (2 * self.top_k - len(ranked))
+            probability = "" if p.probability is None else significant(p.probability)
+            writer.writerow([p.path, p.label or "", probability, *ranked, p.given_label, p.sha256, p.error])
+        replace_file(path, text.getvalue().encode("utf-8"))
         return path
 
     def format_table(self) -> str:

@@ -23,8 +23,7 @@ from furnitype.classify.run import LoadedModel, load_model, load_run, training_p
 from furnitype.classify.selection import labelling_order
 from furnitype.errors import InputError, SettingsMismatchError
 from furnitype.features.store import SETTING_KEYS, FeatureSet, load
-from furnitype.outputs import check_output
-from furnitype.reports.files import replace_file
+from furnitype.outputs import check_output, replace_file, significant
 from furnitype.reports.sheet import labelling_sheet
 
 #: The columns of the CSV ``suggest`` writes, in order.
@@ -55,8 +54,9 @@ class Suggestion:
     sha256: str
 
     def as_dict(self) -> dict:
-        """The CSV's columns as a dict."""
-        return {key: getattr(self, key) for key in CSV_COLUMNS}
+        """The CSV's columns as a dict; probabilities with 6 significant digits."""
+        values = {key: getattr(self, key) for key in CSV_COLUMNS}
+        return {key: significant(v) if isinstance(v, float) else v for key, v in values.items()}
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ class SuggestResult:
         writer = csv.writer(text, lineterminator="\n")
         writer.writerow(CSV_COLUMNS)
         for s in self.suggestions:
-            writer.writerow([s.path, s.label, f"{s.probability:.6f}", s.label_2, f"{s.probability_2:.6f}", s.sha256])
+            writer.writerow(list(s.as_dict().values()))
         return replace_file(path, text.getvalue().encode("utf-8"))
 
 

@@ -212,7 +212,7 @@ def report_runs(
     folders = [Path(d) for d in run_dirs]
     runs = [load_run(folder) for folder in folders]
     names = [Path(os.path.realpath(folder)).name for folder in folders]  # "." is named by its folder's name
-    recorded = _recorded_mistakes(runs, names)
+    recorded = _recorded_mistakes(folders, names)
     if mistakes is not None:
         if recorded is None:
             missing = [str(folder) for folder in folders if read_mistakes(folder) is None]
@@ -238,14 +238,14 @@ def report_runs(
     return Run(Path(out), document)
 
 
-def _recorded_mistakes(runs: Sequence[Run], names: Sequence[str]) -> list[Mistake] | None:
+def _recorded_mistakes(folders: Sequence[Path], names: Sequence[str]) -> list[Mistake] | None:
     """The runs' recorded mistakes, feature sets named ``run/key`` when several; None when a run records none."""
     found = []
-    for run, name in zip(runs, names, strict=True):
-        mistakes = read_mistakes(run.path)
+    for folder, name in zip(folders, names, strict=True):
+        mistakes = read_mistakes(folder)
         if mistakes is None:
             return None
-        if len(runs) > 1:
+        if len(folders) > 1:
             mistakes = [dataclasses.replace(m, features=f"{name}/{m.features}") for m in mistakes]
         found += mistakes
     return found

@@ -20,6 +20,7 @@ import furnitype.extraction
 import furnitype.features.describe
 import furnitype.predict
 import furnitype.similar
+import furnitype.suggest
 import furnitype.training
 from furnitype import features as store
 from furnitype.classify.models import CLASS_WEIGHTS, MODEL_NAMES, model_class
@@ -263,6 +264,7 @@ def test_weights_that_keras_cannot_load_are_one_line_without_its_warnings(made, 
         (furnitype.training, "report_runs", ["report", "run"]),
         (furnitype.predict, "predict", ["predict", "run", "a.jpg"]),
         (furnitype.similar, "similar", ["similar", "x.h5", "a.jpg"]),
+        (furnitype.suggest, "suggest", ["suggest", "run", "x.h5"]),
     ],
 )
 def test_ctrl_c_exits_130_on_every_command(monkeypatch, photo_folder, module, function, args):

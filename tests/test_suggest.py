@@ -196,12 +196,23 @@ def test_a_full_disk_leaves_the_previous_list_whole(setup, tmp_path, monkeypatch
     assert sorted(p.name for p in tmp_path.iterdir()) == ["to-label.csv"]
 
 
-def test_an_out_folder_that_does_not_exist_is_one_line(setup, tmp_path):
+def test_an_out_folder_that_does_not_exist_is_made(setup, tmp_path):
     out = tmp_path / "missing" / "to-label.csv"
     result = invoke("suggest", setup["run"], setup["new"], "--out", out)
 
-    assert result.exit_code == 2
-    assert result.output == f"Error: cannot write {out}: No such file or directory\n"
+    assert result.exit_code == 0, result.output
+    assert out.read_text().startswith("path,label,probability,label_2,probability_2,sha256\n")
+
+
+def test_the_outputs_are_checked_before_any_work(setup, tmp_path):
+    taken = tmp_path / "to-label.csv"
+    taken.write_text("being labelled")
+    missing = tmp_path / "no-such-run"  # not looked at: the outputs are refused first
+    result = invoke("suggest", missing, setup["new"], "--out", taken)
+    assert result.exit_code == 2 and result.output.startswith(f"Error: {taken} already exists")
+    result = invoke("suggest", missing, setup["new"], "--out", tmp_path / "x.csv", "--sheet", tmp_path)
+    assert result.exit_code == 2 and result.output == f"Error: cannot write {tmp_path}: it is a folder.\n"
+    assert taken.read_text() == "being labelled" and not (tmp_path / "x.csv").exists()
 
 
 def test_a_feature_file_with_other_settings_is_refused_naming_the_differences(setup, tmp_path):
@@ -297,7 +308,7 @@ def test_n_below_one(setup, tmp_path):
     with pytest.raises(InputError, match="n must be at least 1"):
         suggest(setup["run"], setup["new"], n=0)
     result = invoke("suggest", setup["run"], setup["new"], "--n", 0, "--out", tmp_path / "x.csv")
-    assert result.exit_code == 2 and "0 is not in the range x>=1" in result.output
+    assert result.exit_code == 2 and result.output == "Error: n must be at least 1. Received: n=0\n"
 
 
 def test_the_sheet_shows_the_photos_with_the_guesses(setup, tmp_path):

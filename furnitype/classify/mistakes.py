@@ -34,6 +34,7 @@ from furnitype.classify.evaluation import Fit, reference_model
 from furnitype.classify.run import damaged
 from furnitype.classify.runfiles import Damage, read_inside
 from furnitype.classify.split import ContentKFold, max_splits
+from furnitype.outputs import significant
 
 MISTAKES_FILE = "mistakes.csv"
 KINDS = ("misclassified", "label_issue")
@@ -182,7 +183,7 @@ def as_mistakes(
     features: str,
     model: str,
     kind: str,
-    classes: Sequence[str],
+    classes: Sequence[str] | np.ndarray,
     y: np.ndarray,
     proba: np.ndarray,
     paths: np.ndarray,
@@ -194,7 +195,7 @@ def as_mistakes(
         j = int(np.nanargmax(proba[i]))
         found.append(
             Mistake(features, model, kind, str(paths[i]), str(classes[y[i]]), str(classes[j]),
-                    round(float(proba[i, j]), 6), round(float(proba[i, y[i]]), 6), str(sha256[i]))
+                    significant(float(proba[i, j])), significant(float(proba[i, y[i]])), str(sha256[i]))
         )
     return found
 
@@ -257,5 +258,17 @@ def _parse(data: bytes) -> list[Mistake]:
             raise Damage(where, "a probability is not a number") from None
         if not all(0.0 <= p <= 1.0 for p in probabilities.values()):
             raise Damage(where, "a probability is not between 0 and 1")
-        found.append(Mistake(**{**row, **probabilities}))
+        found.append(
+            Mistake(
+                features=row["features"],
+                model=row["model"],
+                kind=row["kind"],
+                path=row["path"],
+                label=row["label"],
+                predicted=row["predicted"],
+                probability=probabilities["probability"],
+                label_probability=probabilities["label_probability"],
+                sha256=row["sha256"],
+            )
+        )
     return found

@@ -18,7 +18,7 @@ from dataclasses import astuple
 from pathlib import Path
 
 from furnitype.classify.mistakes import COLUMNS, Mistake
-from furnitype.reports.files import replace_file
+from furnitype.outputs import replace_file
 from furnitype.reports.sheet import thumbnail
 
 #: Photos shown per feature set and list.

@@ -17,17 +17,22 @@ from typing import Protocol
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from furnitype.reports.files import replace_file
+from furnitype.outputs import replace_file
 
 
 class ToLabel(Protocol):
     """What a tile of a labelling sheet shows (``furnitype.suggest.Suggestion`` is one)."""
 
-    path: str
-    label: str
-    probability: float
-    label_2: str
-    probability_2: float
+    @property
+    def path(self) -> str: ...
+    @property
+    def label(self) -> str: ...
+    @property
+    def probability(self) -> float: ...
+    @property
+    def label_2(self) -> str: ...
+    @property
+    def probability_2(self) -> float: ...
 
 
 class Neighbour(Protocol):
