@@ -436,4 +436,4 @@ def test_keras_download_lines_stand_apart_from_the_bar(photo_folder, tmp_path, m
     assert any(re.fullmatch(r"Downloading data from https://\S+notop\.h5", piece) for piece in pieces)
     error = result.stderr.splitlines()[-1]
     assert error.startswith("Error: could not get the ImageNet weights for vgg16 (")
-    assert error.endswith("or pass --weights PATH (a weights file) or --weights none (random weights).")
+    assert "what works offline: --weights PATH" in error and error.endswith("or --weights none (random weights).")

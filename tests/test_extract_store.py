@@ -173,7 +173,7 @@ def test_a_failed_start_leaves_nothing_behind(folder, tmp_path):
     bad = tmp_path / "bad.weights.h5"
     bad.write_text("not weights")
     out = tmp_path / "f.h5"
-    with pytest.raises(FurnitypeError, match="could not load vgg16 weights"):
+    with pytest.raises(FurnitypeError, match="bad.weights.h5 is not a Keras weights file"):
         extract([folder], **{**SMALL, "weights": str(bad)}, out=out)
     assert _files(tmp_path) == ["bad.weights.h5"]
     assert extract([folder], **SMALL, out=out).extracted == 6  # the corrected command is not refused

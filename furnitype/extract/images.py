@@ -114,14 +114,14 @@ class _Collector:
         try:
             st = entry.stat() if entry is not None else os.stat(path)
         except OSError as err:
-            st, reason = None, MISSING if err.errno == errno.ENOENT else f"unreadable: {err.strerror or err}"
+            reason = MISSING if err.errno == errno.ENOENT else f"unreadable: {err.strerror or err}"
         else:
             reason = _unusable(st)
+            if not reason:
+                self.stats.extend((st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))
         if reason:
             self.reasons[len(self.paths)] = reason
             self.stats.extend((-1, 0, 0, 0))
-        else:
-            self.stats.extend((st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))
         self.paths.append(path)
         self.labels.append(label)
 
@@ -291,7 +291,7 @@ def decode_image(data: bytes, size: int, interpolation: str = "bilinear", decode
     if not data:
         raise ImageDecodeError("empty file")
     try:
-        img = Image.open(BytesIO(data))
+        img: Image.Image = Image.open(BytesIO(data))
         if decode == "draft" and img.format == "JPEG":
             img.draft(img.mode, (size, size))
         img.load()

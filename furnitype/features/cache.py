@@ -151,7 +151,8 @@ class FeatureCache:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._lock.release()
+        if self._lock is not None:
+            self._lock.release()
 
     def _open(self, *, rebuild: bool) -> None:
         self.fresh, self.upgrade = True, False
@@ -306,7 +307,7 @@ class FeatureCache:
         self._remove_unlisted()
         self._sent: dict[str, str] = {}
         # What grows with the listing is not needed any more: the network's memory comes on top of what is left.
-        self.listing = self._entries = self._match = self._unchanged = self._hashed = None
+        del self.listing, self._entries, self._match, self._unchanged, self._hashed
 
     def todo(self) -> list[str]:
         """One path per content the store lacks (the others with the same content get copies of its row)."""
@@ -416,7 +417,8 @@ class FeatureCache:
     def _recorded_stat(self, stat) -> tuple[int, int, int, int]:
         if stat is None or stat[1] >= self._started_ns - RACY_NS:
             return STAT_UNKNOWN
-        return tuple(int(v) for v in stat)
+        size, mtime_ns, inode, ctime_ns = (int(v) for v in stat)
+        return size, mtime_ns, inode, ctime_ns
 
     def _candidates(self, listing) -> _Entries:
         """The live entries that may be listed: those in the listed files' folders and under walked folders."""
@@ -489,7 +491,7 @@ class FeatureCache:
         n = dict(self.n)
         dead = dict(self.dead)
         labels = Counter(self.label_counts)
-        folder_ids = {table: [] for table in n}
+        folder_ids: dict[str, list[int] | np.ndarray] = {table: [] for table in n}
         for table, kills in changes.kill.items():
             if kills:
                 index = np.array(sorted(kills))

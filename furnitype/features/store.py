@@ -463,13 +463,14 @@ def open_store(
     deadline = time.monotonic() + 10.0
     while True:
         fd = _open_for_reading(real, given)
+        open_fd: int | None = fd  # closed in the end unless closed before
         try:
             wait_for_lock(fd, exclusive=False, what=str(given))
             if not same_file(fd, real):
                 continue  # replaced (compacted) while we waited: read the new file
             if check_undo and os.path.lexists(undo_path(real)):
                 os.close(fd)
-                fd = None
+                open_fd = None
                 _recover_for_reader(real, given, deadline)
                 continue
             try:
@@ -491,8 +492,8 @@ def open_store(
                 h5.close()
             return
         finally:
-            if fd is not None:
-                os.close(fd)
+            if open_fd is not None:
+                os.close(open_fd)
 
 
 def _open_for_reading(real: Path, given) -> int:

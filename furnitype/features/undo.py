@@ -340,6 +340,8 @@ class PagedFile(io.RawIOBase):
             del self._held[page]
 
     def _save(self, pages) -> None:
+        if self.undo is None:  # a file opened without an undo log keeps nothing to roll back
+            return
         try:
             self.undo.save(self.fd, list(pages))
         except OSError as err:
