@@ -25,6 +25,7 @@ from furnitype.extract.images import ImageDecodeError, Listing, hash_file, list_
 from furnitype.extract.pipeline import ExtractSpec, check_batching
 from furnitype.extract.settings import calibrated, recorded_settings, resolve_settings
 from furnitype.features.cache import FeatureCache, Hashed
+from furnitype.outputs import significant
 
 #: ``extract``'s keyword form of an ``ExtractSpec`` (with their defaults) and of the Ray engine.
 SPEC_OPTIONS = {
@@ -62,6 +63,8 @@ class ExtractResult:
         Wall time of the whole call.
     warnings : list of str
         Folders that could not be listed (their rows are kept), files that could not be read this time.
+    skipped_files : list of (str, str)
+        The listed files that could not be used: ``(path, reason)``.
     """
 
     out: str
@@ -75,6 +78,7 @@ class ExtractResult:
     rows: int
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    skipped_files: list[tuple[str, str]] = field(default_factory=list)
 
     def summary(self) -> str:
         """One line: ``2,655 extracted, 2 skipped, 2,657 hashed (see: furnitype info FILE)``."""
@@ -90,7 +94,12 @@ class ExtractResult:
         return f"{', '.join(parts)} ({hint})"
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """JSON-ready: the counts, ``seconds`` (6 significant digits), ``warnings`` and ``skipped_files`` as
+        ``[{"path", "reason"}]``."""
+        data = asdict(self)
+        data["seconds"] = significant(self.seconds)
+        data["skipped_files"] = [{"path": path, "reason": reason} for path, reason in self.skipped_files]
+        return data
 
 
 def extract(
@@ -202,6 +211,7 @@ def extract(
         rows=counts.rows,
         seconds=time.perf_counter() - started,
         warnings=counts.warnings,
+        skipped_files=counts.skipped_files,
     )
 
 

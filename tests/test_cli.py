@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -437,3 +438,20 @@ def test_keras_download_lines_stand_apart_from_the_bar(photo_folder, tmp_path, m
     error = result.stderr.splitlines()[-1]
     assert error.startswith("Error: could not get the ImageNet weights for vgg16 (")
     assert "what works offline: --weights PATH" in error and error.endswith("or --weights none (random weights).")
+
+
+def test_extract_json_lists_the_skipped_files_with_their_reasons(photo_folder, tmp_path):
+    folder = tmp_path / "photos"
+    shutil.copytree(photo_folder, folder)
+    (folder / "bed" / "empty.jpg").write_bytes(b"")
+    (folder / "chair" / "notes.jpg").write_text("not a photo")
+    args = ["extract", folder, "--weights", "none", "--image-size", "32", "--out", tmp_path / "f.h5", "--json", "-q"]
+    for _ in range(2):  # the second time the files are unchanged: skipped again, by their recorded reasons
+        result = invoke(*args)
+        assert result.exit_code == 0, result.output
+        summary = json.loads(result.stdout)
+        assert summary["skipped"] == 2 and sorted(summary["skipped_files"], key=lambda s: s["path"]) == [
+            {"path": str(folder / "bed" / "empty.jpg"), "reason": "empty file"},
+            {"path": str(folder / "chair" / "notes.jpg"), "reason": "not an image (unrecognised format)"},
+        ]
+        assert _significant(summary["seconds"]) and summary["warnings"] == []

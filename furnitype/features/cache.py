@@ -80,12 +80,17 @@ class RunCounts:
 
     listed: int = 0
     extracted: int = 0
-    skipped: int = 0
     removed: int = 0
     relabelled: int = 0
     hashed: int = 0
     rows: int = 0
     warnings: list[str] = field(default_factory=list)
+    #: The listed files that could not be used, with the reason: ``(path, reason)``.
+    skipped_files: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def skipped(self) -> int:
+        return len(self.skipped_files)
 
     @property
     def reused(self) -> int:
@@ -254,8 +259,8 @@ class FeatureCache:
         failed[list(listing.reasons)] = True
         for i in _not_utf8(listing.paths):
             failed[i] = True
-            self.counts.skipped += 1
             name = listing.paths[i].encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            self.counts.skipped_files.append((name, "not a UTF-8 name"))
             self.counts.warnings.append(f"skipped {name}: a feature file records only UTF-8 names; rename it")
         unchanged = same_stat & ~failed & (not rehash)
         self._unchanged = unchanged
@@ -275,7 +280,7 @@ class FeatureCache:
         for i in np.flatnonzero(self._unchanged).tolist():
             entry = match[i]
             if tables[entry] == "skipped":
-                self.counts.skipped += 1
+                self.counts.skipped_files.append((listing.paths[i], str(entries.reason[entry])))
             if labels[i] and labels[i] != entry_labels[entry]:
                 self._relabel(int(entry), labels[i])
         for i, reason in listing.reasons.items():
@@ -288,7 +293,7 @@ class FeatureCache:
             stat = self._recorded_stat(result.stat)
             if entry >= 0 and entries.sha[entry] == result.sha256.encode():
                 if entries.table[entry] == "skipped":
-                    self.counts.skipped += 1
+                    self.counts.skipped_files.append((listing.paths[i], str(entries.reason[entry])))
                 self._relabel(entry, labels[i])
                 if tuple(entries.stat[entry]) != stat:
                     changes.stats[entries.table[entry]][int(entries.index[entry])] = stat
@@ -301,7 +306,7 @@ class FeatureCache:
                 changes.copies.append((row, path, labels[i], result.sha256, stat, not labels[i]))
             elif result.sha256 in self._skip_reasons:
                 changes.skips.append((path, labels[i], result.sha256, self._skip_reasons[result.sha256], stat))
-                self.counts.skipped += 1
+                self.counts.skipped_files.append((path, self._skip_reasons[result.sha256]))
             else:
                 self._todo.setdefault(result.sha256, []).append((path, labels[i], stat))
         self._remove_unlisted()
@@ -342,10 +347,10 @@ class FeatureCache:
                 for n, (path, label, _) in enumerate(members):
                     why = reason if n == 0 else f"not read: {first}, with the same content, was {reason}"
                     self._changes.skips.append((path, label, "", why, STAT_UNKNOWN))
-                self.counts.skipped += len(members)
+                    self.counts.skipped_files.append((path, why))
                 continue
             self._changes.skips += [(path, label, sha, reason, stat) for path, label, stat in members]
-            self.counts.skipped += len(members)
+            self.counts.skipped_files += [(path, reason) for path, _, _ in members]
         self._commit(extracted)
 
     def finish(self) -> RunCounts:
@@ -383,7 +388,7 @@ class FeatureCache:
         if entry >= 0 and not result.gone:
             self.counts.warnings.append(f"could not read {self.listing.paths[i]} ({result.reason}); its row is kept")
             return
-        self.counts.skipped += 1
+        self.counts.skipped_files.append((self.listing.paths[i], result.reason))
         if entry >= 0:
             if self._entries.table[entry] == "skipped" and self._entries.reason[entry] == result.reason:
                 return

@@ -333,11 +333,16 @@ def damaged(path: str | os.PathLike, reason: BaseException | str) -> StoreError:
     return DamagedStoreError(f"{path} is damaged ({first_line(reason)}); --overwrite rebuilds it.")
 
 
+class StoreWriteError(InputError, StoreError):
+    """A write to the store that failed (a full disk, an I/O error) and was rolled back: like every output that
+    cannot be written, an ``InputError`` (exit 2); the store is intact."""
+
+
 def write_failed(given: str | os.PathLike, err: OSError, rows: int, kept: str = "") -> StoreError:
     """One line for a write that failed and was rolled back (``kept``: what earlier commits of the run kept)."""
     what = "disk full while writing" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "cannot write"
     why = "" if err.errno in (errno.ENOSPC, errno.EDQUOT) else f" ({err.strerror or err})"
-    return StoreError(
+    return StoreWriteError(
         f"{what} {given}{why}: the last change was not written and the store is intact ({rows:,} rows); "
         f"{kept}free space or fix the cause and rerun."
     )
