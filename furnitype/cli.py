@@ -429,6 +429,43 @@ def predict(run, images, model, feature_set, top_k, weights, batch_size, workers
 
 
 @cli.command()
+@click.argument("run", type=click.Path(file_okay=False))
+@click.argument("features", type=click.Path(dir_okay=False))
+@click.option("--n", "-n", "n", default=40, show_default=True, type=int, help="Photos to suggest.")
+@out_option("The CSV to correct: path,label,probability,label_2,probability_2,sha256.", default="to-label.csv")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+@click.option("--sheet", type=click.Path(), help="Draw the photos with the model's guesses (PNG).")
+@json_option()
+@api_command
+def suggest(run, features, n, out, overwrite, sheet, as_json) -> None:
+    """Pick the new photos most worth labelling to adapt a run's model to their source.
+
+    FEATURES holds new photos (from extract, with the run's feature settings; its labels are ignored). The
+    CSV lists the chosen photos, most worth labelling first, with the model's guess in the label column:
+    correct it, then add the photos to the training store and retrain:
+
+    \b
+      furnitype extract --manifest to-label.csv --out train.h5 [--weights ...]
+      furnitype classify train.h5 --test new.h5
+
+    \b
+    Examples:
+      furnitype suggest runs/furniture new.h5
+      furnitype suggest runs/furniture new.h5 --n 20 --sheet to-label.png
+    """
+    from furnitype.suggest import suggest as run_suggest
+
+    result = run_suggest(run, features, n=n, out=out, overwrite=overwrite, sheet=sheet)
+    if as_json:
+        _print_json({**result.as_dict(), "out": out, "sheet": sheet})
+        return
+    click.echo(result.format_table())
+    for note in result.notes:
+        click.echo(f"note: {note}")
+    click.echo(result.summary() + f"; wrote {out}" + (f" and {sheet}" if sheet else ""))
+
+
+@cli.command()
 @click.argument("features", type=click.Path(dir_okay=False))
 @click.argument("queries", nargs=-1, required=True, type=click.Path())
 @top_k_option("Neighbours per query.", default=5)
@@ -467,43 +504,6 @@ def similar(features, queries, top_k, exclude_self, sheet, weights, batch_size, 
             click.echo(f"  {rank:>2}  {n.distance:.4f}  {n.label or '-':<12} {n.path}")
     if sheet:
         click.echo(f"contact sheet: {sheet}")
-
-
-@cli.command()
-@click.argument("run", type=click.Path(file_okay=False))
-@click.argument("features", type=click.Path(dir_okay=False))
-@click.option("--n", "-n", "n", default=40, show_default=True, type=int, help="Photos to suggest.")
-@out_option("The CSV to correct: path,label,probability,label_2,probability_2,sha256.", default="to-label.csv")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
-@click.option("--sheet", type=click.Path(), help="Draw the photos with the model's guesses (PNG).")
-@json_option()
-@api_command
-def suggest(run, features, n, out, overwrite, sheet, as_json) -> None:
-    """Pick the new photos most worth labelling to adapt a run's model to their source.
-
-    FEATURES holds new photos (from extract, with the run's feature settings; its labels are ignored). The
-    CSV lists the chosen photos, most worth labelling first, with the model's guess in the label column:
-    correct it, then add the photos to the training store and retrain:
-
-    \b
-      furnitype extract --manifest to-label.csv --out train.h5 [--weights ...]
-      furnitype classify train.h5 --test new.h5
-
-    \b
-    Examples:
-      furnitype suggest runs/furniture new.h5
-      furnitype suggest runs/furniture new.h5 --n 20 --sheet to-label.png
-    """
-    from furnitype.suggest import suggest as run_suggest
-
-    result = run_suggest(run, features, n=n, out=out, overwrite=overwrite, sheet=sheet)
-    if as_json:
-        _print_json({**result.as_dict(), "out": out, "sheet": sheet})
-        return
-    click.echo(result.format_table())
-    for note in result.notes:
-        click.echo(f"note: {note}")
-    click.echo(result.summary() + f"; wrote {out}" + (f" and {sheet}" if sheet else ""))
 
 
 def main() -> None:

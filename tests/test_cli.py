@@ -47,7 +47,7 @@ from tests.conftest import run_cli as invoke
 from tests.images import COLOURS, make_photo_folder, photo
 
 ROOT = Path(__file__).resolve().parents[1]
-PIPELINE = ["extract", "info", "compact", "classify", "report", "predict", "similar", "suggest"]
+PIPELINE = ["extract", "info", "compact", "classify", "report", "predict", "suggest", "similar"]
 SETTINGS = {"backbone": "vgg16", "image_size": 32, "batch_size": 8, "progress": False}
 
 
