@@ -12,7 +12,7 @@ from furnitype.classify.data import weights_label
 from furnitype.classify.metadata import Row
 from furnitype.classify.run import rank_rows
 from furnitype.classify.synthetic import make_features
-from furnitype.reports.plots import plot_confusion, plot_scores
+from furnitype.reports.plots import plot_confusion, plot_scores, scores_figure
 from furnitype.reports.table import differing_settings, format_table, write_report
 from furnitype.training import classify
 from tests.conftest import run_cli as invoke
@@ -204,3 +204,17 @@ def test_html_aligns_numbers_right_text_left_and_flags_random_weights(compared):
     assert '<td class="flag">random</td>' in results and "<td>vgg-bf16</td>" in results
     assert re.search(r'<td class="num">0\.\d{3}</td>', results)
     assert ".num { text-align: right" in html and "text-align: left" in html
+
+
+@pytest.mark.parametrize("n", [1, 3, 12])
+def test_the_scores_chart_has_a_title_a_zero_based_axis_and_a_legend_that_fits(n):
+    rows = rank_rows([_row(f"m{i}", 0.5 + i / 40, features=f"features-{i}") for i in range(n)])
+    fig = scores_figure(rows, title="run: scores")
+    [ax] = fig.axes
+    assert ax.get_title() == "run: scores" and ax.get_ylim() == (0.0, 1.0)
+    assert [t.get_text() for t in ax.get_xticklabels()] == [f"{r.features}\n{r.model}" for r in rows]
+    [legend] = fig.legends
+    fig.draw_without_rendering()
+    box, figure, plot = legend.get_window_extent(), fig.bbox, ax.get_window_extent()
+    assert 0 <= box.x0 and box.x1 <= figure.x1 and box.y1 <= plot.y0  # whole, under the chart
+    assert box.height < 0.15 * figure.height and plot.width > 0.8 * figure.width

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from furnitype.classify.metadata import Row
 
 #: The bars of the chart: (row key, legend label).
@@ -60,23 +62,28 @@ def plot_confusion(
 
 
 def plot_scores(rows: Sequence[Row], path: str | os.PathLike, *, title: str = "") -> Path:
-    """Save a grouped bar chart of the table (accuracy, balanced accuracy, macro-F1 per row) as PNG.
+    """Save ``scores_figure(rows, title=title)`` as PNG; returns ``path``."""
+    path = Path(path)
+    scores_figure(rows, title=title).savefig(path, dpi=110)
+    return path
+
+
+def scores_figure(rows: Sequence[Row], *, title: str = "") -> Figure:
+    """A grouped bar chart of the table (accuracy, balanced accuracy, macro-F1 per row).
 
     Each group is named by its feature set (the training file's stem) and model; a black tick over each group
     marks the accuracy of the plain logistic-regression baseline on the same training and test rows. The y axis
-    runs from 0 to 1, so bar heights compare; the legend sits under the chart.
+    runs from 0 to 1, so bar heights compare; the legend sits under the chart, in one row when it fits.
 
     Parameters
     ----------
     rows : sequence of Row
         Table rows in display order.
-    path : str or path-like
     title : str, default=""
 
     Returns
     -------
-    Path
-        ``path``.
+    matplotlib.figure.Figure
     """
     from matplotlib.figure import Figure
 
@@ -101,7 +108,10 @@ def plot_scores(rows: Sequence[Row], path: str | os.PathLike, *, title: str = ""
     ax.grid(axis="y", alpha=0.3)
     if title:
         ax.set_title(title, fontsize=10)
-    fig.legend(loc="outside lower center", ncols=len(BAR_METRICS) + 1, fontsize=8, frameon=False)
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    return path
+    entries = len(BAR_METRICS) + 1
+    legend = fig.legend(loc="outside lower center", ncols=entries, fontsize=8, frameon=False)
+    fig.draw_without_rendering()
+    if legend.get_window_extent().width > fig.bbox.width:  # a narrow chart: the legend in two rows
+        legend.remove()
+        fig.legend(loc="outside lower center", ncols=-(-entries // 2), fontsize=8, frameon=False)
+    return fig
