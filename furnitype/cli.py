@@ -9,6 +9,7 @@ Ctrl-C into exit 130, and shows the API's progress lines on stderr. The conventi
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import logging
 import sys
@@ -22,9 +23,6 @@ from furnitype.classify.metadata import MAX_SEED
 from furnitype.classify.models import CLASS_WEIGHTS, MODEL_NAMES
 from furnitype.engines import ENGINES
 from furnitype.errors import FurnitypeError
-from furnitype.extract.backbones import POOLINGS, PRECISIONS, list_backbones
-from furnitype.extract.images import DECODE_MODES, INTERPOLATIONS
-from furnitype.extract.settings import STORE_DTYPES
 
 #: The exit code of a command stopped by Ctrl-C (128 + SIGINT, as shells report it).
 EXIT_INTERRUPTED = 130
@@ -35,6 +33,23 @@ class Command(click.Command):
 
     def get_short_help_str(self, limit: int = 45) -> str:
         return super().get_short_help_str(limit=1_000)
+
+
+class APIChoice(click.Choice):
+    """A choice among the values of an API constant (or registry function), read when first needed: the
+    extraction registries import numpy, Pillow and h5py, which ``furnitype --help`` and the other commands need
+    not wait for."""
+
+    def __init__(self, module: str, name: str, *, case_sensitive: bool = True):
+        self.source = (module, name)
+        self.case_sensitive = case_sensitive  # ``choices`` is set when first asked for (``__getattr__``)
+
+    def __getattr__(self, name: str):
+        if name != "choices":
+            raise AttributeError(name)
+        found = getattr(importlib.import_module(self.source[0]), self.source[1])
+        self.choices = tuple(found() if callable(found) else found)
+        return self.choices
 
 
 class Group(click.Group):
@@ -178,16 +193,21 @@ def cli() -> None:
 @cli.command()
 @click.argument("images", nargs=-1, type=click.Path())
 @click.option("--backbone", "-b", default="vgg16", show_default=True,
-              type=click.Choice(list_backbones(), case_sensitive=False),
+              type=APIChoice("furnitype.extract.backbones", "list_backbones", case_sensitive=False),
               help="Convolutional base (inception = InceptionV3).")
 @weights_option("imagenet, none (random, seeded) or a weights file.", default="imagenet")
-@click.option("--pooling", default="avg", show_default=True, type=click.Choice(POOLINGS))
+@click.option("--pooling", default="avg", show_default=True,
+              type=APIChoice("furnitype.extract.backbones", "POOLINGS"))
 @click.option("--image-size", type=int, help="Square input side in pixels.  [default: 224 / 299]")
-@click.option("--precision", default="float32", show_default=True, type=click.Choice(PRECISIONS),
+@click.option("--precision", default="float32", show_default=True,
+              type=APIChoice("furnitype.extract.backbones", "PRECISIONS"),
               help="Compute precision (mixed; int8: OpenVINO, needs pip install 'furnitype[int8]').")
-@click.option("--store-dtype", default="float32", show_default=True, type=click.Choice(STORE_DTYPES))
-@click.option("--interpolation", default="bilinear", show_default=True, type=click.Choice(tuple(INTERPOLATIONS)))
-@click.option("--decode", default="exact", show_default=True, type=click.Choice(DECODE_MODES),
+@click.option("--store-dtype", default="float32", show_default=True,
+              type=APIChoice("furnitype.extract.settings", "STORE_DTYPES"))
+@click.option("--interpolation", default="bilinear", show_default=True,
+              type=APIChoice("furnitype.extract.images", "INTERPOLATIONS"))
+@click.option("--decode", default="exact", show_default=True,
+              type=APIChoice("furnitype.extract.images", "DECODE_MODES"),
               help="draft: let the JPEG decoder downscale first (faster on big photos).")
 @click.option("--calibrate", type=click.Path(exists=True),
               help="int8: calibrate on these photos.  [default: the store's, else a sample of IMAGES]")

@@ -455,3 +455,14 @@ def test_extract_json_lists_the_skipped_files_with_their_reasons(photo_folder, t
             {"path": str(folder / "chair" / "notes.jpg"), "reason": "not an image (unrecognised format)"},
         ]
         assert _significant(summary["seconds"]) and summary["warnings"] == []
+
+
+def test_the_command_line_starts_without_the_heavy_libraries():
+    """``furnitype --help`` (and any command before it needs them) imports neither numpy, Pillow, h5py,
+    scikit-learn nor TensorFlow: the choices are read from the API when an option is parsed or shown."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    code = ("import sys; from click.testing import CliRunner; from furnitype.cli import cli; "
+            "assert CliRunner().invoke(cli, ['--help']).exit_code == 0; "
+            "print(sorted(m for m in ('numpy', 'PIL', 'h5py', 'sklearn', 'tensorflow') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
