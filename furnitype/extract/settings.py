@@ -19,12 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from furnitype.errors import FurnitypeError, InputError, SettingsMismatchError
+from furnitype.errors import FurnitypeError, InputError, SettingsMismatchError, StoreError
 from furnitype.extract import int8
 from furnitype.extract.backbones import check_options, get_backbone, weights_identity
 from furnitype.extract.images import DECODE_MODES, check_interpolation, list_images
 from furnitype.extract.pipeline import ExtractSpec
-from furnitype.features.store import OPTIONAL_SETTING_KEYS, SETTING_KEYS, StoreError, read_meta
+from furnitype.features.layout import OPTIONAL_SETTING_KEYS, SETTING_KEYS
+from furnitype.features.store import read_meta
 
 STORE_DTYPES = ("float32", "float16")
 

@@ -26,30 +26,20 @@ import h5py
 import numpy as np
 
 from furnitype.errors import SettingsMismatchError, StoreError
+from furnitype.features.layout import STAT_UNKNOWN, Folders, Layout, read_at, write_at
 from furnitype.features.locking import WriterLock
-from furnitype.features.store import (
+from furnitype.features.store import CompactResult, check_settings, compact_locked
+from furnitype.features.undo import deferred_interrupts
+from furnitype.features.view import (
     READ_ERRORS,
-    STAT_UNKNOWN,
-    CompactResult,
     DamagedStoreError,
-    Folders,
-    Layout,
     StoreView,
-    WriteFailed,
-    check_settings,
-    compact_locked,
     damaged,
-    new_file,
     open_store,
-    read_at,
     recover,
     remove_leftovers,
-    transaction,
-    writable,
-    write_at,
-    write_failed,
 )
-from furnitype.features.undo import deferred_interrupts
+from furnitype.features.writing import WriteFailed, new_file, transaction, writable, write_failed
 
 #: A file modified this close to the moment it was hashed may change again within the same mtime tick:
 #: its stat is recorded as unknown, so the next run reads it again (git's "racily clean" rule).

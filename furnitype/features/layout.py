@@ -1,0 +1,228 @@
+"""Format 2 of the feature store: its columns, and the writer of its datasets.
+
+Datasets (readable with plain h5py, see docs/formats.md)::
+
+    /features   float32 or float16 (N, D), chunked by rows, gzip-compressed
+    /sha256     fixed-length ASCII (N,), hex digest of the file's bytes
+    /path       UTF-8 (N,), absolute path of the file when it was extracted
+    /label      UTF-8 (N,), class name ("" when unlabelled)
+    /live       uint8 (N,), 1 for the store's rows; 0 for removed rows, which wait for compaction
+    /stat       int64 (N, 4), size, mtime_ns, inode, ctime_ns of the file when hashed (size -1: unknown)
+    /folder     int32 (N,), index into /folders of the file's folder
+    /folders    UTF-8 (F,), folders of the stored files
+    /classes    UTF-8 (C,), the sorted distinct non-empty labels of live rows
+    /skipped/   path, sha256, reason, label, live, stat, folder (S,): files that could not be used
+    attributes  the settings that made the rows (backbone, weights, pooling, ...), provenance, counts
+
+Format-1 files (the same datasets without live, stat, folder, folders; rows sorted by path) are read as they are
+(``view.py``) and upgraded on their first write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+
+import h5py
+import numpy as np
+
+FORMAT_VERSION = 2
+#: Settings that decide a feature's value: rows made with different values are never mixed.
+SETTING_KEYS = (
+    "backbone",
+    "weights",
+    "pooling",
+    "image_size",
+    "interpolation",
+    "precision",
+    "decode",
+    "store_dtype",
+    "quantization",
+)
+#: Settings that only some files record (int8 stores: their quantized network); absent from ``settings`` else.
+OPTIONAL_SETTING_KEYS = ("quantization",)
+#: Attributes the store keeps for itself (counts), left out of ``meta``.
+BOOKKEEPING = ("live_rows", "dead_rows", "live_skipped", "dead_skipped", "label_counts")
+#: Version 1.10 of the HDF5 format: checksummed metadata, so damaged bytes are found, not misread.
+LIBVER = ("v110", "v110")
+STAT_UNKNOWN = (-1, 0, 0, 0)
+STR = h5py.string_dtype("utf-8")
+_COLUMN_CHUNK = {"rows": 1024, "skipped": 256}
+_FEATURE_CHUNK_BYTES = 256 << 10
+BLOCK_ROWS = 16384
+#: Columns of both tables (``/`` for rows, ``/skipped`` for skips): dtype and the shape of one entry.
+COLUMNS = {
+    "sha256": ("S64", ()),
+    "path": (STR, ()),
+    "label": (STR, ()),
+    "live": ("u1", ()),
+    "stat": ("i8", (4,)),
+    "folder": ("i4", ()),
+}
+SKIP_COLUMNS = {**COLUMNS, "reason": (STR, ())}
+#: What h5py and numpy raise on a damaged file (HDF5's own errors arrive as OSError, KeyError or RuntimeError).
+READ_ERRORS = (OSError, KeyError, ValueError, RuntimeError, TypeError, IndexError, UnicodeDecodeError, AttributeError)
+
+
+class Folders:
+    """The folder table: ``ids(paths)`` gives each path's folder index, adding folders not seen before."""
+
+    def __init__(self, known: Sequence[str] = ()):
+        self.names = list(known)
+        self.index = {name: i for i, name in enumerate(self.names)}
+        self._stored = len(self.names)
+
+    def ids(self, paths: Sequence[str]) -> np.ndarray:
+        return self.folder_ids([os.path.dirname(path) for path in paths])
+
+    def folder_ids(self, folders: Sequence[str]) -> np.ndarray:
+        out = np.empty(len(folders), np.int32)
+        index, names = self.index, self.names
+        for i, folder in enumerate(folders):
+            found = index.get(folder)
+            if found is None:
+                found = index[folder] = len(names)
+                names.append(folder)
+            out[i] = found
+        return out
+
+    def new(self) -> list[str]:
+        """Folders added since the table was read (to append to /folders); marks them stored."""
+        added = self.names[self._stored :]
+        self._stored = len(self.names)
+        return added
+
+
+class Layout:
+    """Writes the datasets of format 2 into an open HDF5 file (a new file, or a transaction)."""
+
+    def __init__(self, h5: h5py.File):
+        self.h5 = h5
+
+    def group(self, table: str) -> h5py.Group:
+        return self.h5 if table == "rows" else self.h5["skipped"]
+
+    def create(self, *, dim: int, store_dtype: str, meta: Mapping) -> None:
+        """The empty datasets and the attributes (settings and provenance from ``meta``)."""
+        h5 = self.h5
+        self._create_features(dim, store_dtype)
+        skipped = h5.create_group("skipped")
+        for table, group, columns in (("rows", h5, COLUMNS), ("skipped", skipped, SKIP_COLUMNS)):
+            for name, (dtype, shape) in columns.items():
+                group.create_dataset(
+                    name,
+                    shape=(0, *shape),
+                    maxshape=(None, *shape),
+                    dtype=dtype,
+                    chunks=(_COLUMN_CHUNK[table], *shape),
+                    fletcher32=dtype is not STR,
+                )
+        h5.create_dataset("folders", shape=(0,), maxshape=(None,), dtype=STR, chunks=(256,))
+        h5.create_dataset("classes", data=[], dtype=STR)
+        for key, value in meta.items():
+            if key not in BOOKKEEPING and key != "n_rows":
+                h5.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+        h5.attrs["store_dtype"] = store_dtype
+        h5.attrs["furnitype_format"] = FORMAT_VERSION
+        self.set_counts()
+
+    def ensure_dim(self, dim: int) -> None:
+        """Give /features its width when the first row comes (a store with no rows yet has width 0)."""
+        features = self.h5["features"]
+        if features.shape[1] != dim and features.shape[0] == 0:
+            dtype = features.dtype
+            del self.h5["features"]
+            self._create_features(dim, dtype)
+        elif features.shape[1] != dim:
+            raise ValueError(f"rows of {dim} features do not fit a store of {features.shape[1]}.")
+
+    def append(self, table: str, **columns) -> int:
+        """Append entries to ``table`` (every column given); returns the index of the first one."""
+        group = self.h5 if table == "rows" else self.h5["skipped"]
+        start = len(group["path"])
+        count = len(columns["path"])
+        if not count:
+            return start
+        if table == "rows":
+            self.ensure_dim(np.asarray(columns["features"]).shape[1])
+        for name, values in columns.items():
+            dataset = group[name]
+            dataset.resize(start + count, axis=0)
+            dataset[start:] = values
+        return start
+
+    def write_folders(self, names: Sequence[str]) -> None:
+        if names:
+            dataset = self.h5["folders"]
+            start = len(dataset)
+            dataset.resize(start + len(names), axis=0)
+            dataset[start:] = list(names)
+
+    def set_counts(
+        self, *, live_rows=0, dead_rows=0, live_skipped=0, dead_skipped=0, label_counts: Mapping | None = None
+    ) -> None:
+        """The counts kept as attributes, and /classes (the non-empty labels with live rows)."""
+        attrs = self.h5.attrs
+        counts = {label: int(n) for label, n in sorted((label_counts or {}).items()) if n > 0}
+        for key, value in (
+            ("live_rows", live_rows),
+            ("dead_rows", dead_rows),
+            ("live_skipped", live_skipped),
+            ("dead_skipped", dead_skipped),
+        ):
+            attrs[key] = int(value)
+        attrs["label_counts"] = json.dumps(counts)
+        classes = sorted(label for label in counts if label)
+        if [c.decode() for c in self.h5["classes"][...].tolist()] != classes:
+            del self.h5["classes"]
+            self.h5.create_dataset("classes", data=classes, dtype=STR)
+        attrs["feature_dim"] = int(self.h5["features"].shape[1])
+
+    def _create_features(self, dim: int, dtype) -> None:
+        rows_per_chunk = int(np.clip(_FEATURE_CHUNK_BYTES // max(4 * dim, 1), 1, 64))
+        self.h5.create_dataset(
+            "features",
+            shape=(0, dim),
+            maxshape=(None, dim if dim else None),
+            dtype=dtype,
+            chunks=(rows_per_chunk, max(dim, 1)),
+            compression="gzip",
+            compression_opts=1,
+            shuffle=True,
+            fletcher32=True,
+        )
+
+
+
+def read_at(dataset: h5py.Dataset, index: np.ndarray | None) -> np.ndarray:
+    """``dataset[index]`` for sorted row indices, read as runs of consecutive rows (whole when dense)."""
+    if index is None:
+        return dataset[...]
+    index = np.asarray(index, dtype=np.int64)
+    if not len(index):
+        return np.empty((0, *dataset.shape[1:]), dtype=dataset.dtype)
+    first, last = int(index[0]), int(index[-1]) + 1
+    if len(index) == last - first:
+        return dataset[first:last]
+    if len(index) * 4 >= last - first:  # dense enough: one read, then pick
+        return dataset[first:last][index - first]
+    breaks = np.flatnonzero(np.diff(index) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    ends = np.concatenate([breaks, [len(index)]])
+    return np.concatenate([dataset[index[s] : index[e - 1] + 1] for s, e in zip(starts, ends, strict=True)])
+
+
+def write_at(dataset: h5py.Dataset, index: np.ndarray, values) -> None:
+    """``dataset[index] = values`` for sorted row indices, written as runs of consecutive rows."""
+    index = np.asarray(index, dtype=np.int64)
+    if not len(index):
+        return
+    values = np.asarray(values, dtype=dataset.dtype if dataset.dtype.kind != "O" else object)
+    breaks = np.flatnonzero(np.diff(index) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    ends = np.concatenate([breaks, [len(index)]])
+    for s, e in zip(starts, ends, strict=True):
+        chunk = values[s:e]
+        dataset[index[s] : index[e - 1] + 1] = chunk.tolist() if chunk.dtype == object else chunk
+
