@@ -2,8 +2,8 @@
 
 Run by hand::
 
-    .venv/bin/python benchmarks/adapt.py ../shared/data/furniture --features ../feats/furniture-vgg16.h5 \\
-        [--pool-per-class 60] [--seeds 20] [--results ../bench/adapt]
+    .venv/bin/python benchmarks/adapt.py PHOTOS/ --features FEATURES-vgg16.h5 \\
+        [--pool-per-class 60] [--seeds 20] [--results benchmarks/results/adapt]
 
 1. **New sources.** ``--pool-per-class`` photos of each class (evenly spaced by path) are written again as
    ``phone`` and ``catalogue`` photos (``benchmarks/predict.py``'s variants) and extracted with the feature
@@ -209,7 +209,7 @@ def main() -> None:
     parser.add_argument("--features", required=True, help="the feature file of those photos (from extract)")
     parser.add_argument("--pool-per-class", type=int, default=60, help="new-source photos per class")
     parser.add_argument("--seeds", type=int, default=20)
-    parser.add_argument("--results", default="../bench/adapt", help="folder of the variant photos, stores and result")
+    parser.add_argument("--results", default="benchmarks/results/adapt", help="variant photos, stores, result")
     parser.add_argument("--only-extract", action="store_true")
     args = parser.parse_args()
 

@@ -2,8 +2,8 @@
 
 Run by hand (long: about 40 minutes for everything on 2 cores; each configuration can run on its own)::
 
-    .venv/bin/python benchmarks/extract.py ../shared/data/furniture \\
-        --weights ../shared/weights/vgg16_notop.weights.h5 [--backbone vgg16] [--precision bfloat16] [--limit N]
+    .venv/bin/python benchmarks/extract.py PHOTOS/ \\
+        --weights vgg16_notop.weights.h5 [--backbone vgg16] [--precision bfloat16] [--limit N]
     .venv/bin/python benchmarks/extract.py --table          # the table of all saved results, as Markdown
     .venv/bin/python benchmarks/extract.py --accuracy FLOAT32.h5 INT8.h5   # classify on both, 5 held-out splits
 
@@ -362,7 +362,7 @@ def accuracy(float32: Path, quantized: Path, seeds: int, work: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", nargs="?", help="photos, one subfolder per class")
-    parser.add_argument("--weights", default="../shared/weights/vgg16_notop.weights.h5", help="VGG16 weights")
+    parser.add_argument("--weights", help="VGG16 weights file (or none for random weights)")
     parser.add_argument("--backbone", choices=[*BACKBONES, "all"], default="all")
     parser.add_argument("--precision", choices=[*PRECISIONS, "all"], default="all")
     parser.add_argument("--limit", type=int, default=0, help="an evenly spaced sample of N photos (0: all)")
@@ -371,7 +371,7 @@ def main() -> None:
     parser.add_argument("--model-images", type=int, default=192, help="photos timed through the model alone")
     parser.add_argument("--slices", type=int, default=6, help="interleaved A/B pairs")
     parser.add_argument("--slice-images", type=int, default=96, help="photos per interleaved slice")
-    parser.add_argument("--results", default="../bench", help="folder of the JSON results and the stores")
+    parser.add_argument("--results", default="benchmarks/results", help="folder of the JSON results and the stores")
     parser.add_argument("--table", action="store_true", help="only print the table of saved results")
     parser.add_argument("--accuracy", nargs=2, metavar=("FLOAT32_H5", "INT8_H5"),
                         help="only compare classify on two stores of the same photos")
@@ -390,8 +390,8 @@ def main() -> None:
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     if not args.table:
-        if not args.folder:
-            parser.error("give the photo folder (or --table)")
+        if not args.folder or not args.weights:
+            parser.error("give the photo folder and --weights (or --table)")
         for backbone in BACKBONES if args.backbone == "all" else [args.backbone]:
             for precision in PRECISIONS if args.precision == "all" else [args.precision]:
                 run_config(argparse.Namespace(**{**vars(args), "backbone": backbone, "precision": precision}),

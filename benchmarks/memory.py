@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--backbones", nargs="+", default=["vgg16", "inception"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[600, 1000])
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--results", default="../bench/memory.json")
+    parser.add_argument("--results", default="benchmarks/results/memory.json")
     parser.add_argument("--child", nargs=3, metavar=("BACKBONE", "SIZE", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -2,8 +2,8 @@
 
 Run by hand (about 10 minutes on 2 shared cores)::
 
-    .venv/bin/python benchmarks/predict.py ../shared/data/furniture --features ../feats/furniture-vgg16.h5 \\
-        [--per-class 30] [--slices 6 --slice-images 32] [--results ../bench/predict]
+    .venv/bin/python benchmarks/predict.py PHOTOS/ --features FEATURES-vgg16.h5 \\
+        [--per-class 30] [--slices 6 --slice-images 32] [--results benchmarks/results/predict]
 
 1. **Held apart.** ``--per-class`` photos of each class (evenly spaced by path) are taken out of the feature
    file; ``classify`` (dense, logreg, svm) trains a run on the remaining rows, so the run never sees them.
@@ -153,7 +153,7 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=30, help="held-apart photos per class")
     parser.add_argument("--slices", type=int, default=6, help="interleaved predict/extract pairs")
     parser.add_argument("--slice-images", type=int, default=32, help="photos per slice")
-    parser.add_argument("--results", default="../bench/predict", help="folder of the JSON result")
+    parser.add_argument("--results", default="benchmarks/results/predict", help="folder of the JSON result")
     args = parser.parse_args()
 
     from furnitype.classify import load_model

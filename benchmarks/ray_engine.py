@@ -3,8 +3,8 @@ per-batch time inside a Ray worker, and what a GPU worker would do.
 
 Run by hand (about 15 minutes for 240 VGG16 photos on 2 cores)::
 
-    .venv/bin/python benchmarks/ray_engine.py ../shared/data/furniture \\
-        --weights ../shared/weights/vgg16_notop.weights.h5 --limit 240 [--ray 2x1,1x2] [--rounds 2]
+    .venv/bin/python benchmarks/ray_engine.py PHOTOS/ \\
+        --weights vgg16_notop.weights.h5 --limit 240 [--ray 2x1,1x2] [--rounds 2]
 
 Everything runs in this process and the Ray it starts (``ray.init(num_cpus=2)``), in this order:
 
@@ -213,14 +213,14 @@ def projection(read_decode_cpu_ms: float, cpus_per_worker: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", help="photos, one subfolder per class")
-    parser.add_argument("--weights", default="../shared/weights/vgg16_notop.weights.h5")
+    parser.add_argument("--weights", required=True, help="VGG16 weights file (or none for random weights)")
     parser.add_argument("--limit", type=int, default=240, help="an evenly spaced sample of N photos (0: all)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--ray", default="2x1,1x2", help="Ray configurations WORKERSxCPUS_PER_WORKER, comma-separated")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of local and each Ray configuration, interleaved")
     parser.add_argument("--batch-photos", type=int, default=96, help="photos of the per-batch timing")
     parser.add_argument("--cpus-per-gpu-worker", type=int, default=8, help="decoding CPUs of a projected worker")
-    parser.add_argument("--results", default="../bench/ray", help="folder of the stores and the JSON report")
+    parser.add_argument("--results", default="benchmarks/results/ray", help="folder of the stores and the JSON report")
     args = parser.parse_args()
 
     from furnitype.extract.images import list_images

@@ -2,7 +2,7 @@
 
 Run by hand (long: about an hour with the 1,000,000-row store; 2 cores)::
 
-    .venv/bin/python benchmarks/scale.py --work SCRATCH --photos ../shared/data/furniture \\
+    .venv/bin/python benchmarks/scale.py --work SCRATCH --photos PHOTOS/ \\
         [--sizes 20000 200000 1000000]
 
 For each size N it makes a catalogue of N tiny generated files (``cat-N/fXXXX/pXXXXXXX.jpg``, 1,000 a folder,

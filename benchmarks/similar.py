@@ -2,7 +2,7 @@
 
 Run by hand (about a minute; the new-photo figures need the weights recorded in the file)::
 
-    .venv/bin/python benchmarks/similar.py ../feats/furniture-vgg16.h5 [--k 5] [--queries 200] [--sheet s.png]
+    .venv/bin/python benchmarks/similar.py FEATURES-vgg16.h5 [--k 5] [--queries 200] [--sheet s.png]
 
 - **precision@k, leave-one-out**: every stored photo is a query (by path, through ``SimilarIndex.search`` with
   ``exclude_self=True``: the API path, file hashing included); the share of its k neighbours that carry its
@@ -134,7 +134,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200, help="stored photos timed as single queries")
     parser.add_argument("--sheet", help="also draw a contact sheet of 8 evenly spaced queries here")
     parser.add_argument("--no-new-photo", action="store_true", help="skip the new-photo timings (no network)")
-    parser.add_argument("--results", default="../bench/similar.json")
+    parser.add_argument("--results", default="benchmarks/results/similar.json")
     args = parser.parse_args()
 
     from furnitype.similar import SimilarIndex

@@ -11,6 +11,18 @@ from click.testing import CliRunner, Result
 from furnitype.cli import cli
 from tests.images import make_photo_folder
 
+#: The settings of a VGG16 float32 store (ImageNet weights), for stores a test writes with ``save``.
+STORE_META = {
+    "backbone": "vgg16",
+    "weights": "imagenet",
+    "pooling": "avg",
+    "image_size": 224,
+    "interpolation": "bilinear",
+    "precision": "float32",
+    "decode": "exact",
+    "store_dtype": "float32",
+}
+
 
 def run_cli(*args) -> Result:
     """``furnitype ARGS...`` in-process, as sqlite-utils' tests do; exceptions propagate (a traceback fails)."""

@@ -12,18 +12,9 @@ from furnitype.classify import load_model, load_run
 from furnitype.classify.synthetic import make_features
 from furnitype.cli import cli
 from furnitype.training import classify
+from tests.conftest import STORE_META as META
 from tests.conftest import run_cli as invoke
 
-META = {
-    "backbone": "vgg16",
-    "weights": "imagenet",
-    "pooling": "avg",
-    "image_size": 224,
-    "interpolation": "bilinear",
-    "precision": "float32",
-    "decode": "exact",
-    "store_dtype": "float32",
-}
 FAST = ["--models", "logreg,svm", "--cv", "3", "--quiet"]
 
 

@@ -19,19 +19,10 @@ from furnitype.classify.synthetic import make_features
 from furnitype.errors import StoreError
 from furnitype.reports.mistakes import SHOWN, shown
 from furnitype.training import classify
+from tests.conftest import STORE_META as META
 from tests.conftest import run_cli as invoke
 from tests.images import COLOURS, photo
 
-META = {
-    "backbone": "vgg16",
-    "weights": "imagenet",
-    "pooling": "avg",
-    "image_size": 224,
-    "interpolation": "bilinear",
-    "precision": "float32",
-    "decode": "exact",
-    "store_dtype": "float32",
-}
 CLASSES = ["bed", "chair", "sofa"]
 FLIPPED = {0: "chair", 1: "sofa", 3: "sofa", 30: "bed", 31: "sofa", 46: "bed", 60: "bed", 61: "chair"}
 

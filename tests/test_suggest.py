@@ -20,19 +20,10 @@ from furnitype.errors import InputError, SettingsMismatchError, StoreError
 from furnitype.extract.images import read_manifest
 from furnitype.suggest import CSV_COLUMNS, suggest
 from furnitype.training import classify
+from tests.conftest import STORE_META as META
 from tests.conftest import run_cli as invoke
 from tests.images import COLOURS, photo
 
-META = {
-    "backbone": "vgg16",
-    "weights": "imagenet",
-    "pooling": "avg",
-    "image_size": 224,
-    "interpolation": "bilinear",
-    "precision": "float32",
-    "decode": "exact",
-    "store_dtype": "float32",
-}
 CLASSES = ["bed", "chair", "sofa"]
 
 

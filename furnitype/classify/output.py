@@ -32,6 +32,7 @@ from pathlib import Path
 from furnitype.classify.metadata import METRICS_FILE, REPORT_KIND, RUN_KIND
 from furnitype.classify.runfiles import read_inside
 from furnitype.errors import FurnitypeError, InputError, StoreError
+from furnitype.features.locking import same_file
 
 #: How messages name the folders of each kind.
 KIND_NAMES = {RUN_KIND: "run", REPORT_KIND: "report"}
@@ -201,7 +202,7 @@ class _Lock:
             except OSError as err:  # a file system without locks
                 os.close(fd)
                 raise StoreError(f"cannot lock {self.path}: {err.strerror or err}") from None
-            if _same_file(fd, self.path):
+            if same_file(fd, self.path):
                 self.fd = fd
             else:
                 os.close(fd)  # its last holder removed it after we opened it: lock the file that is there now
@@ -280,15 +281,6 @@ def _is_folder(path: Path) -> bool:
         return stat.S_ISDIR(os.lstat(path).st_mode)
     except FileNotFoundError:
         return False
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        named = os.stat(path, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    held = os.fstat(fd)
-    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _fsync(path: Path) -> None:
