@@ -210,8 +210,8 @@ def report_runs(
     if mistakes is not None:
         check_output(mistakes)
     folders = [Path(d) for d in run_dirs]
+    names = _run_names(folders)
     runs = [load_run(folder) for folder in folders]
-    names = [Path(os.path.realpath(folder)).name for folder in folders]  # "." is named by its folder's name
     recorded = _recorded_mistakes(folders, names)
     if mistakes is not None:
         if recorded is None:
@@ -236,6 +236,28 @@ def report_runs(
         write_report(document, folder.path, recorded)
         write_run_document(folder.path, document)
     return Run(Path(out), document)
+
+
+def _run_names(folders: Sequence[Path]) -> list[str]:
+    """Each run's name in a merged report: its folder's name, with as many folders above it as it takes to tell
+    runs of the same name apart (``2024/vgg``, ``2025/vgg``); a run given twice is refused.
+
+    Raises
+    ------
+    InputError
+        The same run folder is given twice (also through a symbolic link).
+    """
+    real = [Path(os.path.realpath(folder)) for folder in folders]  # "." is named by its folder's name
+    for i, path in enumerate(real):
+        if path in real[:i]:
+            first = folders[real.index(path)]
+            also = "" if str(first) == str(folders[i]) else f" (as {first} and {folders[i]})"
+            raise InputError(f"run {folders[i]} is given twice{also}; give each run once.")
+    for depth in range(1, max(len(path.parts) for path in real) + 1):
+        names = ["/".join(path.parts[-depth:]).lstrip("/") or "/" for path in real]
+        if len(set(names)) == len(names):
+            return names
+    raise AssertionError("distinct real paths have distinct names")  # unreachable: the full paths differ
 
 
 def _recorded_mistakes(folders: Sequence[Path], names: Sequence[str]) -> list[Mistake] | None:

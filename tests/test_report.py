@@ -218,3 +218,28 @@ def test_the_scores_chart_has_a_title_a_zero_based_axis_and_a_legend_that_fits(n
     box, figure, plot = legend.get_window_extent(), fig.bbox, ax.get_window_extent()
     assert 0 <= box.x0 and box.x1 <= figure.x1 and box.y1 <= plot.y0  # whole, under the chart
     assert box.height < 0.15 * figure.height and plot.width > 0.8 * figure.width
+
+
+def test_report_refuses_a_run_given_twice(runs, tmp_path):
+    """The same run twice (also through a symbolic link) would write a report that cannot be read back."""
+    link = tmp_path / "alias"
+    link.symlink_to(runs["first"])
+    for second in (runs["first"], link):
+        result = invoke("report", runs["first"], second, "--out", tmp_path / "merged")
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith(f"Error: run {second} is given twice") and result.output.count("\n") == 1
+    assert not (tmp_path / "merged").exists()
+
+
+def test_report_merges_runs_of_the_same_name_from_different_folders(runs, tmp_path):
+    import shutil
+
+    for year in ("2024", "2025"):
+        shutil.copytree(runs["first"], tmp_path / year / "vgg")
+    out = tmp_path / "merged"
+    result = invoke("report", tmp_path / "2024" / "vgg", tmp_path / "2025" / "vgg", "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    assert sorted(r["run"] for r in json.loads(result.stdout)["rows"]) == ["2024/vgg", "2025/vgg"]
+    reread = invoke("report", out, "--json")
+    assert reread.exit_code == 0, reread.output
+    assert len(list(out.glob("confusion-*.png"))) == 2
