@@ -140,7 +140,8 @@ class PredictResult:
             ranked += [""] * (2 * self.top_k - len(ranked))
             probability = "" if p.probability is None else significant(p.probability)
             writer.writerow([p.path, p.label or "", probability, *ranked, p.given_label, p.sha256, p.error])
-        replace_file(path, text.getvalue().encode("utf-8"))
+        # a file name that is not UTF-8 is written as the bytes the file system has, so it still names the file
+        replace_file(path, text.getvalue().encode("utf-8", errors="surrogateescape"))
         return path
 
     def format_table(self) -> str:

@@ -169,3 +169,17 @@ def test_cli_table_and_errors(setup, tmp_path):
     assert result.output.startswith("Error: ") and "has no model svm" in result.output
     result = invoke("predict", tmp_path / "no-run", setup["new"])
     assert result.exit_code == 2 and result.output == f"Error: run folder not found: {tmp_path / 'no-run'}\n"
+
+
+def test_cli_csv_of_a_file_whose_name_is_not_utf8(setup, tmp_path):
+    """Such a name is written as the bytes the file system has, so the row still names the file."""
+    folder = tmp_path / "latin1"
+    folder.mkdir()
+    name = b"lat\xe9.jpg"
+    photo(3, COLOURS["bed"]).save(str(folder).encode() + b"/" + name)
+    out = tmp_path / "preds.csv"
+    result = invoke("predict", setup["runs"]["float32"], folder, "--out", out, "-q")
+    assert result.exit_code == 0, result.output
+    rows = list(csv.reader(out.read_bytes().decode("utf-8", errors="surrogateescape").splitlines()))
+    assert Path(rows[1][0]).is_file() and Path(rows[1][0]).name.encode("utf-8", errors="surrogateescape") == name
+    assert rows[1][1] in CLASSES
