@@ -25,7 +25,7 @@ from furnitype.extract.images import ImageDecodeError, Listing, hash_file, list_
 from furnitype.extract.pipeline import ExtractSpec, check_batching
 from furnitype.extract.settings import calibrated, recorded_settings, resolve_settings
 from furnitype.features.cache import FeatureCache, Hashed
-from furnitype.outputs import significant
+from furnitype.outputs import refuse_inputs, significant
 
 #: ``extract``'s keyword form of an ``ExtractSpec`` (with their defaults) and of the Ray engine.
 SPEC_OPTIONS = {
@@ -177,6 +177,7 @@ def extract(
     if calibrate is not None and spec.precision != "int8":
         raise InputError(f"--calibrate is for --precision int8 only. Received: precision={spec.precision!r}")
     out = Path(out or f"features-{spec.backbone}.h5")
+    refuse_inputs({"--out": out}, [p for p in (*inputs, manifest, calibrate) if p is not None])
     cache = FeatureCache(out, settings, meta=_provenance(spec, settings), overwrite=overwrite)
     try:
         with cache:

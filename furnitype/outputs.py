@@ -4,6 +4,8 @@ The rules (docs/cli.md, "Conventions"):
 
 - An output is checked before anything is computed (``check_output``): a file output must not be a folder, a
   folder output must not be a file, and the nearest existing folder above it must be writable.
+- An output never replaces what the command reads, nor another output of the same command
+  (``refuse_inputs``): a feature file, a photo, a file of a run.
 - Missing parent folders of an output are created when it is written, by every command.
 - A file is written beside its final place and renamed over it (``replace_file``), so a failed or
   interrupted write leaves the previous file as it was.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Literal, overload
 
@@ -51,6 +54,49 @@ def check_output(path: str | os.PathLike, *, kind: Literal["file", "folder"] = "
     if not os.access(above, os.W_OK | os.X_OK):
         raise InputError(f"cannot write {path}: permission denied in {above}.")
     return path
+
+
+def refuse_inputs(
+    outputs: Mapping[str, str | os.PathLike | None],
+    inputs: Iterable[str | os.PathLike],
+    *,
+    kept: Iterable[str | os.PathLike] = (),
+) -> None:
+    """Refuse outputs that would replace what the command reads, or each other, before any work.
+
+    Parameters
+    ----------
+    outputs : mapping of option name to path or None
+        The command's outputs by the option that names them (``{"--out": ..., "--sheet": ...}``); None: not
+        written.
+    inputs : iterable of path
+        The files and folders the command reads: no output may be one of them.
+    kept : iterable of path
+        Folders whose files no output may replace (a run: its ``metrics.json``, its models); a new file
+        inside one is fine. Symbolic links are resolved throughout.
+
+    Raises
+    ------
+    InputError
+        An output is an input, replaces a file inside a ``kept`` folder, or is also another output.
+    """
+    given = {option: (path, os.path.realpath(path)) for option, path in outputs.items() if path is not None}
+    seen: dict[str, str] = {}
+    for option, (path, real) in given.items():
+        if real in seen:
+            raise InputError(f"{option} {path} is also {seen[real]}; give each output its own path.")
+        seen[real] = option
+    if not given:
+        return
+    for source in inputs:
+        for option, (path, real) in given.items():
+            if real == os.path.realpath(source):
+                raise InputError(f"{option} {path} is one of the inputs; choose another path.")
+    for folder in kept:
+        real_folder = Path(os.path.realpath(folder))
+        for option, (path, real) in given.items():
+            if Path(real).is_relative_to(real_folder) and os.path.lexists(real):
+                raise InputError(f"{option} {path} would replace a file of {folder}; choose another path.")
 
 
 def make_parents(path: str | os.PathLike) -> Path:

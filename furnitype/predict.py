@@ -30,7 +30,7 @@ from furnitype.extract.backbones import check_memory, get_backbone
 from furnitype.extract.images import ImageFile, list_images
 from furnitype.extract.pipeline import check_batching, feature_batches
 from furnitype.extract.settings import as_stored, spec_for
-from furnitype.outputs import check_output, replace_file, significant
+from furnitype.outputs import check_output, refuse_inputs, replace_file, significant
 
 
 @dataclass(frozen=True)
@@ -217,6 +217,7 @@ def predict(
     check_batching(batch_size, workers)
     if out is not None:
         check_output(out)
+        refuse_inputs({"--out": out}, images, kept=[run])
     loaded = load_model(run, None if model in (None, "best") else model, features=features)
     spec = spec_for(
         loaded.settings,

@@ -22,7 +22,7 @@ from furnitype.extract.images import ImageDecodeError, list_images, sha256_file
 from furnitype.extract.pipeline import check_batching
 from furnitype.features.index import CosineIndex
 from furnitype.features.store import FeatureSet, load
-from furnitype.outputs import check_output, significant
+from furnitype.outputs import check_output, refuse_inputs, significant
 
 
 @dataclass(frozen=True)
@@ -250,6 +250,7 @@ def similar(
     """
     if sheet is not None:
         check_output(sheet)
+        refuse_inputs({"--sheet": sheet}, [features, *queries])
     index = SimilarIndex.open(features)
     matches = index.search(
         queries, k=k, exclude_self=exclude_self, weights=weights, batch_size=batch_size, workers=workers

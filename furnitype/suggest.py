@@ -23,7 +23,7 @@ from furnitype.classify.run import LoadedModel, load_model, load_run, training_p
 from furnitype.classify.selection import labelling_order
 from furnitype.errors import InputError, SettingsMismatchError
 from furnitype.features.store import SETTING_KEYS, FeatureSet, load
-from furnitype.outputs import check_output, replace_file, significant
+from furnitype.outputs import check_output, refuse_inputs, replace_file, significant
 from furnitype.reports.sheet import labelling_sheet
 
 #: The columns of the CSV ``suggest`` writes, in order.
@@ -186,6 +186,7 @@ def suggest(
         _check_csv(out, overwrite)
     if sheet is not None:
         check_output(sheet)
+    refuse_inputs({"--out": out, "--sheet": sheet}, [features], kept=[run])
     fs = load(features)
     if len(fs) == 0:
         raise InputError(f"{features} is empty: it holds no photos.")

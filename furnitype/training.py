@@ -45,7 +45,7 @@ from furnitype.classify.run import (
     write_split,
 )
 from furnitype.errors import InputError
-from furnitype.outputs import check_output
+from furnitype.outputs import check_output, refuse_inputs
 from furnitype.reports.mistakes import write_mistakes_csv
 from furnitype.reports.table import write_report
 
@@ -209,6 +209,7 @@ def report_runs(
         check_output(out, kind="folder")
     if mistakes is not None:
         check_output(mistakes)
+        refuse_inputs({"--mistakes": mistakes}, run_dirs, kept=run_dirs)
     folders = [Path(d) for d in run_dirs]
     names = _run_names(folders)
     runs = [load_run(folder) for folder in folders]

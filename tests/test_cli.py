@@ -326,6 +326,37 @@ def test_every_output_is_checked_before_any_work(tmp_path):
     assert file.read_text() == "mine" and not list(folder.iterdir())
 
 
+def test_an_output_never_replaces_an_input_or_another_output(made, tmp_path):
+    """A typo in --out or --sheet must not turn the feature file, a query photo or a run's files into a CSV/PNG."""
+    feats = tmp_path / "vgg.h5"
+    feats.write_bytes(Path(made["feats"]).read_bytes())
+    query = tmp_path / "query.jpg"
+    query.write_bytes((made["photos"] / "bed" / "bed_0.jpg").read_bytes())
+    link = tmp_path / "link.h5"
+    link.symlink_to(feats)
+    run, metrics = made["run"], made["run"] / "metrics.json"
+    before = {path: path.read_bytes() for path in (feats, query, metrics)}
+    csv_out = tmp_path / "to-label.csv"
+    cases = [
+        (["similar", feats, query, "--sheet", feats], f"--sheet {feats} is one of the inputs"),
+        (["similar", feats, query, "--sheet", link], f"--sheet {link} is one of the inputs"),
+        (["similar", feats, query, "--sheet", query], f"--sheet {query} is one of the inputs"),
+        (["predict", run, query, "--out", query], f"--out {query} is one of the inputs"),
+        (["predict", run, query, "--out", metrics], f"--out {metrics} would replace a file of {run}"),
+        (["suggest", run, feats, "--out", feats, "--overwrite"], f"--out {feats} is one of the inputs"),
+        (["suggest", run, feats, "--out", csv_out, "--sheet", csv_out], f"--sheet {csv_out} is also --out"),
+        (["report", run, "--mistakes", metrics], f"--mistakes {metrics} would replace a file of {run}"),
+        (["extract", query, "--weights", "none", "--out", query, "--overwrite"], f"--out {query} is one of the inputs"),
+    ]
+    for args, message in cases:
+        assert _one_line_error(invoke(*args), 2).startswith(f"Error: {message}"), args
+    assert {path: path.read_bytes() for path in before} == before and not csv_out.exists()
+    new_file = run / "predictions.csv"  # a new file inside a run's folder replaces nothing
+    result = invoke("predict", run, query, "--out", new_file, "-q")
+    new_file.unlink()
+    assert result.exit_code == 0, result.output
+
+
 def test_every_command_makes_missing_parent_folders(made, tmp_path):
     new = tmp_path / "new"
     photo = made["photos"] / "chair" / "chair_1.jpg"
