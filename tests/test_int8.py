@@ -77,7 +77,21 @@ def test_the_quantized_network_is_made_once_and_reused(photos, tmp_path, cache):
     np.testing.assert_array_equal(first.features, second.features)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "symlink"])
+def _with_zip_headers(data: bytes, offsets: dict[bytes, int], change) -> bytes:
+    """``data`` with the field at ``offsets[signature]`` of every local and central zip header changed."""
+    changed = bytearray(data)
+    for signature, offset in offsets.items():
+        at = changed.find(signature)
+        while at >= 0:
+            changed[at + offset] = change(changed[at + offset])
+            at = changed.find(signature, at + 4)
+    return bytes(changed)
+
+
+LOCAL, CENTRAL = b"PK\x03\x04", b"PK\x01\x02"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "symlink", "manifest-list", "encrypted", "unknown-method"])
 def test_a_damaged_cache_file_is_rebuilt_never_trusted(photos, tmp_path, cache, damage):
     reference = load(extract([photos], **SMALL, precision="int8", out=tmp_path / "a.h5").out)
     [cached] = _cache_files(cache)
@@ -88,6 +102,16 @@ def test_a_damaged_cache_file_is_rebuilt_never_trusted(photos, tmp_path, cache, 
     elif damage == "flip":  # a flipped byte inside the weights: the zip's CRC or the network's hash catches it
         middle = len(data) // 2
         cached.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :])
+    elif damage == "manifest-list":  # a whole zip, but its manifest is JSON of another shape
+        with zipfile.ZipFile(cached) as archive:
+            members = {name: archive.read(name) for name in archive.namelist()}
+        with zipfile.ZipFile(cached, "w") as archive:
+            for name, member in {**members, "manifest.json": b"[]"}.items():
+                archive.writestr(name, member)
+    elif damage == "encrypted":  # zipfile refuses to read it (RuntimeError)
+        cached.write_bytes(_with_zip_headers(data, {LOCAL: 6, CENTRAL: 8}, lambda flags: flags | 1))
+    elif damage == "unknown-method":  # zipfile cannot read it (NotImplementedError)
+        cached.write_bytes(_with_zip_headers(data, {LOCAL: 8, CENTRAL: 10}, lambda _method: 99))
     else:  # a link to a copy: not a file furnitype made, never read nor written through
         elsewhere.write_bytes(data)
         cached.unlink()

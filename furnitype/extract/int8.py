@@ -283,10 +283,12 @@ def _read_cache(path: Path, made_from: dict) -> tuple[str, bytes, bytes] | None:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             manifest = json.loads(archive.read("manifest.json"))
             xml, weights = archive.read("network.xml"), archive.read("network.bin")
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, zipfile.LargeZipFile):
+    # zipfile raises RuntimeError for an encrypted member, NotImplementedError for an unknown compression
+    except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError, EOFError, zipfile.BadZipFile,
+            zipfile.LargeZipFile):
         return None  # damaged or foreign: rebuilt, never trusted
     network = _network_hash(xml, weights)
-    if manifest.get("made_from") != made_from or manifest.get("network") != network:
+    if not isinstance(manifest, dict) or manifest.get("made_from") != made_from or manifest.get("network") != network:
         return None
     return network, xml, weights
 
