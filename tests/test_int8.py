@@ -91,7 +91,8 @@ def _with_zip_headers(data: bytes, offsets: dict[bytes, int], change) -> bytes:
 LOCAL, CENTRAL = b"PK\x03\x04", b"PK\x01\x02"
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "symlink", "manifest-list", "encrypted", "unknown-method"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "symlink", "manifest-list", "encrypted", "unknown-method",
+                                    "fifo"])
 def test_a_damaged_cache_file_is_rebuilt_never_trusted(photos, tmp_path, cache, damage):
     reference = load(extract([photos], **SMALL, precision="int8", out=tmp_path / "a.h5").out)
     [cached] = _cache_files(cache)
@@ -108,6 +109,9 @@ def test_a_damaged_cache_file_is_rebuilt_never_trusted(photos, tmp_path, cache, 
         with zipfile.ZipFile(cached, "w") as archive:
             for name, member in {**members, "manifest.json": b"[]"}.items():
                 archive.writestr(name, member)
+    elif damage == "fifo":  # not a regular file: never waited on, nor read
+        cached.unlink()
+        os.mkfifo(cached)
     elif damage == "encrypted":  # zipfile refuses to read it (RuntimeError)
         cached.write_bytes(_with_zip_headers(data, {LOCAL: 6, CENTRAL: 8}, lambda flags: flags | 1))
     elif damage == "unknown-method":  # zipfile cannot read it (NotImplementedError)

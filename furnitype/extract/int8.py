@@ -272,7 +272,8 @@ def _network_hash(xml: bytes, weights: bytes) -> str:
 def _read_cache(path: Path, made_from: dict) -> tuple[str, bytes, bytes] | None:
     """The cached network when the file is a regular file that reads back whole and is what it says; else None."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        # O_NONBLOCK: opening a FIFO in the cache's place must not wait for a writer
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
     except OSError:
         return None
     try:
