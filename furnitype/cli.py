@@ -127,8 +127,8 @@ def quiet_option(help: str = "No progress bar or progress lines on stderr (warni
 
 
 def out_option(help: str, *, default: str | None = None) -> Callable:
-    return click.option("--out", "-o", default=default, show_default=default is not None, type=click.Path(),
-                        help=help)
+    return click.option("--out", "-o", default=default, show_default=default is not None,
+                        type=click.Path(readable=False), help=help)
 
 
 def weights_option(help: str, *, default: str | None = None) -> Callable:
@@ -191,7 +191,7 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("images", nargs=-1, type=click.Path())
+@click.argument("images", nargs=-1, type=click.Path(readable=False))
 @click.option("--backbone", "-b", default="vgg16", show_default=True,
               type=APIChoice("furnitype.extract.backbones", "list_backbones", case_sensitive=False),
               help="Convolutional base (inception = InceptionV3).")
@@ -209,12 +209,13 @@ def cli() -> None:
 @click.option("--decode", default="exact", show_default=True,
               type=APIChoice("furnitype.extract.images", "DECODE_MODES"),
               help="draft: let the JPEG decoder downscale first (faster on big photos).")
-@click.option("--calibrate", type=click.Path(exists=True),
+@click.option("--calibrate", type=click.Path(exists=True, readable=False),
               help="int8: calibrate on these photos.  [default: the store's, else a sample of IMAGES]")
 @batch_options(ray=True)
 @engine_options(what="run the network", workers=True)
 @out_option("Feature file.  [default: features-<backbone>.h5]")
-@click.option("--manifest", type=click.Path(dir_okay=False), help="CSV of path,label rows (paths relative to it).")
+@click.option("--manifest", type=click.Path(dir_okay=False, readable=False),
+              help="CSV of path,label rows (paths relative to it).")
 @click.option("--label", metavar="NAME", help="Label every photo of this call with NAME (default: its folder's or "
               "manifest's; a photo listed without one keeps its stored label).")
 @click.option("--rehash", is_flag=True, help="Read every file again, even those whose size and times are unchanged.")
@@ -260,7 +261,7 @@ def extract(images, backbone, weights, pooling, image_size, precision, store_dty
 
 
 @cli.command()
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path(dir_okay=False, readable=False))
 @json_option("Print everything as JSON.")
 @api_command
 def info(file, as_json) -> None:
@@ -290,7 +291,7 @@ def info(file, as_json) -> None:
 
 
 @cli.command()
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path(dir_okay=False, readable=False))
 @api_command
 def compact(file) -> None:
     """Rewrite a feature file with only its rows: drop removed rows, give back unused space.
@@ -312,10 +313,10 @@ def compact(file) -> None:
 
 
 @cli.command()
-@click.argument("features", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("features", nargs=-1, required=True, type=click.Path(dir_okay=False, readable=False))
 @click.option("--models", default=",".join(MODEL_NAMES), show_default=True,
               help=f"Comma-separated models, of {', '.join(MODEL_NAMES)}.")
-@click.option("--test", "test_files", multiple=True, type=click.Path(dir_okay=False),
+@click.option("--test", "test_files", multiple=True, type=click.Path(dir_okay=False, readable=False),
               help="Separately extracted test features (repeat: one per FEATURES file, matched by settings).")
 @click.option("--test-size", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Share of each class held out for testing.  [default: 0.2]")
@@ -370,10 +371,10 @@ def classify(features, models, test_files, test_size, val_size, cv, seed, class_
 
 
 @cli.command()
-@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False, readable=False))
 @out_option("Write the (merged) report files into this folder.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing report at --out (never a run).")
-@click.option("--mistakes", type=click.Path(),
+@click.option("--mistakes", type=click.Path(readable=False),
               help="Write the misclassified test photos and possible label errors as CSV.")
 @json_option()
 @api_command
@@ -409,8 +410,8 @@ def _print_run(run, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("run", type=click.Path(file_okay=False))
-@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.argument("run", type=click.Path(file_okay=False, readable=False))
+@click.argument("images", nargs=-1, required=True, type=click.Path(readable=False))
 @click.option("--model", "-m", default="best", show_default=True, type=click.Choice(["best", *MODEL_NAMES]),
               help="best: the model of the run's best row.")
 @click.option("--features", "feature_set", help="The run's feature set (training file name without .h5).  "
@@ -449,12 +450,12 @@ def predict(run, images, model, feature_set, top_k, weights, batch_size, workers
 
 
 @cli.command()
-@click.argument("run", type=click.Path(file_okay=False))
-@click.argument("features", type=click.Path(dir_okay=False))
+@click.argument("run", type=click.Path(file_okay=False, readable=False))
+@click.argument("features", type=click.Path(dir_okay=False, readable=False))
 @click.option("--n", "-n", "n", default=40, show_default=True, type=int, help="Photos to suggest.")
 @out_option("The CSV to correct: path,label,probability,label_2,probability_2,sha256.", default="to-label.csv")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
-@click.option("--sheet", type=click.Path(), help="Draw the photos with the model's guesses (PNG).")
+@click.option("--sheet", type=click.Path(readable=False), help="Draw the photos with the model's guesses (PNG).")
 @json_option()
 @api_command
 def suggest(run, features, n, out, overwrite, sheet, as_json) -> None:
@@ -486,11 +487,11 @@ def suggest(run, features, n, out, overwrite, sheet, as_json) -> None:
 
 
 @cli.command()
-@click.argument("features", type=click.Path(dir_okay=False))
-@click.argument("queries", nargs=-1, required=True, type=click.Path())
+@click.argument("features", type=click.Path(dir_okay=False, readable=False))
+@click.argument("queries", nargs=-1, required=True, type=click.Path(readable=False))
 @top_k_option("Neighbours per query.", default=5)
 @click.option("--exclude-self", is_flag=True, help="Leave a stored query's own row out of its neighbours.")
-@click.option("--sheet", type=click.Path(), help="Draw a contact sheet PNG of the results.")
+@click.option("--sheet", type=click.Path(readable=False), help="Draw a contact sheet PNG of the results.")
 @weights_option("Weights for new photos.  [default: the one recorded in FEATURES]")
 @batch_options()
 @quiet_option("No progress lines on stderr.")

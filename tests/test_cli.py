@@ -391,6 +391,32 @@ def test_an_unwritable_output_is_refused_before_any_work(made, tmp_path):
     assert "loading" not in done.stderr and not list(locked.iterdir())
 
 
+def test_unreadable_inputs_are_the_api_s_one_line_or_row_not_a_usage_error(made, tmp_path):
+    """Without the capability to override file permissions: an unreadable photo is a row with its reason (as a
+    broken one is), an unreadable feature file or run file one line naming it."""
+    photo_file, feats, run = tmp_path / "locked.jpg", tmp_path / "locked.h5", tmp_path / "run"
+    photo_file.write_bytes((made["photos"] / "bed" / "bed_0.jpg").read_bytes())
+    feats.write_bytes(Path(made["feats"]).read_bytes())
+    shutil.copytree(made["run"], run)
+    for path in (photo_file, feats, run / "metrics.json"):
+        path.chmod(0)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    drop = ["setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search"]
+
+    def furnitype(*args) -> subprocess.CompletedProcess:
+        command = [*drop, sys.executable, "-m", "furnitype.cli", *map(str, args)]
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+
+    done = furnitype("predict", made["run"], photo_file, "--json", "-q")
+    assert done.returncode == 0, done.stderr
+    [row] = json.loads(done.stdout)
+    assert row["error"] == "unreadable: Permission denied" and row["label"] is None
+    done = furnitype("info", feats)
+    assert (done.returncode, done.stderr) == (2, f"Error: cannot read {feats}: Permission denied\n")
+    done = furnitype("report", run)
+    assert (done.returncode, done.stderr) == (1, f"Error: cannot read {run / 'metrics.json'}: Permission denied\n")
+
+
 # -- what the commands print ---------------------------------------------------------------------------------
 
 

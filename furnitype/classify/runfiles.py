@@ -125,7 +125,7 @@ def _open_inside(root: Path, relative: str) -> int:
         try:
             fd = os.open(parts[-1], _FILE, dir_fd=parent)
         except OSError as err:
-            raise _open_error(err, relative, want_folder=False) from None
+            raise _open_error(err, root, relative, want_folder=False) from None
         _check_kind(os.fstat(fd).st_mode, relative, want_folder=False, fd=fd)
         return fd
     finally:
@@ -145,7 +145,7 @@ def _open_folders(root: Path, parts: tuple[str, ...], relative: str, *, last_is_
             _check_kind(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode, name, want_folder=True)
             inner = os.open(part, _DIRECTORY, dir_fd=fd)
         except OSError as err:
-            raise _open_error(err, name, want_folder=True) from None
+            raise _open_error(err, root, name, want_folder=True) from None
         finally:
             os.close(fd)
         fd = inner
@@ -166,11 +166,11 @@ def _check_kind(mode: int, where: str, *, want_folder: bool, fd: int | None = No
         raise Damage(where, problem)
 
 
-def _open_error(err: OSError, where: str, *, want_folder: bool) -> Exception:
+def _open_error(err: OSError, root: Path, where: str, *, want_folder: bool) -> Exception:
     if err.errno == errno.ENOENT:
         return Damage(where, "missing")
     if err.errno == errno.ELOOP:
         return Damage(where, "is a symbolic link (a run's files must be inside it)")
     if err.errno == errno.ENOTDIR:
         return Damage(where, "is not a folder" if want_folder else "is not a regular file")
-    return StoreError(f"cannot read {where}: {err.strerror or err}")
+    return StoreError(f"cannot read {root / where}: {err.strerror or err}")
