@@ -150,6 +150,15 @@ def weights_identity(weights: str) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
+def weights_stamp(weights: str) -> tuple[int, int, int] | None:
+    """What tells a weights file on disk apart from its replacement (inode, size, mtime); None for a name."""
+    try:
+        found = os.stat(weights)
+    except OSError:
+        return None
+    return found.st_ino, found.st_size, found.st_mtime_ns
+
+
 def check_options(backbone: Backbone, *, weights: str, pooling: str, image_size: int, precision: str) -> None:
     """Validate options before anything is built; an ``InputError`` whose message ends with ``Received: ...``."""
     if pooling not in POOLINGS:
@@ -311,14 +320,14 @@ def keras_model(backbone: Backbone, *, weights: str, pooling: str, image_size: i
 
 
 def _weights_name(weights: str) -> str:
-    if weights == "imagenet" or weights.lower() == "none":
-        return "random" if weights.lower() == "none" else "imagenet"
-    return os.path.basename(weights)
+    if weights.lower() == "none":
+        return "random"
+    return weights if weights == "imagenet" else os.path.basename(weights)
 
 
 def _traced(model, image_size: int) -> Callable[[np.ndarray], np.ndarray]:
     """``infer`` as one TensorFlow graph for any batch size: traced once, so a run's last, smaller batch does
-    not trace again (1.5 s of CPU for InceptionV3); the cast to float32 happens inside the graph."""
+    not trace again; the cast to float32 happens inside the graph."""
     import tensorflow as tf
 
     @tf.function(input_signature=[tf.TensorSpec((None, image_size, image_size, 3), tf.float32)])

@@ -32,8 +32,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from furnitype.errors import FurnitypeError, InputError
-from furnitype.extract.backbones import get_backbone, keras_model, weights_identity
+from furnitype.extract.backbones import get_backbone, keras_model, weights_identity, weights_stamp
 from furnitype.extract.images import ImageDecodeError
+from furnitype.keras_loader import import_keras
 
 if TYPE_CHECKING:
     from furnitype.extract.pipeline import ExtractSpec
@@ -219,13 +220,8 @@ def _network_files(spec: ExtractSpec) -> tuple[str, bytes, bytes]:
     quantization = spec.quantization
     if quantization is None or not quantization.photos:
         raise FurnitypeError("--precision int8 needs calibration photos (furnitype.extract.settings).")
-    try:
-        found = os.stat(spec.weights)
-        weights_stamp = (found.st_ino, found.st_size, found.st_mtime_ns)
-    except OSError:
-        weights_stamp = None
     unnamed = replace(spec, quantization=replace(quantization, network=""))
-    path, network = _last_network(unnamed, weights_stamp, str(int8_cache_dir()))
+    path, network = _last_network(unnamed, weights_stamp(spec.weights), str(int8_cache_dir()))
     if quantization.network not in ("", network[0]):
         raise FurnitypeError(
             f"the int8 network made from the calibration photos is {network[0][:19]}…, not the recorded "
@@ -236,7 +232,7 @@ def _network_files(spec: ExtractSpec) -> tuple[str, bytes, bytes]:
 
 
 @functools.lru_cache(maxsize=1)
-def _last_network(spec: ExtractSpec, weights_stamp: tuple | None, cache: str) -> tuple[Path, tuple]:
+def _last_network(spec: ExtractSpec, stamp: tuple | None, cache: str) -> tuple[Path, tuple]:
     """The cache file's path and the network: the one last found or built in this process (verified bytes), so
     repeated ``extract`` calls in one process hash the weights file and read the cache file once."""
     made_from = _made_from(spec)
@@ -340,8 +336,6 @@ def _quantize(spec: ExtractSpec) -> tuple[str, bytes, bytes]:
     nncf = _import_nncf()
     images = [_calibration_image(spec, path, sha) for path, sha in quantization_of(spec).photos]
     backbone = get_backbone(spec.backbone)
-    from furnitype.keras_loader import import_keras
-
     keras = import_keras()
     import tensorflow as tf
 

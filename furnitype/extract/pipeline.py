@@ -17,7 +17,7 @@ import numpy as np
 
 from furnitype.errors import InputError
 from furnitype.extract import int8
-from furnitype.extract.backbones import build_model, get_backbone
+from furnitype.extract.backbones import build_model, get_backbone, weights_stamp
 from furnitype.extract.images import ImageDecodeError, decode_image, read_file
 
 
@@ -43,7 +43,7 @@ class ExtractSpec:
         The network last built in this process is reused while the settings and the weights file are the same,
         so repeated ``extract`` calls in one process (a notebook, a benchmark) pay TensorFlow's start-up once.
         """
-        return _network(self, _file_stamp(self.weights))
+        return _network(self, weights_stamp(self.weights))
 
     def load(self, path: str) -> tuple[str, np.ndarray]:
         """Read, hash and decode one file: ``(sha256, uint8 image)``; ``ImageDecodeError`` when unusable."""
@@ -56,7 +56,7 @@ class ExtractSpec:
 
 
 @functools.lru_cache(maxsize=1)
-def _network(spec: ExtractSpec, weights_stamp: tuple | None) -> Callable[[np.ndarray], np.ndarray]:
+def _network(spec: ExtractSpec, stamp: tuple | None) -> Callable[[np.ndarray], np.ndarray]:
     if spec.precision == "int8":
         return int8.build(spec)
     backbone = get_backbone(spec.backbone)
@@ -64,15 +64,6 @@ def _network(spec: ExtractSpec, weights_stamp: tuple | None) -> Callable[[np.nda
         backbone, weights=spec.weights, pooling=spec.pooling, image_size=spec.image_size, precision=spec.precision
     )
     return lambda batch: model(backbone.preprocess(batch))
-
-
-def _file_stamp(weights: str) -> tuple | None:
-    """Identity of a weights file on disk (a file replaced in place is built again); None for a name."""
-    try:
-        stat = os.stat(weights)
-    except OSError:
-        return None
-    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 @dataclass(frozen=True)
