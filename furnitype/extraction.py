@@ -21,7 +21,7 @@ from furnitype import __version__
 from furnitype.engines import BatchSource, batch_source
 from furnitype.errors import InputError, Interrupted
 from furnitype.extract.backbones import check_memory, get_backbone
-from furnitype.extract.images import ImageDecodeError, Listing, hash_file, list_images
+from furnitype.extract.images import ImageDecodeError, Listing, bad_label, hash_file, list_images
 from furnitype.extract.pipeline import ExtractSpec, check_batching
 from furnitype.extract.settings import calibrated, recorded_settings, resolve_settings
 from furnitype.features.cache import FeatureCache, Hashed
@@ -172,8 +172,12 @@ def extract(
     batches = _engine(engine, options)
     check_batching(batch_size, workers)
     check_memory(get_backbone(spec.backbone), spec.image_size, batch_size)
-    if label is not None and not label.strip():
-        raise InputError("label must not be empty. Received: label=''")
+    if label is not None:
+        if not label.strip():
+            raise InputError(f"label must not be empty. Received: label={label!r}")
+        if bad_label(label):
+            raise InputError(bad_label(label))
+        label = label.strip()  # as a manifest's labels are
     if calibrate is not None and spec.precision != "int8":
         raise InputError(f"--calibrate is for --precision int8 only. Received: precision={spec.precision!r}")
     out = Path(out or f"features-{spec.backbone}.h5")

@@ -167,6 +167,12 @@ def test_labels_are_kept_changed_and_set(photo_folder, folder, tmp_path):
     assert moved.relabelled == 3 and summary(out)["classes"] == {"bed": 4, "chair": 3}
     with pytest.raises(InputError, match="label must not be empty"):
         extract([folder], **SMALL, out=out, label=" ")
+    for odd in ("two\nlines", "tab\there"):  # a class name is one printable line in every table and CSV
+        refused = run_cli("extract", folder, *CLI_SMALL, "--out", out, "--label", odd)
+        assert (refused.exit_code, refused.output) == (2, f"Error: a label must be printable text on one line. "
+                                                           f"Received: label={odd!r}\n")
+    assert extract([folder / "chair"], **SMALL, out=out, label=" sofa, new ").relabelled == 3
+    assert summary(out)["classes"] == {"bed": 4, "sofa, new": 3}  # stripped as a manifest's labels are
 
 
 def test_a_failed_start_leaves_nothing_behind(folder, tmp_path):

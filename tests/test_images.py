@@ -122,11 +122,31 @@ def test_manifest_paths_are_relative_to_the_csv(tmp_path):
 
 def test_a_file_listed_twice_is_kept_once_with_its_first_label(tmp_path):
     root = make_photo_folder(tmp_path / "photos", per_class=1)
-    (tmp_path / "m.csv").write_text("photos/bed/bed_0.jpg,sofa\nphotos/bed/bed_0.jpg,lamp\n")
+    (tmp_path / "m.csv").write_text("photos/bed/bed_0.jpg,sofa\nphotos/bed/../bed/bed_0.jpg,sofa\n")
     listing = list_images([], tmp_path / "m.csv")
     assert (listing.paths, listing.labels) == ([str(root / "bed" / "bed_0.jpg")], ["sofa"])
     both = list_images([root, root / "bed"], tmp_path / "m.csv")
     assert both.labels == ["bed", "chair"] and len(both.paths) == 2
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("file,class\nphotos/bed/bed_0.jpg,bed\n", "the first row 'file,class' is neither the header 'path,label'"),
+    ("path,label\nphotos/bed/bed_0.jpg,bed\nphotos/bed/bed_0.jpg,chair\n",
+     "lists photos/bed/bed_0.jpg twice with different labels \\(line 2: 'bed', line 3: 'chair'\\)"),
+    ("path,label\n,bed\n", "line 2: no path in the first column"),
+    ('path,label\nphotos/bed/bed_0.jpg,"two\nlines"\n', "line 2: a label must be printable text on one line"),
+])
+def test_a_manifest_that_cannot_mean_what_it_says_is_one_input_error(tmp_path, text, message):
+    make_photo_folder(tmp_path / "photos", per_class=1)
+    (tmp_path / "m.csv").write_text(text)
+    with pytest.raises(InputError, match=message):
+        list_images([], tmp_path / "m.csv")
+
+
+def test_a_manifest_that_is_not_a_regular_file_is_refused_without_waiting(tmp_path):
+    os.mkfifo(tmp_path / "m.csv")  # opened without O_NONBLOCK, reading it would wait for a writer forever
+    with pytest.raises(InputError, match="cannot read manifest .*m.csv: not a regular file"):
+        list_images([], tmp_path / "m.csv")
 
 
 def test_missing_or_empty_inputs_are_input_errors(tmp_path):

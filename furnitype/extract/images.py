@@ -188,19 +188,75 @@ def list_images(inputs: Sequence[str | os.PathLike], manifest: str | os.PathLike
 
 
 def read_manifest(manifest: str | os.PathLike) -> list[ImageFile]:
-    """Read a CSV of ``path,label`` rows (header optional; label optional); paths relative to the CSV."""
+    """Read a CSV of ``path,label`` rows (header optional; label optional); paths relative to the CSV.
+
+    The file must be a regular file (a FIFO is refused, not waited on). A first row that is neither the header
+    ``path,label`` nor a photo path (another header), a row without a path, and a path listed twice with
+    different labels are ``InputError`` naming the line; a path listed twice with one label is kept once.
+    """
     manifest = Path(manifest)
-    if not manifest.is_file():
-        raise InputError(f"manifest not found: {manifest}")
     base = manifest.parent
     try:
-        with open(manifest, newline="", encoding="utf-8-sig") as fh:
-            rows = [row for row in csv.reader(fh) if row and any(cell.strip() for cell in row)]
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        with open_photo(str(manifest)) as (fd, _):
+            data = _read(fd, MAX_FILE_BYTES)
+        text = data.decode("utf-8-sig")
+        rows = [(n, row) for n, row in _csv_rows(text) if row and any(cell.strip() for cell in row)]
+    except ImageDecodeError as err:
+        if str(err) == MISSING:
+            raise InputError(f"manifest not found: {manifest}") from None
         raise InputError(f"cannot read manifest {manifest}: {err}") from None
-    if rows and [cell.strip().lower() for cell in rows[0][:2]] in (["path", "label"], ["path"]):
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise InputError(f"cannot read manifest {manifest}: {err}") from None
+    if rows and _is_header(rows[0][1], manifest):
         rows = rows[1:]
-    return [ImageFile(os.path.abspath(base / row[0].strip()), row[1].strip() if len(row) > 1 else "") for row in rows]
+    files: list[ImageFile] = []
+    first_line: dict[str, tuple[int, str]] = {}
+    for line, row in rows:
+        given = row[0].strip()
+        if not given:
+            raise InputError(f"manifest {manifest}, line {line}: no path in the first column.")
+        path = os.path.abspath(base / given)
+        label = row[1].strip() if len(row) > 1 else ""
+        if bad_label(label):
+            raise InputError(f"manifest {manifest}, line {line}: {bad_label(label)}")
+        if path in first_line:
+            seen_line, seen_label = first_line[path]
+            if seen_label != label:
+                raise InputError(f"manifest {manifest} lists {given} twice with different labels "
+                                 f"(line {seen_line}: {seen_label!r}, line {line}: {label!r}); keep one.")
+            continue
+        first_line[path] = (line, label)
+        files.append(ImageFile(path, label))
+    return files
+
+
+def bad_label(label: str) -> str:
+    """Why a label cannot be recorded ("" when it can): a class name is one line of printable text, as the
+    tables, CSV files and reports that show it expect."""
+    if label.isprintable():
+        return ""
+    return f"a label must be printable text on one line. Received: label={label!r}"
+
+
+def _csv_rows(text: str) -> Iterator[tuple[int, list[str]]]:
+    """CSV rows with the line each starts on."""
+    reader = csv.reader(text.splitlines(keepends=True))
+    line = 1
+    for row in reader:
+        yield line, row
+        line = reader.line_num + 1
+
+
+def _is_header(row: list[str], manifest: Path) -> bool:
+    """Whether a manifest's first row is its header; ``InputError`` for a header other than ``path,label``."""
+    cells = [cell.strip().lower() for cell in row[:2]]
+    if cells in (["path", "label"], ["path"]):
+        return True
+    first = row[0].strip()
+    if os.path.splitext(first)[1].lower() in IMAGE_SUFFIXES or os.path.lexists(manifest.parent / first):
+        return False
+    raise InputError(f"manifest {manifest}: the first row {','.join(row)!r} is neither the header "
+                     f"'path,label' nor a photo path; start the CSV with the header 'path,label'.")
 
 
 def _unusable(st: os.stat_result) -> str:
