@@ -42,6 +42,7 @@ def check_output(path: str | os.PathLike, *, kind: Literal["file", "folder"] = "
         folder, or the nearest existing folder above it is not writable.
     """
     path = Path(path)
+    _check_name_lengths(path)
     if kind == "file" and path.is_dir():
         raise InputError(f"cannot write {path}: it is a folder.")
     if kind == "folder" and path.exists() and not path.is_dir():
@@ -54,6 +55,32 @@ def check_output(path: str | os.PathLike, *, kind: Literal["file", "folder"] = "
     if not os.access(above, os.W_OK | os.X_OK):
         raise InputError(f"cannot write {path}: permission denied in {above}.")
     return path
+
+
+#: Bytes the longest file furnitype keeps beside an output adds to its name: ``.NAME.tmp-PID`` (a PID has at
+#: most 7 digits on Linux); ``NAME.lock``, ``NAME.undo``, ``.NAME.lock`` are shorter.
+SIDE_NAME_BYTES = len("..tmp-") + 7
+
+
+def _check_name_lengths(path: Path) -> None:
+    """Refuse a name the file system cannot hold, or whose temporary and lock files beside it it cannot
+    (``.NAME.tmp-PID``): at once, not after the work when the output is written."""
+    above = path.absolute().parent
+    missing = [path.name]
+    while not os.path.lexists(above) and above != above.parent:
+        missing.append(above.name)
+        above = above.parent
+    try:
+        name_max = os.pathconf(above, "PC_NAME_MAX") if os.path.isdir(above) else 255
+    except OSError:
+        name_max = 255
+    for i, name in enumerate(missing):
+        limit = name_max - SIDE_NAME_BYTES if i == 0 else name_max
+        if len(os.fsencode(name)) > limit:
+            raise InputError(
+                f"cannot write {path}: the name {name[:20]}… is {len(os.fsencode(name))} bytes long; the file "
+                f"system allows {limit} here{' (furnitype adds .NAME.tmp-PID beside it)' if i == 0 else ''}."
+            )
 
 
 def refuse_inputs(

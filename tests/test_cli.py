@@ -326,6 +326,28 @@ def test_every_output_is_checked_before_any_work(tmp_path):
     assert file.read_text() == "mine" and not list(folder.iterdir())
 
 
+def test_an_output_name_too_long_for_the_files_beside_it_is_refused_before_any_work(made, tmp_path):
+    """A 250-byte name is valid, but ``.NAME.tmp-PID`` beside it is not: refused at once, not after the work."""
+    nothing = tmp_path / "no-such"
+    long = tmp_path / ("n" * 246)
+    cases = [
+        ["extract", nothing, "--out", f"{long}.h5"],
+        ["classify", nothing, "--out", long],
+        ["report", nothing, "--out", long],
+        ["predict", nothing, "a.jpg", "--out", f"{long}.csv"],
+        ["similar", nothing, "a.jpg", "--sheet", f"{long}.png"],
+        ["suggest", nothing, nothing, "--out", f"{long}.csv"],
+        ["extract", nothing, "--out", tmp_path / ("d" * 256) / "f.h5"],  # a missing folder above it, too long
+    ]
+    for args in cases:
+        line = _one_line_error(invoke(*args), 2)
+        assert line.startswith(f"Error: cannot write {args[-1]}: the name ") and "bytes long" in line, args
+    assert not list(tmp_path.iterdir())
+    longest = tmp_path / ("n" * 238 + ".csv")  # 242 bytes: its temporary file still fits
+    photo = made["photos"] / "bed" / "bed_0.jpg"
+    assert invoke("predict", made["run"], photo, "--out", longest, "-q").exit_code == 0 and longest.is_file()
+
+
 def test_an_output_never_replaces_an_input_or_another_output(made, tmp_path):
     """A typo in --out or --sheet must not turn the feature file, a query photo or a run's files into a CSV/PNG."""
     feats = tmp_path / "vgg.h5"
