@@ -167,7 +167,9 @@ def top_k_option(help: str, default: int) -> Callable:
 
 
 def _print_json(obj) -> None:
-    click.echo(json.dumps(obj, indent=2, default=str))
+    from furnitype.outputs import json_ready
+
+    click.echo(json.dumps(json_ready(obj), indent=2, default=str))
 
 
 # -- the commands, in pipeline order ------------------------------------------------------------------------

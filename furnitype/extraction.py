@@ -24,7 +24,7 @@ from furnitype.extract.backbones import check_memory, get_backbone
 from furnitype.extract.images import ImageDecodeError, Listing, bad_label, hash_file, list_images
 from furnitype.extract.pipeline import ExtractSpec, check_batching
 from furnitype.extract.settings import calibrated, recorded_settings, resolve_settings
-from furnitype.features.cache import FeatureCache, Hashed
+from furnitype.features.cache import NOT_UTF8, FeatureCache, Hashed
 from furnitype.outputs import refuse_inputs, significant
 
 #: ``extract``'s keyword form of an ``ExtractSpec`` (with their defaults) and of the Ray engine.
@@ -90,7 +90,10 @@ class ExtractResult:
         if self.relabelled:
             parts.append(f"{self.relabelled:,} relabelled")
         parts += [f"{self.skipped:,} skipped", f"{self.hashed:,} hashed"]
-        hint = f"see: furnitype info {self.out}" if self.skipped else f"{self.out}, {self.seconds:.1f} s"
+        recorded = sum(reason != NOT_UTF8 for _, reason in self.skipped_files)
+        hint = f"see: furnitype info {self.out}" if recorded else f"{self.out}, {self.seconds:.1f} s"
+        if self.skipped > recorded:  # names the store cannot record: only the warnings name them
+            hint += " and the warnings" if recorded else "; the warnings name the skipped files"
         return f"{', '.join(parts)} ({hint})"
 
     def as_dict(self) -> dict:

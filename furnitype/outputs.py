@@ -9,6 +9,8 @@ The rules (docs/cli.md, "Conventions"):
 - Missing parent folders of an output are created when it is written, by every command.
 - A file is written beside its final place and renamed over it (``replace_file``), so a failed or
   interrupted write leaves the previous file as it was.
+- A file name whose bytes are not UTF-8 is written to JSON with those bytes as ``\\xNN`` escapes
+  (``shown_name``: ``caf\\xe9.jpg``), never as lone surrogates (``\\udce9``) that strict JSON parsers reject.
 - Probabilities, distances and seconds in JSON and CSV output carry 6 significant digits (``significant``);
   a missing value is ``null`` in JSON and an empty cell in CSV, never ``""`` in JSON.
 """
@@ -19,7 +21,7 @@ import errno
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 from furnitype.errors import InputError
 
@@ -167,6 +169,30 @@ def replace_file(path: str | os.PathLike, data: bytes) -> Path:
         if created:
             tmp.unlink(missing_ok=True)
     return path
+
+
+def shown_name(name: str) -> str:
+    """``name`` as valid UTF-8 text: bytes that are not UTF-8 (``os.fsdecode`` keeps them as lone surrogates)
+    become ``\\xNN`` escapes; any other name is returned as it is."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a surrogate that no file name decodes to
+            return name.encode("utf-8", "backslashreplace").decode("utf-8")
+    return name
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` with every string and path (keys included) made valid UTF-8 by ``shown_name``, for ``json.dumps``."""
+    if isinstance(value, (str, os.PathLike)):
+        return shown_name(os.fspath(value))
+    if isinstance(value, Mapping):
+        return {json_ready(key): json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item) for item in value]
+    return value
 
 
 @overload

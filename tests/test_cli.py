@@ -446,6 +446,27 @@ def _significant(value: float) -> bool:
     return value == float(f"{value:.6g}")
 
 
+def test_json_shows_names_that_are_not_utf8_with_x_escapes_that_strict_parsers_accept(made, tmp_path):
+    """A lone surrogate (``\\udce9``) is not valid JSON text for strict parsers; the bytes are shown as ``\\xe9``."""
+    folder = os.fsencode(tmp_path / "odd")
+    os.mkdir(folder)
+    with open(folder + b"/caf\xe9.jpg", "wb") as fh:
+        fh.write((made["photos"] / "bed" / "bed_0.jpg").read_bytes())
+    shown = f"{tmp_path / 'odd'}/caf\\xe9.jpg"
+
+    def strict(output: str):
+        output.encode("utf-8")  # a lone surrogate in the text fails here
+        return json.loads(output)
+
+    similar = invoke("similar", made["feats"], os.fsdecode(folder), "--json", "-q")
+    assert similar.exit_code == 0 and strict(similar.output)[0]["query"] == shown
+    predict = invoke("predict", made["run"], os.fsdecode(folder), "--json", "-q")
+    assert predict.exit_code == 0 and strict(predict.output)[0]["path"] == shown
+    extract_ = invoke("extract", os.fsdecode(folder), "--weights", made["weights"], "--image-size", "32", "--json",
+                      "-q", "--out", tmp_path / "odd.h5")
+    assert extract_.exit_code == 0 and strict(extract_.stdout)["skipped_files"][0]["path"] == shown
+
+
 def test_json_shapes_null_for_missing_and_six_significant_digits(made, tmp_path):
     loose = tmp_path / "loose.jpg"
     photo(77, COLOURS["sofa"]).save(loose)

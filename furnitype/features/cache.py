@@ -40,6 +40,10 @@ from furnitype.features.view import (
     remove_leftovers,
 )
 from furnitype.features.writing import WriteFailed, new_file, transaction, writable, write_failed
+from furnitype.outputs import shown_name
+
+#: The reason of a listed file skipped but not recorded: a feature file records only UTF-8 names.
+NOT_UTF8 = "not a UTF-8 name"
 
 #: A file modified this close to the moment it was hashed may change again within the same mtime tick:
 #: its stat is recorded as unknown, so the next run reads it again (git's "racily clean" rule).
@@ -249,8 +253,8 @@ class FeatureCache:
         failed[list(listing.reasons)] = True
         for i in _not_utf8(listing.paths):
             failed[i] = True
-            name = listing.paths[i].encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-            self.counts.skipped_files.append((name, "not a UTF-8 name"))
+            name = shown_name(listing.paths[i])
+            self.counts.skipped_files.append((name, NOT_UTF8))
             self.counts.warnings.append(f"skipped {name}: a feature file records only UTF-8 names; rename it")
         unchanged = same_stat & ~failed & (not rehash)
         self._unchanged = unchanged
