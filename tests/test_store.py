@@ -230,6 +230,48 @@ def test_overwrite_rebuilds_a_damaged_store_and_undo_file(tmp_path):
         assert not os.path.lexists(undo) and (bad != "link" or (tmp_path / "victim").read_bytes() == b"keep me")
 
 
+@pytest.mark.parametrize(("field", "offset"), [
+    ("magic", 0), ("old size", 8), ("header crc", 16),
+    ("page number", 20), ("length", 28), ("record crc", 32), ("page bytes", 36 + 100),
+    ("second record bytes", 20 + 16 + 4096 + 16 + 7),
+])
+def test_an_undo_file_damaged_in_any_field_is_refused_never_half_rolled_back(tmp_path, field, offset):
+    """A hot undo file saving pages 0-2 whose new bytes reached the store: any flipped byte makes it damaged
+    (store and undo left as they are); skipping a bad record used to restore none of the pages after it."""
+    store = tmp_path / "s.h5"
+    append(str(store), 0, 40, 8)
+    before = store.read_bytes()
+    fd = os.open(store, os.O_RDWR)
+    log = undo_module.UndoLog.create(undo_module.undo_path(store), len(before))
+    log.save(fd, [0, 1, 2])
+    os.pwrite(fd, b"\0" * (3 * undo_module.PAGE), 0)  # the uncommitted writes of the transaction
+    log.close()
+    os.close(fd)
+    undo = Path(f"{store}.undo")
+    damaged = bytearray(undo.read_bytes())
+    damaged[offset] ^= 0x5A
+    undo.write_bytes(damaged)
+    written = store.read_bytes()
+    with pytest.raises(StoreError, match=r"s.h5 is damaged \(s.h5.undo is .*\); --overwrite rebuilds it"):
+        load(store)
+    assert store.read_bytes() == written and undo.read_bytes() == damaged
+
+
+def test_an_undo_file_cut_in_its_last_record_rolls_back_the_whole_records(tmp_path):
+    store = tmp_path / "s.h5"
+    append(str(store), 0, 40, 8)
+    before = store.read_bytes()
+    fd = os.open(store, os.O_RDWR)
+    log = undo_module.UndoLog.create(undo_module.undo_path(store), len(before))
+    log.save(fd, [0, 1, 2])
+    os.pwrite(fd, b"\0" * (2 * undo_module.PAGE), 0)  # pages 0 and 1 written; page 2's record was being saved
+    log.close()
+    os.close(fd)
+    undo = Path(f"{store}.undo")
+    undo.write_bytes(undo.read_bytes()[:-100])
+    assert len(load(store)) == 40 and store.read_bytes() == before and not undo.exists()
+
+
 def test_a_second_writer_is_refused_at_once_also_through_another_name(tmp_path):
     store = tmp_path / "s.h5"
     (tmp_path / "link.h5").symlink_to(store)

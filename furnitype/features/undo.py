@@ -12,7 +12,9 @@ A failed write (a full disk) never reaches HDF5 as an error, which HDF5 does not
 file object keeps everything in memory, HDF5 closes normally, and the caller rolls the file back.
 
 Undo file layout: ``MAGIC | old size (u64) | crc32 (u32)``, then records ``page number (u64) | length (u32) |
-crc32 of number and bytes (u32) | the page's old bytes``.
+crc32 of number and bytes (u32) | the page's old bytes``. Only the last record may be cut short (the process died
+while appending it); a whole record whose checksum is wrong, or a length no record has, makes the undo file
+damaged, never a partial rollback.
 """
 
 from __future__ import annotations
@@ -178,11 +180,18 @@ def _parse(data: bytes) -> tuple[int | None, list[tuple[int, bytes]]]:
             return None, []  # a torn header is fsynced before any page is written
         raise UndoDamaged("its header checksum is wrong")
     pages, offset = [], _HEADER.size
+    lengths = {PAGE, size % PAGE or PAGE}
     while offset + _RECORD.size <= len(data):
         page, length, crc = _RECORD.unpack_from(data, offset)
+        if length not in lengths:
+            raise UndoDamaged(f"its record {len(pages) + 1} has a length of {length} bytes")
         old = data[offset + _RECORD.size : offset + _RECORD.size + length]
-        if len(old) != length or zlib.crc32(old, zlib.crc32(struct.pack("<Q", page))) != crc:
-            break  # the record being written when the process died: its page was not touched yet
+        if len(old) != length:
+            break  # the record being written when the process died (the last one): its page was not touched yet
+        if zlib.crc32(old, zlib.crc32(struct.pack("<Q", page))) != crc:
+            # A whole record with other bytes: damage, not a write cut short. Skipping it would leave its page
+            # (and the pages of the records after it) with uncommitted bytes in a file that looks rolled back.
+            raise UndoDamaged(f"its record {len(pages) + 1} (page {page}) has a wrong checksum")
         if page * PAGE >= size or length != min(PAGE, size - page * PAGE):
             raise UndoDamaged(f"it saves page {page}, outside the file's old {size} bytes")
         pages.append((page, old))
