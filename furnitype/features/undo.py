@@ -179,7 +179,8 @@ def _parse(data: bytes) -> tuple[int | None, list[tuple[int, bytes]]]:
         if len(data) == _HEADER.size:
             return None, []  # a torn header is fsynced before any page is written
         raise UndoDamaged("its header checksum is wrong")
-    pages, offset = [], _HEADER.size
+    pages: list[tuple[int, bytes]] = []
+    offset = _HEADER.size
     lengths = {PAGE, size % PAGE or PAGE}
     while offset + _RECORD.size <= len(data):
         page, length, crc = _RECORD.unpack_from(data, offset)
