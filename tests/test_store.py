@@ -216,11 +216,13 @@ def test_overwrite_rebuilds_a_damaged_store_and_undo_file(tmp_path):
             undo.symlink_to(tmp_path / "victim")
             (tmp_path / "victim").write_bytes(b"keep me")
         else:  # a valid header and a record with a valid CRC for a page outside the file
-            header = b"FTUNDO1\n" + (100).to_bytes(8, "little")
+            header = b"FTUNDO2\n" + (100).to_bytes(8, "little")
+            slot = (1).to_bytes(8, "little") + (1).to_bytes(8, "little")  # sequence 1 counts one record
             page = (5).to_bytes(8, "little")
             crc = zlib.crc32(b"abcd", zlib.crc32(page)).to_bytes(4, "little")
             record = page + (4).to_bytes(4, "little") + crc + b"abcd"
-            undo.write_bytes(header + zlib.crc32(header).to_bytes(4, "little") + record)
+            undo.write_bytes(header + zlib.crc32(header).to_bytes(4, "little") + bytes(20)
+                             + slot + zlib.crc32(slot).to_bytes(4, "little") + record)
         with pytest.raises(StoreError, match=r"s.h5 is damaged \(s.h5.undo is .*\); --overwrite rebuilds it"):
             load(store)
         with pytest.raises(StoreError, match="s.h5.undo is"):
@@ -230,23 +232,36 @@ def test_overwrite_rebuilds_a_damaged_store_and_undo_file(tmp_path):
         assert not os.path.lexists(undo) and (bad != "link" or (tmp_path / "victim").read_bytes() == b"keep me")
 
 
-@pytest.mark.parametrize(("field", "offset"), [
-    ("magic", 0), ("old size", 8), ("header crc", 16),
-    ("page number", 20), ("length", 28), ("record crc", 32), ("page bytes", 36 + 100),
-    ("second record bytes", 20 + 16 + 4096 + 16 + 7),
-])
-def test_an_undo_file_damaged_in_any_field_is_refused_never_half_rolled_back(tmp_path, field, offset):
-    """A hot undo file saving pages 0-2 whose new bytes reached the store: any flipped byte makes it damaged
-    (store and undo left as they are); skipping a bad record used to restore none of the pages after it."""
-    store = tmp_path / "s.h5"
+def _hot_undo(store: Path, saves: list[list[int]], changed: int) -> bytes:
+    """A hot undo file of ``store`` (one ``save`` per list of pages), the first ``changed`` pages zeroed as the
+    transaction's uncommitted writes; the store's bytes before."""
     append(str(store), 0, 40, 8)
     before = store.read_bytes()
     fd = os.open(store, os.O_RDWR)
     log = undo_module.UndoLog.create(undo_module.undo_path(store), len(before))
-    log.save(fd, [0, 1, 2])
-    os.pwrite(fd, b"\0" * (3 * undo_module.PAGE), 0)  # the uncommitted writes of the transaction
+    for pages in saves:
+        log.save(fd, pages)
+    os.pwrite(fd, b"\0" * (changed * undo_module.PAGE), 0)
     log.close()
     os.close(fd)
+    return before
+
+
+# Offsets in an undo file saving pages 0-2: header 0-19, slots 20-39 and 40-59 (sequence 1 in the second), records.
+RECORD_START = 60
+
+
+@pytest.mark.parametrize(("field", "offset"), [
+    ("magic", 0), ("old size", 8), ("header crc", 16),
+    ("page number", RECORD_START), ("length", RECORD_START + 8), ("record crc", RECORD_START + 12),
+    ("page bytes", RECORD_START + 16 + 100), ("second record bytes", RECORD_START + 16 + 4096 + 16 + 7),
+])
+def test_an_undo_file_damaged_in_any_field_is_refused_never_half_rolled_back(tmp_path, field, offset):
+    """A hot undo file whose counted records saved pages 0-2, whose new bytes reached the store: any flipped
+    byte makes it damaged (store and undo left as they are); skipping a bad record would leave its page and the
+    pages after it with uncommitted bytes."""
+    store = tmp_path / "s.h5"
+    _hot_undo(store, [[0, 1, 2]], changed=3)
     undo = Path(f"{store}.undo")
     damaged = bytearray(undo.read_bytes())
     damaged[offset] ^= 0x5A
@@ -257,18 +272,26 @@ def test_an_undo_file_damaged_in_any_field_is_refused_never_half_rolled_back(tmp
     assert store.read_bytes() == written and undo.read_bytes() == damaged
 
 
-def test_an_undo_file_cut_in_its_last_record_rolls_back_the_whole_records(tmp_path):
+def test_an_undo_file_whose_count_is_damaged_still_puts_back_every_valid_record(tmp_path):
     store = tmp_path / "s.h5"
-    append(str(store), 0, 40, 8)
-    before = store.read_bytes()
-    fd = os.open(store, os.O_RDWR)
-    log = undo_module.UndoLog.create(undo_module.undo_path(store), len(before))
-    log.save(fd, [0, 1, 2])
-    os.pwrite(fd, b"\0" * (2 * undo_module.PAGE), 0)  # pages 0 and 1 written; page 2's record was being saved
-    log.close()
-    os.close(fd)
+    before = _hot_undo(store, [[0, 1, 2]], changed=3)
     undo = Path(f"{store}.undo")
-    undo.write_bytes(undo.read_bytes()[:-100])
+    damaged = bytearray(undo.read_bytes())
+    damaged[40] ^= 0x5A  # the only slot written: no count is left, the three whole records are still used
+    undo.write_bytes(damaged)
+    assert len(load(store)) == 40 and store.read_bytes() == before and not undo.exists()
+
+
+@pytest.mark.parametrize("tail", ["cut", "zeros", "garbage"])
+def test_an_append_cut_by_a_kill_or_a_power_loss_ends_the_rollback(tmp_path, tail):
+    """Pages 0 and 1 were saved, counted and changed; the append saving page 2 never finished: cut short by a
+    kill, or, after a power loss, zeros or other bytes where the file system had not written it yet."""
+    store = tmp_path / "s.h5"
+    before = _hot_undo(store, [[0, 1]], changed=2)
+    undo = Path(f"{store}.undo")
+    record = (2).to_bytes(8, "little") + undo_module.PAGE.to_bytes(4, "little") + bytes(4) + before[8192:12288]
+    torn = {"cut": record[:-100], "zeros": bytes(len(record)), "garbage": bytes(range(256)) * 16}[tail]
+    undo.write_bytes(undo.read_bytes() + torn)
     assert len(load(store)) == 40 and store.read_bytes() == before and not undo.exists()
 
 

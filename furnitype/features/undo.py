@@ -11,10 +11,14 @@ file to its old size, so the file is exactly what the last commit left.
 A failed write (a full disk) never reaches HDF5 as an error, which HDF5 does not survive well: from then on the
 file object keeps everything in memory, HDF5 closes normally, and the caller rolls the file back.
 
-Undo file layout: ``MAGIC | old size (u64) | crc32 (u32)``, then records ``page number (u64) | length (u32) |
-crc32 of number and bytes (u32) | the page's old bytes``. Only the last record may be cut short (the process died
-while appending it); a whole record whose checksum is wrong, or a length no record has, makes the undo file
-damaged, never a partial rollback.
+Undo file layout: ``MAGIC | old size (u64) | crc32 (u32)``, two slots ``sequence (u64) | records (u64) | crc32
+(u32)``, then records ``page number (u64) | length (u32) | crc32 of number and bytes (u32) | the page's old bytes``.
+Each append of records is fsynced, then the count of records saved so far goes to the slot of the next sequence
+number and is fsynced; only then may those pages change. So the records the newest valid slot counts must all be
+whole and valid (otherwise the undo file is damaged: never a partial rollback), while records past that count
+were being appended when the process died or the power went: the rollback stops at the first that is not whole
+and valid. Putting back a page that was never changed writes the bytes it has, so every valid record is used.
+Two slots, so that a slot torn while being written leaves the other.
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 PAGE = 4096
-_MAGIC = b"FTUNDO1\n"
+_MAGIC = b"FTUNDO2\n"
 _HEADER = struct.Struct("<8sQI")
+_SLOT = struct.Struct("<QQI")
+_RECORDS_START = _HEADER.size + 2 * _SLOT.size
 _RECORD = struct.Struct("<QII")
 _held_back: list | None = None
 #: Pages held in memory before they are written out (undo first) in the middle of a transaction.
@@ -73,7 +79,9 @@ class UndoLog:
         self.size = size
         self.saved: set[int] = set()
         self._fd = fd
-        self._offset = _HEADER.size
+        self._offset = _RECORDS_START
+        self._records = 0
+        self._sequence = 0
 
     @classmethod
     def create(cls, path: Path, size: int) -> UndoLog:
@@ -82,7 +90,7 @@ class UndoLog:
         log = cls(path, fd, size)
         try:
             head = _MAGIC + struct.pack("<Q", size)
-            write_all(fd, head + struct.pack("<I", zlib.crc32(head)), 0)
+            write_all(fd, head + struct.pack("<I", zlib.crc32(head)) + bytes(2 * _SLOT.size), 0)
             os.fsync(fd)
             fsync_folder(path)
         except BaseException:
@@ -91,7 +99,7 @@ class UndoLog:
         return log
 
     def save(self, fd: int, pages: list[int]) -> None:
-        """Append the current bytes of ``pages`` (those not saved yet, inside the old size) and fsync."""
+        """Append the current bytes of ``pages`` (those not saved yet, inside the old size), durably counted."""
         records = []
         for page in pages:
             if page in self.saved or page * PAGE >= self.size:
@@ -104,6 +112,12 @@ class UndoLog:
             write_all(self._fd, blob, self._offset)
             os.fsync(self._fd)
             self._offset += len(blob)
+            self._records += len(records)
+            self._sequence += 1
+            counted = struct.pack("<QQ", self._sequence, self._records)
+            slot = _HEADER.size + (self._sequence % 2) * _SLOT.size
+            write_all(self._fd, counted + struct.pack("<I", zlib.crc32(counted)), slot)
+            os.fsync(self._fd)
 
     def close(self) -> None:
         """Close the log, leaving it for ``rollback``."""
@@ -168,7 +182,7 @@ def _read_all(fd: int) -> bytes:
 
 def _parse(data: bytes) -> tuple[int | None, list[tuple[int, bytes]]]:
     """The old size and the saved pages; ``(None, [])`` for a header cut short before any page was saved."""
-    if len(data) < _HEADER.size:
+    if len(data) < _RECORDS_START:
         if _MAGIC.startswith(data[: len(_MAGIC)]):
             return None, []  # killed while writing the header: the file was not touched yet
         raise UndoDamaged("not a furnitype undo file")
@@ -176,28 +190,40 @@ def _parse(data: bytes) -> tuple[int | None, list[tuple[int, bytes]]]:
     if magic != _MAGIC:
         raise UndoDamaged("not a furnitype undo file")
     if zlib.crc32(data[: _HEADER.size - 4]) != crc:
-        if len(data) == _HEADER.size:
-            return None, []  # a torn header is fsynced before any page is written
+        if len(data) == _RECORDS_START:
+            return None, []  # a torn header is fsynced before any page is saved
         raise UndoDamaged("its header checksum is wrong")
+    counted, newest = 0, -1
+    for slot in (_HEADER.size, _HEADER.size + _SLOT.size):
+        sequence, records, slot_crc = _SLOT.unpack_from(data, slot)
+        if zlib.crc32(data[slot : slot + 16]) == slot_crc and sequence > newest:
+            newest, counted = sequence, records
     pages: list[tuple[int, bytes]] = []
-    offset = _HEADER.size
-    lengths = {PAGE, size % PAGE or PAGE}
-    while offset + _RECORD.size <= len(data):
-        page, length, crc = _RECORD.unpack_from(data, offset)
-        if length not in lengths:
-            raise UndoDamaged(f"its record {len(pages) + 1} has a length of {length} bytes")
-        old = data[offset + _RECORD.size : offset + _RECORD.size + length]
-        if len(old) != length:
-            break  # the record being written when the process died (the last one): its page was not touched yet
-        if zlib.crc32(old, zlib.crc32(struct.pack("<Q", page))) != crc:
-            # A whole record with other bytes: damage, not a write cut short. Skipping it would leave its page
-            # (and the pages of the records after it) with uncommitted bytes in a file that looks rolled back.
-            raise UndoDamaged(f"its record {len(pages) + 1} (page {page}) has a wrong checksum")
-        if page * PAGE >= size or length != min(PAGE, size - page * PAGE):
-            raise UndoDamaged(f"it saves page {page}, outside the file's old {size} bytes")
-        pages.append((page, old))
+    offset = _RECORDS_START
+    while True:
+        problem = _record_problem(data, offset, size)
+        if problem:
+            if len(pages) < counted:
+                raise UndoDamaged(f"its record {len(pages) + 1} {problem}")
+            return size, pages  # the append the process died in: its pages were not changed yet
+        page, length, _ = _RECORD.unpack_from(data, offset)
+        pages.append((page, data[offset + _RECORD.size : offset + _RECORD.size + length]))
         offset += _RECORD.size + length
-    return size, pages
+
+
+def _record_problem(data: bytes, offset: int, size: int) -> str:
+    """What is wrong with the record at ``offset`` of an undo file for a file of ``size`` bytes ("" if nothing)."""
+    if offset + _RECORD.size > len(data):
+        return "is missing" if offset >= len(data) else "is cut short"
+    page, length, crc = _RECORD.unpack_from(data, offset)
+    old = data[offset + _RECORD.size : offset + _RECORD.size + length]
+    if page * PAGE >= size or length != min(PAGE, size - page * PAGE):
+        return f"saves {length} bytes of page {page}, outside the file's old {size} bytes"
+    if len(old) != length:
+        return "is cut short"
+    if zlib.crc32(old, zlib.crc32(struct.pack("<Q", page))) != crc:
+        return f"(page {page}) has a wrong checksum"
+    return ""
 
 
 class PagedFile(io.RawIOBase):
