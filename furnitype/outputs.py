@@ -162,6 +162,7 @@ def replace_file(path: str | os.PathLike, data: bytes) -> Path:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         created = False
+        fsync_folder(path.parent)
     except OSError as err:
         why = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
         raise InputError(f"cannot write {path}: {why}") from None
@@ -169,6 +170,15 @@ def replace_file(path: str | os.PathLike, data: bytes) -> Path:
         if created:
             tmp.unlink(missing_ok=True)
     return path
+
+
+def fsync_folder(folder: str | os.PathLike) -> None:
+    """Make the names created, renamed or removed in ``folder`` durable."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def shown_name(name: str) -> str:

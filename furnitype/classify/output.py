@@ -33,6 +33,7 @@ from furnitype.classify.metadata import METRICS_FILE, REPORT_KIND, RUN_KIND
 from furnitype.classify.runfiles import read_inside
 from furnitype.errors import FurnitypeError, InputError, StoreError
 from furnitype.features.locking import same_file
+from furnitype.outputs import fsync_folder
 
 #: How messages name the folders of each kind.
 KIND_NAMES = {RUN_KIND: "run", REPORT_KIND: "report"}
@@ -171,7 +172,7 @@ def _swap_in(tmp: Path, target: Path, found: str) -> None:
     elif not _renameat2(tmp, target, _RENAME_EXCHANGE):
         os.rename(target, _leftover(target, "old", os.getpid()))
         os.rename(tmp, target)
-    _fsync(target.parent)
+    fsync_folder(target.parent)
 
 
 class _Lock:
@@ -262,7 +263,7 @@ def _tidy_leftovers(target: Path, pid: int) -> bool:
     try:
         if not os.path.lexists(target) and _is_folder(old):
             os.rename(old, target)
-            _fsync(target.parent)
+            fsync_folder(target.parent)
     except OSError:
         return False
     for leftover in (tmp, old):
@@ -283,14 +284,6 @@ def _is_folder(path: Path) -> bool:
         return False
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(folder: Path) -> None:
     """Flush every file and folder of a folder this process wrote, deepest first."""
     for parent, _, files in os.walk(folder, topdown=False):
@@ -300,7 +293,7 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync(Path(parent))
+        fsync_folder(parent)
 
 
 def _renameat2(source: Path, destination: Path, flags: int) -> bool:

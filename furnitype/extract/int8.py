@@ -35,6 +35,7 @@ from furnitype.errors import FurnitypeError, InputError
 from furnitype.extract.backbones import get_backbone, keras_model, weights_identity, weights_stamp
 from furnitype.extract.images import ImageDecodeError
 from furnitype.keras_loader import import_keras
+from furnitype.outputs import fsync_folder
 
 if TYPE_CHECKING:
     from furnitype.extract.pipeline import ExtractSpec
@@ -310,7 +311,7 @@ def _write_cache(path: Path, made_from: dict, network: str, xml: bytes, weights:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         tmp = None
-        _fsync_folder(path.parent)
+        fsync_folder(path.parent)
     except OSError as err:
         raise FurnitypeError(
             f"cannot write the int8 network cache {path}: {err.strerror or err}; free space there or set "
@@ -320,14 +321,6 @@ def _write_cache(path: Path, made_from: dict, network: str, xml: bytes, weights:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-
-
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _quantize(spec: ExtractSpec) -> tuple[str, bytes, bytes]:

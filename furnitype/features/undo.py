@@ -34,6 +34,8 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+from furnitype.outputs import fsync_folder
+
 PAGE = 4096
 _MAGIC = b"FTUNDO2\n"
 _HEADER = struct.Struct("<8sQI")
@@ -62,15 +64,6 @@ def write_all(fd: int, data, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def fsync_folder(path: Path) -> None:
-    """Make a created, renamed or removed name in ``path``'s folder durable."""
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class UndoLog:
     """The old bytes of every page a transaction overwrites, durable before the page is."""
 
@@ -92,7 +85,7 @@ class UndoLog:
             head = _MAGIC + struct.pack("<Q", size)
             write_all(fd, head + struct.pack("<I", zlib.crc32(head)) + bytes(2 * _SLOT.size), 0)
             os.fsync(fd)
-            fsync_folder(path)
+            fsync_folder(path.parent)
         except BaseException:
             log.remove()
             raise
@@ -129,7 +122,7 @@ class UndoLog:
         """Close and delete the log: the transaction is committed."""
         self.close()
         self.path.unlink()
-        fsync_folder(self.path)
+        fsync_folder(self.path.parent)
 
 
 def rollback(path: Path) -> bool:
@@ -169,7 +162,7 @@ def rollback(path: Path) -> bool:
         finally:
             os.close(target)
     log.unlink()
-    fsync_folder(log)
+    fsync_folder(log.parent)
     return True
 
 

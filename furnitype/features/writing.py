@@ -20,12 +20,11 @@ from furnitype.features.undo import (
     UndoDamaged,
     UndoLog,
     deferred_interrupts,
-    fsync_folder,
     rollback,
     undo_path,
 )
 from furnitype.features.view import StoreView
-from furnitype.outputs import check_output, make_parents
+from furnitype.outputs import check_output, fsync_folder, make_parents
 
 
 class StoreWriteError(InputError, StoreError):
@@ -134,7 +133,7 @@ def _replace(real: Path, tmp: Path, given) -> None:
         if old is not None:
             wait_for_lock(old, exclusive=True, what=str(given))
         os.replace(tmp, real)
-        fsync_folder(real)
+        fsync_folder(real.parent)
     finally:
         if old is not None:
             os.close(old)
