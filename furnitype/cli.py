@@ -118,7 +118,7 @@ def _options(*decorators: Callable) -> Callable:
     return apply
 
 
-def json_option(help: str = "Print the result as JSON on stdout (progress stays on stderr).") -> Callable:
+def json_option(help: str = "Print the result as JSON on stdout.") -> Callable:
     return click.option("--json", "as_json", is_flag=True, help=help)
 
 
@@ -273,9 +273,9 @@ def info(file, as_json) -> None:
     Example:
       furnitype info features-vgg16.h5
     """
-    from furnitype.features.describe import describe
+    from furnitype.features import summary as read_summary
 
-    summary = describe(file)
+    summary = read_summary(file)
     if as_json:
         _print_json(summary)
         return
@@ -334,7 +334,7 @@ def compact(file) -> None:
 @out_option("Run folder.  [default: runs/<date-time>]")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run at --out (swapped in when complete).")
 @quiet_option("No progress lines (warnings are still shown).")
-@json_option()
+@json_option("Print the result as JSON on stdout (progress stays on stderr).")
 @api_command
 def classify(features, models, test_files, test_size, val_size, cv, seed, class_weight, engine, address, out,
              overwrite, quiet, as_json) -> None:

@@ -133,7 +133,11 @@ def read_meta(path: str | os.PathLike) -> dict:
 
 
 def summary(path: str | os.PathLike) -> dict:
-    """Counts of a feature file without loading its features: rows, dead rows, classes, skipped files."""
+    """Counts of a feature file without loading its features (what ``furnitype info`` shows).
+
+    Returns ``{"rows", "dead_rows", "feature_dim", "format", "bytes", "classes": {name: count}, "meta",
+    "skipped": [(path, reason)]}``.
+    """
     with open_store(path) as view:
         try:
             skipped = _skipped(view)
