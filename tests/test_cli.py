@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 import furnitype.extraction
-import furnitype.features.describe
+import furnitype.features
 import furnitype.predict
 import furnitype.similar
 import furnitype.suggest
@@ -260,7 +260,7 @@ def test_weights_that_keras_cannot_load_are_one_line_without_its_warnings(made, 
     "module, function, args",
     [
         (furnitype.extraction, "extract", ["extract", "{photos}", "--weights", "none"]),
-        (furnitype.features.describe, "describe", ["info", "x.h5"]),
+        (furnitype.features, "summary", ["info", "x.h5"]),
         (furnitype.training, "classify", ["classify", "x.h5"]),
         (furnitype.training, "report_runs", ["report", "run"]),
         (furnitype.predict, "predict", ["predict", "run", "a.jpg"]),
