@@ -299,7 +299,8 @@ def test_names_that_are_not_utf8_are_skipped_with_a_warning(folder, tmp_path):
     assert (result.extracted, result.skipped, result.rows) == (6, 1, 6)
     assert result.warnings == [f"skipped {folder}/bed/caf\\xe9.jpg: a feature file records only UTF-8 names; rename it"]
     # info cannot list a name the store does not record: the summary sends the user to the warnings
-    assert result.summary().endswith(f"({result.out}, {result.seconds:.1f} s; the warnings name the skipped files)")
+    ending = f"({result.out}, {result.seconds:.1f} s; the warnings name the skipped files)"
+    assert result.summary().endswith(ending)
     (folder / "chair" / "empty.jpg").write_bytes(b"")
     both = extract([folder], **SMALL, out=tmp_path / "f.h5")
     assert both.summary().endswith(f"(see: furnitype info {both.out} and the warnings)")
