@@ -7,8 +7,12 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +144,140 @@ def test_killed_ray_driver_resumes_and_equals_an_uninterrupted_run(ray_local, tm
     whole = extract([folder], **options, out=tmp_path / "whole.h5")
     assert whole.extracted == 36
     _same_store(load(out), load(tmp_path / "whole.h5"))
+
+
+@pytest.fixture(scope="module")
+def thirty_six(tmp_path_factory) -> tuple[Path, store.FeatureSet]:
+    """36 photos that take a few seconds on Ray (128 px, batches of 2), and their store made without stopping."""
+    root = tmp_path_factory.mktemp("thirty_six")
+    folder = make_photo_folder(root / "photos", per_class=12, classes=("bed", "chair", "sofa"), size=(96, 96))
+    whole = extract([folder], **{**SMALL, "image_size": 128, "batch_size": 2}, out=root / "whole.h5")
+    assert whole.extracted == 36
+    return folder, load(root / "whole.h5")
+
+
+def _own_ray_extract(
+    folder: Path, out: Path, program: Sequence[str] = ("-m", "furnitype.cli")
+) -> tuple[subprocess.Popen, str]:
+    """``furnitype extract --engine ray`` starting its own local Ray, and the tag in the environment of every
+    process it starts (the driver, and through it Ray's services and workers)."""
+    tag = uuid.uuid4().hex
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        [sys.executable, *program, "extract", str(folder), "--weights", "none", "--image-size", "128",
+         "--batch-size", "2", "--engine", "ray", "--ray-workers", "1", "--out", str(out)],
+        env={**env, "FURNITYPE_TEST_TAG": tag},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return proc, tag
+
+
+def _tagged(tag: str) -> dict[int, str]:
+    """The running processes with ``tag`` in their environment: pid -> command line."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if f"FURNITYPE_TEST_TAG={tag}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):  # not a process, or one that ended meanwhile
+            pass
+    return found
+
+
+def _when(proc: subprocess.Popen, ready, timeout: float = 150) -> bool:
+    """Wait until ``ready()``; False when the process ended first (or the time ran out)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ready():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def _ended(proc: subprocess.Popen, tag: str) -> tuple[int, str, dict[int, str]]:
+    """The exit status and stderr of ``proc`` (killed if it hangs), and the processes it left running."""
+    try:
+        _, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, stderr = proc.communicate()
+        stderr += "\n(hung: killed)"
+    deadline = time.monotonic() + 30  # Ray's services may take a moment to exit after the driver
+    while _tagged(tag) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = _tagged(tag)
+    for pid in left:  # not to leave them to the next test
+        os.kill(pid, signal.SIGKILL)
+    return proc.returncode, stderr, left
+
+
+def _rows_at_least(out: Path, count: int):
+    return lambda: out.exists() and load(out).meta["n_rows"] >= count
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds Ray's processes through /proc")
+def test_ctrl_c_during_a_ray_extraction_keeps_the_batches_and_stops_ray(ray_local, thirty_six, tmp_path):
+    folder, whole = thirty_six
+    out = tmp_path / "f.h5"
+    proc, tag = _own_ray_extract(folder, out)
+    assert _when(proc, _rows_at_least(out, 4)), proc.communicate()[1]
+    assert any("raylet" in command for command in _tagged(tag).values())  # its own Ray, not the test's
+    proc.send_signal(signal.SIGINT)
+    code, stderr, left = _ended(proc, tag)
+    kept = len(load(out))
+    assert code == 130, stderr
+    assert stderr.splitlines()[-1] == f"interrupted: {kept} rows kept; rerun to go on" and 4 <= kept < 36
+    assert "Traceback" not in stderr and left == {}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.h5"]
+    rerun = extract([folder], **{**SMALL, "image_size": 128, "batch_size": 2}, out=out, engine="ray", ray_workers=1)
+    assert (rerun.extracted, rerun.reused) == (36 - kept, kept)
+    _same_store(load(out), whole)
+
+
+# The extract command, with Ctrl-C arriving inside ray.init once its local Ray is up (its raylet registered and
+# given a second to start its agents), before ray.init has recorded the processes for ray.shutdown.
+CTRL_C_INSIDE_RAY_INIT = """
+import signal, sys, time
+from ray._private import services
+from furnitype.cli import main
+
+get_node = services.get_node
+
+def then_ctrl_c(*args, **kwargs):
+    node = get_node(*args, **kwargs)
+    time.sleep(1)
+    signal.raise_signal(signal.SIGINT)
+    return node
+
+services.get_node = then_ctrl_c
+sys.argv[0] = "furnitype"
+main()
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds Ray's processes through /proc")
+def test_ctrl_c_while_ray_starts_leaves_no_ray_process(tmp_path):
+    folder = make_photo_folder(tmp_path / "photos", per_class=1, classes=("bed",))
+    proc, tag = _own_ray_extract(folder, tmp_path / "f.h5", program=["-c", CTRL_C_INSIDE_RAY_INIT])
+    code, stderr, left = _ended(proc, tag)
+    assert code == 130 and stderr.splitlines()[-1] == "interrupted: 0 rows kept; rerun to go on", stderr
+    assert "Traceback" not in stderr and left == {}
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds Ray's processes through /proc")
+def test_a_ray_worker_killed_mid_run_is_replaced_and_the_store_is_whole(thirty_six, tmp_path):
+    folder, whole = thirty_six
+    out = tmp_path / "f.h5"
+    proc, tag = _own_ray_extract(folder, out)
+    assert _when(proc, _rows_at_least(out, 4)), proc.communicate()[1]
+    workers = [pid for pid, command in _tagged(tag).items() if command.startswith("ray::MapWorker")]
+    assert len(workers) == 1
+    os.kill(workers[0], signal.SIGKILL)
+    code, stderr, left = _ended(proc, tag)
+    assert code == 0 and "Traceback" not in stderr and left == {}, stderr
+    _same_store(load(out), whole)
 
 
 def test_classify_on_ray_equals_local(ray_local, tmp_path):
