@@ -151,6 +151,18 @@ def replace_file(path: str | os.PathLike, data: bytes) -> Path:
         The file cannot be written (one line: the path and why).
     """
     path = make_parents(path)
+    try:
+        write_replacing(path, data)
+    except OSError as err:
+        why = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+        raise InputError(f"cannot write {path}: {why}") from None
+    return path
+
+
+def write_replacing(path: Path, data: bytes | memoryview) -> None:
+    """Write ``data`` to ``.NAME.tmp-PID`` beside ``path`` (never through a link), fsync it, rename it over
+    ``path`` and fsync the folder: a reader sees the old file or the new one. On an ``OSError`` the temporary
+    file is removed and the error raised."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     created = False
     try:
@@ -163,13 +175,9 @@ def replace_file(path: str | os.PathLike, data: bytes) -> Path:
         os.replace(tmp, path)
         created = False
         fsync_folder(path.parent)
-    except OSError as err:
-        why = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
-        raise InputError(f"cannot write {path}: {why}") from None
     finally:
         if created:
             tmp.unlink(missing_ok=True)
-    return path
 
 
 def fsync_folder(folder: str | os.PathLike) -> None:

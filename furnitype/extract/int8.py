@@ -35,7 +35,7 @@ from furnitype.errors import FurnitypeError, InputError
 from furnitype.extract.backbones import get_backbone, keras_model, weights_identity, weights_stamp
 from furnitype.extract.images import ImageDecodeError
 from furnitype.keras_loader import import_keras
-from furnitype.outputs import fsync_folder
+from furnitype.outputs import write_replacing
 
 if TYPE_CHECKING:
     from furnitype.extract.pipeline import ExtractSpec
@@ -301,26 +301,14 @@ def _write_cache(path: Path, made_from: dict, network: str, xml: bytes, weights:
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
         for name, data in members.items():  # a fixed date: the same network gives the same file
             archive.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data)
-    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(buffer.getbuffer())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        fsync_folder(path.parent)
+        write_replacing(path, buffer.getbuffer())
     except OSError as err:
         raise FurnitypeError(
             f"cannot write the int8 network cache {path}: {err.strerror or err}; free space there or set "
             "FURNITYPE_CACHE_DIR to another folder."
         ) from None
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
 
 
 def _quantize(spec: ExtractSpec) -> tuple[str, bytes, bytes]:
