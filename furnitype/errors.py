@@ -4,7 +4,11 @@ The exit codes (documented in docs/cli.md): 0 success, 1 ``FurnitypeError`` (and
 ``StoreError``), 2 ``InputError`` and click's usage errors, 130 interrupted by Ctrl-C.
 """
 
+import contextlib
 import re
+import signal
+import threading
+from collections.abc import Iterator
 
 
 class FurnitypeError(Exception):
@@ -45,3 +49,34 @@ def first_line(err: BaseException | str, limit: int = 400) -> str:
     wrapped = re.fullmatch(r"Unable to (?:synchronously )?[^(]*\((.*)\)", text)
     text = wrapped.group(1) if wrapped else text
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+#: The signals an outer ``deferred_interrupts`` block has received (None outside any).
+_held_back: list | None = None
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[list]:
+    """Hold Ctrl-C (SIGINT) back while the block runs, then raise ``KeyboardInterrupt`` if one came.
+
+    Yields the list of signals received so far: a long block checks it between steps to stop early. Outside the
+    main thread (where signal handlers cannot be set) the block runs as it is.
+    """
+    global _held_back
+    if threading.current_thread() is not threading.main_thread():
+        yield []
+        return
+    if _held_back is not None:  # inside an outer block: that one raises when it ends
+        yield _held_back
+        return
+    received: list = []
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    _held_back = received
+    try:
+        yield received
+    finally:
+        _held_back = None
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+    if received:
+        raise KeyboardInterrupt

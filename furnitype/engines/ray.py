@@ -17,13 +17,11 @@ import logging
 import math
 import os
 import re
-import signal
-import threading
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from furnitype.errors import FurnitypeError, InputError
+from furnitype.errors import FurnitypeError, InputError, deferred_interrupts
 from furnitype.extract.pipeline import ExtractSpec, Outcome, feature_batches
 from furnitype.keras_loader import import_keras
 
@@ -177,37 +175,20 @@ def connected(address: str | None = None) -> Iterator[None]:
     if address is None:
         options["include_dashboard"] = False
     # Ctrl-C inside ray.init would leave running the processes it has started so far (ray.shutdown does not know
-    # them yet): it is held back until ray.init returns, then acted on, and ray.shutdown stops them.
+    # them yet): it is held back until ray.init returns, then raised, and ray.shutdown stops them.
     failure = None
-    with _sigint_held() as held:
-        try:
-            ray.init(**options)
-        except Exception as err:  # noqa: BLE001 - ConnectionError, ValueError, gRPC errors ...
-            failure = _reason(err)
     try:
-        if held:
-            signal.raise_signal(signal.SIGINT)
+        with deferred_interrupts():
+            try:
+                ray.init(**options)
+            except Exception as err:  # noqa: BLE001 - ConnectionError, ValueError, gRPC errors ...
+                failure = _reason(err)
         if failure is not None:
             where = f"at {address}" if address else "locally"
             raise FurnitypeError(f"cannot start or reach Ray {where}: {failure}")
         yield
     finally:
         ray.shutdown()
-
-
-@contextlib.contextmanager
-def _sigint_held() -> Iterator[list[int]]:
-    """Record SIGINT instead of acting on it: in the main thread, where Python runs its handler, and unless a
-    handler Python does not know (one set in C) is in place."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
-        yield []
-        return
-    held: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
-    try:
-        yield held
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager

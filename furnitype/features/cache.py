@@ -25,11 +25,10 @@ from dataclasses import dataclass, field
 import h5py
 import numpy as np
 
-from furnitype.errors import SettingsMismatchError, StoreError
+from furnitype.errors import SettingsMismatchError, StoreError, deferred_interrupts
 from furnitype.features.layout import STAT_UNKNOWN, Folders, Layout, read_at, write_at
 from furnitype.features.locking import WriterLock
 from furnitype.features.store import CompactResult, check_settings, compact_locked
-from furnitype.features.undo import deferred_interrupts
 from furnitype.features.view import (
     READ_ERRORS,
     DamagedStoreError,

@@ -23,15 +23,11 @@ Two slots, so that a slot torn while being written leaves the other.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
-import signal
 import stat
 import struct
-import threading
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 from furnitype.outputs import fsync_folder
@@ -42,7 +38,6 @@ _HEADER = struct.Struct("<8sQI")
 _SLOT = struct.Struct("<QQI")
 _RECORDS_START = _HEADER.size + 2 * _SLOT.size
 _RECORD = struct.Struct("<QII")
-_held_back: list | None = None
 #: Pages held in memory before they are written out (undo first) in the middle of a transaction.
 _HELD_PAGES_LIMIT = (32 << 20) // PAGE
 
@@ -381,30 +376,3 @@ class PagedFile(io.RawIOBase):
         if self.failed is None:
             self.failed = err
             self._old_pages = 0
-
-
-@contextlib.contextmanager
-def deferred_interrupts() -> Iterator[list]:
-    """Hold Ctrl-C (SIGINT) back while the block runs, then raise ``KeyboardInterrupt`` if one came.
-
-    Yields the list of signals received so far: a long block checks it between steps to stop early. Outside the
-    main thread (where signal handlers cannot be set) the block runs as it is.
-    """
-    global _held_back
-    if threading.current_thread() is not threading.main_thread():
-        yield []
-        return
-    if _held_back is not None:  # inside an outer block: that one raises when it ends
-        yield _held_back
-        return
-    received: list = []
-    previous = signal.getsignal(signal.SIGINT)
-    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    _held_back = received
-    try:
-        yield received
-    finally:
-        _held_back = None
-        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
-    if received:
-        raise KeyboardInterrupt

@@ -12,14 +12,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from furnitype.errors import InputError, StoreError, first_line
+from furnitype.errors import InputError, StoreError, deferred_interrupts, first_line
 from furnitype.features.layout import BLOCK_ROWS, COLUMNS, LIBVER, SKIP_COLUMNS, Folders, Layout
 from furnitype.features.locking import real_path, wait_for_lock
 from furnitype.features.undo import (
     PagedFile,
     UndoDamaged,
     UndoLog,
-    deferred_interrupts,
     rollback,
     undo_path,
 )
