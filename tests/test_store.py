@@ -415,14 +415,14 @@ def test_a_full_disk_during_a_transaction_leaves_the_store_as_it_was(tmp_path, m
     before = store.read_bytes()
     _full_after(monkeypatch, calls)
     with pytest.raises(StoreError) as caught:
-        append(str(store), 100, 4, 4)
+        append(str(store), 100, 64, 64)  # enough rows that the store grows
     monkeypatch.undo()
     message = str(caught.value)
     assert message.startswith(f"disk full while writing {store}: the last change was not written")
     assert "the store is intact (16 rows)" in message
     assert store.read_bytes() == before and _leftovers(tmp_path) == []
-    append(str(store), 100, 4, 4)
-    assert _consistent(store) == 20
+    append(str(store), 100, 64, 64)
+    assert _consistent(store) == 80
 
 
 def test_a_rollback_that_cannot_write_either_is_finished_by_the_next_run(tmp_path, monkeypatch):

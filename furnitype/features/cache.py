@@ -26,7 +26,7 @@ import h5py
 import numpy as np
 
 from furnitype.errors import SettingsMismatchError, StoreError, deferred_interrupts
-from furnitype.features.layout import STAT_UNKNOWN, Folders, Layout, read_at, write_at
+from furnitype.features.layout import STAT_UNKNOWN, Folders, Layout, read_at, read_strings, write_at
 from furnitype.features.locking import WriterLock
 from furnitype.features.store import CompactResult, check_settings, compact_locked
 from furnitype.features.view import (
@@ -34,6 +34,7 @@ from furnitype.features.view import (
     DamagedStoreError,
     StoreView,
     damaged,
+    from_file,
     open_store,
     recover,
     remove_leftovers,
@@ -161,10 +162,9 @@ class FeatureCache:
             with open_store(self.real, given=self.given, check_undo=False) as view:
                 self._stored_meta = view.meta
                 check_settings(view.meta, self.settings, self.given)
-                try:
-                    self._index(view)
-                except (ValueError, KeyError, OSError, RuntimeError, TypeError, IndexError) as err:
-                    raise damaged(self.given, err) from None
+                if self.overwrite:
+                    view.verify()  # --overwrite keeps an intact store's rows, never a damaged one's
+                self._index(view)
                 self.fresh, self.upgrade = False, view.format == 1
         except (SettingsMismatchError, DamagedStoreError):
             if not self.overwrite:
@@ -205,8 +205,6 @@ class FeatureCache:
             self.folder[table] = view.column(table, "folder").astype(np.int32)
         self.dead = {"rows": view.dead_rows, "skipped": view.dead_skipped}
         self.folders = Folders(view.folders())
-        if any(len(f) and (f.min() < 0 or f.max() >= len(self.folders.names)) for f in self.folder.values()):
-            raise ValueError("a folder index is out of range")
         self.label_counts = view.label_counts()
         keys = np.concatenate(  # in blocks: the digests as text would take 64 bytes a row
             [np.zeros(0, np.uint64)]
@@ -436,12 +434,9 @@ class FeatureCache:
         if not len(wanted) or self.fresh:
             return entries
         with open_store(self.real, given=self.given, check_undo=False) as view:
-            try:
-                for table in ("rows", "skipped"):
-                    index = np.flatnonzero(np.isin(self.folder[table], wanted) & (self.live[table] == 1))
-                    entries.extend(view, table, index, np.isin(self.folder[table][index], walked_ids))
-            except (ValueError, KeyError, OSError, RuntimeError, TypeError, UnicodeDecodeError) as err:
-                raise damaged(self.given, err) from None
+            for table in ("rows", "skipped"):
+                index = np.flatnonzero(np.isin(self.folder[table], wanted) & (self.live[table] == 1))
+                entries.extend(view, table, index, np.isin(self.folder[table][index], walked_ids))
         return entries
 
     # -- committing ------------------------------------------------------------------------------------------
@@ -471,14 +466,18 @@ class FeatureCache:
                 self.fresh = False
             else:
                 with transaction(self.real, self.given) as h5:
-                    state = self._apply(h5, Layout(h5), changes)
+                    layout = Layout(h5)
+                    layout.add_checksums()  # a store written before furnitype kept them gets them now
+                    state = self._apply(h5, layout, changes)
         except WriteFailed as err:
             self._failed = True
             kept = f"{self.counts.extracted:,} rows extracted by this run are kept; " if self.counts.extracted else ""
-            raise write_failed(self.given, err.error, rows_before, kept) from None
+            raise write_failed(self.given, err.error, rows_before, kept) from err
         except READ_ERRORS as err:  # HDF5 met damaged bytes while changing the file; the change was rolled back
             self._failed = True
-            raise damaged(self.given, err) from None
+            if not from_file(err):
+                raise
+            raise damaged(self.given, err) from err
         except BaseException:
             self._failed = True
             raise
@@ -500,7 +499,7 @@ class FeatureCache:
         for table, relabels in changes.labels.items():
             if relabels:
                 index = np.array(sorted(relabels))
-                write_at(layout.group(table)["label"], index, [relabels[i][1] for i in index])
+                layout.write_strings(table, "label", index, [relabels[i][1] for i in index])
                 if table == "rows":
                     labels.subtract(old for old, _ in relabels.values())
                     labels.update(new for _, new in relabels.values())
@@ -571,7 +570,9 @@ class FeatureCache:
         if len(sources):
             features = read_at(h5["features"], sources)
             shas = read_at(h5["sha256"], sources)
-            labels = read_at(h5["label"], sources)
+            labels = read_strings(h5, "label", sources)
+            if not np.isfinite(features).all():
+                raise damaged(self.given, "a row of /features holds numbers that are not finite (NaN or infinity)")
             read = {int(r): (features[k], shas[k].decode(), labels[k].decode()) for k, r in enumerate(sources)}
         rows = []
         for source, path, label, sha, stat, inherit in copies:
@@ -642,12 +643,10 @@ def _surrogates(path: str) -> bool:
 
 
 def _prefix_keys(sha256: np.ndarray) -> np.ndarray:
-    """The first 16 hex digits of each S64 digest as uint64 (``ValueError`` for anything not hex)."""
+    """The first 16 hex digits of each S64 digest as uint64 (``StoreView`` checked that they are hex)."""
     if not len(sha256):
         return np.zeros(0, np.uint64)
     digits = _HEX[sha256.view(np.uint8).reshape(len(sha256), 64)[:, :16]]
-    if (digits == 255).any():
-        raise ValueError("a sha256 is not 64 lowercase hex digits")
     keys = np.zeros(len(sha256), np.uint64)
     for column in range(16):
         keys = (keys << np.uint64(4)) | digits[:, column].astype(np.uint64)

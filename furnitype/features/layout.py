@@ -12,6 +12,7 @@ Datasets (readable with plain h5py, see docs/formats.md)::
     /folders    UTF-8 (F,), folders of the stored files
     /classes    UTF-8 (C,), the sorted distinct non-empty labels of live rows
     /skipped/   path, sha256, reason, label, live, stat, folder (S,): files that could not be used
+    NAME_crc    uint32, beside each string column (and /folders): the crc32 of each block of ``CRC_BLOCK`` strings
     attributes  the settings that made the rows (backbone, weights, pooling, ...), provenance, counts
 
 Format-1 files (the same datasets without live, stat, folder, folders; rows sorted by path) are read as they are
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from collections.abc import Mapping, Sequence
 
 import h5py
@@ -61,8 +63,57 @@ COLUMNS = {
     "folder": ("i4", ()),
 }
 SKIP_COLUMNS = {**COLUMNS, "reason": (STR, ())}
-#: What h5py and numpy raise on a damaged file (HDF5's own errors arrive as OSError, KeyError or RuntimeError).
-READ_ERRORS = (OSError, KeyError, ValueError, RuntimeError, TypeError, IndexError, UnicodeDecodeError, AttributeError)
+#: HDF5 keeps variable-length strings in its global heap, which has no checksum: each string column (and
+#: /folders) has a ``NAME_crc`` dataset beside it, the crc32 of ``b"\0".join`` of each block of ``CRC_BLOCK``
+#: entries' UTF-8 bytes. The attribute ``string_crc`` (the block size) says that a file has them.
+CRC_BLOCK = 1024
+CRC_ATTR = "string_crc"
+STRING_COLUMNS = {"rows": ("path", "label"), "skipped": ("path", "label", "reason")}
+
+
+class StringsDamaged(ValueError):
+    """Stored strings whose checksum is not the one recorded when they were written."""
+
+
+def crc_blocks(raw: Sequence[bytes]) -> list[int]:
+    """The crc32 of each block of ``CRC_BLOCK`` entries of ``raw`` (the first entry starts a block)."""
+    return [zlib.crc32(b"\0".join(raw[k : k + CRC_BLOCK])) for k in range(0, len(raw), CRC_BLOCK)]
+
+
+def read_strings(group: h5py.Group, name: str, index: np.ndarray | None = None) -> list[bytes]:
+    """The raw bytes of string column ``name`` (at sorted ``index``), checked against ``NAME_crc`` when the file
+    has the checksums: every block an entry falls in is read whole and checked.
+
+    Raises ``StringsDamaged`` for a block whose bytes are not the ones written.
+    """
+    dataset = group[name]
+    if CRC_ATTR not in group.file.attrs:
+        return read_at(dataset, index).tolist()
+    n = len(dataset)
+    index = None if index is None else np.asarray(index, np.int64)
+    blocks = np.arange(-(-n // CRC_BLOCK)) if index is None else np.unique(index // CRC_BLOCK)
+    if not len(blocks):
+        return []
+    crcs = group[f"{name}_crc"]
+    picked: list[bytes] = []
+    for run in np.split(blocks, np.flatnonzero(np.diff(blocks) != 1) + 1):
+        first, last = int(run[0]) * CRC_BLOCK, min((int(run[-1]) + 1) * CRC_BLOCK, n)
+        raw = dataset[first:last].tolist()
+        stored = crcs[int(run[0]) : int(run[-1]) + 1].tolist()
+        for k, crc in enumerate(crc_blocks(raw)):
+            if k >= len(stored) or crc != stored[k]:
+                start = first + k * CRC_BLOCK
+                where = "/skipped" if group.name == "/skipped" else ""
+                raise StringsDamaged(
+                    f"{where}/{name} entries {start}-{min(start + CRC_BLOCK, n) - 1} are not the bytes written "
+                    "(wrong checksum)"
+                )
+        if index is None:
+            picked += raw
+        else:
+            lo, hi = np.searchsorted(index, [first, last])
+            picked += [raw[i - first] for i in index[lo:hi].tolist()]
+    return picked
 
 
 class Folders:
@@ -120,6 +171,7 @@ class Layout:
                 )
         h5.create_dataset("folders", shape=(0,), maxshape=(None,), dtype=STR, chunks=(256,))
         h5.create_dataset("classes", data=[], dtype=STR)
+        self.add_checksums()
         for key, value in meta.items():
             if key not in BOOKKEEPING and key != "n_rows":
                 h5.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
@@ -147,6 +199,9 @@ class Layout:
         if table == "rows":
             self.ensure_dim(np.asarray(columns["features"]).shape[1])
         for name, values in columns.items():
+            if name in STRING_COLUMNS[table]:
+                self._append_strings(group, name, list(values))
+                continue
             dataset = group[name]
             dataset.resize(start + count, axis=0)
             dataset[start:] = values
@@ -154,10 +209,60 @@ class Layout:
 
     def write_folders(self, names: Sequence[str]) -> None:
         if names:
-            dataset = self.h5["folders"]
-            start = len(dataset)
-            dataset.resize(start + len(names), axis=0)
-            dataset[start:] = list(names)
+            self._append_strings(self.h5, "folders", list(names))
+
+    def write_strings(self, table: str, name: str, index: np.ndarray, values: Sequence[str]) -> None:
+        """``column[index] = values`` for string column ``name`` (sorted ``index``), keeping its checksums: each
+        block is checked before it changes, so damage is never sealed as valid."""
+        group = self.group(table)
+        index = np.asarray(index, np.int64)
+        values = [str(v) for v in values]
+        crcs = {}
+        if CRC_ATTR in self.h5.attrs and len(index):
+            n = len(group[name])
+            new = dict(zip(index.tolist(), (v.encode("utf-8") for v in values), strict=True))
+            for block in np.unique(index // CRC_BLOCK).tolist():
+                first = block * CRC_BLOCK
+                raw = read_strings(group, name, np.arange(first, min(first + CRC_BLOCK, n)))
+                crcs[block] = crc_blocks([new.get(first + k, v) for k, v in enumerate(raw)])[0]
+        write_at(group[name], index, values)
+        for block, crc in crcs.items():
+            group[f"{name}_crc"][block] = crc
+
+    def add_checksums(self) -> None:
+        """Give a file without string checksums (written before furnitype kept them) its ``NAME_crc`` datasets,
+        made from its strings as they are now."""
+        if CRC_ATTR in self.h5.attrs:
+            return
+        tables = ((self.h5, (*STRING_COLUMNS["rows"], "folders")), (self.h5["skipped"], STRING_COLUMNS["skipped"]))
+        for group, names in tables:
+            for name in names:
+                dataset = group[name]
+                crcs = [
+                    crc
+                    for start in range(0, len(dataset), BLOCK_ROWS)  # a multiple of CRC_BLOCK
+                    for crc in crc_blocks(dataset[start : start + BLOCK_ROWS].tolist())
+                ]
+                group.create_dataset(
+                    f"{name}_crc",
+                    data=np.array(crcs, np.uint32),
+                    maxshape=(None,),
+                    chunks=(CRC_BLOCK,),
+                    fletcher32=True,
+                )
+        self.h5.attrs[CRC_ATTR] = CRC_BLOCK
+
+    def _append_strings(self, group: h5py.Group, name: str, values: list) -> None:
+        dataset = group[name]
+        start = len(dataset)
+        if CRC_ATTR in self.h5.attrs:
+            first = start - start % CRC_BLOCK  # the last block, checked before it grows
+            raw = read_strings(group, name, np.arange(first, start)) + [str(v).encode("utf-8") for v in values]
+            crcs = group[f"{name}_crc"]
+            crcs.resize(-(-(start + len(values)) // CRC_BLOCK), axis=0)
+            crcs[first // CRC_BLOCK :] = crc_blocks(raw)
+        dataset.resize(start + len(values), axis=0)
+        dataset[start:] = values
 
     def set_counts(
         self, *, live_rows=0, dead_rows=0, live_skipped=0, dead_skipped=0, label_counts: Mapping | None = None

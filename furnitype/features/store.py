@@ -25,8 +25,8 @@ from furnitype.features.layout import (
     Folders,
     Layout,
 )
-from furnitype.features.locking import WriterLock
-from furnitype.features.view import READ_ERRORS, StoreView, damaged, open_store, recover, remove_leftovers
+from furnitype.features.locking import WriterLock, real_path
+from furnitype.features.view import StoreView, open_store, recover, remove_leftovers
 from furnitype.features.writing import StoreWriteError, copy_live, new_file, writable
 
 __all__ = [
@@ -94,21 +94,18 @@ def load(path: str | os.PathLike) -> FeatureSet:
         The live rows, sorted by path; features as float32 whatever the stored dtype.
     """
     with open_store(path) as view:
-        try:
-            rows = view.live("rows")
-            paths = view.column("rows", "path", rows)
-            order = np.argsort(paths, kind="stable")
-            position = np.empty_like(order)
-            position[order] = np.arange(len(order))
-            features = np.empty((len(rows), view.dim), np.float32)
-            for start in range(0, len(rows), BLOCK_ROWS):
-                block = rows[start : start + BLOCK_ROWS]
-                features[position[start : start + len(block)]] = view.column("rows", "features", block)
-            labels = view.column("rows", "label", rows)[order]
-            sha256 = view.column("rows", "sha256", rows)[order].astype(str)
-            skipped = _skipped(view)
-        except READ_ERRORS as err:
-            raise damaged(path, err) from None
+        rows = view.live("rows")
+        paths = view.column("rows", "path", rows)
+        order = np.argsort(paths, kind="stable")
+        position = np.empty_like(order)
+        position[order] = np.arange(len(order))
+        features = np.empty((len(rows), view.dim), np.float32)
+        for start in range(0, len(rows), BLOCK_ROWS):
+            block = rows[start : start + BLOCK_ROWS]
+            features[position[start : start + len(block)]] = view.column("rows", "features", block)
+        labels = view.column("rows", "label", rows)[order]
+        sha256 = view.column("rows", "sha256", rows)[order].astype(str)
+        skipped = _skipped(view)
         meta = view.meta
     paths = np.array(paths[order].tolist(), dtype=str)
     labels = np.array(labels.tolist(), dtype=str)
@@ -139,11 +136,8 @@ def summary(path: str | os.PathLike) -> dict:
     "skipped": [(path, reason)]}``.
     """
     with open_store(path) as view:
-        try:
-            skipped = _skipped(view)
-            classes = view.label_counts()
-        except READ_ERRORS as err:
-            raise damaged(path, err) from None
+        skipped = _skipped(view)
+        classes = view.label_counts()  # from the rows: the label_counts attribute is for other readers
         return {
             "rows": view.meta["n_rows"],
             "dead_rows": view.dead_rows,
@@ -173,6 +167,9 @@ def save(
     ``shape`` and slicing, such as a memory map), as given (``extract`` itself never stores a row that is not
     finite: it records the file as skipped). What each file was when hashed is not known: the first ``extract``
     over these files hashes them once.
+
+    Raises ``ValueError`` for features that are not finite numbers (NaN or infinity): no nearest neighbour or
+    classifier can use them.
     """
     given = path
     features = features if hasattr(features, "shape") else np.asarray(features, dtype=np.float32)
@@ -196,6 +193,12 @@ def save(
                 stop = min(start + BLOCK_ROWS, n_rows)
                 block = np.asarray(features[start:stop], dtype=np.float32)
                 stored = block.astype(store_dtype)
+                if not np.isfinite(stored).all():
+                    row = start + int(np.flatnonzero(~np.isfinite(stored).all(axis=1))[0])
+                    as_stored = f" as {store_dtype}" if np.isfinite(block).all() else ""
+                    raise ValueError(
+                        f"features must be finite numbers{as_stored}: row {row} ({paths[row]}) holds NaN or infinity."
+                    )
                 block_paths = [str(p) for p in paths[start:stop]]
                 layout.append(
                     "rows",
@@ -240,10 +243,14 @@ def compact(path: str | os.PathLike) -> CompactResult:
 
     Also upgrades a format-1 file to format 2, and gives back the space that in-place appends leave unused.
     """
+    if not os.path.lexists(real_path(path)):
+        raise InputError(f"feature file not found: {path}")
     real = writable(path)
     with WriterLock(real, path):
         recover(real, path)
         remove_leftovers(real)
+        if not os.path.lexists(real):
+            raise InputError(f"feature file not found: {path}")
         return compact_locked(real, path)
 
 

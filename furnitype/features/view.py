@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
+import re
 import stat
 import time
 from collections import Counter
@@ -17,19 +17,29 @@ import numpy as np
 
 from furnitype.errors import InputError, StoreError, first_line
 from furnitype.features.layout import (
+    BLOCK_ROWS,
     BOOKKEEPING,
     COLUMNS,
+    CRC_ATTR,
+    CRC_BLOCK,
     FORMAT_VERSION,
     SKIP_COLUMNS,
     STAT_UNKNOWN,
+    STRING_COLUMNS,
     Folders,
+    StringsDamaged,
     read_at,
+    read_strings,
 )
 from furnitype.features.locking import WriterLock, real_path, same_file, wait_for_lock
 from furnitype.features.undo import UndoDamaged, rollback, undo_path
 
-#: What h5py and numpy raise on a damaged file (HDF5's own errors arrive as OSError, KeyError or RuntimeError).
-READ_ERRORS = (OSError, KeyError, ValueError, RuntimeError, TypeError, IndexError, UnicodeDecodeError, AttributeError)
+#: What h5py raises when the file's bytes are not what furnitype wrote (HDF5's own errors arrive as OSError,
+#: KeyError, ValueError or RuntimeError); stored bytes that do not decode raise UnicodeDecodeError, a ValueError.
+#: Only those raised by h5py or by decoding count (``from_file``): furnitype's own bugs are not damage.
+READ_ERRORS = (OSError, KeyError, ValueError, RuntimeError)
+_H5PY_FRAME = re.compile(r"(^|[/\\])h5py[/\\]")
+_HEX_DIGITS = np.frombuffer(b"0123456789abcdef", np.uint8)
 
 
 class DamagedStoreError(StoreError):
@@ -41,57 +51,80 @@ def damaged(path: str | os.PathLike, reason: BaseException | str) -> StoreError:
     return DamagedStoreError(f"{path} is damaged ({first_line(reason)}); --overwrite rebuilds it.")
 
 
+def from_file(err: BaseException) -> bool:
+    """Whether ``err`` (one of ``READ_ERRORS``) says the file is damaged: raised inside h5py while it read or
+    changed the file, a stored string that is not UTF-8, or strings whose checksum is wrong."""
+    if isinstance(err, (UnicodeDecodeError, StringsDamaged)):
+        return True
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and bool(_H5PY_FRAME.search(tb.tb_frame.f_code.co_filename))
+
 
 class StoreView:
     """An open feature file of either format, read column by column (``open_store`` makes one).
 
     Tables are ``"rows"`` and ``"skipped"``; a format-1 file reads as all rows live, what the files were when
-    hashed unknown, and folders taken from the paths.
+    hashed unknown, and folders taken from the paths. The layout is checked when the file is opened, and what
+    is read when it is read (checksums, UTF-8, folder indices, digests, finite features): anything that is not
+    what furnitype writes raises ``damaged``.
     """
 
     def __init__(self, h5: h5py.File, file: Path, given: str | os.PathLike):
         self.h5 = h5
         self.file = file
         self.given = given
-        attrs = h5.attrs
-        if "furnitype_format" not in attrs or "features" not in h5:
-            raise DamagedStoreError(f"{given} is not a furnitype feature file (no furnitype_format attribute).")
-        self.format = int(attrs["furnitype_format"])
-        if self.format > FORMAT_VERSION:
-            raise DamagedStoreError(f"{given} was written by a newer furnitype (format {self.format}).")
-        self._derived: dict[str, np.ndarray] = {}
-        self.n = {"rows": len(h5["path"]), "skipped": len(h5["skipped/path"])}
-        self.dim = int(h5["features"].shape[1])
-        if self.format == 1:
-            self.dead_rows = self.dead_skipped = 0
-        else:
-            self.dead_rows = int(attrs["dead_rows"])
-            self.dead_skipped = int(attrs["dead_skipped"])
-        self._check()
-        self.meta = {key: _plain(value) for key, value in attrs.items() if key not in BOOKKEEPING}
-        self.meta["n_rows"] = self.n["rows"] - self.dead_rows
+        with self.reading():
+            attrs = h5.attrs
+            if "furnitype_format" not in attrs or not isinstance(h5.get("features"), h5py.Dataset):
+                raise DamagedStoreError(f"{given} is not a furnitype feature file (no furnitype_format attribute).")
+            self.format = _integer(attrs["furnitype_format"])
+            if self.format is None or self.format < 1:
+                raise damaged(given, "its furnitype_format attribute is not a format number")
+            if self.format > FORMAT_VERSION:
+                raise DamagedStoreError(f"{given} was written by a newer furnitype (format {self.format}).")
+            self._derived: dict[str, np.ndarray] = {}
+            self._check()
+            self._live = {table: self._read_live(table) for table in ("rows", "skipped")}
+            self.dead_rows = self.n["rows"] - len(self._live["rows"])
+            self.dead_skipped = self.n["skipped"] - len(self._live["skipped"])
+            self.meta = {key: _plain(value) for key, value in attrs.items() if key not in BOOKKEEPING}
+        self.meta["n_rows"] = len(self._live["rows"])
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Errors that the file's bytes cause in the block become ``damaged``; others (bugs) pass through."""
+        try:
+            yield
+        except READ_ERRORS as err:
+            if not from_file(err):
+                raise
+            raise damaged(self.given, err) from err
 
     def group(self, table: str) -> h5py.Group:
         return self.h5 if table == "rows" else self.h5["skipped"]
 
     def live(self, table: str) -> np.ndarray:
         """Indices of the live entries of ``table``."""
-        if self.format == 1:
-            return np.arange(self.n[table])
-        return np.flatnonzero(self.group(table)["live"][...])
+        return self._live[table]
 
     def column(self, table: str, name: str, index: np.ndarray | None = None) -> np.ndarray:
         """A column (or the entries at sorted ``index``); strings as str, sha256 as bytes, features float32."""
         if self.format == 1 and (name in ("live", "stat", "folder") or (table == "skipped" and name == "label")):
             return _take(self._derive(table, name), index)
-        dataset = self.group(table)[name]
-        values = read_at(dataset, index)
+        with self.reading():
+            group = self.group(table)
+            if group[name].dtype.kind == "O" and name != "sha256":
+                return np.array([v.decode("utf-8") for v in read_strings(group, name, index)], dtype=object)
+            values = read_at(group[name], index)
         if name == "features":
+            self._check_finite(values.astype(np.float32, copy=False), index)
             return values.astype(np.float32, copy=False)
         if name == "sha256":
-            return values.astype("S64")  # format 1 kept skipped digests as UTF-8 strings
-        if dataset.dtype.kind == "O":
-            return np.array([v.decode("utf-8") for v in values.tolist()], dtype=object)
+            return self._check_digests(table, values.astype("S64"))  # format 1 kept skipped digests as UTF-8
+        if name == "folder" and len(values) and (values.min() < 0 or values.max() >= self.n_folders):
+            raise damaged(self.given, f"a /folder index is outside /folders ({self.n_folders} folders)")
         return values
 
     def folders(self) -> list[str]:
@@ -99,13 +132,55 @@ class StoreView:
         if self.format == 1:
             self._derive("rows", "folder")
             return list(self._derived["folders"])
-        return [v.decode("utf-8") for v in self.h5["folders"][...].tolist()]
+        with self.reading():
+            return [v.decode("utf-8") for v in read_strings(self.h5, "folders")]
 
     def label_counts(self) -> Counter:
-        """Live rows per label."""
+        """Live rows per label, counted from the rows (in blocks: bounded memory)."""
+        counts: Counter = Counter()
+        live = self.live("rows")
+        for start in range(0, len(live), BLOCK_ROWS):
+            counts.update(self.column("rows", "label", live[start : start + BLOCK_ROWS]).tolist())
+        return counts
+
+    def verify(self) -> None:
+        """Read every live entry (features, strings, digests) and the folders: ``damaged`` at the first that is
+        not what furnitype wrote (a damaged chunk of /features is found only by reading it)."""
+        for table, names in (("rows", (*COLUMNS, "features")), ("skipped", SKIP_COLUMNS)):
+            live = self.live(table)
+            for start in range(0, len(live), BLOCK_ROWS):
+                for name in names:
+                    self.column(table, name, live[start : start + BLOCK_ROWS])
+        self.folders()
+
+    @property
+    def n_folders(self) -> int:
+        return len(self.folders()) if self.format == 1 else len(self.h5["folders"])
+
+    def _read_live(self, table: str) -> np.ndarray:
         if self.format == 1:
-            return Counter(self.column("rows", "label").tolist())
-        return Counter(json.loads(self.h5.attrs["label_counts"]))
+            return np.arange(self.n[table])
+        live = self.group(table)["live"][...]
+        if len(live) and live.max() > 1:
+            raise damaged(self.given, f"/{'' if table == 'rows' else 'skipped/'}live holds values other than 0 and 1")
+        return np.flatnonzero(live)
+
+    def _check_finite(self, values: np.ndarray, index: np.ndarray | None) -> None:
+        bad = np.flatnonzero(~np.isfinite(values).all(axis=1)) if values.size else []
+        if len(bad):
+            row = int(bad[0] if index is None else np.asarray(index)[bad[0]])
+            raise damaged(self.given, f"/features row {row} holds numbers that are not finite (NaN or infinity)")
+
+    def _check_digests(self, table: str, digests: np.ndarray) -> np.ndarray:
+        """sha256 values must be 64 lowercase hex digits (a skip's may be empty: the file could not be read)."""
+        if len(digests):
+            digits = digests.view(np.uint8).reshape(len(digests), 64)
+            hex_ok = np.isin(digits, _HEX_DIGITS).all(axis=1)
+            if table == "skipped":
+                hex_ok |= digests == b""
+            if not hex_ok.all():
+                raise damaged(self.given, f"a /{'' if table == 'rows' else 'skipped/'}sha256 is not 64 hex digits")
+        return digests
 
     def _derive(self, table: str, name: str) -> np.ndarray:
         key = f"{table}/{name}"
@@ -125,24 +200,94 @@ class StoreView:
         return self._derived[key]
 
     def _check(self) -> None:
-        """The datasets a furnitype file has, with matching lengths; ``damaged`` otherwise."""
-        columns = ("sha256", "path", "label") if self.format == 1 else tuple(COLUMNS)
-        skip_columns = ("path", "sha256", "reason") if self.format == 1 else tuple(SKIP_COLUMNS)
-        problem = None
-        for table, names in (("rows", (*columns, "features")), ("skipped", skip_columns)):
-            for name in names:
-                dataset = self.group(table).get(name)
-                if not isinstance(dataset, h5py.Dataset) or len(dataset) != self.n[table]:
-                    problem = f"/{'' if table == 'rows' else 'skipped/'}{name} is missing or has the wrong length"
-                elif name == "sha256" and table == "rows" and dataset.dtype != np.dtype("S64"):
-                    problem = f"/{name} is not 64 hex digits"
-        if self.format > 1 and not problem:
-            if self.h5["stat"].shape[1:] != (4,) or self.h5["features"].dtype.kind != "f":
-                problem = "a column has the wrong shape or type"
-            elif not 0 <= self.dead_rows <= self.n["rows"] or not 0 <= self.dead_skipped <= self.n["skipped"]:
-                problem = "its row counts do not add up"
+        """The datasets a furnitype file has, of the right kinds and shapes, with matching lengths, every chunk
+        written (a size declared without the data is not read); ``damaged`` otherwise."""
+        h5 = self.h5
+        skipped = h5.get("skipped")
+        if not isinstance(skipped, h5py.Group) or not isinstance(h5.get("path"), h5py.Dataset):
+            raise damaged(self.given, "/path or /skipped is missing")
+        self.n = {"rows": len(h5["path"]), "skipped": len(skipped["path"]) if "path" in skipped else 0}
+        if self.format == 1:
+            columns = {"sha256": "S", "path": "T", "label": "T", "features": "f"}
+            skip_columns = {"path": "T", "sha256": "ST", "reason": "T"}
+        else:
+            columns = {**{name: _KINDS[name] for name in COLUMNS}, "features": "f"}
+            skip_columns = {name: _KINDS[name] for name in SKIP_COLUMNS}
+        for table, kinds in (("rows", columns), ("skipped", skip_columns)):
+            where = "/" if table == "rows" else "/skipped/"
+            for name, kind in kinds.items():
+                problem = _column_problem(self.group(table).get(name), self.n[table], kind)
+                if problem:
+                    raise damaged(self.given, f"{where}{name} {problem}")
+        features = h5["features"]
+        self.dim = int(features.shape[1])
+        if self.dim < 1 and self.n["rows"]:
+            raise damaged(self.given, "/features has no columns")
+        if self.format == 1:
+            return
+        problem = _column_problem(h5.get("folders"), None, "T")
         if problem:
-            raise damaged(self.given, problem)
+            raise damaged(self.given, f"/folders {problem}")
+        if CRC_ATTR in h5.attrs:
+            if _integer(h5.attrs[CRC_ATTR]) != CRC_BLOCK:
+                raise damaged(self.given, f"its {CRC_ATTR} attribute is not {CRC_BLOCK}")
+            strings = [("/", name, self.n["rows"]) for name in STRING_COLUMNS["rows"]]
+            strings += [("/skipped/", name, self.n["skipped"]) for name in STRING_COLUMNS["skipped"]]
+            strings.append(("/", "folders", len(h5["folders"])))
+            for where, name, n in strings:
+                crcs = h5.get(f"{where}{name}_crc")
+                problem = _column_problem(crcs, -(-n // CRC_BLOCK), "u")
+                if problem:
+                    raise damaged(self.given, f"{where}{name}_crc {problem}")
+
+
+#: The kind of each column: "T" a string, "S" 64 bytes, "ST" either, "u"/"i" integers ("i4": four a row, as
+#: /stat), "f" floats (two dimensions).
+_KINDS = {"sha256": "S", "path": "T", "label": "T", "reason": "T", "live": "u", "stat": "i4", "folder": "i"}
+
+
+def _column_problem(dataset, n: int | None, kind: str) -> str:
+    """What is wrong with a column that should hold ``n`` entries of ``kind`` ("" if nothing)."""
+    if not isinstance(dataset, h5py.Dataset):
+        return "is missing"
+    if dataset.ndim not in (1, 2) or (n is not None and len(dataset) != n):
+        return "is missing or has the wrong length"
+    dtype = dataset.dtype
+    strings = h5py.check_string_dtype(dtype) is not None and dtype.kind == "O"
+    fits = {
+        "T": strings,
+        "S": dtype == np.dtype("S64"),
+        "ST": strings or dtype == np.dtype("S64"),
+        "u": dtype.kind == "u",
+        "i": dtype.kind in "iu",
+        "i4": dtype.kind in "iu" and dataset.shape[1:] == (4,),
+        "f": dtype.kind == "f",
+    }[kind]
+    if not fits or dataset.ndim != (2 if kind in ("f", "i4") else 1):
+        return "has the wrong type or shape"
+    if not _all_written(dataset):
+        return "declares more entries than the file holds"
+    return ""
+
+
+def _all_written(dataset: h5py.Dataset) -> bool:
+    """Whether every chunk of ``dataset`` is in the file (furnitype writes them all): a size declared without the
+    data would read as fill values, or as more memory than there is."""
+    if not dataset.size:
+        return True
+    if dataset.chunks is None:
+        return dataset.id.get_storage_size() > 0
+    expected = 1
+    for size, chunk in zip(dataset.shape, dataset.chunks, strict=True):
+        expected *= -(-size // chunk)
+    return dataset.id.get_num_chunks() == expected
+
+
+def _integer(value) -> int | None:
+    """An integer attribute's value (None when it is not one)."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    return None
 
 
 @contextlib.contextmanager
@@ -176,14 +321,10 @@ def open_store(
                     raise DamagedStoreError(
                         f"{given} is not a readable HDF5 feature file (file signature not found); "
                         "--overwrite replaces it."
-                    ) from None
-                raise damaged(given, err) from None
+                    ) from err
+                raise damaged(given, err) from err
             try:
-                try:
-                    view = StoreView(h5, real, given)
-                except READ_ERRORS as err:
-                    raise damaged(given, err) from None
-                yield view
+                yield StoreView(h5, real, given)
             finally:
                 h5.close()
             return
@@ -195,10 +336,10 @@ def open_store(
 def _open_for_reading(real: Path, given) -> int:
     try:
         fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise InputError(f"feature file not found: {given}") from None
+    except FileNotFoundError as err:
+        raise InputError(f"feature file not found: {given}") from err
     except OSError as err:
-        raise InputError(f"cannot read {given}: {err.strerror or err}") from None
+        raise InputError(f"cannot read {given}: {err.strerror or err}") from err
     if not _regular(fd):
         os.close(fd)
         raise DamagedStoreError(f"{given} is not a furnitype feature file (not a regular file).")
@@ -209,11 +350,11 @@ def _recover_for_reader(real: Path, given, deadline: float) -> None:
     """Roll back a dead writer's transaction, or wait for the writer that holds the lock to do it."""
     try:
         lock = WriterLock(real, given).acquire()
-    except InputError:
-        raise _cannot_roll_back(real, given) from None
-    except StoreError:
+    except InputError as err:
+        raise _cannot_roll_back(real, given) from err
+    except StoreError as err:
         if time.monotonic() > deadline:
-            raise StoreError(f"{given} is being recovered by another furnitype process; try again.") from None
+            raise StoreError(f"{given} is being recovered by another furnitype process; try again.") from err
         time.sleep(0.05)
         return
     with lock:
@@ -239,8 +380,8 @@ def recover(real: Path, given: str | os.PathLike, *, discard_damaged: bool = Fal
         fd = os.open(real, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         fd = None
-    except OSError:
-        raise _cannot_roll_back(real, given) from None
+    except OSError as err:
+        raise _cannot_roll_back(real, given) from err
     try:
         if fd is not None:
             wait_for_lock(fd, exclusive=True, what=str(given))
@@ -250,19 +391,19 @@ def recover(real: Path, given: str | os.PathLike, *, discard_damaged: bool = Fal
             rollback(real)
         except UndoDamaged as err:
             if not discard_damaged:
-                raise damaged(given, f"{log.name} is {err}") from None
+                raise damaged(given, f"{log.name} is {err}") from err
             try:
                 log.rmdir() if log.is_dir() and not log.is_symlink() else log.unlink()
-            except OSError:
-                raise StoreError(f"{log} is not furnitype's undo file and cannot be removed; remove it.") from None
+            except OSError as gone:
+                raise StoreError(f"{log} is not furnitype's undo file and cannot be removed; remove it.") from gone
             return True
         except OSError as err:
             if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise _cannot_roll_back(real, given) from None
+                raise _cannot_roll_back(real, given) from err
             raise StoreError(
                 f"cannot roll back the unfinished write to {given} ({err.strerror or err}); "
                 "the next furnitype run on it tries again."
-            ) from None
+            ) from err
     finally:
         if fd is not None:
             os.close(fd)
