@@ -313,6 +313,56 @@ def test_a_second_writer_is_refused_at_once_also_through_another_name(tmp_path):
     _consistent(store)
 
 
+def _stopped_at(writer: subprocess.Popen, line: str) -> list[str]:
+    """Read the writer's lines until one starts with ``line``, then stop it there (SIGSTOP); the lines read."""
+    seen = []
+    while not seen or not seen[-1].startswith(line):
+        seen.append(writer.stdout.readline())
+        assert seen[-1], f"the writer ended before printing {line!r}: {seen}"
+    os.kill(writer.pid, signal.SIGSTOP)
+    return seen
+
+
+def test_a_second_writer_through_a_hard_link_is_refused_also_after_a_compaction(tmp_path):
+    """A hard link is another name (another NAME.lock) for the same file: the file itself is locked."""
+    store, other = tmp_path / "s.h5", tmp_path / "other.h5"
+    append(str(store), 0, 8, 8)
+    os.link(store, other)
+    writer = store_writer.start(other, 2000, 8)
+    try:
+        _stopped_at(writer, "committed")
+        with pytest.raises(StoreError, match=f"another furnitype process is writing {store}; wait"):
+            FeatureCache(store, SETTINGS, meta=SETTINGS).__enter__()
+    finally:
+        writer.kill()
+        writer.wait()
+    compacting = store_writer.start(store, 4, 8, compact=True)  # renames a new file over the store
+    try:
+        _stopped_at(compacting, "compacted")
+        third = tmp_path / "third.h5"
+        os.link(store, third)  # the file the writer renamed in
+        with pytest.raises(StoreError, match=f"another furnitype process is writing {third}; wait"):
+            FeatureCache(third, SETTINGS, meta=SETTINGS).__enter__()
+        with FeatureCache(other, SETTINGS, meta=SETTINGS):  # the file the writer let go: another store now
+            pass
+    finally:
+        compacting.kill()
+        compacting.wait()
+    assert not os.path.samefile(store, other)
+    _consistent(store)
+
+
+def test_info_counts_classes_from_the_rows_not_from_an_attribute(tmp_path):
+    store = tmp_path / "s.h5"
+    _save_three(store)
+    with h5py.File(store, "a") as h5:  # what a second writer through another name could leave
+        h5.attrs["label_counts"] = json.dumps({"x": 1000, "z": 3})
+        h5.attrs["dead_rows"] = 2
+    described = summary(store)
+    assert described["classes"] == {"": 1, "x": 1, "y": 1} and described["rows"] == 3
+    assert described["dead_rows"] == 0 and read_meta(store)["n_rows"] == 3
+
+
 def test_lock_undo_and_temporary_files_are_never_written_through_links(tmp_path):
     victim = tmp_path / "victim"
     victim.write_bytes(b"keep me")

@@ -166,7 +166,7 @@ class StoreView:
         return np.flatnonzero(live)
 
     def _check_finite(self, values: np.ndarray, index: np.ndarray | None) -> None:
-        bad = np.flatnonzero(~np.isfinite(values).all(axis=1)) if values.size else []
+        bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
         if len(bad):
             row = int(bad[0] if index is None else np.asarray(index)[bad[0]])
             raise damaged(self.given, f"/features row {row} holds numbers that are not finite (NaN or infinity)")

@@ -14,7 +14,7 @@ import numpy as np
 
 from furnitype.errors import InputError, StoreError, deferred_interrupts, first_line
 from furnitype.features.layout import BLOCK_ROWS, COLUMNS, LIBVER, SKIP_COLUMNS, Folders, Layout
-from furnitype.features.locking import real_path, wait_for_lock
+from furnitype.features.locking import hold_new_store, lock_file, real_path, wait_for_lock
 from furnitype.features.undo import (
     PagedFile,
     UndoDamaged,
@@ -62,7 +62,8 @@ def new_file(real: Path, given, *, rows_before: int) -> Iterator[tuple[h5py.File
     try:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as err:
-        raise write_failed(given, err, rows_before) from None
+        raise write_failed(given, err, rows_before) from err
+    lock_file(fd)  # a file no one else has opened yet: locked before it becomes the store
     raw = PagedFile(fd, None)
     try:
         with deferred_interrupts() as interrupts:
@@ -74,10 +75,11 @@ def new_file(real: Path, given, *, rows_before: int) -> Iterator[tuple[h5py.File
                     h5.close()
                 raw.commit()
                 _replace(real, tmp, given)
+                hold_new_store(real, fd)
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 if raw.failed:
-                    raise write_failed(given, raw.failed, rows_before) from None
+                    raise write_failed(given, raw.failed, rows_before) from raw.failed
                 raise
     finally:
         os.close(fd)
@@ -95,7 +97,7 @@ def transaction(real: Path, given) -> Iterator[h5py.File]:
         try:
             log = UndoLog.create(undo_path(real), os.fstat(fd).st_size)
         except OSError as err:
-            raise WriteFailed(err) from None
+            raise WriteFailed(err) from err
         raw = PagedFile(fd, log)
         with deferred_interrupts():
             try:
@@ -114,9 +116,9 @@ def transaction(real: Path, given) -> Iterator[h5py.File]:
                     raise StoreError(
                         f"a write to {given} failed and could not be rolled back yet ({first_line(err)}); "
                         "the next furnitype run on it finishes the rollback."
-                    ) from None
+                    ) from err
                 if raw.failed:
-                    raise WriteFailed(raw.failed) from None
+                    raise WriteFailed(raw.failed) from raw.failed
                 raise
     finally:
         os.close(fd)
@@ -149,8 +151,8 @@ def writable(given: str | os.PathLike) -> Path:
         raise InputError(f"cannot write {given}: it is not a regular file.")
     try:
         os.close(os.open(real, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC))
-    except (PermissionError, IsADirectoryError):
-        raise InputError(f"cannot write {given}: permission denied.") from None
+    except (PermissionError, IsADirectoryError) as err:
+        raise InputError(f"cannot write {given}: permission denied.") from err
     except OSError:
         pass  # not there yet, or not a regular file: said when it is read
     return real
