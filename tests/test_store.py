@@ -272,6 +272,51 @@ def test_an_undo_file_damaged_in_any_field_is_refused_never_half_rolled_back(tmp
     assert store.read_bytes() == written and undo.read_bytes() == damaged
 
 
+@pytest.mark.parametrize("length", [0, 1, 8, 20, 59, 60])
+def test_an_undo_file_cut_into_its_header_beside_a_changed_store_is_damage(tmp_path, length):
+    """The header is written before the undo file has its name: one cut short of it (or with a wrong header
+    checksum) was damaged, and the pages it saved may have changed; never deleted as "nothing to undo"."""
+    store = tmp_path / "s.h5"
+    _hot_undo(store, [[0, 1, 2]], changed=3)
+    undo = Path(f"{store}.undo")
+    cut = undo.read_bytes()[:length]
+    if length == 60:  # whole, its header's checksum wrong
+        cut = cut[:9] + bytes([cut[9] ^ 1]) + cut[10:]
+    undo.write_bytes(cut)
+    written = store.read_bytes()
+    why = "its header checksum is wrong" if length == 60 else rf"cut short \({length} bytes"
+    with pytest.raises(StoreError, match=rf"s.h5 is damaged \(s.h5.undo is {why}"):
+        load(store)
+    with pytest.raises(StoreError, match="s.h5.undo is"):
+        append(str(store), 0, 8, 8)
+    assert store.read_bytes() == written and undo.read_bytes() == cut
+    with FeatureCache(store, SETTINGS, meta=SETTINGS, overwrite=True) as cache:
+        assert cache.fresh and not undo.exists()
+
+
+KILLED_NAMING_THE_UNDO_FILE = textwrap.dedent(
+    """
+    import os, signal, sys
+    from furnitype.features import undo
+    from tests.store_writer import append
+    undo._link = lambda tmp, path: os.kill(os.getpid(), signal.SIGKILL)  # killed before the undo file has its name
+    append(sys.argv[1], 100, 4, 4)
+    """
+)
+
+
+def test_a_writer_killed_before_its_undo_file_has_its_name_left_the_store_as_committed(tmp_path):
+    store = tmp_path / "s.h5"
+    append(str(store), 0, 8, 8)
+    before = store.read_bytes()
+    killed = subprocess.run([sys.executable, "-c", KILLED_NAMING_THE_UNDO_FILE, str(store)], timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    assert not Path(f"{store}.undo").exists() and len(_leftovers(tmp_path)) == 1  # its header, under a tmp name
+    assert store.read_bytes() == before and _consistent(store) == 8
+    append(str(store), 100, 4, 4)
+    assert _leftovers(tmp_path) == [] and _consistent(store) == 12
+
+
 def test_an_undo_file_whose_count_is_damaged_still_puts_back_every_valid_record(tmp_path):
     store = tmp_path / "s.h5"
     before = _hot_undo(store, [[0, 1, 2]], changed=3)

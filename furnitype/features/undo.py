@@ -23,6 +23,8 @@ Two slots, so that a slot torn while being written leaves the other.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import os
 import stat
@@ -73,18 +75,27 @@ class UndoLog:
 
     @classmethod
     def create(cls, path: Path, size: int) -> UndoLog:
-        """Create ``path`` (never through a symbolic link, never over a file) for a file of ``size`` bytes."""
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        log = cls(path, fd, size)
+        """Create ``path`` (never through a symbolic link, never over a file) for a file of ``size`` bytes.
+
+        Its header is written and fsynced under a temporary name (``.FILE.tmp-PID.undo``, removed by the next
+        writer if this one dies) and the file appears at ``path`` whole: an undo file cut short is damage.
+        """
+        tmp = path.with_name(f".{path.name[: -len('.undo')]}.tmp-{os.getpid()}.undo")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:
             head = _MAGIC + struct.pack("<Q", size)
             write_all(fd, head + struct.pack("<I", zlib.crc32(head)) + bytes(2 * _SLOT.size), 0)
             os.fsync(fd)
+            _link(tmp, path)
+            tmp.unlink(missing_ok=True)
             fsync_folder(path.parent)
         except BaseException:
-            log.remove()
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
             raise
-        return log
+        return cls(path, fd, size)
 
     def save(self, fd: int, pages: list[int]) -> None:
         """Append the current bytes of ``pages`` (those not saved yet, inside the old size), durably counted."""
@@ -138,8 +149,8 @@ def rollback(path: Path) -> bool:
         return False
     except OSError as err:
         if os.path.islink(log):
-            raise UndoDamaged("a symbolic link, not furnitype's") from None
-        raise UndoDamaged(err.strerror or str(err)) from None
+            raise UndoDamaged("a symbolic link, not furnitype's") from err
+        raise UndoDamaged(err.strerror or str(err)) from err
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise UndoDamaged("not a regular file")
@@ -147,18 +158,32 @@ def rollback(path: Path) -> bool:
     finally:
         os.close(fd)
     size, pages = _parse(data)
-    if size is not None:
-        target = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            for page, old in pages:
-                write_all(target, old, page * PAGE)
-            os.ftruncate(target, size)
-            os.fsync(target)
-        finally:
-            os.close(target)
+    target = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        for page, old in pages:
+            write_all(target, old, page * PAGE)
+        os.ftruncate(target, size)
+        os.fsync(target)
+    finally:
+        os.close(target)
     log.unlink()
     fsync_folder(log.parent)
     return True
+
+
+def _link(tmp: Path, path: Path) -> None:
+    """Give ``tmp`` the name ``path``, never over a file (``FileExistsError``): a hard link, or on file systems
+    without them a rename (the caller holds the writer lock, so no other furnitype makes ``path`` meanwhile)."""
+    try:
+        os.link(tmp, path, follow_symlinks=False)
+    except FileExistsError:
+        raise
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS):
+            raise
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "File exists", str(path)) from err
+        os.rename(tmp, path)
 
 
 def _read_all(fd: int) -> bytes:
@@ -168,18 +193,20 @@ def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def _parse(data: bytes) -> tuple[int | None, list[tuple[int, bytes]]]:
-    """The old size and the saved pages; ``(None, [])`` for a header cut short before any page was saved."""
+def _parse(data: bytes) -> tuple[int, list[tuple[int, bytes]]]:
+    """The old size and the saved pages.
+
+    The undo file appears with its header whole (``UndoLog.create``), so one cut short of it is damage: the
+    pages it would have saved may have changed.
+    """
     if len(data) < _RECORDS_START:
-        if _MAGIC.startswith(data[: len(_MAGIC)]):
-            return None, []  # killed while writing the header: the file was not touched yet
-        raise UndoDamaged("not a furnitype undo file")
+        if not _MAGIC.startswith(data[: len(_MAGIC)]):
+            raise UndoDamaged("not a furnitype undo file")
+        raise UndoDamaged(f"cut short ({len(data)} bytes, less than its {_RECORDS_START}-byte header)")
     magic, size, crc = _HEADER.unpack_from(data)
     if magic != _MAGIC:
         raise UndoDamaged("not a furnitype undo file")
     if zlib.crc32(data[: _HEADER.size - 4]) != crc:
-        if len(data) == _RECORDS_START:
-            return None, []  # a torn header is fsynced before any page is saved
         raise UndoDamaged("its header checksum is wrong")
     counted, newest = 0, -1
     for slot in (_HEADER.size, _HEADER.size + _SLOT.size):
