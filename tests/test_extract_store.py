@@ -330,3 +330,33 @@ def test_rows_that_are_not_finite_are_skipped_not_stored(photo_folder, tmp_path)
         (str(photo_folder / "bed" / "bed_1.jpg"),
          "its features are not finite numbers (NaN or infinity): check the weights and precision")
     ]
+
+
+def _flip_inside_first_features_chunk(store: Path) -> None:
+    import h5py
+
+    with h5py.File(store, "r") as h5:
+        chunk = h5["features"].id.get_chunk_info(0)
+    with open(store, "r+b") as fh:
+        fh.seek(chunk.byte_offset + chunk.size // 2)
+        byte = fh.read(1)[0]
+        fh.seek(-1, os.SEEK_CUR)
+        fh.write(bytes([byte ^ 0xFF]))
+
+
+def test_overwrite_rebuilds_a_store_whose_features_are_damaged_and_compact_says_so(folder, tmp_path):
+    """A damaged /features chunk is found only by reading it: --overwrite reads every row first and rebuilds the
+    store instead of reusing its rows; compact, which reads them all, says so in one line."""
+    out = tmp_path / "f.h5"
+    extract([folder], **SMALL, out=out)
+    _flip_inside_first_features_chunk(out)
+    with pytest.raises(StoreError, match=r"f.h5 is damaged \(.*\); --overwrite rebuilds it"):
+        load(out)
+    compacted = _cli("compact", out)
+    assert compacted.returncode == 1 and compacted.stderr.count("\n") == 1, compacted.stderr
+    assert compacted.stderr.startswith(f"Error: {out} is damaged (")
+    rebuilt = json.loads(run_cli("extract", folder, *CLI_SMALL, "--out", out, "--overwrite", "--json").stdout)
+    assert (rebuilt["extracted"], rebuilt["reused"]) == (6, 0)
+    assert len(load(out)) == 6
+    again = extract([folder], **SMALL, out=out, overwrite=True)  # an intact store: its rows are kept
+    assert (again.extracted, again.reused) == (0, 6)

@@ -190,7 +190,7 @@ class FeatureCache:
         self.live = {"rows": np.zeros(0, np.uint8), "skipped": np.zeros(0, np.uint8)}
         self.folder = {"rows": np.zeros(0, np.int32), "skipped": np.zeros(0, np.int32)}
         self.folders = Folders()
-        self.label_counts: Counter = Counter()
+        self.label_counts: Counter | None = Counter()
         self.dead = {"rows": 0, "skipped": 0}
         self._keys = np.zeros(0, np.uint64)
         self._key_rows = np.zeros(0, np.int64)
@@ -205,11 +205,13 @@ class FeatureCache:
             self.folder[table] = view.column(table, "folder").astype(np.int32)
         self.dead = {"rows": view.dead_rows, "skipped": view.dead_skipped}
         self.folders = Folders(view.folders())
-        self.label_counts = view.label_counts()
+        self.label_counts = None  # counted from the rows at the first commit: a run that changes nothing never does
         keys = np.concatenate(  # in blocks: the digests as text would take 64 bytes a row
             [np.zeros(0, np.uint64)]
             + [
-                _prefix_keys(view.column("rows", "sha256", np.arange(start, min(start + 65536, self.n["rows"]))))
+                _prefix_keys(
+                    view.column("rows", "sha256", np.arange(start, min(start + 65536, self.n["rows"]))), self.given
+                )
                 for start in range(0, self.n["rows"], 65536)
             ]
         )
@@ -465,6 +467,9 @@ class FeatureCache:
                     state = self._apply(h5, layout, changes)
                 self.fresh = False
             else:
+                if self.label_counts is None:
+                    with open_store(self.real, given=self.given, check_undo=False) as view:
+                        self.label_counts = view.label_counts()
                 with transaction(self.real, self.given) as h5:
                     layout = Layout(h5)
                     layout.add_checksums()  # a store written before furnitype kept them gets them now
@@ -642,11 +647,13 @@ def _surrogates(path: str) -> bool:
     return False
 
 
-def _prefix_keys(sha256: np.ndarray) -> np.ndarray:
-    """The first 16 hex digits of each S64 digest as uint64 (``StoreView`` checked that they are hex)."""
+def _prefix_keys(sha256: np.ndarray, given: str) -> np.ndarray:
+    """The first 16 hex digits of each S64 digest as uint64 (``damaged`` for anything not hex)."""
     if not len(sha256):
         return np.zeros(0, np.uint64)
     digits = _HEX[sha256.view(np.uint8).reshape(len(sha256), 64)[:, :16]]
+    if (digits == 255).any():
+        raise damaged(given, "a /sha256 is not 64 lowercase hex digits")
     keys = np.zeros(len(sha256), np.uint64)
     for column in range(16):
         keys = (keys << np.uint64(4)) | digits[:, column].astype(np.uint64)

@@ -91,6 +91,8 @@ def read_strings(group: h5py.Group, name: str, index: np.ndarray | None = None) 
         return read_at(dataset, index).tolist()
     n = len(dataset)
     index = None if index is None else np.asarray(index, np.int64)
+    if index is not None and len(index) == n:
+        index = None  # sorted and distinct: every entry
     blocks = np.arange(-(-n // CRC_BLOCK)) if index is None else np.unique(index // CRC_BLOCK)
     if not len(blocks):
         return []

@@ -39,7 +39,6 @@ from furnitype.features.undo import UndoDamaged, rollback, undo_path
 #: Only those raised by h5py or by decoding count (``from_file``): furnitype's own bugs are not damage.
 READ_ERRORS = (OSError, KeyError, ValueError, RuntimeError)
 _H5PY_FRAME = re.compile(r"(^|[/\\])h5py[/\\]")
-_HEX_DIGITS = np.frombuffer(b"0123456789abcdef", np.uint8)
 
 
 class DamagedStoreError(StoreError):
@@ -67,8 +66,8 @@ class StoreView:
 
     Tables are ``"rows"`` and ``"skipped"``; a format-1 file reads as all rows live, what the files were when
     hashed unknown, and folders taken from the paths. The layout is checked when the file is opened, and what
-    is read when it is read (checksums, UTF-8, folder indices, digests, finite features): anything that is not
-    what furnitype writes raises ``damaged``.
+    is read when it is read (checksums, UTF-8, folder indices, finite features): anything that is not what
+    furnitype writes raises ``damaged``.
     """
 
     def __init__(self, h5: h5py.File, file: Path, given: str | os.PathLike):
@@ -122,7 +121,7 @@ class StoreView:
             self._check_finite(values.astype(np.float32, copy=False), index)
             return values.astype(np.float32, copy=False)
         if name == "sha256":
-            return self._check_digests(table, values.astype("S64"))  # format 1 kept skipped digests as UTF-8
+            return values.astype("S64")  # format 1 kept skipped digests as UTF-8 strings
         if name == "folder" and len(values) and (values.min() < 0 or values.max() >= self.n_folders):
             raise damaged(self.given, f"a /folder index is outside /folders ({self.n_folders} folders)")
         return values
@@ -170,17 +169,6 @@ class StoreView:
         if len(bad):
             row = int(bad[0] if index is None else np.asarray(index)[bad[0]])
             raise damaged(self.given, f"/features row {row} holds numbers that are not finite (NaN or infinity)")
-
-    def _check_digests(self, table: str, digests: np.ndarray) -> np.ndarray:
-        """sha256 values must be 64 lowercase hex digits (a skip's may be empty: the file could not be read)."""
-        if len(digests):
-            digits = digests.view(np.uint8).reshape(len(digests), 64)
-            hex_ok = np.isin(digits, _HEX_DIGITS).all(axis=1)
-            if table == "skipped":
-                hex_ok |= digests == b""
-            if not hex_ok.all():
-                raise damaged(self.given, f"a /{'' if table == 'rows' else 'skipped/'}sha256 is not 64 hex digits")
-        return digests
 
     def _derive(self, table: str, name: str) -> np.ndarray:
         key = f"{table}/{name}"
