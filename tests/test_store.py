@@ -612,3 +612,175 @@ def test_settings_mismatch_and_the_summary(tmp_path):
     described = summary(store)
     assert (described["rows"], described["dead_rows"], described["format"]) == (8, 0, 2)
     assert described["classes"] == {"a": 8} and described["feature_dim"] == store_writer.DIM
+
+
+def _save_labelled(path: Path, n: int = 40) -> None:
+    """``n`` rows of two classes under two folders, two skips; labels and paths that can be found in the file."""
+    paths = [f"/photos/{'bed' if i % 2 else 'chair'}/photo-{i:04d}.jpg" for i in range(n)]
+    save(path, features=np.random.default_rng(0).random((n, 8), dtype=np.float32), paths=paths,
+         labels=["bedroom-bed" if i % 2 else "kitchen-chair" for i in range(n)], sha256=[f"{i:064x}" for i in range(n)],
+         skipped=[("/photos/bed/empty.jpg", "", "an empty file"), ("/photos/x.jpg", "f" * 64, "cannot be decoded")],
+         meta=META)
+
+
+def _strings(path: Path) -> tuple:
+    rows = load(path)
+    return rows.paths.tolist(), rows.labels.tolist(), rows.skipped
+
+
+@pytest.mark.parametrize(("text", "column"), [
+    (b"kitchen-chair", "/label"), (b"photo-0007", "/path"), (b"cannot be decoded", "/skipped/reason"),
+    (b"/photos/bed\x00", "/folders"),
+])
+def test_a_changed_byte_in_a_stored_string_is_damage_not_a_new_value(tmp_path, text, column):
+    """Strings live in HDF5's global heap, which has no checksum of its own."""
+    store = tmp_path / "s.h5"
+    _save_labelled(store)
+    data = bytearray(store.read_bytes())
+    at = data.find(text) if column != "/folders" else data.rfind(text)  # /folders is written last
+    assert at > 0
+    data[at + 3] ^= 0x01  # "kitchen-chair" becomes "kitcien-chair": still UTF-8, still a name
+    store.write_bytes(data)
+    with pytest.raises(StoreError, match=rf"s.h5 is damaged \({column} entries 0-\d+ are not the bytes written"):
+        load(store) if column != "/folders" else compact(store)
+    info = subprocess.run([sys.executable, "-m", "furnitype.cli", "info", str(store)], capture_output=True, text=True)
+    if column in ("/label", "/skipped/reason"):  # what info reads
+        assert info.returncode == 1 and info.stderr.startswith(f"Error: {store} is damaged (")
+        assert info.stderr.count("\n") == 1
+
+
+def test_random_bit_flips_in_the_strings_never_change_what_is_read(tmp_path):
+    """Every flipped bit in HDF5's global heap collections (where the strings are) is an error or harmless."""
+    store = tmp_path / "s.h5"
+    _save_labelled(store, 300)
+    good = store.read_bytes()
+    expected = _strings(store)
+    heaps = []
+    at = good.find(b"GCOL")
+    while at >= 0:
+        heaps.append((at + 16, at + int.from_bytes(good[at + 8 : at + 16], "little")))  # after the header
+        at = good.find(b"GCOL", at + 4)
+    assert heaps
+    rng = np.random.default_rng(18)
+    changed, errors = [], 0
+    for _ in range(300):
+        start, end = heaps[rng.integers(len(heaps))]
+        offset = int(rng.integers(start, min(end, len(good))))
+        data = bytearray(good)
+        data[offset] ^= 1 << int(rng.integers(8))
+        store.write_bytes(data)
+        try:
+            read = _strings(store)
+        except StoreError as err:
+            assert "\n" not in str(err)
+            errors += 1
+            continue
+        if read != expected:
+            changed.append(offset)
+    assert not changed, f"flips at {changed} changed what was read without an error"
+    assert errors > 100  # many flips hit the strings' bytes (others the collections' free space)
+
+
+def test_a_store_without_string_checksums_is_read_and_gets_them_at_its_next_write(tmp_path):
+    store = tmp_path / "s.h5"
+    append(str(store), 0, 8, 8)
+    with h5py.File(store, "a") as h5:  # a format-2 store written before furnitype kept string checksums
+        del h5.attrs["string_crc"]
+        for name in ("path_crc", "label_crc", "folders_crc", "skipped/path_crc", "skipped/label_crc",
+                     "skipped/reason_crc"):
+            del h5[name]
+    assert _consistent(store) == 8
+    append(str(store), 8, 4, 4)  # in place: the transaction adds them
+    with h5py.File(store, "r") as h5:
+        assert h5.attrs["string_crc"] == 1024 and len(h5["label_crc"]) == 1
+    data = bytearray(store.read_bytes())
+    data[data.find(b"/photos/a/000003.jpg") + 12] ^= 0x01
+    store.write_bytes(data)
+    with pytest.raises(StoreError, match=r"/path entries 0-11 are not the bytes written"):
+        load(store)
+
+
+def test_relabelling_keeps_the_checksums_and_never_seals_damage(tmp_path):
+    store = tmp_path / "s.h5"
+    append(str(store), 0, 8, 8)
+    paths = [f"/photos/a/{i:06d}.jpg" for i in range(8)]
+    with FeatureCache(store, SETTINGS, meta=SETTINGS) as cache:
+        cache.compare(FakeListing(paths[:4], ["b"] * 4, folders=[]))
+        cache.hashed({})
+        cache.finish()
+    assert load(store).labels.tolist() == ["b"] * 4 + ["a"] * 4
+    data = bytearray(store.read_bytes())
+    data[data.find(b"/photos/a/000006.jpg") + 12] ^= 0x01
+    store.write_bytes(data)
+    with pytest.raises(StoreError, match=r"/path entries 0-7 are not the bytes written"), \
+            FeatureCache(store, SETTINGS, meta=SETTINGS) as cache:
+        cache.compare(FakeListing(paths[:1], ["c"], folders=[]))  # relabels a row of the damaged block
+        cache.hashed({})
+        cache.finish()
+    with pytest.raises(StoreError, match=r"/path entries 0-7 are not the bytes written"):
+        load(store)
+
+
+def test_save_refuses_rows_that_are_not_finite_and_a_store_holding_them_is_damaged(tmp_path):
+    store = tmp_path / "s.h5"
+    features = np.ones((3, 4), np.float32)
+    features[1, 2] = np.nan
+    with pytest.raises(ValueError, match=r"features must be finite numbers: row 1 \(/a/1.jpg\) holds NaN"):
+        save(store, features=features, paths=["/a/0.jpg", "/a/1.jpg", "/a/2.jpg"], labels=["x"] * 3,
+             sha256=["a" * 64, "b" * 64, "c" * 64], meta=META)
+    with pytest.raises(ValueError, match=r"finite numbers as float16: row 0"):
+        save(store, features=np.full((1, 4), 1e6), paths=["/a/0.jpg"], labels=["x"], sha256=["a" * 64],
+             meta={**META, "store_dtype": "float16"})
+    assert _leftovers(tmp_path) == [] and not store.exists()
+    _save_three(store)
+    with h5py.File(store, "a") as h5:  # what another tool could write
+        h5["features"][2] = np.inf
+    similar = subprocess.run([sys.executable, "-m", "furnitype.cli", "similar", str(store), "/b/2.jpg"],
+                             capture_output=True, text=True)
+    assert similar.returncode == 1, similar.stderr
+    assert similar.stderr == (f"Error: {store} is damaged (/features row 2 holds numbers that are not finite (NaN "
+                              "or infinity)); --overwrite rebuilds it.\n")
+
+
+def _odd(path: Path, shape: str) -> None:
+    """A store changed with plain h5py into a shape furnitype never writes."""
+    _save_labelled(path)
+    with h5py.File(path, "a") as h5:
+        if shape == "no columns":
+            del h5["features"]
+            h5.create_dataset("features", shape=(40, 0), dtype="f4")
+        elif shape == "huge":
+            for name in ("features", "sha256", "path", "label", "live", "stat", "folder"):
+                h5[name].resize(10**12, axis=0)
+        elif shape == "folder index":
+            h5["folder"][3] = 99
+        elif shape == "not utf-8":  # and no checksums, so that decoding finds it
+            del h5.attrs["string_crc"]
+            del h5["path"]
+            h5.create_dataset("path", data=[b"/p/\xff%d.jpg" % i for i in range(40)], dtype=h5py.string_dtype("ascii"))
+        elif shape == "live of 2":
+            h5["live"][0] = 2
+        elif shape == "stat of 3":
+            del h5["stat"]
+            h5.create_dataset("stat", data=np.zeros((40, 3), np.int64))
+
+
+@pytest.mark.parametrize("shape", ["no columns", "huge", "folder index", "not utf-8", "live of 2", "stat of 3"])
+def test_stores_of_other_shapes_are_one_line_in_every_command(tmp_path, shape):
+    store = tmp_path / "odd.h5"
+    _odd(store, shape)
+    for command in (["info"], ["compact"], ["similar", "/photos/bed/photo-0001.jpg"], ["classify", "--out", "run"]):
+        done = subprocess.run([sys.executable, "-m", "furnitype.cli", command[0], str(store), *command[1:]],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=600)
+        if command == ["info"] and shape == "not utf-8":  # info does not read the paths
+            assert done.returncode == 0, done.stderr
+            continue
+        assert done.returncode == 1 and done.stderr.startswith(f"Error: {store} is damaged ("), (command, done.stderr)
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def test_compact_of_a_missing_store_is_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "furnitype.cli", "compact", str(tmp_path / "no" / "missing.h5")],
+                          capture_output=True, text=True)
+    assert (done.returncode, done.stderr) == (2, f"Error: feature file not found: {tmp_path / 'no' / 'missing.h5'}\n")
+    assert list(tmp_path.iterdir()) == []  # no folder made, no lock file left

@@ -192,7 +192,8 @@ def save(
                     raise KeyboardInterrupt
                 stop = min(start + BLOCK_ROWS, n_rows)
                 block = np.asarray(features[start:stop], dtype=np.float32)
-                stored = block.astype(store_dtype)
+                with np.errstate(over="ignore"):  # a float16 overflow is refused below
+                    stored = block.astype(store_dtype)
                 if not np.isfinite(stored).all():
                     row = start + int(np.flatnonzero(~np.isfinite(stored).all(axis=1))[0])
                     as_stored = f" as {store_dtype}" if np.isfinite(block).all() else ""

@@ -122,8 +122,6 @@ class StoreView:
             return values.astype(np.float32, copy=False)
         if name == "sha256":
             return values.astype("S64")  # format 1 kept skipped digests as UTF-8 strings
-        if name == "folder" and len(values) and (values.min() < 0 or values.max() >= self.n_folders):
-            raise damaged(self.given, f"a /folder index is outside /folders ({self.n_folders} folders)")
         return values
 
     def folders(self) -> list[str]:
@@ -151,10 +149,6 @@ class StoreView:
                 for name in names:
                     self.column(table, name, live[start : start + BLOCK_ROWS])
         self.folders()
-
-    @property
-    def n_folders(self) -> int:
-        return len(self.folders()) if self.format == 1 else len(self.h5["folders"])
 
     def _read_live(self, table: str) -> np.ndarray:
         if self.format == 1:
@@ -216,6 +210,11 @@ class StoreView:
         problem = _column_problem(h5.get("folders"), None, "T")
         if problem:
             raise damaged(self.given, f"/folders {problem}")
+        for table in ("rows", "skipped"):  # 4 bytes a row: cheap enough to check at every open
+            folder = self.group(table)["folder"][...]
+            if len(folder) and (folder.min() < 0 or folder.max() >= len(h5["folders"])):
+                where = "/" if table == "rows" else "/skipped/"
+                raise damaged(self.given, f"a {where}folder index is outside /folders ({len(h5['folders'])} folders)")
         if CRC_ATTR in h5.attrs:
             if _integer(h5.attrs[CRC_ATTR]) != CRC_BLOCK:
                 raise damaged(self.given, f"its {CRC_ATTR} attribute is not {CRC_BLOCK}")
