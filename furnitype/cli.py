@@ -12,7 +12,9 @@ import functools
 import importlib
 import json
 import logging
+import os
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -74,12 +76,14 @@ def api_command(command: Callable) -> Callable:
             with _progress_lines(enabled=not kwargs.get("quiet", False)):
                 return command(*args, **kwargs)
         except FurnitypeError as err:
+            if os.environ.get("FURNITYPE_DEBUG", "") not in ("", "0"):
+                traceback.print_exc()  # with its causes, above the one line
             exc = click.ClickException(str(err))
             exc.exit_code = err.exit_code
-            raise exc from None
+            raise exc from err
         except KeyboardInterrupt as stop:
             click.echo(str(stop) or "interrupted", err=True)
-            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+            raise click.exceptions.Exit(EXIT_INTERRUPTED) from stop
 
     return wrapper
 

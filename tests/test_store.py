@@ -784,3 +784,35 @@ def test_compact_of_a_missing_store_is_one_line(tmp_path):
                           capture_output=True, text=True)
     assert (done.returncode, done.stderr) == (2, f"Error: feature file not found: {tmp_path / 'no' / 'missing.h5'}\n")
     assert list(tmp_path.iterdir()) == []  # no folder made, no lock file left
+
+
+def test_furnitypes_own_bugs_while_reading_are_not_called_damage(tmp_path, monkeypatch):
+    """Only errors that the file's bytes cause (raised by h5py, or stored bytes that do not decode) are damage."""
+    from furnitype.features import view as view_module
+
+    store = tmp_path / "s.h5"
+    _save_three(store)
+    for bug in (ValueError("a bug"), IndexError("a bug"), TypeError("a bug"), KeyError("a bug")):
+        def read_at(dataset, index, bug=bug):
+            raise bug
+
+        monkeypatch.setattr(view_module, "read_at", read_at)
+        with pytest.raises(type(bug), match="a bug"):
+            load(store)
+    monkeypatch.undo()
+    store.write_bytes(store.read_bytes()[:3000])
+    with pytest.raises(StoreError, match="is damaged") as caught:
+        load(store)
+    assert isinstance(caught.value.__cause__, OSError)  # h5py's own error is kept as the cause
+
+
+def test_furnitype_debug_shows_the_traceback_with_its_cause(tmp_path):
+    store = tmp_path / "s.h5"
+    _save_three(store)
+    store.write_bytes(store.read_bytes()[:3000])
+    command = [sys.executable, "-m", "furnitype.cli", "info", str(store)]
+    quiet = subprocess.run(command, capture_output=True, text=True)
+    debug = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "FURNITYPE_DEBUG": "1"})
+    assert quiet.returncode == debug.returncode == 1 and quiet.stderr.count("\n") == 1
+    assert "Traceback" in debug.stderr and "OSError" in debug.stderr and "direct cause" in debug.stderr
+    assert debug.stderr.endswith(quiet.stderr)
