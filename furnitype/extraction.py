@@ -205,8 +205,8 @@ def extract(
                     cache.add(batch)
                     bar.update(len(batch))
             counts = cache.finish()
-    except KeyboardInterrupt:
-        raise Interrupted(f"interrupted: {cache.counts.extracted:,} rows kept; rerun to go on") from None
+    except KeyboardInterrupt as cause:
+        raise Interrupted(f"interrupted: {cache.counts.extracted:,} rows kept; rerun to go on") from cause
     return ExtractResult(
         out=str(out),
         listed=counts.listed,

@@ -134,7 +134,7 @@ def make_parents(path: str | os.PathLike) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise InputError(f"cannot write {path}: {err.strerror or err}") from None
+        raise InputError(f"cannot write {path}: {err.strerror or err}") from err
     return path
 
 
@@ -155,7 +155,7 @@ def replace_file(path: str | os.PathLike, data: bytes) -> Path:
         write_replacing(path, data)
     except OSError as err:
         why = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
-        raise InputError(f"cannot write {path}: {why}") from None
+        raise InputError(f"cannot write {path}: {why}") from err
     return path
 
 

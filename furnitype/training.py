@@ -329,7 +329,7 @@ def _new_model(name: str, options: RunOptions, model_params: Mapping[str, Mappin
     try:
         return make_model(name, **params).set_params(**given).check_params()
     except ValueError as err:  # scikit-learn's InvalidParameterError: one line naming the parameter
-        raise InputError(f"model parameters of {name}: {err}") from None
+        raise InputError(f"model parameters of {name}: {err}") from err
 
 
 def _feature_set_record(data: TrainTestSet, baseline: Baseline) -> FeatureSetRecord:

@@ -562,7 +562,7 @@ def _read_json(folder: str | os.PathLike, relative: str) -> Any:
     try:
         return json.loads(data)
     except (ValueError, RecursionError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise Damage(relative, f"not JSON ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+        raise Damage(relative, f"not JSON ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from err
 
 
 def _write_json(path: Path, data: Any) -> Path:

@@ -226,11 +226,11 @@ def read_mistakes(run_dir: str | os.PathLike) -> list[Mistake] | None:
     except Damage as damage:
         if damage.where == MISTAKES_FILE and damage.problem == "missing":
             return None
-        raise damaged(run_dir, damage) from None
+        raise damaged(run_dir, damage) from damage
     try:
         return _parse(data)
     except Damage as damage:
-        raise damaged(run_dir, damage) from None
+        raise damaged(run_dir, damage) from damage
 
 
 def _parse(data: bytes) -> list[Mistake]:
@@ -239,10 +239,10 @@ def _parse(data: bytes) -> list[Mistake]:
         if tuple(reader.fieldnames or ()) != COLUMNS:
             raise Damage(MISTAKES_FILE, f"its columns are not {', '.join(COLUMNS)}")
         rows = list(reader)
-    except UnicodeDecodeError:
-        raise Damage(MISTAKES_FILE, "not UTF-8 text") from None
+    except UnicodeDecodeError as cause:
+        raise Damage(MISTAKES_FILE, "not UTF-8 text") from cause
     except csv.Error as err:
-        raise Damage(MISTAKES_FILE, f"not CSV: {err}") from None
+        raise Damage(MISTAKES_FILE, f"not CSV: {err}") from err
     found = []
     for i, row in enumerate(rows, start=2):
         where = f"{MISTAKES_FILE} line {i}"
@@ -254,8 +254,8 @@ def _parse(data: bytes) -> list[Mistake]:
             raise Damage(where, "sha256 is not 64 hex digits")
         try:
             probabilities = {key: float(row[key]) for key in ("probability", "label_probability")}
-        except ValueError:
-            raise Damage(where, "a probability is not a number") from None
+        except ValueError as cause:
+            raise Damage(where, "a probability is not a number") from cause
         if not all(0.0 <= p <= 1.0 for p in probabilities.values()):
             raise Damage(where, "a probability is not between 0 and 1")
         found.append(

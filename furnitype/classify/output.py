@@ -84,7 +84,7 @@ def building(out: str | os.PathLike, *, kind: str, overwrite: bool) -> Iterator[
         _refuse_inside_a_run(target, shown)
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise _cannot_write(shown, err) from None
+        raise _cannot_write(shown, err) from err
     with _Lock(target, shown) as lock:
         tmp = _leftover(target, "tmp", os.getpid())
         try:
@@ -93,20 +93,20 @@ def building(out: str | os.PathLike, *, kind: str, overwrite: bool) -> Iterator[
             if os.path.lexists(tmp):
                 raise InputError(f"{tmp} is in the way (not recorded as furnitype's leftover); remove it.")
         except OSError as err:
-            raise _cannot_write(shown, err) from None
+            raise _cannot_write(shown, err) from err
         try:
             lock.record()
             os.mkdir(tmp)
         except OSError as err:
             lock.tidy(os.getpid())
-            raise _cannot_write(shown, err) from None
+            raise _cannot_write(shown, err) from err
         try:
             yield Building(tmp, target)
             _fsync_tree(tmp)
             _swap_in(tmp, target, _check_target(target, shown, kind, overwrite))
         except OSError as err:
             lock.tidy(os.getpid())
-            raise _cannot_write(shown, err) from None
+            raise _cannot_write(shown, err) from err
         except BaseException:
             lock.tidy(os.getpid())
             raise
@@ -191,18 +191,18 @@ class _Lock:
             try:
                 fd = os.open(self.path, flags, 0o644)
             except OSError as err:
-                raise _cannot_write(self.shown, err) from None
+                raise _cannot_write(self.shown, err) from err
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 os.close(fd)
                 raise StoreError(f"{self.path} is not furnitype's lock file; remove it.")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            except BlockingIOError as err:
                 os.close(fd)
-                raise StoreError(f"another furnitype process is writing {self.shown}; wait for it to finish.") from None
+                raise StoreError(f"another furnitype process is writing {self.shown}; wait for it to finish.") from err
             except OSError as err:  # a file system without locks
                 os.close(fd)
-                raise StoreError(f"cannot lock {self.path}: {err.strerror or err}") from None
+                raise StoreError(f"cannot lock {self.path}: {err.strerror or err}") from err
             if same_file(fd, self.path):
                 self.fd = fd
             else:

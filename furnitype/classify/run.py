@@ -146,7 +146,7 @@ def load_run(run_dir: str | os.PathLike) -> Run:
     try:
         return Run(path, read_run_document(path))
     except Damage as damage:
-        raise damaged(path, damage) from None
+        raise damaged(path, damage) from damage
 
 
 def damaged(run_dir: str | os.PathLike, damage: Damage) -> StoreError:
@@ -198,7 +198,7 @@ def load_model(run_dir: str | os.PathLike, model: str | None = None, *, features
     try:
         fitted = _loaded_model(Path(run_dir), row, feature_set)
     except Damage as damage:
-        raise damaged(run_dir, damage) from None
+        raise damaged(run_dir, damage) from damage
     return LoadedModel(
         model=fitted,
         name=row.model,
@@ -222,7 +222,7 @@ def _loaded_model(run_dir: Path, row: Row, feature_set: FeatureSetRecord):
     try:
         model = FeatureClassifier.read(folder)
     except Damage as damage:
-        raise damage.inside(row.model_dir) from None
+        raise damage.inside(row.model_dir) from damage
     record = f"{row.model_dir}/model.json"
     agree = {
         "model": (model.name, row.model),
@@ -305,9 +305,9 @@ def training_photos(run_dir: str | os.PathLike, features: str) -> set[str]:
         if reader.fieldnames != ["features", "sha256", "label", "part"]:
             raise Damage(SPLIT_FILE, "its columns are not features, sha256, label, part")
         return {row["sha256"] for row in reader if row["features"] == features and row["part"] == "train"}
-    except UnicodeDecodeError:
-        raise damaged(run_dir, Damage(SPLIT_FILE, "not UTF-8 text")) from None
+    except UnicodeDecodeError as cause:
+        raise damaged(run_dir, Damage(SPLIT_FILE, "not UTF-8 text")) from cause
     except csv.Error as err:
-        raise damaged(run_dir, Damage(SPLIT_FILE, f"not CSV: {err}")) from None
+        raise damaged(run_dir, Damage(SPLIT_FILE, f"not CSV: {err}")) from err
     except Damage as damage:
-        raise damaged(run_dir, damage) from None
+        raise damaged(run_dir, damage) from damage

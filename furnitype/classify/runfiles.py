@@ -93,7 +93,7 @@ def read_inside(root: str | os.PathLike, relative: str, *, limit: int | None = M
             chunks.append(chunk)
         return b"".join(chunks)
     except OSError as err:
-        raise StoreError(f"cannot read {Path(root) / relative}: {err.strerror or err}") from None
+        raise StoreError(f"cannot read {Path(root) / relative}: {err.strerror or err}") from err
     finally:
         os.close(fd)
 
@@ -119,13 +119,13 @@ def _open_inside(root: Path, relative: str) -> int:
     try:
         try:
             found = os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
-        except FileNotFoundError:
-            raise Damage(relative, "missing") from None
+        except FileNotFoundError as cause:
+            raise Damage(relative, "missing") from cause
         _check_kind(found.st_mode, relative, want_folder=False)
         try:
             fd = os.open(parts[-1], _FILE, dir_fd=parent)
         except OSError as err:
-            raise _open_error(err, root, relative, want_folder=False) from None
+            raise _open_error(err, root, relative, want_folder=False) from err
         _check_kind(os.fstat(fd).st_mode, relative, want_folder=False, fd=fd)
         return fd
     finally:
@@ -137,7 +137,7 @@ def _open_folders(root: Path, parts: tuple[str, ...], relative: str, *, last_is_
     try:
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as err:
-        raise StoreError(f"cannot read {root}: {err.strerror or err}") from None
+        raise StoreError(f"cannot read {root}: {err.strerror or err}") from err
     walk = parts if last_is_folder else parts[:-1]
     for i, part in enumerate(walk):
         name = "/".join(parts[: i + 1])
@@ -145,7 +145,7 @@ def _open_folders(root: Path, parts: tuple[str, ...], relative: str, *, last_is_
             _check_kind(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode, name, want_folder=True)
             inner = os.open(part, _DIRECTORY, dir_fd=fd)
         except OSError as err:
-            raise _open_error(err, root, name, want_folder=True) from None
+            raise _open_error(err, root, name, want_folder=True) from err
         finally:
             os.close(fd)
         fd = inner

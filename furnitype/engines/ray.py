@@ -33,8 +33,8 @@ def import_ray():
     try:
         import ray
         import ray.data  # noqa: F401 - the extra furnitype[ray] installs it
-    except ImportError:
-        raise FurnitypeError(RAY_MISSING) from None
+    except ImportError as cause:
+        raise FurnitypeError(RAY_MISSING) from cause
     return ray
 
 
@@ -105,7 +105,7 @@ class RayEngine:
             except ray.exceptions.RayError as err:
                 raise FurnitypeError(
                     f"the ray engine failed ({_reason(err)}); the batches done so far are kept: rerun to resume."
-                ) from None
+                ) from err
 
     def _default_workers(self, ray) -> int:
         resources = ray.cluster_resources()

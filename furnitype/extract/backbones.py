@@ -139,8 +139,8 @@ def weights_identity(weights: str) -> str:
         return f"none(seed={RANDOM_INIT_SEED})"
     try:  # non-blocking, so that a FIFO does not wait for a writer: only a regular file is read
         fd = os.open(weights, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        raise InputError(f"weights file not found: {weights}. Received: weights={weights!r}") from None
+    except OSError as cause:
+        raise InputError(f"weights file not found: {weights}. Received: weights={weights!r}") from cause
     with os.fdopen(fd, "rb") as fh:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise InputError(f"weights {weights} is not a regular file. Received: weights={weights!r}")
@@ -217,7 +217,7 @@ def _weights_file_counts(path: str | os.PathLike) -> tuple[int, int]:
         with h5py.File(path, "r") as h5:
             h5.visititems(count)
     except OSError as err:
-        raise InputError(f"{path} is not a Keras weights file (HDF5): {first_line(err)}.") from None
+        raise InputError(f"{path} is not a Keras weights file (HDF5): {first_line(err)}.") from err
     return counts[0], counts[1]
 
 
@@ -312,7 +312,7 @@ def keras_model(backbone: Backbone, *, weights: str, pooling: str, image_size: i
             outputs = keras.layers.Flatten()(base.output) if pooling == "flatten" else base.output
             model = keras.Model(base.input, outputs, name=f"{backbone.name}_{pooling}")
         except Exception as err:  # noqa: BLE001 - Keras raises many types for a download or a bad file
-            raise _weights_error(backbone, weights, err) from None
+            raise _weights_error(backbone, weights, err) from err
         finally:
             keras.config.set_dtype_policy(previous_policy)
     model.trainable = False

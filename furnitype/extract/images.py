@@ -203,10 +203,10 @@ def read_manifest(manifest: str | os.PathLike) -> list[ImageFile]:
         rows = [(n, row) for n, row in _csv_rows(text) if row and any(cell.strip() for cell in row)]
     except ImageDecodeError as err:
         if str(err) == MISSING:
-            raise InputError(f"manifest not found: {manifest}") from None
-        raise InputError(f"cannot read manifest {manifest}: {err}") from None
+            raise InputError(f"manifest not found: {manifest}") from err
+        raise InputError(f"cannot read manifest {manifest}: {err}") from err
     except (UnicodeDecodeError, csv.Error) as err:
-        raise InputError(f"cannot read manifest {manifest}: {err}") from None
+        raise InputError(f"cannot read manifest {manifest}: {err}") from err
     if rows and _is_header(rows[0][1], manifest):
         rows = rows[1:]
     files: list[ImageFile] = []
@@ -276,10 +276,10 @@ def open_photo(path: str) -> Iterator[tuple[int, os.stat_result]]:
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise ImageDecodeError(MISSING) from None
+    except FileNotFoundError as cause:
+        raise ImageDecodeError(MISSING) from cause
     except OSError as err:
-        raise ImageDecodeError(f"unreadable: {err.strerror or err}", gone=False) from None
+        raise ImageDecodeError(f"unreadable: {err.strerror or err}", gone=False) from err
     try:
         st = os.fstat(fd)
         reason = _unusable(st)
@@ -307,7 +307,7 @@ def hash_file(path: str) -> tuple[str, tuple[int, int, int, int]]:
                 digest.update(block)
             after = os.fstat(fd)
         except OSError as err:
-            raise ImageDecodeError(f"unreadable: {err.strerror or err}", gone=False) from None
+            raise ImageDecodeError(f"unreadable: {err.strerror or err}", gone=False) from err
     stamp = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
     if stamp != (after.st_size, after.st_mtime_ns, after.st_ino, after.st_ctime_ns):
         raise ImageDecodeError("changed while being read; rerun to include it", gone=False)
@@ -329,7 +329,7 @@ def _read(fd: int, size: int) -> bytes:
             if total > MAX_FILE_BYTES:
                 raise ImageDecodeError("changed while being read; rerun to include it", gone=False)
     except OSError as err:
-        raise ImageDecodeError(f"unreadable: {err.strerror or err}", gone=False) from None
+        raise ImageDecodeError(f"unreadable: {err.strerror or err}", gone=False) from err
     return b"".join(chunks)
 
 
@@ -351,14 +351,14 @@ def decode_image(data: bytes, size: int, interpolation: str = "bilinear", decode
         if decode == "draft" and img.format == "JPEG":
             img.draft(img.mode, (size, size))
         img.load()
-    except UnidentifiedImageError:
-        raise ImageDecodeError("not an image (unrecognised format)") from None
+    except UnidentifiedImageError as cause:
+        raise ImageDecodeError("not an image (unrecognised format)") from cause
     except Image.DecompressionBombError as err:
-        raise ImageDecodeError(f"too large, possible decompression bomb: {err}") from None
+        raise ImageDecodeError(f"too large, possible decompression bomb: {err}") from err
     except OSError as err:
-        raise ImageDecodeError(f"truncated or corrupt: {err}") from None
+        raise ImageDecodeError(f"truncated or corrupt: {err}") from err
     except Exception as err:  # noqa: BLE001 - Pillow's plugins raise many types on broken files
-        raise ImageDecodeError(f"corrupt: {type(err).__name__}: {err}") from None
+        raise ImageDecodeError(f"corrupt: {type(err).__name__}: {err}") from err
     try:
         img = ImageOps.exif_transpose(img)
     except Exception:  # noqa: BLE001, S110 - a broken EXIF block only costs the orientation
@@ -368,7 +368,7 @@ def decode_image(data: bytes, size: int, interpolation: str = "bilinear", decode
         if img.size != (size, size):
             img = img.resize((size, size), INTERPOLATIONS[interpolation])
     except (OSError, ValueError) as err:
-        raise ImageDecodeError(f"cannot convert to RGB: {err}") from None
+        raise ImageDecodeError(f"cannot convert to RGB: {err}") from err
     return np.asarray(img, dtype=np.uint8)
 
 

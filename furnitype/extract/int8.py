@@ -123,10 +123,10 @@ def import_runtime():
         import openvino
     except ImportError as err:
         if err.name and err.name.split(".")[0] == "openvino":
-            raise FurnitypeError(f"--precision int8 needs OpenVINO and NNCF: {INSTALL}") from None
-        raise FurnitypeError(f"OpenVINO cannot load ({_reason(err)}); reinstall it: {INSTALL}") from None
+            raise FurnitypeError(f"--precision int8 needs OpenVINO and NNCF: {INSTALL}") from err
+        raise FurnitypeError(f"OpenVINO cannot load ({_reason(err)}); reinstall it: {INSTALL}") from err
     except Exception as err:  # noqa: BLE001 - a broken native library raises OSError, RuntimeError ...
-        raise FurnitypeError(f"OpenVINO cannot load ({_reason(err)}); reinstall it: {INSTALL}") from None
+        raise FurnitypeError(f"OpenVINO cannot load ({_reason(err)}); reinstall it: {INSTALL}") from err
     return openvino
 
 
@@ -135,8 +135,8 @@ def _import_nncf():
     os.environ.setdefault("NNCF_CI", "1")
     try:
         import nncf
-    except ImportError:
-        raise FurnitypeError(f"--precision int8 needs NNCF to quantize the network: {INSTALL}") from None
+    except ImportError as cause:
+        raise FurnitypeError(f"--precision int8 needs NNCF to quantize the network: {INSTALL}") from cause
     nncf.set_log_level(40)  # logging.ERROR: its INFO lines go to stdout, where --json prints
     return nncf
 
@@ -197,7 +197,7 @@ def build(spec: ExtractSpec) -> Callable[[np.ndarray], np.ndarray]:
         streams = compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
         requests = [compiled.create_infer_request() for _ in range(streams)]
     except Exception as err:  # noqa: BLE001 - OpenVINO raises RuntimeError with a multi-line report
-        raise FurnitypeError(f"OpenVINO cannot run the int8 network on this CPU: {_reason(err)}") from None
+        raise FurnitypeError(f"OpenVINO cannot run the int8 network on this CPU: {_reason(err)}") from err
 
     def infer(batch: np.ndarray) -> np.ndarray:
         # A part of the batch per stream, run at the same time; a photo's features do not depend on its part.
@@ -308,7 +308,7 @@ def _write_cache(path: Path, made_from: dict, network: str, xml: bytes, weights:
         raise FurnitypeError(
             f"cannot write the int8 network cache {path}: {err.strerror or err}; free space there or set "
             "FURNITYPE_CACHE_DIR to another folder."
-        ) from None
+        ) from err
 
 
 def _quantize(spec: ExtractSpec) -> tuple[str, bytes, bytes]:
@@ -350,7 +350,7 @@ def _calibration_image(spec: ExtractSpec, path: str, sha256: str) -> np.ndarray:
     try:
         found, image = spec.load(path)
     except ImageDecodeError as err:
-        raise _calibration_gone(path, f"unusable ({err})") from None
+        raise _calibration_gone(path, f"unusable ({err})") from err
     if found != sha256:
         raise _calibration_gone(path, "changed")
     return image

@@ -174,7 +174,7 @@ def spec_for(
         if settings["decode"] not in DECODE_MODES or settings["store_dtype"] not in STORE_DTYPES:
             raise FurnitypeError(f"decode={settings['decode']}, store_dtype={settings['store_dtype']}")
     except (FurnitypeError, ValueError) as err:
-        raise SettingsMismatchError(f"{what} were made with settings this furnitype cannot reproduce: {err}") from None
+        raise SettingsMismatchError(f"{what} were made with settings this furnitype cannot reproduce: {err}") from err
     got = weights_identity(chosen)
     if got != identity:
         raise SettingsMismatchError(
@@ -185,10 +185,10 @@ def spec_for(
     if settings["precision"] == "int8":
         try:
             quantization = int8.Quantization.parse(str(settings["quantization"]), str(calibration_photos))
-        except (ValueError, TypeError):
+        except (ValueError, TypeError) as cause:
             raise SettingsMismatchError(
                 f"{what} record no usable int8 calibration photos; cannot make their quantized network again."
-            ) from None
+            ) from cause
     return ExtractSpec(
         backbone.name,
         chosen,

@@ -188,7 +188,7 @@ class FeatureClassifier(ClassifierMixin, BaseEstimator, abc.ABC):
         try:
             return cls.read(directory)
         except Damage as damage:
-            raise StoreError(f"model {directory} is damaged: {damage}") from None
+            raise StoreError(f"model {directory} is damaged: {damage}") from damage
 
     @classmethod
     def read(cls, directory: str | os.PathLike) -> FeatureClassifier:
@@ -222,7 +222,7 @@ class FeatureClassifier(ClassifierMixin, BaseEstimator, abc.ABC):
         try:
             validate_parameter_constraints(model_cls._fitted_info, record.fitted, caller_name=model_cls.__name__)
         except InvalidParameterError as err:
-            raise Damage(f"{MODEL_FILE} fitted", first_line(err)) from None
+            raise Damage(f"{MODEL_FILE} fitted", first_line(err)) from err
         model.classes_ = np.array(record.classes)
         model.n_features_in_ = record.n_features_in
         for key, value in record.fitted.items():
@@ -243,7 +243,7 @@ class FeatureClassifier(ClassifierMixin, BaseEstimator, abc.ABC):
         try:
             model = cls(**params).check_params()
         except InvalidParameterError as err:
-            raise Damage(f"{MODEL_FILE} params", first_line(err)) from None
+            raise Damage(f"{MODEL_FILE} params", first_line(err)) from err
         return model
 
     def versions(self) -> dict:

@@ -178,7 +178,7 @@ class DenseModel(FeatureClassifier):
         try:
             model = keras.saving.load_model(path, compile=False, safe_mode=True)
         except Exception as err:  # noqa: BLE001 - Keras raises many types for a damaged or foreign file
-            raise Damage(self.payload, f"not a loadable Keras model ({first_line(err)})") from None
+            raise Damage(self.payload, f"not a loadable Keras model ({first_line(err)})") from err
         shapes = (getattr(model, "input_shape", None), getattr(model, "output_shape", None))
         expected = ((None, self.n_features_in_), (None, len(self.classes_)))
         if not isinstance(model, keras.Model) or shapes != expected:

@@ -53,7 +53,7 @@ def skops_load(directory: str | os.PathLike, name: str, keys: Sequence[str]) -> 
         if not untrusted:
             loaded = skops.io.load(io.BytesIO(data), trusted=list(TRUSTED_SKOPS_TYPES))
     except Exception as err:  # noqa: BLE001 - a damaged zip, a foreign file: one clear message
-        raise Damage(name, f"not a loadable skops file ({first_line(err)})") from None
+        raise Damage(name, f"not a loadable skops file ({first_line(err)})") from err
     if untrusted:
         raise Damage(name, f"holds types furnitype does not trust: {', '.join(untrusted)}")
     if not isinstance(loaded, dict) or set(loaded) != set(keys):
@@ -126,8 +126,8 @@ def fitted(estimator: object, where: str) -> None:
     """Refuse an unfitted estimator."""
     try:
         check_is_fitted(estimator)
-    except (NotFittedError, TypeError):
-        raise Damage(where, f"the {type(estimator).__name__} is not fitted") from None
+    except (NotFittedError, TypeError) as cause:
+        raise Damage(where, f"the {type(estimator).__name__} is not fitted") from cause
 
 
 def arrays(estimator: object, where: str, **shapes: tuple[int, ...]) -> None:
