@@ -151,7 +151,8 @@ def extract(
         (``furnitype.extract.int8``).
     overwrite : bool, default=False
         Replace a store (or an unfinished write) made with other settings, or a damaged store, instead of
-        refusing it. A store made with the same settings is always kept and reused.
+        refusing it. A store made with the same settings is read whole first: kept and reused when intact,
+        rebuilt when damaged.
     rehash : bool, default=False
         Read every listed file again (by default a file whose size, mtime, inode and ctime are unchanged keeps
         its recorded sha256).

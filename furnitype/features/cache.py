@@ -120,7 +120,8 @@ class FeatureCache:
     meta : mapping
         Settings and provenance recorded in a store this run creates.
     overwrite : bool, default=False
-        Replace a store made with other settings, or a damaged one, at the first commit (until then it stays).
+        Replace a store made with other settings, or a damaged one (every row of a store with the same settings
+        is read to find out), at the first commit (until then it stays).
     """
 
     def __init__(self, path: str | os.PathLike, settings: Mapping, *, meta: Mapping, overwrite: bool = False):
