@@ -134,14 +134,39 @@ def lock_file(fd: int) -> bool:
     """
     if not hasattr(fcntl, "F_OFD_SETLK"):
         return True
-    request = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, _INODE_BYTE, 1, 0)
     try:
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, request)
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _byte_lock(fcntl.F_WRLCK))
     except OSError as err:
         if err.errno in (errno.EAGAIN, errno.EACCES):
             return False
         if err.errno not in (errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
             raise
+        return True
+    if not _flock_is_apart(fd):  # NFS makes an flock a lock of the whole file: the writer would lock itself out
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _byte_lock(fcntl.F_UNLCK))
+    return True
+
+
+def _byte_lock(kind: int) -> bytes:
+    """A ``struct flock`` for the byte ``_INODE_BYTE``."""
+    return struct.pack("hhqqi4x", kind, os.SEEK_SET, _INODE_BYTE, 1, 0)
+
+
+def _flock_is_apart(fd: int) -> bool:
+    """Whether an ``flock`` of the file open as ``fd`` ignores the byte lock just taken on it (it does, but file
+    systems that emulate ``flock`` with byte-range locks, as NFS does, make them conflict)."""
+    try:
+        probe = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(probe)
     return True
 
 
