@@ -241,21 +241,17 @@ def _check_csv(path: str | os.PathLike, overwrite: bool) -> Path:
 
 
 def _candidates(fs: FeatureSet, in_training: np.ndarray, run: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
-    """Rows that may be suggested (not training photos, each photo once, finite features), and notes."""
+    """Rows that may be suggested (not training photos, each photo once), and notes (a store's rows are finite:
+    ``load`` reports one that is not as damage)."""
     notes = []
     first_of_photo = np.zeros(len(fs), dtype=bool)
     first_of_photo[np.unique(fs.sha256, return_index=True)[1]] = True
     repeated = ~first_of_photo & ~in_training
     if repeated.any():
         notes.append(f"{int(repeated.sum())} rows repeat another row's photo; each photo is suggested once.")
-    finite = np.isfinite(fs.features).all(axis=1)
-    if not finite.all():
-        notes.append(f"{int((~finite).sum())} rows hold NaN or infinite features and are left out; extract them again.")
-    candidates = np.flatnonzero(first_of_photo & ~in_training & finite)
-    if len(candidates) == 0:
-        if in_training.all():
-            raise InputError(f"every photo of {fs.file} is already a training photo of run {run}; nothing to suggest.")
-        raise InputError(f"no photo of {fs.file} can be suggested: {' '.join(notes)}")
+    candidates = np.flatnonzero(first_of_photo & ~in_training)
+    if len(candidates) == 0:  # the first row of every photo is a training photo: all its rows are
+        raise InputError(f"every photo of {fs.file} is already a training photo of run {run}; nothing to suggest.")
     return candidates, notes
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 
+import h5py
 import numpy as np
 import pytest
 from PIL import Image
@@ -109,17 +110,15 @@ def test_a_photo_stored_twice_is_suggested_once(setup, tmp_path):
     assert "3 rows repeat another row's photo; each photo is suggested once." in result.notes
 
 
-def test_rows_with_nan_features_are_left_out_with_a_note(setup, tmp_path):
+def test_a_store_with_nan_rows_is_damaged_not_suggested_from(setup, tmp_path):
+    """furnitype never stores a row that is not finite (extract skips it, save refuses it): one is damage."""
     fs = store.load(setup["new"])
-    X = fs.features.copy()
-    X[[0, 5]] = np.nan
-    broken = write(tmp_path / "nan.h5", X, fs.sha256, paths=fs.paths)
+    broken = write(tmp_path / "nan.h5", fs.features, fs.sha256, paths=fs.paths)
+    with h5py.File(broken, "a") as h5:  # what another tool could write
+        h5["features"][5] = np.nan
 
-    result = suggest(setup["run"], broken, n=100)
-
-    assert {fs.paths[0], fs.paths[5]}.isdisjoint(s.path for s in result.suggestions)
-    assert len(result.suggestions) == 30
-    assert "2 rows hold NaN or infinite features and are left out; extract them again." in result.notes
+    with pytest.raises(StoreError, match=r"nan.h5 is damaged \(/features row 5 holds numbers that are not finite"):
+        suggest(setup["run"], broken, n=100)
 
 
 def test_cli_writes_the_csv_in_priority_order_and_extract_reads_it_back(setup, tmp_path):
@@ -324,14 +323,13 @@ def test_the_sheet_shows_the_photos_with_the_guesses(setup, tmp_path):
         assert np.any(np.all(np.abs(drawn.astype(int) - colour) < 30, axis=2))
 
 
-def test_no_usable_row_at_all_is_one_line(setup, tmp_path):
+def test_a_store_of_nan_rows_is_one_line(setup, tmp_path):
     fs = store.load(setup["new"])
-    broken = write(tmp_path / "all-nan.h5", np.full_like(fs.features[:3], np.nan), fs.sha256[:3])
+    broken = write(tmp_path / "all-nan.h5", fs.features[:3], fs.sha256[:3])
+    with h5py.File(broken, "a") as h5:
+        h5["features"][:] = np.nan
 
     result = invoke("suggest", setup["run"], broken, "--out", tmp_path / "x.csv")
 
-    assert result.exit_code == 2
-    assert result.output == (
-        f"Error: no photo of {broken} can be suggested: 3 rows hold NaN or infinite features and are left out; "
-        "extract them again.\n"
-    )
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert result.output.startswith(f"Error: {broken} is damaged (/features row 0 holds numbers that are not finite")
