@@ -133,7 +133,8 @@ def weights_label(weights: str | None) -> str:
 
 
 def _load_labelled(path, warn) -> store.FeatureSet:
-    """Load a feature file and keep its labelled rows; refuse an empty, unlabelled or non-finite one."""
+    """Load a feature file and keep its labelled rows; refuse an empty or unlabelled one (``load`` refuses one
+    holding features that are not finite: damage)."""
     fs = store.load(path)
     if len(fs) == 0:
         raise InputError(f"{path} is empty: it holds no photos.")
@@ -142,8 +143,6 @@ def _load_labelled(path, warn) -> store.FeatureSet:
         raise InputError(
             f"{path} has no labels; classify needs labelled photos (class folders or a manifest with labels)."
         )
-    if not np.isfinite(fs.features).all():
-        raise InputError(f"{path} holds NaN or infinite features; extract it again.")
     if not labelled.all():
         warn(f"{path}: {int((~labelled).sum())} unlabelled rows ignored.")
         fs = _subset(fs, labelled)
