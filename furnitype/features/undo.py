@@ -77,10 +77,11 @@ class UndoLog:
     def create(cls, path: Path, size: int) -> UndoLog:
         """Create ``path`` (never through a symbolic link, never over a file) for a file of ``size`` bytes.
 
-        Its header is written and fsynced under a temporary name (``.FILE.tmp-PID.undo``, removed by the next
-        writer if this one dies) and the file appears at ``path`` whole: an undo file cut short is damage.
+        Its header is written and fsynced under the name of the writer's temporary file (``.FILE.tmp-PID``, free
+        during a transaction; removed by the next writer if this one dies) and the file appears at ``path``
+        whole: an undo file cut short is damage.
         """
-        tmp = path.with_name(f".{path.name[: -len('.undo')]}.tmp-{os.getpid()}.undo")
+        tmp = path.with_name(f".{path.name[: -len('.undo')]}.tmp-{os.getpid()}")
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
