@@ -816,3 +816,26 @@ def test_furnitype_debug_shows_the_traceback_with_its_cause(tmp_path):
     assert quiet.returncode == debug.returncode == 1 and quiet.stderr.count("\n") == 1
     assert "Traceback" in debug.stderr and "OSError" in debug.stderr and "direct cause" in debug.stderr
     assert debug.stderr.endswith(quiet.stderr)
+
+
+def test_without_hard_links_the_undo_file_is_renamed_in_whole(tmp_path, monkeypatch):
+    """File systems without hard links (FAT, some network mounts) refuse link(): the header is renamed in."""
+    store = tmp_path / "s.h5"
+    append(str(store), 0, 8, 8)
+    seen = []
+
+    def no_link(source, target, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    real_rename = os.rename
+
+    def rename(source, target):
+        if str(target).endswith(".undo"):
+            seen.append(Path(target).read_bytes() if Path(target).exists() else len(Path(source).read_bytes()))
+        real_rename(source, target)
+
+    monkeypatch.setattr(os, "link", no_link)
+    monkeypatch.setattr(os, "rename", rename)
+    append(str(store), 100, 4, 4)
+    assert seen == [60]  # the whole header, never a shorter file under the undo name
+    assert _leftovers(tmp_path) == [] and _consistent(store) == 12
