@@ -33,12 +33,13 @@ READ_ERRORS = (OSError, KeyError, ValueError, RuntimeError, TypeError, IndexErro
 
 
 class DamagedStoreError(StoreError):
-    """A feature file (or its undo file) that is not what furnitype wrote: ``--overwrite`` rebuilds it."""
+    """A feature file (or its undo file) that is not what furnitype wrote. The message names no option: only
+    ``extract`` can rebuild it, and adds ``--overwrite rebuilds it`` itself."""
 
 
 def damaged(path: str | os.PathLike, reason: BaseException | str) -> StoreError:
-    """``X is damaged (reason); --overwrite rebuilds it``."""
-    return DamagedStoreError(f"{path} is damaged ({first_line(reason)}); --overwrite rebuilds it.")
+    """``X is damaged (reason).``"""
+    return DamagedStoreError(f"{path} is damaged ({first_line(reason)}).")
 
 
 
@@ -174,8 +175,7 @@ def open_store(
             except READ_ERRORS as err:
                 if "file signature not found" in str(err):
                     raise DamagedStoreError(
-                        f"{given} is not a readable HDF5 feature file (file signature not found); "
-                        "--overwrite replaces it."
+                        f"{given} is not a readable HDF5 feature file (file signature not found)."
                     ) from None
                 raise damaged(given, err) from None
             try:
