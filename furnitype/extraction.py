@@ -28,7 +28,7 @@ from furnitype.extract.pipeline import ExtractSpec, check_batching
 from furnitype.extract.settings import calibrated, recorded_settings, resolve_settings
 from furnitype.features.cache import NOT_UTF8, FeatureCache, Hashed
 from furnitype.features.view import DamagedStoreError
-from furnitype.outputs import refuse_inputs, refuse_photos, significant
+from furnitype.outputs import check_output, refuse_inputs, refuse_photos, significant
 
 #: ``extract``'s keyword form of an ``ExtractSpec`` (with their defaults) and of the Ray engine.
 SPEC_OPTIONS = {
@@ -186,7 +186,7 @@ def extract(
         label = label.strip()  # as a manifest's labels are
     if calibrate is not None and spec.precision != "int8":
         raise InputError(f"--calibrate is for --precision int8 only. Received: precision={spec.precision!r}")
-    out = Path(out or f"features-{spec.backbone}.h5")
+    out = check_output(out or f"features-{spec.backbone}.h5")
     refuse_inputs({"--out": out}, [p for p in (*inputs, manifest, calibrate) if p is not None])
     listing = list_images(inputs, manifest)
     refuse_photos({"--out": out}, _same_inode(listing, out))
