@@ -237,7 +237,7 @@ def report_runs(
     with building(out, kind=REPORT_KIND, overwrite=overwrite) as folder:
         if recorded is not None:
             write_mistakes(folder.path / MISTAKES_FILE, recorded)
-        write_report(document, folder.path, recorded)
+        write_report(document, folder.path, recorded, runs=folders)
         write_run_document(folder.path, document)
     return Run(Path(out), document)
 

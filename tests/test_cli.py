@@ -408,11 +408,11 @@ def test_an_output_never_replaces_a_photo_the_command_lists_reads_or_draws(made,
         (["suggest", made["run"], made["feats"], "--out", stored], stored, stored),
         (["report", run, "--mistakes", listed], listed, listed),
     ]
-    for args, output, photo in cases:
+    for args, output, read in cases:
         option = args[-2]
         for overwrite in ([], ["--overwrite"]):
             line = _one_line_error(invoke(*args, *overwrite), 2)
-            assert line == f"Error: {option} {output} is one of the photos this command reads ({photo}); choose " \
+            assert line == f"Error: {option} {output} is one of the photos this command reads ({read}); choose " \
                            "another path.", (args, overwrite)
     assert {path: path.read_bytes() for path in every} == before
 
