@@ -211,11 +211,19 @@ def replace_file(path: str | os.PathLike, data: bytes) -> Path:
 def write_replacing(path: Path, data: bytes | memoryview) -> None:
     """Write ``data`` to ``.NAME.tmp-PID`` beside ``path`` (never through a link), fsync it, rename it over
     ``path`` and fsync the folder: a reader sees the old file or the new one. On an ``OSError`` the temporary
-    file is removed and the error raised."""
+    file is removed and the error raised.
+
+    A ``.NAME.tmp-PID`` already there is a killed writer's that had this process's id (a restarted container
+    gives its processes the same ids): it is removed (a link as a link) and the file created anew.
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     created = False
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            fd = _create(tmp)
+        except FileExistsError:
+            tmp.unlink()
+            fd = _create(tmp)
         created = True
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -227,6 +235,10 @@ def write_replacing(path: Path, data: bytes | memoryview) -> None:
     finally:
         if created:
             tmp.unlink(missing_ok=True)
+
+
+def _create(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
 
 
 def fsync_folder(folder: str | os.PathLike) -> None:

@@ -469,6 +469,27 @@ def test_only_extract_suggests_overwrite_for_a_damaged_or_foreign_store(made, tm
                       "--overwrite").exit_code == 0
 
 
+def test_a_killed_writers_leftover_with_this_process_id_does_not_block_an_output(made, tmp_path):
+    """A restarted container gives its processes the ids they had before: the ``.NAME.tmp-PID`` a killed writer
+    left has this process's name. It is replaced (a link as a link), not a ``File exists`` for ever."""
+    photo = made["photos"] / "bed" / "bed_0.jpg"
+    out = tmp_path / "p.csv"
+    leftover = tmp_path / f".p.csv.tmp-{os.getpid()}"  # invoke runs in this process: its id
+    leftover.write_text("half a file")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+
+    result = invoke("predict", made["run"], photo, "--out", out, "-q")
+
+    assert result.exit_code == 0, result.output
+    assert out.read_text().startswith("path,label") and not leftover.exists()
+    leftover.symlink_to(victim)
+    result = invoke("predict", made["run"], photo, "--out", out, "-q", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert not os.path.lexists(leftover) and victim.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.csv", "victim.txt"]
+
+
 def test_every_command_makes_missing_parent_folders(made, tmp_path):
     new = tmp_path / "new"
     photo = made["photos"] / "chair" / "chair_1.jpg"

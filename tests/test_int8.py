@@ -326,6 +326,21 @@ def test_a_full_cache_folder_is_one_line(photos, tmp_path, monkeypatch):
     assert list((tmp_path / "cache" / "int8").iterdir()) == [] and not (tmp_path / "f.h5").exists()
 
 
+@pytest.mark.parametrize("under", ["", "sub"])
+def test_a_cache_folder_that_is_a_file_is_one_line_before_any_work(tmp_path, monkeypatch, under):
+    """Found when the network is written, it cost the whole quantization and said "free space there"."""
+    file = tmp_path / "file"
+    file.write_text("mine")
+    monkeypatch.setenv("FURNITYPE_CACHE_DIR", str(file / under))
+    nothing = tmp_path / "no-such"  # the inputs are missing: the cache is refused before they are looked at
+    result = run_cli("extract", nothing, "--weights", "none", "--image-size", 32, "--precision", "int8",
+                     "--out", tmp_path / "f.h5")
+    assert result.exit_code == 2
+    assert result.output == (f"Error: the int8 network cache {file / under / 'int8'} cannot be made: {file} is not a "
+                             "folder; set FURNITYPE_CACHE_DIR to a folder.\n")
+    assert file.read_text() == "mine"
+
+
 def test_the_ray_engine_runs_the_same_int8_network(photos, tmp_path, cache):
     ray = pytest.importorskip("ray")  # installed by `make test` (furnitype[ray]); see tests/test_ray_engine.py
     local = load(extract([photos], **SMALL, precision="int8", out=tmp_path / "local.h5").out)
