@@ -6,6 +6,7 @@ and how it changes is the ``FeatureCache`` (``furnitype.features.cache``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -189,7 +190,7 @@ def extract(
     out = check_output(out or f"features-{spec.backbone}.h5")
     refuse_inputs({"--out": out}, [p for p in (*inputs, manifest, calibrate) if p is not None])
     listing = list_images(inputs, manifest)
-    refuse_photos({"--out": out}, _same_inode(listing, out))
+    refuse_photos({"--out": out}, _photos_read(listing, out, calibrate))
     cache = FeatureCache(out, settings, meta=_provenance(spec, settings), overwrite=overwrite)
     try:
         with _rebuild_hint(overwrite), cache:
@@ -241,14 +242,18 @@ def _plan(
     return spec, cache.todo()
 
 
-def _same_inode(listing: Listing, out: Path) -> list[str]:
-    """The listed files that may be ``out`` (same inode and size; ``refuse_photos`` compares the files)."""
+def _photos_read(listing: Listing, out: Path, calibrate: str | os.PathLike | None) -> Iterator[str]:
+    """The photos that may be ``out`` (``refuse_photos`` compares the files): the listed ones with its inode and
+    size, and those of a ``calibrate`` folder."""
     try:
-        st = os.stat(out)
-    except OSError:
-        return []
-    same = (listing.stats[:, 2] == st.st_ino) & (listing.stats[:, 0] == st.st_size)
-    return [listing.paths[i] for i in np.flatnonzero(same)]
+        found = os.stat(out)
+    except OSError:  # gone since refuse_photos looked
+        return
+    same = (listing.stats[:, 2] == found.st_ino) & (listing.stats[:, 0] == found.st_size)
+    yield from (listing.paths[i] for i in np.flatnonzero(same))
+    if calibrate is not None and os.path.isdir(calibrate):
+        with contextlib.suppress(InputError):  # no photos there: said when calibrating
+            yield from list_images([calibrate]).paths
 
 
 @contextmanager

@@ -398,8 +398,11 @@ def test_an_output_never_replaces_a_photo_the_command_lists_reads_or_draws(made,
     weights = ["--weights", made["weights"], "--image-size", "32", "-q"]
     every = [*photos.rglob("*.jpg"), *made["photos"].rglob("*.jpg")]
     before = {path: path.read_bytes() for path in every}
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text(f"path,label\n{listed},bed\n")
     cases = [
         (["extract", photos, *weights, "--out", listed], listed, listed),
+        (["extract", "--manifest", manifest, *weights, "--out", listed], listed, listed),
         (["extract", photos, *weights, "--out", link], link, photos / "chair" / "chair_1.jpg"),
         (["predict", made["run"], photos, "--out", listed], listed, listed),
         (["similar", made["feats"], photos, "--sheet", listed], listed, listed),

@@ -341,6 +341,19 @@ def test_a_cache_folder_that_is_a_file_is_one_line_before_any_work(tmp_path, mon
     assert file.read_text() == "mine"
 
 
+def test_the_out_is_never_a_calibration_photo(photos, tmp_path):
+    """A calibration photo is read too: an --out that is one is refused before the work, --overwrite or not."""
+    calibrate = shutil.copytree(photos, tmp_path / "calibrate")
+    photo_file = calibrate / "bed" / "bed_0.jpg"
+    before = photo_file.read_bytes()
+    result = run_cli("extract", photos / "chair", "--weights", "none", "--image-size", 32, "--precision", "int8",
+                     "--calibrate", calibrate, "--out", photo_file, "--overwrite")
+    assert result.exit_code == 2
+    assert result.output == (f"Error: --out {photo_file} is one of the photos this command reads ({photo_file}); "
+                             "choose another path.\n")
+    assert photo_file.read_bytes() == before
+
+
 def test_the_ray_engine_runs_the_same_int8_network(photos, tmp_path, cache):
     ray = pytest.importorskip("ray")  # installed by `make test` (furnitype[ray]); see tests/test_ray_engine.py
     local = load(extract([photos], **SMALL, precision="int8", out=tmp_path / "local.h5").out)
