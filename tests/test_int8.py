@@ -15,6 +15,7 @@ import pytest
 
 from furnitype.errors import FurnitypeError, InputError, SettingsMismatchError
 from furnitype.extract import int8, pipeline
+from furnitype.extract.backbones import weights_identity
 from furnitype.extract.pipeline import ExtractSpec, feature_batches
 from furnitype.extract.settings import spec_for
 from furnitype.extraction import extract
@@ -339,6 +340,18 @@ def test_a_cache_folder_that_is_a_file_is_one_line_before_any_work(tmp_path, mon
     assert result.output == (f"Error: the int8 network cache {file / under / 'int8'} cannot be made: {file} is not a "
                              "folder; set FURNITYPE_CACHE_DIR to a folder.\n")
     assert file.read_text() == "mine"
+
+
+def test_int8_features_of_a_run_or_store_with_a_cache_folder_that_is_a_file_are_refused_first(tmp_path, monkeypatch):
+    """``predict`` and ``similar`` check the cache folder when they read the settings, before any work."""
+    file = tmp_path / "file"
+    file.write_text("mine")
+    monkeypatch.setenv("FURNITYPE_CACHE_DIR", str(file))
+    settings = {"backbone": "vgg16", "weights": weights_identity("none"), "pooling": "avg", "image_size": 32,
+                "interpolation": "bilinear", "precision": "int8", "decode": "exact", "store_dtype": "float32",
+                "quantization": "unused"}
+    with pytest.raises(InputError, match=rf"^the int8 network cache {file / 'int8'} cannot be made: {file} is not"):
+        spec_for(settings, weights="none", calibration_photos="[]")
 
 
 def test_the_out_is_never_a_calibration_photo(photos, tmp_path):
