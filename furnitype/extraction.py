@@ -23,7 +23,7 @@ from tqdm import tqdm
 from furnitype import __version__
 from furnitype.engines import BatchSource, batch_source
 from furnitype.errors import InputError, Interrupted
-from furnitype.extract.backbones import check_memory, get_backbone
+from furnitype.extract.backbones import check_memory, get_backbone, weights_files
 from furnitype.extract.images import ImageDecodeError, Listing, bad_label, hash_file, list_images
 from furnitype.extract.pipeline import ExtractSpec, check_batching
 from furnitype.extract.settings import calibrated, recorded_settings, resolve_settings
@@ -188,7 +188,8 @@ def extract(
     if calibrate is not None and spec.precision != "int8":
         raise InputError(f"--calibrate is for --precision int8 only. Received: precision={spec.precision!r}")
     out = check_output(out or f"features-{spec.backbone}.h5")
-    refuse_inputs({"--out": out}, [p for p in (*inputs, manifest, calibrate) if p is not None])
+    refuse_inputs({"--out": out}, [*(p for p in (*inputs, manifest, calibrate) if p is not None),
+                                   *weights_files(spec.weights)])
     listing = list_images(inputs, manifest)
     refuse_photos({"--out": out}, _photos_read(listing, out, calibrate))
     cache = FeatureCache(out, settings, meta=_provenance(spec, settings), overwrite=overwrite)

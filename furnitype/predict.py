@@ -26,7 +26,7 @@ from furnitype.classify.metadata import METRICS_FILE
 from furnitype.classify.run import damaged, load_model
 from furnitype.classify.runfiles import Damage
 from furnitype.errors import InputError
-from furnitype.extract.backbones import check_memory, get_backbone
+from furnitype.extract.backbones import check_memory, get_backbone, weights_files
 from furnitype.extract.images import ImageFile, list_images
 from furnitype.extract.pipeline import check_batching, feature_batches
 from furnitype.extract.settings import as_stored, spec_for
@@ -223,7 +223,7 @@ def predict(
     check_batching(batch_size, workers)
     if out is not None:
         check_output(out)
-        refuse_inputs({"--out": out}, images, kept=[run])
+        refuse_inputs({"--out": out}, [*images, *weights_files(weights)], kept=[run])
     files = _listing(images)
     refuse_photos({"--out": out}, (f.path for f in files))
     refuse_existing({"--out": out}, overwrite=overwrite)
@@ -235,6 +235,7 @@ def predict(
         calibration_photos=loaded.meta.get("calibration_photos"),
         what=f"run {run}'s {loaded.features} features",
     )
+    refuse_inputs({"--out": out}, weights_files(spec.weights))  # the weights file the run records
     check_memory(get_backbone(spec.backbone), spec.image_size, batch_size)
     top_k = min(top_k, len(loaded.classes))
     classes = np.array(loaded.classes)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from furnitype.errors import InputError
+from furnitype.extract.backbones import weights_files
 from furnitype.extract.images import ImageDecodeError, list_images, sha256_file
 from furnitype.extract.pipeline import check_batching
 from furnitype.features.index import CosineIndex
@@ -257,6 +258,7 @@ def similar(
         check_output(sheet)
         refuse_inputs({"--sheet": sheet}, [features, *queries])
     index = SimilarIndex.open(features)
+    refuse_inputs({"--sheet": sheet}, weights_files(weights, index.feature_set.meta.get("weights_source")))
     # Every photo the sheet may draw: the queries and the stored photos (their neighbours).
     refuse_photos({"--sheet": sheet}, itertools.chain(_query_files(queries), index.feature_set.paths))
     refuse_existing({"--sheet": sheet}, overwrite=overwrite)

@@ -358,7 +358,9 @@ def test_an_output_never_replaces_an_input_or_another_output(made, tmp_path):
     link = tmp_path / "link.h5"
     link.symlink_to(feats)
     run, metrics = made["run"], made["run"] / "metrics.json"
-    before = {path: path.read_bytes() for path in (feats, query, metrics)}
+    weights = tmp_path / "vgg16.weights.h5"
+    weights.write_bytes(made["weights"].read_bytes())
+    before = {path: path.read_bytes() for path in (feats, query, metrics, weights, made["weights"])}
     csv_out = tmp_path / "to-label.csv"
     cases = [
         (["similar", feats, query, "--sheet", feats], f"--sheet {feats} is one of the inputs"),
@@ -370,6 +372,13 @@ def test_an_output_never_replaces_an_input_or_another_output(made, tmp_path):
         (["suggest", run, feats, "--out", csv_out, "--sheet", csv_out], f"--sheet {csv_out} is also --out"),
         (["report", run, "--mistakes", metrics], f"--mistakes {metrics} would replace a file of {run}"),
         (["extract", query, "--weights", "none", "--out", query, "--overwrite"], f"--out {query} is one of the inputs"),
+        # the weights file is read too: given, or the one the run or store records
+        (["extract", query, "--weights", weights, "--image-size", "32", "--out", weights, "--overwrite"],
+         f"--out {weights} is one of the inputs"),
+        (["predict", run, query, "--weights", weights, "--out", weights, "--overwrite"],
+         f"--out {weights} is one of the inputs"),
+        (["predict", run, query, "--out", made["weights"], "--overwrite"], f"--out {made['weights']} is one of the"),
+        (["similar", feats, query, "--sheet", made["weights"], "--overwrite"], f"--sheet {made['weights']} is one"),
     ]
     for args, message in cases:
         assert _one_line_error(invoke(*args), 2).startswith(f"Error: {message}"), args
