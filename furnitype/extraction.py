@@ -190,10 +190,10 @@ def extract(
     out = check_output(out or f"features-{spec.backbone}.h5")
     refuse_inputs({"--out": out}, [*(p for p in (*inputs, manifest, calibrate) if p is not None),
                                    *weights_files(spec.weights)])
-    listing = list_images(inputs, manifest)
-    refuse_photos({"--out": out}, _photos_read(listing, out, calibrate))
     cache = FeatureCache(out, settings, meta=_provenance(spec, settings), overwrite=overwrite)
     try:
+        listing = list_images(inputs, manifest)
+        refuse_photos({"--out": out}, _photos_read(listing, out, calibrate))
         with _rebuild_hint(overwrite), cache:
             spec, todo = _plan(
                 cache, spec, settings, listing, label=label, rehash=rehash, calibrate=calibrate, progress=progress
