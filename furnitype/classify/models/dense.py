@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 import zipfile
 from pathlib import Path
@@ -176,8 +177,8 @@ class DenseModel(FeatureClassifier):
     def _load_payload(self, directory: Path) -> None:
         keras = _keras()
         path = file_inside(directory, self.payload)
-        try:
-            with open(path, "rb") as fh:  # a regular file inside the run (``file_inside``)
+        try:  # non-blocking: a FIFO put there since ``file_inside`` looked must not make this wait
+            with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as fh:
                 archive = zipfile.is_zipfile(fh)
         except OSError as err:
             raise StoreError(f"cannot read {path}: {err.strerror or err}") from None
