@@ -379,7 +379,8 @@ def classify(features, models, test_files, test_size, val_size, cv, seed, class_
 @cli.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False, readable=False))
 @out_option("Write the (merged) report files into this folder.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing report at --out (never a run).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing report at --out (never a run), and an existing --mistakes file.")
 @click.option("--mistakes", type=click.Path(readable=False),
               help="Write the misclassified test photos and possible label errors as CSV.")
 @json_option()
@@ -426,10 +427,12 @@ def _print_run(run, as_json: bool) -> None:
 @weights_option("Backbone weights file.  [default: the one recorded with the run's features]")
 @batch_options()
 @out_option("Write the predictions as CSV (the table is then not printed).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 @quiet_option("No progress bar, progress lines or summary line.")
 @json_option("Print the predictions as a JSON list (progress stays on stderr).")
 @api_command
-def predict(run, images, model, feature_set, top_k, weights, batch_size, workers, out, quiet, as_json) -> None:
+def predict(run, images, model, feature_set, top_k, weights, batch_size, workers, out, overwrite, quiet,
+            as_json) -> None:
     """Label new photos with a model of a run, extracting them exactly as the run's features were made.
 
     IMAGES are files or folders (walked like extract); rows come in the order given. The backbone, weights,
@@ -445,7 +448,7 @@ def predict(run, images, model, feature_set, top_k, weights, batch_size, workers
     from furnitype.predict import predict as run_predict
 
     result = run_predict(run, images, model=model, features=feature_set, top_k=top_k, weights=weights,
-                         batch_size=batch_size, workers=workers, out=out, progress=not quiet)
+                         batch_size=batch_size, workers=workers, out=out, overwrite=overwrite, progress=not quiet)
     if as_json:
         _print_json([p.as_dict() for p in result.predictions])
         return
@@ -460,7 +463,7 @@ def predict(run, images, model, feature_set, top_k, weights, batch_size, workers
 @click.argument("features", type=click.Path(dir_okay=False, readable=False))
 @click.option("--n", "-n", "n", default=40, show_default=True, type=int, help="Photos to suggest.")
 @out_option("The CSV to correct: path,label,probability,label_2,probability_2,sha256.", default="to-label.csv")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out or --sheet file.")
 @click.option("--sheet", type=click.Path(readable=False), help="Draw the photos with the model's guesses (PNG).")
 @json_option()
 @api_command
@@ -498,12 +501,14 @@ def suggest(run, features, n, out, overwrite, sheet, as_json) -> None:
 @top_k_option("Neighbours per query.", default=5)
 @click.option("--exclude-self", is_flag=True, help="Leave a stored query's own row out of its neighbours.")
 @click.option("--sheet", type=click.Path(readable=False), help="Draw a contact sheet PNG of the results.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --sheet file.")
 @weights_option("Weights for new photos.  [default: the one recorded in FEATURES]")
 @batch_options()
 @quiet_option("No progress lines on stderr.")
 @json_option("Print the results as a JSON list.")
 @api_command
-def similar(features, queries, top_k, exclude_self, sheet, weights, batch_size, workers, quiet, as_json) -> None:
+def similar(features, queries, top_k, exclude_self, sheet, overwrite, weights, batch_size, workers, quiet,
+            as_json) -> None:
     """Find the stored photos that look most like each query photo (cosine distance of their features).
 
     A QUERY already in FEATURES (same path or same content) uses its stored row and finds itself first, at
@@ -518,7 +523,7 @@ def similar(features, queries, top_k, exclude_self, sheet, weights, batch_size, 
     from furnitype.similar import similar as run_similar
 
     matches = run_similar(features, queries, k=top_k, exclude_self=exclude_self, weights=weights,
-                          batch_size=batch_size, workers=workers, sheet=sheet)
+                          batch_size=batch_size, workers=workers, sheet=sheet, overwrite=overwrite)
     if as_json:
         _print_json([m.as_dict() for m in matches])
         return

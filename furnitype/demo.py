@@ -115,7 +115,7 @@ def adapt_to_new_source(folder: Path, weights: str) -> None:
     new, train, to_label = folder / "new-source-vgg16.h5", folder / "features-vgg16.h5", folder / "to-label.csv"
     _run(["extract", str(source), "--weights", weights, "--out", str(new), "--overwrite"])
     _run(["predict", str(folder / "run"), str(source), "--features", "features-vgg16", "--out",
-          str(folder / "new-source-predictions.csv")])
+          str(folder / "new-source-predictions.csv"), "--overwrite"])
     _run(["suggest", str(folder / "run"), str(new), "--n", "8", "--out", str(to_label), "--overwrite",
           "--sheet", str(folder / "to-label.png")])
     _label_by_folder(to_label)
@@ -139,9 +139,9 @@ def main(folder: Path, weights_vgg16: str, weights_inception: str) -> None:
         features = [str(folder / "features-vgg16.h5"), str(folder / "features-inception.h5")]
         _run(["classify", *features, "--out", str(folder / "run"), "--overwrite", "--cv", "3"])
         fresh = draw_catalogue(folder / "new-photos", per_class=2, seed=1)
-        _run(["predict", str(folder / "run"), str(fresh), "--out", str(folder / "predictions.csv")])
+        _run(["predict", str(folder / "run"), str(fresh), "--out", str(folder / "predictions.csv"), "--overwrite"])
         query = str(fresh / "lamp" / "lamp_00.jpg")
-        _run(["similar", features[0], query, "--k", "5", "--sheet", str(folder / "similar.png")])
+        _run(["similar", features[0], query, "--k", "5", "--sheet", str(folder / "similar.png"), "--overwrite"])
         adapt_to_new_source(folder, vgg16_weights)
     except click.ClickException as err:
         err.show()

@@ -6,26 +6,30 @@ and how it changes is the ``FeatureCache`` (``furnitype.features.cache``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from furnitype import __version__
 from furnitype.engines import BatchSource, batch_source
 from furnitype.errors import InputError, Interrupted
-from furnitype.extract.backbones import check_memory, get_backbone
+from furnitype.extract.backbones import check_memory, get_backbone, weights_files
 from furnitype.extract.images import ImageDecodeError, Listing, bad_label, hash_file, list_images
 from furnitype.extract.pipeline import ExtractSpec, check_batching
 from furnitype.extract.settings import calibrated, recorded_settings, resolve_settings
 from furnitype.features.cache import NOT_UTF8, FeatureCache, Hashed
-from furnitype.outputs import refuse_inputs, significant
+from furnitype.features.view import DamagedStoreError
+from furnitype.outputs import check_output, refuse_inputs, refuse_photos, significant
 
 #: ``extract``'s keyword form of an ``ExtractSpec`` (with their defaults) and of the Ray engine.
 SPEC_OPTIONS = {
@@ -184,15 +188,18 @@ def extract(
         label = label.strip()  # as a manifest's labels are
     if calibrate is not None and spec.precision != "int8":
         raise InputError(f"--calibrate is for --precision int8 only. Received: precision={spec.precision!r}")
-    out = Path(out or f"features-{spec.backbone}.h5")
-    refuse_inputs({"--out": out}, [p for p in (*inputs, manifest, calibrate) if p is not None])
+    out = check_output(out or f"features-{spec.backbone}.h5")
+    refuse_inputs({"--out": out}, [*(p for p in (*inputs, manifest, calibrate) if p is not None),
+                                   *weights_files(spec.weights)])
     cache = FeatureCache(out, settings, meta=_provenance(spec, settings), overwrite=overwrite)
     try:
-        with cache:
+        listing = list_images(inputs, manifest)
+        refuse_photos({"--out": out}, _photos_read(listing, out, calibrate))
+        with _rebuild_hint(overwrite), cache:
             spec, todo = _plan(
-                cache, spec, settings, inputs, manifest, label=label, rehash=rehash, calibrate=calibrate,
-                progress=progress,
+                cache, spec, settings, listing, label=label, rehash=rehash, calibrate=calibrate, progress=progress
             )
+            del listing  # the cache has let go of it too: the network's memory comes on top of what is left
             bar = tqdm(
                 total=len(todo),
                 unit="img",
@@ -225,18 +232,41 @@ def extract(
 
 
 def _plan(
-    cache: FeatureCache, spec: ExtractSpec, settings: dict, inputs, manifest, *, label, rehash, calibrate, progress
+    cache: FeatureCache, spec: ExtractSpec, settings: dict, listing: Listing, *, label, rehash, calibrate, progress
 ) -> tuple[ExtractSpec, list[str]]:
-    """List, compare with the store, hash what changed: the spec (int8: with its quantized network) and the paths
-    the network must see. The listing, which grows with the catalogue, is freed before the network's memory
-    comes on top."""
-    listing = list_images(inputs, manifest)
+    """Compare the listing with the store, hash what changed: the spec (int8: with its quantized network) and the
+    paths the network must see."""
     if spec.precision == "int8":  # the quantized network is part of the settings: made (or found) now
         spec, settings = calibrated(spec, settings, listing.paths, calibrate=calibrate, store=cache.real)
         cache.require(settings, meta=_provenance(spec, settings))
     to_hash = cache.compare(listing, label=label, rehash=rehash)
     cache.hashed(_hash_all(listing, to_hash, progress))
     return spec, cache.todo()
+
+
+def _photos_read(listing: Listing, out: Path, calibrate: str | os.PathLike | None) -> Iterator[str]:
+    """The photos that may be ``out`` (``refuse_photos`` compares the files): the listed ones with its inode and
+    size, and those of a ``calibrate`` folder."""
+    try:
+        found = os.stat(out)
+    except OSError:  # gone since refuse_photos looked
+        return
+    same = (listing.stats[:, 2] == found.st_ino) & (listing.stats[:, 0] == found.st_size)
+    yield from (listing.paths[i] for i in np.flatnonzero(same))
+    if calibrate is not None and os.path.isdir(calibrate):
+        with contextlib.suppress(InputError):  # no photos there: said when calibrating
+            yield from list_images([calibrate]).paths
+
+
+@contextmanager
+def _rebuild_hint(overwrite: bool) -> Iterator[None]:
+    """A damaged store's message, with what rebuilds it: ``--overwrite`` (when not given already)."""
+    try:
+        yield
+    except DamagedStoreError as err:
+        if overwrite:
+            raise
+        raise DamagedStoreError(f"{str(err).rstrip('.')}; --overwrite rebuilds it.") from err
 
 
 def _spec(spec: ExtractSpec | None, store_dtype: str, options: dict) -> tuple[ExtractSpec, dict]:

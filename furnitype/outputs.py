@@ -5,7 +5,10 @@ The rules (docs/cli.md, "Conventions"):
 - An output is checked before anything is computed (``check_output``): a file output must not be a folder, a
   folder output must not be a file, and the nearest existing folder above it must be writable.
 - An output never replaces what the command reads, nor another output of the same command
-  (``refuse_inputs``): a feature file, a photo, a file of a run.
+  (``refuse_inputs``): a feature file, a file of a run, a photo it lists, reads or draws (``refuse_photos``,
+  compared by the file, links followed), even with ``--overwrite``.
+- An existing file is replaced only with ``--overwrite`` (``refuse_existing``); a feature store without it is
+  added to, not replaced.
 - Missing parent folders of an output are created when it is written, by every command.
 - A file is written beside its final place and renamed over it (``replace_file``), so a failed or
   interrupted write leaves the previous file as it was.
@@ -17,6 +20,7 @@ The rules (docs/cli.md, "Conventions"):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from collections.abc import Iterable, Mapping
@@ -128,6 +132,51 @@ def refuse_inputs(
                 raise InputError(f"{option} {path} would replace a file of {folder}; choose another path.")
 
 
+def refuse_photos(outputs: Mapping[str, str | os.PathLike | None], photos: Iterable[str | os.PathLike]) -> None:
+    """Refuse outputs that are one of ``photos``, the files the command lists, reads or draws.
+
+    Outputs are compared with the photos as files (device and inode, symbolic links followed), so a link to a
+    photo and a photo listed through a link are caught. ``photos`` is only iterated when an output exists (an
+    output that does not exist replaces nothing), so it may be a generator that lists folders.
+
+    Raises
+    ------
+    InputError
+        An output is one of the photos.
+    """
+    existing = {}
+    for option, path in outputs.items():
+        if path is not None:
+            with contextlib.suppress(OSError, ValueError):
+                found = os.stat(path)
+                existing[(found.st_dev, found.st_ino)] = (option, path)
+    if not existing:
+        return
+    for photo in photos:
+        try:
+            found = os.stat(photo)
+        except (OSError, ValueError):
+            continue
+        if (found.st_dev, found.st_ino) in existing:
+            option, path = existing[(found.st_dev, found.st_ino)]
+            raise InputError(f"{option} {path} is one of the photos this command reads ({photo}); choose another "
+                             "path.")
+
+
+def refuse_existing(outputs: Mapping[str, str | os.PathLike | None], *, overwrite: bool) -> None:
+    """Refuse to replace an existing file (or link) at an output unless ``overwrite``; check inputs first
+    (``refuse_inputs``, ``refuse_photos``), which ``overwrite`` never replaces.
+
+    Raises
+    ------
+    InputError
+        An output exists and ``overwrite`` is not set.
+    """
+    for option, path in outputs.items():
+        if path is not None and not overwrite and os.path.lexists(path):
+            raise InputError(f"{path} already exists; choose another {option}, or --overwrite to replace it.")
+
+
 def make_parents(path: str | os.PathLike) -> Path:
     """Create the missing folders above ``path``; ``InputError`` when that fails."""
     path = Path(path)
@@ -162,11 +211,19 @@ def replace_file(path: str | os.PathLike, data: bytes) -> Path:
 def write_replacing(path: Path, data: bytes | memoryview) -> None:
     """Write ``data`` to ``.NAME.tmp-PID`` beside ``path`` (never through a link), fsync it, rename it over
     ``path`` and fsync the folder: a reader sees the old file or the new one. On an ``OSError`` the temporary
-    file is removed and the error raised."""
+    file is removed and the error raised.
+
+    A ``.NAME.tmp-PID`` already there is a killed writer's that had this process's id (a restarted container
+    gives its processes the same ids): it is removed (a link as a link) and the file created anew.
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     created = False
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            fd = _create(tmp)
+        except FileExistsError:
+            tmp.unlink()
+            fd = _create(tmp)
         created = True
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -178,6 +235,10 @@ def write_replacing(path: Path, data: bytes | memoryview) -> None:
     finally:
         if created:
             tmp.unlink(missing_ok=True)
+
+
+def _create(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
 
 
 def fsync_folder(folder: str | os.PathLike) -> None:

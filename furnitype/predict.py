@@ -26,11 +26,11 @@ from furnitype.classify.metadata import METRICS_FILE
 from furnitype.classify.run import damaged, load_model
 from furnitype.classify.runfiles import Damage
 from furnitype.errors import InputError
-from furnitype.extract.backbones import check_memory, get_backbone
+from furnitype.extract.backbones import check_memory, get_backbone, weights_files
 from furnitype.extract.images import ImageFile, list_images
 from furnitype.extract.pipeline import check_batching, feature_batches
 from furnitype.extract.settings import as_stored, spec_for
-from furnitype.outputs import check_output, refuse_inputs, replace_file, significant
+from furnitype.outputs import check_output, refuse_existing, refuse_inputs, refuse_photos, replace_file, significant
 
 
 @dataclass(frozen=True)
@@ -128,10 +128,12 @@ class PredictResult:
         ranked = [f"{name}_{i}" for i in range(1, self.top_k + 1) for name in ("label", "probability")]
         return ["path", "label", "probability", *ranked, "given_label", "sha256", "error"]
 
-    def write_csv(self, path: str | os.PathLike) -> Path:
+    def write_csv(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the predictions as CSV (columns: ``csv_columns()``; an empty cell where there is no value,
-        probabilities with 6 significant digits); returns the path."""
-        path = Path(path)
+        probabilities with 6 significant digits), replacing an existing ``path`` only with ``overwrite``;
+        returns the path."""
+        path = check_output(path)
+        refuse_existing({"--out": path}, overwrite=overwrite)
         text = io.StringIO()
         writer = csv.writer(text)
         writer.writerow(self.csv_columns())
@@ -168,6 +170,7 @@ def predict(
     batch_size: int = 32,
     workers: int | None = None,
     out: str | os.PathLike | None = None,
+    overwrite: bool = False,
     progress: bool = False,
 ) -> PredictResult:
     """Label photos with a model of a run, extracting their features exactly as the run's features were made.
@@ -193,7 +196,10 @@ def predict(
     workers : int, default=None
         Decoding threads (None: up to 4).
     out : path, default=None
-        Also write the predictions as CSV there (``PredictResult.write_csv``); checked before any work.
+        Also write the predictions as CSV there (``PredictResult.write_csv``); checked before any work. Never
+        one of the photos.
+    overwrite : bool, default=False
+        Replace an existing ``out`` file.
     progress : bool, default=False
         Show a progress bar on stderr.
 
@@ -217,7 +223,10 @@ def predict(
     check_batching(batch_size, workers)
     if out is not None:
         check_output(out)
-        refuse_inputs({"--out": out}, images, kept=[run])
+        refuse_inputs({"--out": out}, [*images, *weights_files(weights)], kept=[run])
+    files = _listing(images)
+    refuse_photos({"--out": out}, (f.path for f in files))
+    refuse_existing({"--out": out}, overwrite=overwrite)
     loaded = load_model(run, None if model in (None, "best") else model, features=features)
     spec = spec_for(
         loaded.settings,
@@ -226,8 +235,8 @@ def predict(
         calibration_photos=loaded.meta.get("calibration_photos"),
         what=f"run {run}'s {loaded.features} features",
     )
+    refuse_inputs({"--out": out}, weights_files(spec.weights))  # the weights file the run records
     check_memory(get_backbone(spec.backbone), spec.image_size, batch_size)
-    files = _listing(images)
     top_k = min(top_k, len(loaded.classes))
     classes = np.array(loaded.classes)
     labels = {f.path: f.label for f in files}
@@ -261,7 +270,7 @@ def predict(
         seconds=time.perf_counter() - started,
     )
     if out is not None:
-        result.write_csv(out)
+        result.write_csv(out, overwrite=overwrite)
     return result
 
 

@@ -11,18 +11,21 @@ content, stored under other paths, are ordinary neighbours at distance 0.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from furnitype.errors import InputError
+from furnitype.extract.backbones import weights_files
 from furnitype.extract.images import ImageDecodeError, list_images, sha256_file
 from furnitype.extract.pipeline import check_batching
 from furnitype.features.index import CosineIndex
 from furnitype.features.store import FeatureSet, load
-from furnitype.outputs import check_output, refuse_inputs, significant
+from furnitype.outputs import check_output, refuse_existing, refuse_inputs, refuse_photos, significant
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,7 @@ def similar(
     batch_size: int = 32,
     workers: int | None = None,
     sheet: str | os.PathLike | None = None,
+    overwrite: bool = False,
 ) -> list[Match]:
     """The ``k`` stored photos nearest to each query photo, by cosine distance of their features.
 
@@ -241,7 +245,9 @@ def similar(
         Decoding threads for new queries (None: up to 4).
     sheet : path, default=None
         Also draw the results as a contact sheet PNG there (``furnitype.reports.sheet``); checked before any
-        work.
+        work. Never one of the photos (a query, a stored photo).
+    overwrite : bool, default=False
+        Replace an existing ``sheet`` file.
 
     Returns
     -------
@@ -252,6 +258,10 @@ def similar(
         check_output(sheet)
         refuse_inputs({"--sheet": sheet}, [features, *queries])
     index = SimilarIndex.open(features)
+    refuse_inputs({"--sheet": sheet}, weights_files(weights, index.feature_set.meta.get("weights_source")))
+    # Every photo the sheet may draw: the queries and the stored photos (their neighbours).
+    refuse_photos({"--sheet": sheet}, itertools.chain(_query_files(queries), index.feature_set.paths))
+    refuse_existing({"--sheet": sheet}, overwrite=overwrite)
     matches = index.search(
         queries, k=k, exclude_self=exclude_self, weights=weights, batch_size=batch_size, workers=workers
     )
@@ -262,3 +272,13 @@ def similar(
         title = f"{features}: {len(index.feature_set):,} photos, {meta.get('backbone')} {meta.get('pooling')}"
         contact_sheet(matches, sheet, title=title)
     return matches
+
+
+def _query_files(queries: Sequence[str | os.PathLike]) -> Iterator[str]:
+    """The files ``queries`` name, folders walked (as ``SimilarIndex.search`` walks them)."""
+    for given in queries:
+        if os.path.isdir(given):
+            with contextlib.suppress(InputError):  # a folder without photos: ``search`` says so
+                yield from list_images([given]).paths
+        else:
+            yield os.fspath(given)

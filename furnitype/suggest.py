@@ -23,7 +23,7 @@ from furnitype.classify.run import LoadedModel, load_model, load_run, training_p
 from furnitype.classify.selection import labelling_order
 from furnitype.errors import InputError, SettingsMismatchError
 from furnitype.features.store import SETTING_KEYS, FeatureSet, load
-from furnitype.outputs import check_output, refuse_inputs, replace_file, significant
+from furnitype.outputs import check_output, refuse_existing, refuse_inputs, refuse_photos, replace_file, significant
 from furnitype.reports.sheet import labelling_sheet
 
 #: The columns of the CSV ``suggest`` writes, in order.
@@ -161,9 +161,11 @@ def suggest(
         Also write the CSV there (``SuggestResult.write_csv``); an existing file is replaced only with
         ``overwrite``.
     overwrite : bool, default=False
+        Replace an existing ``out`` or ``sheet`` file.
     sheet : path, default=None
         Also draw the suggested photos with the model's guesses there, as a PNG
-        (``furnitype.reports.sheet.labelling_sheet``). ``out`` and ``sheet`` are checked before any work.
+        (``furnitype.reports.sheet.labelling_sheet``). ``out`` and ``sheet`` are checked before any work; neither
+        is ever one of the photos of ``features``.
 
     Returns
     -------
@@ -182,12 +184,16 @@ def suggest(
     started = time.perf_counter()
     if n < 1:
         raise InputError(f"n must be at least 1. Received: n={n}")
+    outputs = {"--out": out, "--sheet": sheet}
+    for path in (out, sheet):
+        if path is not None:
+            check_output(path)
+    refuse_inputs(outputs, [features], kept=[run])
+    fs = load(features)
+    refuse_photos(outputs, fs.paths)  # the photos suggested, listed and drawn, are among them
     if out is not None:
         _check_csv(out, overwrite)
-    if sheet is not None:
-        check_output(sheet)
-    refuse_inputs({"--out": out, "--sheet": sheet}, [features], kept=[run])
-    fs = load(features)
+    refuse_existing({"--sheet": sheet}, overwrite=overwrite)
     if len(fs) == 0:
         raise InputError(f"{features} is empty: it holds no photos.")
     loaded = _model_for(run, fs)

@@ -45,7 +45,7 @@ from furnitype.classify.run import (
     write_split,
 )
 from furnitype.errors import InputError
-from furnitype.outputs import check_output, refuse_inputs
+from furnitype.outputs import check_output, refuse_existing, refuse_inputs, refuse_photos
 from furnitype.reports.mistakes import write_mistakes_csv
 from furnitype.reports.table import write_report
 
@@ -185,10 +185,11 @@ def report_runs(
         a report and ``overwrite`` is set, and a run is never written into.
         The runs' mistakes are shown when every run records them.
     overwrite : bool, default=False
-        Replace an existing report at ``out``.
+        Replace an existing report at ``out``, and an existing ``mistakes`` file.
     mistakes : str or path-like, optional
         A CSV to write the report's lists of mistakes to (``furnitype.classify.mistakes.COLUMNS``): per feature
-        set, the misclassified test photos and the possible label errors, up to 50 of each.
+        set, the misclassified test photos and the possible label errors, up to 50 of each. Never one of the
+        photos it lists.
 
     Returns
     -------
@@ -221,6 +222,8 @@ def report_runs(
                 f"run {', '.join(missing)} records no mistakes (made by an earlier furnitype); "
                 "train it again with furnitype classify."
             )
+        refuse_photos({"--mistakes": mistakes}, (m.path for m in recorded))
+        refuse_existing({"--mistakes": mistakes}, overwrite=overwrite)
         write_mistakes_csv(recorded, mistakes)
     if len(runs) == 1 and out is None:
         return runs[0]
@@ -234,7 +237,7 @@ def report_runs(
     with building(out, kind=REPORT_KIND, overwrite=overwrite) as folder:
         if recorded is not None:
             write_mistakes(folder.path / MISTAKES_FILE, recorded)
-        write_report(document, folder.path, recorded)
+        write_report(document, folder.path, recorded, runs=folders)
         write_run_document(folder.path, document)
     return Run(Path(out), document)
 

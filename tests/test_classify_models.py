@@ -4,6 +4,7 @@ import json
 import os
 import re
 import warnings
+import zipfile
 
 import numpy as np
 import pytest
@@ -251,6 +252,12 @@ def test_loading_refuses_a_keras_network_of_other_shapes(fitted, tmp_path):
 def test_loading_refuses_a_damaged_keras_file(fitted, tmp_path):
     fitted["dense"].save(tmp_path / "dense")
     (tmp_path / "dense" / "model.keras").write_bytes(b"not a zip")
+    with pytest.raises(StoreError, match=r"is damaged: model\.keras: not a Keras model file \(a \.keras file is a "
+                                         r"zip archive; this one is not\)$") as raised:
+        FeatureClassifier.load(tmp_path / "dense")
+    assert "not found" not in str(raised.value)  # it is there: Keras' own words would say "File not found"
+    with zipfile.ZipFile(tmp_path / "dense" / "model.keras", "w") as archive:
+        archive.writestr("notes.txt", "a zip, but not of a Keras model")
     with pytest.raises(StoreError, match="is damaged: model.keras: not a loadable Keras model"):
         FeatureClassifier.load(tmp_path / "dense")
 

@@ -3,6 +3,7 @@ pipeline order, exit codes, Ctrl-C, outputs checked before any work, missing fol
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -357,7 +358,9 @@ def test_an_output_never_replaces_an_input_or_another_output(made, tmp_path):
     link = tmp_path / "link.h5"
     link.symlink_to(feats)
     run, metrics = made["run"], made["run"] / "metrics.json"
-    before = {path: path.read_bytes() for path in (feats, query, metrics)}
+    weights = tmp_path / "vgg16.weights.h5"
+    weights.write_bytes(made["weights"].read_bytes())
+    before = {path: path.read_bytes() for path in (feats, query, metrics, weights, made["weights"])}
     csv_out = tmp_path / "to-label.csv"
     cases = [
         (["similar", feats, query, "--sheet", feats], f"--sheet {feats} is one of the inputs"),
@@ -369,6 +372,13 @@ def test_an_output_never_replaces_an_input_or_another_output(made, tmp_path):
         (["suggest", run, feats, "--out", csv_out, "--sheet", csv_out], f"--sheet {csv_out} is also --out"),
         (["report", run, "--mistakes", metrics], f"--mistakes {metrics} would replace a file of {run}"),
         (["extract", query, "--weights", "none", "--out", query, "--overwrite"], f"--out {query} is one of the inputs"),
+        # the weights file is read too: given, or the one the run or store records
+        (["extract", query, "--weights", weights, "--image-size", "32", "--out", weights, "--overwrite"],
+         f"--out {weights} is one of the inputs"),
+        (["predict", run, query, "--weights", weights, "--out", weights, "--overwrite"],
+         f"--out {weights} is one of the inputs"),
+        (["predict", run, query, "--out", made["weights"], "--overwrite"], f"--out {made['weights']} is one of the"),
+        (["similar", feats, query, "--sheet", made["weights"], "--overwrite"], f"--sheet {made['weights']} is one"),
     ]
     for args, message in cases:
         assert _one_line_error(invoke(*args), 2).startswith(f"Error: {message}"), args
@@ -377,6 +387,119 @@ def test_an_output_never_replaces_an_input_or_another_output(made, tmp_path):
     result = invoke("predict", run, query, "--out", new_file, "-q")
     new_file.unlink()
     assert result.exit_code == 0, result.output
+
+
+def _mistakes_naming(run: Path, photo: Path) -> None:
+    """Make ``run``'s mistakes.csv list ``photo`` (a copy of a run)."""
+    with open(run / "mistakes.csv", "a", encoding="utf-8") as fh:
+        fh.write(f"vgg,logreg,misclassified,{photo},bed,chair,0.9,0.1,{'0' * 64}\n")
+
+
+def test_an_output_never_replaces_a_photo_the_command_lists_reads_or_draws(made, tmp_path):
+    """Every photo a command lists (a folder's), reads or draws (a neighbour, a suggestion, a listed mistake) is an
+    input: refused before the work, with or without --overwrite, and the error never suggests --overwrite."""
+    photos = shutil.copytree(made["photos"], tmp_path / "p")
+    listed, link = photos / "bed" / "bed_0.jpg", tmp_path / "link.jpg"
+    link.symlink_to(photos / "chair" / "chair_1.jpg")
+    stored = made["photos"] / "sofa" / "sofa_2.jpg"  # a row of made["feats"]: drawn as a neighbour, suggested
+    run = shutil.copytree(made["run"], tmp_path / "run")
+    _mistakes_naming(run, listed)
+    weights = ["--weights", made["weights"], "--image-size", "32", "-q"]
+    every = [*photos.rglob("*.jpg"), *made["photos"].rglob("*.jpg")]
+    before = {path: path.read_bytes() for path in every}
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text(f"path,label\n{listed},bed\n")
+    cases = [
+        (["extract", photos, *weights, "--out", listed], listed, listed),
+        (["extract", "--manifest", manifest, *weights, "--out", listed], listed, listed),
+        (["extract", photos, *weights, "--out", link], link, photos / "chair" / "chair_1.jpg"),
+        (["predict", made["run"], photos, "--out", listed], listed, listed),
+        (["similar", made["feats"], photos, "--sheet", listed], listed, listed),
+        (["similar", made["feats"], listed, "--sheet", stored], stored, stored),
+        (["suggest", made["run"], made["feats"], "--sheet", stored], stored, stored),
+        (["suggest", made["run"], made["feats"], "--out", stored], stored, stored),
+        (["report", run, "--mistakes", listed], listed, listed),
+    ]
+    for args, output, read in cases:
+        option = args[-2]
+        for overwrite in ([], ["--overwrite"]):
+            line = _one_line_error(invoke(*args, *overwrite), 2)
+            assert line == f"Error: {option} {output} is one of the photos this command reads ({read}); choose " \
+                           "another path.", (args, overwrite)
+    assert {path: path.read_bytes() for path in every} == before
+
+
+def test_an_existing_file_is_replaced_only_with_overwrite(made, tmp_path):
+    """One rule for every file output: an existing file (a feature store named by a typo too) is kept, and the
+    error says how to replace it; with --overwrite it is replaced. A new file needs nothing."""
+    photo = made["photos"] / "bed" / "bed_0.jpg"
+    new = tmp_path / "new.jpg"  # a photo the run never saw, in a store suggest can draw from
+    new.write_bytes((made["photos"] / "chair" / "chair_0.jpg").read_bytes()[:-1] + b"\x00")
+    fs = store.load(made["feats"])
+    feats = tmp_path / "new.h5"
+    store.save(feats, features=fs.features[:1], paths=[str(new)], labels=[""], meta=fs.meta,
+               sha256=[hashlib.sha256(new.read_bytes()).hexdigest()])
+    cases = [
+        (["predict", made["run"], photo, "-q", "--out"], "--out"),
+        (["similar", made["feats"], photo, "-q", "--sheet"], "--sheet"),
+        (["suggest", made["run"], feats, "--out", tmp_path / "s.csv", "--sheet"], "--sheet"),
+        (["report", made["run"], "--mistakes"], "--mistakes"),
+    ]
+    for args, option in cases:
+        mine = tmp_path / f"mine{option}"
+        mine.write_text("mine")
+        line = _one_line_error(invoke(*args, mine), 2)
+        assert line == f"Error: {mine} already exists; choose another {option}, or --overwrite to replace it.", args
+        assert mine.read_text() == "mine" and not (tmp_path / "s.csv").exists()
+        result = invoke(*args, mine, "--overwrite")
+        assert result.exit_code == 0, (args, result.output)
+        assert mine.read_bytes() != b"mine"
+        (tmp_path / "s.csv").unlink(missing_ok=True)
+    kept = tmp_path / "vgg.h5"
+    kept.write_bytes(Path(made["feats"]).read_bytes())
+    line = _one_line_error(invoke("report", made["run"], "--mistakes", kept), 2)
+    assert line == f"Error: {kept} already exists; choose another --mistakes, or --overwrite to replace it."
+    assert kept.read_bytes() == Path(made["feats"]).read_bytes()
+
+
+def test_only_extract_suggests_overwrite_for_a_damaged_or_foreign_store(made, tmp_path):
+    """``--overwrite rebuilds it`` is said by the one command that has the option."""
+    junk, torn = tmp_path / "junk.h5", tmp_path / "torn.h5"
+    junk.write_bytes(b"not a feature file")
+    torn.write_bytes(Path(made["feats"]).read_bytes()[:3000])
+    photo = made["photos"] / "bed" / "bed_0.jpg"
+    for file, problem in ((junk, "is not a readable HDF5 feature file (file signature not found)"),
+                          (torn, "is damaged (")):
+        for args in (["info", file], ["compact", file], ["classify", file, "--out", tmp_path / "run"],
+                     ["similar", file, photo], ["suggest", made["run"], file, "--out", tmp_path / "s.csv"]):
+            line = _one_line_error(invoke(*args), 1)
+            assert line.startswith(f"Error: {file} {problem}") and "overwrite" not in line, (args, line)
+        line = _one_line_error(invoke("extract", photo, "--weights", made["weights"], "--image-size", "32", "-q",
+                                      "--out", file), 1)
+        assert line.startswith(f"Error: {file} {problem}") and line.endswith("; --overwrite rebuilds it."), line
+        assert invoke("extract", photo, "--weights", made["weights"], "--image-size", "32", "-q", "--out", file,
+                      "--overwrite").exit_code == 0
+
+
+def test_a_killed_writers_leftover_with_this_process_id_does_not_block_an_output(made, tmp_path):
+    """A restarted container gives its processes the ids they had before: the ``.NAME.tmp-PID`` a killed writer
+    left has this process's name. It is replaced (a link as a link), not a ``File exists`` for ever."""
+    photo = made["photos"] / "bed" / "bed_0.jpg"
+    out = tmp_path / "p.csv"
+    leftover = tmp_path / f".p.csv.tmp-{os.getpid()}"  # invoke runs in this process: its id
+    leftover.write_text("half a file")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+
+    result = invoke("predict", made["run"], photo, "--out", out, "-q")
+
+    assert result.exit_code == 0, result.output
+    assert out.read_text().startswith("path,label") and not leftover.exists()
+    leftover.symlink_to(victim)
+    result = invoke("predict", made["run"], photo, "--out", out, "-q", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert not os.path.lexists(leftover) and victim.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.csv", "victim.txt"]
 
 
 def test_every_command_makes_missing_parent_folders(made, tmp_path):

@@ -15,6 +15,7 @@ import pytest
 
 from furnitype.errors import FurnitypeError, InputError, SettingsMismatchError
 from furnitype.extract import int8, pipeline
+from furnitype.extract.backbones import weights_identity
 from furnitype.extract.pipeline import ExtractSpec, feature_batches
 from furnitype.extract.settings import spec_for
 from furnitype.extraction import extract
@@ -324,6 +325,46 @@ def test_a_full_cache_folder_is_one_line(photos, tmp_path, monkeypatch):
     with pytest.raises(FurnitypeError, match=r"^cannot write the int8 network cache .*No space left on device"):
         extract([photos], **SMALL, precision="int8", out=tmp_path / "f.h5")
     assert list((tmp_path / "cache" / "int8").iterdir()) == [] and not (tmp_path / "f.h5").exists()
+
+
+@pytest.mark.parametrize("under", ["", "sub"])
+def test_a_cache_folder_that_is_a_file_is_one_line_before_any_work(tmp_path, monkeypatch, under):
+    """Found when the network is written, it cost the whole quantization and said "free space there"."""
+    file = tmp_path / "file"
+    file.write_text("mine")
+    monkeypatch.setenv("FURNITYPE_CACHE_DIR", str(file / under))
+    nothing = tmp_path / "no-such"  # the inputs are missing: the cache is refused before they are looked at
+    result = run_cli("extract", nothing, "--weights", "none", "--image-size", 32, "--precision", "int8",
+                     "--out", tmp_path / "f.h5")
+    assert result.exit_code == 2
+    assert result.output == (f"Error: the int8 network cache {file / under / 'int8'} cannot be made: {file} is not a "
+                             "folder; set FURNITYPE_CACHE_DIR to a folder.\n")
+    assert file.read_text() == "mine"
+
+
+def test_int8_features_of_a_run_or_store_with_a_cache_folder_that_is_a_file_are_refused_first(tmp_path, monkeypatch):
+    """``predict`` and ``similar`` check the cache folder when they read the settings, before any work."""
+    file = tmp_path / "file"
+    file.write_text("mine")
+    monkeypatch.setenv("FURNITYPE_CACHE_DIR", str(file))
+    settings = {"backbone": "vgg16", "weights": weights_identity("none"), "pooling": "avg", "image_size": 32,
+                "interpolation": "bilinear", "precision": "int8", "decode": "exact", "store_dtype": "float32",
+                "quantization": "unused"}
+    with pytest.raises(InputError, match=rf"^the int8 network cache {file / 'int8'} cannot be made: {file} is not"):
+        spec_for(settings, weights="none", calibration_photos="[]")
+
+
+def test_the_out_is_never_a_calibration_photo(photos, tmp_path):
+    """A calibration photo is read too: an --out that is one is refused before the work, --overwrite or not."""
+    calibrate = shutil.copytree(photos, tmp_path / "calibrate")
+    photo_file = calibrate / "bed" / "bed_0.jpg"
+    before = photo_file.read_bytes()
+    result = run_cli("extract", photos / "chair", "--weights", "none", "--image-size", 32, "--precision", "int8",
+                     "--calibrate", calibrate, "--out", photo_file, "--overwrite")
+    assert result.exit_code == 2
+    assert result.output == (f"Error: --out {photo_file} is one of the photos this command reads ({photo_file}); "
+                             "choose another path.\n")
+    assert photo_file.read_bytes() == before
 
 
 def test_the_ray_engine_runs_the_same_int8_network(photos, tmp_path, cache):

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ from furnitype.classify import load_model
 from furnitype.classify.mistakes import COLUMNS, MISTAKES_FILE, label_issues, misclassified, read_mistakes
 from furnitype.classify.synthetic import make_features
 from furnitype.errors import StoreError
-from furnitype.reports.mistakes import SHOWN, shown
+from furnitype.reports.mistakes import SHOWN, shown, write_thumbnails
 from furnitype.training import classify
 from tests.conftest import STORE_META as META
 from tests.conftest import run_cli as invoke
@@ -94,6 +96,7 @@ def setup(tmp_path_factory):
     exif = Image.Exif()
     exif[0x0112] = 6
     photo(500, COLOURS[labels[0]], (60, 40)).transpose(Image.Transpose.ROTATE_90).save(paths[0], exif=exif)
+    sha = np.array([hashlib.sha256(open(path, "rb").read()).hexdigest() for path in paths])
     feats = base / "train.h5"
     store.save(feats, features=X, paths=paths, labels=list(given), sha256=list(sha), meta=META)
     run = classify([feats], models=["logreg"], cv=3, out=base / "run", model_params={"logreg": {"Cs": (0.1, 1.0)}})
@@ -186,21 +189,89 @@ def test_merged_reports_keep_each_runs_mistakes(setup, tmp_path):
     assert [m.features for m in read_mistakes(merged)] == features  # the report keeps them too
 
 
-def test_a_photo_gone_since_training_is_listed_without_a_thumbnail(setup, tmp_path):
+def test_a_report_copies_the_thumbnails_its_runs_keep_and_lists_a_photo_without_one(setup, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(setup["run"], run)
-    shutil.rmtree(run / "mistakes")
-    gone = read_mistakes(run)[0]
-    moved = [dataclasses.replace(m, path=str(tmp_path / "gone.jpg")) if m == gone else m for m in read_mistakes(run)]
-    with open(run / MISTAKES_FILE, "w", newline="", encoding="utf-8") as fh:
-        csv.writer(fh).writerows([COLUMNS, *(dataclasses.astuple(m) for m in moved)])
+    gone, *_ = read_mistakes(run)
+    (run / "mistakes" / f"{gone.sha256[:16]}.jpg").unlink()
 
     result = invoke("report", run, "--out", tmp_path / "again")
 
     assert result.exit_code == 0, result.output
     page = (tmp_path / "again" / "report.html").read_text(encoding="utf-8")
     assert page.count('<div class="missing">no preview</div>') == 1
-    assert f"<code>{tmp_path / 'gone.jpg'}</code>" in page
+    assert page.count('src="data:image/jpeg;base64,') == len(read_mistakes(run)) - 1
+    assert f"<code>{gone.path}</code>" in page
+
+
+def _received(setup, tmp_path, change) -> Path:
+    """A copy of the run as someone could send it: ``change(mistakes)`` gives its mistakes.csv."""
+    run = tmp_path / "theirs"
+    shutil.copytree(setup["run"], run)
+    mistakes = change(read_mistakes(run))
+    with open(run / MISTAKES_FILE, "w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows([COLUMNS, *(dataclasses.astuple(m) for m in mistakes)])
+    return run
+
+
+@pytest.mark.parametrize("sha256", ["valid-looking", "the file's own"])
+def test_a_received_run_cannot_make_report_read_a_photo_it_names(setup, tmp_path, sha256):
+    """A run naming a private photo, with its thumbnails deleted: the report never reads the path, even with the
+    photo's own sha256 (its author knew the content); only the run's own thumbnails are shown."""
+    private = tmp_path / "private.png"
+    photo(7, (250, 250, 0), (60, 40)).save(private)
+    digest = hashlib.sha256(private.read_bytes()).hexdigest() if sha256 == "the file's own" else "ab" * 32
+    run = _received(setup, tmp_path, lambda found: [
+        dataclasses.replace(found[0], path=str(private), sha256=digest), *found[1:]
+    ])
+    shutil.rmtree(run / "mistakes")
+
+    result = invoke("report", run, "--out", tmp_path / "shared")
+
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "shared" / "report.html").read_text(encoding="utf-8")
+    assert "data:image/jpeg" not in page and not (tmp_path / "shared" / "mistakes").exists()
+    assert page.count("no preview") == len(read_mistakes(run)) and f"<code>{private}</code>" in page
+
+
+@pytest.mark.parametrize("kind", ["symlink", "too large", "not a picture"])
+def test_a_received_runs_thumbnail_is_read_from_inside_it_and_only_if_it_is_one(setup, tmp_path, kind):
+    private = tmp_path / "private.jpg"
+    photo(7, (250, 250, 0), (60, 40)).save(private)
+    run = _received(setup, tmp_path, list)
+    first = read_mistakes(run)[0]
+    kept = run / "mistakes" / f"{first.sha256[:16]}.jpg"
+    kept.unlink()
+    if kind == "symlink":
+        kept.symlink_to(private)
+    elif kind == "too large":
+        photo(8, (250, 250, 0), (2000, 40)).save(kept)
+    else:
+        kept.write_bytes(b"<script>alert(1)</script>")
+
+    result = invoke("report", run, "--out", tmp_path / "shared")
+
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "shared" / "report.html").read_text(encoding="utf-8")
+    assert page.count("no preview") == 1 and "alert" not in page
+    assert not (tmp_path / "shared" / "mistakes" / kept.name).exists()
+
+
+def test_classify_draws_a_photo_only_while_it_is_the_one_recorded(setup, tmp_path):
+    """A photo changed since it was extracted (or any file now at its path) is not shown as it."""
+    first = read_mistakes(setup["run"])[0]
+    same = tmp_path / "same.jpg"
+    shutil.copyfile(first.path, same)
+    changed = tmp_path / "changed.jpg"
+    photo(9, (250, 250, 0), (60, 40)).save(changed)
+    mistakes = [dataclasses.replace(first, path=str(same)),
+                dataclasses.replace(first, path=str(changed), sha256="cd" * 32)]
+    changed_too = dataclasses.replace(first, path=str(changed), sha256="ef" * 32)
+    (tmp_path / "out").mkdir()
+
+    assert write_thumbnails([*mistakes, changed_too], tmp_path / "out") == {
+        first.sha256: f"mistakes/{first.sha256[:16]}.jpg"
+    }
 
 
 def test_a_run_that_records_no_mistakes_is_one_line(setup, tmp_path):
@@ -255,16 +326,14 @@ def test_a_mistakes_file_that_is_a_symlink_out_of_the_run_is_refused(setup, tmp_
 
 
 def test_a_photo_path_that_is_a_fifo_gets_no_thumbnail_and_no_wait(setup, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(setup["run"], run)
     fifo = tmp_path / "photo.jpg"
     os.mkfifo(fifo)
-    first, *rest = read_mistakes(run)
-    with open(run / MISTAKES_FILE, "w", newline="", encoding="utf-8") as fh:
-        csv.writer(fh).writerows([COLUMNS, dataclasses.astuple(dataclasses.replace(first, path=str(fifo))),
-                                  *(dataclasses.astuple(m) for m in rest)])
+    first = read_mistakes(setup["run"])[0]
+    run = _received(setup, tmp_path, lambda found: [dataclasses.replace(found[0], path=str(fifo)), *found[1:]])
+    shutil.rmtree(run / "mistakes")
 
+    assert write_thumbnails([dataclasses.replace(first, path=str(fifo))], tmp_path) == {}
     result = invoke("report", run, "--out", tmp_path / "again")
-
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "again" / "report.html").read_text(encoding="utf-8").count("no preview") == 1
+    page = (tmp_path / "again" / "report.html").read_text(encoding="utf-8")
+    assert page.count("no preview") == len(read_mistakes(run))

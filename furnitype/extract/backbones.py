@@ -131,6 +131,11 @@ register_backbone(
 )
 
 
+def weights_files(*weights: str | None) -> list[str]:
+    """Those of ``weights`` that name a file (not ``imagenet``, ``none`` or None): inputs no output may replace."""
+    return [w for w in weights if w and w != "imagenet" and w.lower() != "none"]
+
+
 def weights_identity(weights: str) -> str:
     """How the weights are recorded in a feature file: ``imagenet``, ``none(seed=0)`` or ``sha256:<hex>``."""
     if weights == "imagenet":

@@ -14,6 +14,7 @@ and ``predict`` runs exactly the same network (from the cache, or rebuilt from t
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import io
@@ -92,6 +93,21 @@ def int8_cache_dir() -> Path:
         os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "furnitype"
     )
     return Path(root) / "int8"
+
+
+def check_cache_dir() -> None:
+    """Refuse a cache folder that cannot be one (it, or a path above it, is a file) before any work: found out
+    only when the quantized network is written, it would cost the quantization. A read-only cache is fine while
+    it holds the network."""
+    cache = int8_cache_dir()
+    above = cache
+    while not os.path.lexists(above) and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise InputError(
+            f"the int8 network cache {cache} cannot be made: {above} is not a folder; set FURNITYPE_CACHE_DIR to "
+            "a folder."
+        )
 
 
 def cpu_flags() -> set[str] | None:
@@ -305,9 +321,10 @@ def _write_cache(path: Path, made_from: dict, network: str, xml: bytes, weights:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_replacing(path, buffer.getbuffer())
     except OSError as err:
+        fix = "free space there or set" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "set"
         raise FurnitypeError(
-            f"cannot write the int8 network cache {path}: {err.strerror or err}; free space there or set "
-            "FURNITYPE_CACHE_DIR to another folder."
+            f"cannot write the int8 network cache {path}: {err.strerror or err}; {fix} FURNITYPE_CACHE_DIR to "
+            "another folder."
         ) from err
 
 

@@ -62,6 +62,7 @@ def recorded_settings(spec: ExtractSpec, store_dtype: str) -> dict:
     if spec.precision == "int8":  # before listing and hashing: fail fast on a CPU or an install that cannot run it
         int8.check_cpu(int8.cpu_flags())
         int8.import_runtime()
+        int8.check_cache_dir()
     return {
         "backbone": entry.name,
         "weights": weights_identity(spec.weights),
@@ -183,6 +184,7 @@ def spec_for(
         )
     quantization = None
     if settings["precision"] == "int8":
+        int8.check_cache_dir()
         try:
             quantization = int8.Quantization.parse(str(settings["quantization"]), str(calibration_photos))
         except (ValueError, TypeError) as cause:

@@ -42,12 +42,13 @@ _H5PY_FRAME = re.compile(r"(^|[/\\])h5py[/\\]")
 
 
 class DamagedStoreError(StoreError):
-    """A feature file (or its undo file) that is not what furnitype wrote: ``--overwrite`` rebuilds it."""
+    """A feature file (or its undo file) that is not what furnitype wrote. The message names no option: only
+    ``extract`` can rebuild it, and adds ``--overwrite rebuilds it`` itself."""
 
 
 def damaged(path: str | os.PathLike, reason: BaseException | str) -> StoreError:
-    """``X is damaged (reason); --overwrite rebuilds it``."""
-    return DamagedStoreError(f"{path} is damaged ({first_line(reason)}); --overwrite rebuilds it.")
+    """``X is damaged (reason).``"""
+    return DamagedStoreError(f"{path} is damaged ({first_line(reason)}).")
 
 
 def from_file(err: BaseException) -> bool:
@@ -306,8 +307,7 @@ def open_store(
             except READ_ERRORS as err:
                 if "file signature not found" in str(err):
                     raise DamagedStoreError(
-                        f"{given} is not a readable HDF5 feature file (file signature not found); "
-                        "--overwrite replaces it."
+                        f"{given} is not a readable HDF5 feature file (file signature not found)."
                     ) from err
                 raise damaged(given, err) from err
             try:

@@ -3,7 +3,10 @@
 For each feature set, two lists (``furnitype.classify.mistakes``): the test photos its best model got wrong,
 most confident first, and the training photos whose given label may be wrong, least likely label first; up
 to ``SHOWN`` of each. Thumbnails (aspect kept, EXIF orientation applied) go to ``mistakes/`` beside the
-report; a photo that cannot be opened any more is listed without one.
+report. ``classify`` makes them from the photos, only from a regular file whose content is still the one
+recorded (its sha256). ``report`` never reads the paths a run lists (the run may come from someone else): it
+takes the thumbnails the runs keep, read from inside them (``furnitype.classify.runfiles``), decoded and
+encoded again. A photo without one is listed with "no preview".
 """
 
 from __future__ import annotations
@@ -17,14 +20,21 @@ from collections.abc import Sequence
 from dataclasses import astuple
 from pathlib import Path
 
+from PIL import Image
+
 from furnitype.classify.mistakes import COLUMNS, Mistake
+from furnitype.classify.runfiles import Damage, read_inside
+from furnitype.errors import StoreError
+from furnitype.extract.images import ImageDecodeError, read_file
 from furnitype.outputs import replace_file
-from furnitype.reports.sheet import thumbnail
+from furnitype.reports.sheet import fit
 
 #: Photos shown per feature set and list.
 SHOWN = 50
 THUMBNAIL_FOLDER = "mistakes"
 THUMBNAIL_SIDE = 128
+#: The largest thumbnail file read from a run (``THUMBNAIL_SIDE`` pixels square are a few kilobytes as JPEG).
+MAX_THUMBNAIL_BYTES = 1 << 20
 _TITLES = {
     "misclassified": "test photos {model} got wrong, most confident first",
     "label_issue": "training photos whose label may be wrong (confident learning, out of fold), least likely first",
@@ -52,23 +62,52 @@ def write_mistakes_csv(mistakes: Sequence[Mistake], path: str | os.PathLike) -> 
     return replace_file(path, text.getvalue().encode("utf-8"))
 
 
-def write_thumbnails(mistakes: Sequence[Mistake], out_dir: str | os.PathLike) -> dict[str, str]:
-    """JPEG thumbnails of the shown photos in ``out_dir/mistakes/``; returns sha256 -> relative file name."""
+def write_thumbnails(
+    mistakes: Sequence[Mistake], out_dir: str | os.PathLike, *, runs: Sequence[str | os.PathLike] | None = None
+) -> dict[str, str]:
+    """JPEG thumbnails of the shown photos in ``out_dir/mistakes/``; returns sha256 -> relative file name.
+
+    ``runs`` None: made from the photos whose content is the recorded one; else copied from the thumbnails these
+    run folders keep (the photos are not read).
+    """
     folder = Path(out_dir) / THUMBNAIL_FOLDER
     names: dict[str, str] = {}
     for m in shown(mistakes):
         if m.sha256 in names:
             continue
-        image = thumbnail(m.path, THUMBNAIL_SIDE)
+        name = f"{THUMBNAIL_FOLDER}/{m.sha256[:16]}.jpg"
+        image = _photo_thumbnail(m) if runs is None else _kept_thumbnail(runs, name)
         if image is None:
             continue
         folder.mkdir(exist_ok=True)
-        name = f"{THUMBNAIL_FOLDER}/{m.sha256[:16]}.jpg"
         jpeg = io.BytesIO()
         image.save(jpeg, "JPEG", quality=85)
         replace_file(Path(out_dir) / name, jpeg.getvalue())
         names[m.sha256] = name
     return names
+
+
+def _photo_thumbnail(m: Mistake) -> Image.Image | None:
+    """The photo's thumbnail, when its file is still the photo recorded (a file changed since, or any other
+    file at that path, is not shown as it)."""
+    try:
+        data, sha256 = read_file(m.path)
+    except ImageDecodeError:
+        return None
+    return fit(io.BytesIO(data), THUMBNAIL_SIDE) if sha256 == m.sha256 else None
+
+
+def _kept_thumbnail(runs: Sequence[str | os.PathLike], name: str) -> Image.Image | None:
+    """The thumbnail ``name`` the first of ``runs`` that keeps one holds: a JPEG no larger than a thumbnail."""
+    for run in runs:
+        try:
+            data = read_inside(run, name, limit=MAX_THUMBNAIL_BYTES)
+        except (Damage, StoreError):
+            continue
+        image = fit(io.BytesIO(data), THUMBNAIL_SIDE, largest=THUMBNAIL_SIDE)
+        if image is not None:
+            return image
+    return None
 
 
 def markdown_section(mistakes: Sequence[Mistake], thumbnails: dict[str, str], feature_sets: Sequence[str]) -> list[str]:

@@ -13,7 +13,7 @@ import os
 import stat
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
@@ -216,13 +216,24 @@ def thumbnail(path: str, size: int) -> Image.Image | None:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
-    try:
-        with os.fdopen(fd, "rb") as fh:
+    with os.fdopen(fd, "rb") as fh:
+        try:
             if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
                 return None
-            with Image.open(fh) as img:
-                img.draft("RGB", (size, size))
-                upright = ImageOps.exif_transpose(img).convert("RGB")
+        except OSError:
+            return None
+        return fit(fh, size)
+
+
+def fit(source: BinaryIO, size: int, *, largest: int | None = None) -> Image.Image | None:
+    """The picture of an image file upright (EXIF), in RGB, fitting a ``size`` square; None when it cannot be
+    decoded, or (``largest``) when it is wider or taller than ``largest`` pixels (checked before decoding)."""
+    try:
+        with Image.open(source) as img:
+            if largest is not None and max(img.size) > largest:
+                return None
+            img.draft("RGB", (size, size))
+            upright = ImageOps.exif_transpose(img).convert("RGB")
         upright.thumbnail((size, size))
         return upright
     except Exception:  # noqa: BLE001 - missing, moved or broken files all get the placeholder

@@ -76,12 +76,17 @@ def format_table(rows: Sequence[Row], feature_sets: Mapping[str, FeatureSetRecor
 
 
 def write_report(
-    document: RunDocument, out_dir: str | os.PathLike, mistakes: Sequence[Mistake] | None = None
+    document: RunDocument,
+    out_dir: str | os.PathLike,
+    mistakes: Sequence[Mistake] | None = None,
+    *,
+    runs: Sequence[str | os.PathLike] | None = None,
 ) -> dict[str, list[str]]:
     """Write report.csv, report.md, report.html, scores.png and a confusion PNG per row into ``out_dir``.
 
     With ``mistakes`` (the run's, ``furnitype.classify.mistakes``), the reports get a section of them and
-    their thumbnails go to ``out_dir/mistakes/``.
+    their thumbnails go to ``out_dir/mistakes/``: made from the photos, or with ``runs`` (a report of saved
+    runs) copied from the thumbnails those run folders keep (``furnitype.reports.mistakes.write_thumbnails``).
 
     Returns
     -------
@@ -91,7 +96,7 @@ def write_report(
     """
     out = Path(out_dir)
     rows = document.rows
-    thumbnails = write_thumbnails(mistakes, out) if mistakes is not None else {}
+    thumbnails = write_thumbnails(mistakes, out, runs=runs) if mistakes is not None else {}
     section = _MistakesSection(mistakes, thumbnails, list(document.feature_sets), out)
     confusion = {}
     for row in rows:

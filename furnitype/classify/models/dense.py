@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ from furnitype.classify.models.base import (
 )
 from furnitype.classify.runfiles import Damage, file_inside
 from furnitype.classify.split import ContentSplit
-from furnitype.errors import first_line
+from furnitype.errors import StoreError, first_line
 
 
 class DenseModel(FeatureClassifier):
@@ -175,6 +177,13 @@ class DenseModel(FeatureClassifier):
     def _load_payload(self, directory: Path) -> None:
         keras = _keras()
         path = file_inside(directory, self.payload)
+        try:  # non-blocking: a FIFO put there since ``file_inside`` looked must not make this wait
+            with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as fh:
+                archive = zipfile.is_zipfile(fh)
+        except OSError as err:
+            raise StoreError(f"cannot read {path}: {err.strerror or err}") from None
+        if not archive:  # Keras would call it "File not found"
+            raise Damage(self.payload, "not a Keras model file (a .keras file is a zip archive; this one is not)")
         try:
             model = keras.saving.load_model(path, compile=False, safe_mode=True)
         except Exception as err:  # noqa: BLE001 - Keras raises many types for a damaged or foreign file
