@@ -181,7 +181,7 @@ class DenseModel(FeatureClassifier):
             with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as fh:
                 archive = zipfile.is_zipfile(fh)
         except OSError as err:
-            raise StoreError(f"cannot read {path}: {err.strerror or err}") from None
+            raise StoreError(f"cannot read {path}: {err.strerror or err}") from err
         if not archive:  # Keras would call it "File not found"
             raise Damage(self.payload, "not a Keras model file (a .keras file is a zip archive; this one is not)")
         try:
