@@ -224,9 +224,11 @@ def report_runs(
             )
         refuse_photos({"--mistakes": mistakes}, (m.path for m in recorded))
         refuse_existing({"--mistakes": mistakes}, overwrite=overwrite)
-        write_mistakes_csv(recorded, mistakes)
-    if len(runs) == 1 and out is None:
-        return runs[0]
+    if out is None:
+        if mistakes is not None and recorded is not None:
+            write_mistakes_csv(recorded, mistakes)
+        if len(runs) == 1:
+            return runs[0]
     if len(runs) > 1:
         document = merge_documents([(name, run.document) for name, run in zip(names, runs, strict=True)])
     else:
@@ -239,6 +241,8 @@ def report_runs(
             write_mistakes(folder.path / MISTAKES_FILE, recorded)
         write_report(document, folder.path, recorded, runs=folders)
         write_run_document(folder.path, document)
+        if mistakes is not None and recorded is not None:  # only once --out is known to be writable
+            write_mistakes_csv(recorded, mistakes)
     return Run(Path(out), document)
 
 

@@ -189,6 +189,16 @@ def test_merged_reports_keep_each_runs_mistakes(setup, tmp_path):
     assert [m.features for m in read_mistakes(merged)] == features  # the report keeps them too
 
 
+def test_a_refused_out_leaves_no_mistakes_file(setup, tmp_path):
+    report = tmp_path / "report"
+    assert invoke("report", setup["run"], "--out", report).exit_code == 0
+
+    result = invoke("report", setup["run"], "--out", report, "--mistakes", tmp_path / "m.csv")
+
+    assert result.exit_code == 2 and "--overwrite to replace it" in result.output
+    assert not (tmp_path / "m.csv").exists()  # every output is checked before any is written
+
+
 def test_a_report_copies_the_thumbnails_its_runs_keep_and_lists_a_photo_without_one(setup, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(setup["run"], run)
