@@ -105,6 +105,23 @@ def test_a_folder_that_cannot_be_listed_keeps_its_rows(folder, tmp_path):
     assert sorted(load(out).labels) == ["bed"] * 3 + ["chair"] * 3
 
 
+def test_a_class_folder_replaced_by_a_symlink_keeps_its_rows_with_a_warning(folder, tmp_path):
+    out = tmp_path / "f.h5"
+    extract([folder], **SMALL, out=out)
+    moved = shutil.move(folder / "chair", tmp_path / "chair")
+    (folder / "chair").symlink_to(moved, target_is_directory=True)
+
+    result = extract([folder], **SMALL, out=out)
+
+    assert (result.removed, result.rows, result.listed) == (0, 6, 3)
+    assert result.warnings == [f"could not list {folder / 'chair'} (a symbolic link to a folder, not followed); "
+                               "its rows are kept"]
+    assert sorted(load(out).labels) == ["bed"] * 3 + ["chair"] * 3
+    assert sorted(os.listdir(moved)) == [f"chair_{i}.jpg" for i in range(3)]  # nothing read or written there
+    (folder / "chair").unlink()  # the folder is gone for good: so are its rows
+    assert extract([folder], **SMALL, out=out).removed == 3
+
+
 def test_fifos_devices_and_links_to_dev_zero_are_skipped_never_read(folder, tmp_path):
     out = tmp_path / "f.h5"
     extract([folder], **SMALL, out=out)

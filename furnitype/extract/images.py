@@ -42,6 +42,7 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 MAX_FILE_BYTES = 1 << 30
 NOT_REGULAR = "not a regular file"
 MISSING = "file not found"
+LINKED_FOLDER = "a symbolic link to a folder, not followed"
 
 
 class ImageDecodeError(Exception):
@@ -148,6 +149,8 @@ class _Collector:
                     is_folder = False
                 if is_folder:
                     subfolders.append((entry.path, label or name))
+                elif _links_to_folder(entry):  # not walked, yet what is stored under it is not gone
+                    self.unlisted.append((entry.path, LINKED_FOLDER))
                 elif os.path.splitext(name)[1].lower() in suffixes:
                     self.add(entry.path, label, entry)
             stack.extend(reversed(subfolders))
@@ -157,14 +160,22 @@ class _Collector:
         return Listing(self.paths, self.labels, stats, self.reasons, folders, self.unlisted)
 
 
+def _links_to_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_symlink() and entry.is_dir()
+    except OSError:
+        return False
+
+
 def list_images(inputs: Sequence[str | os.PathLike], manifest: str | os.PathLike | None = None) -> Listing:
     """List image files from folders, single files and/or a ``path,label`` CSV manifest.
 
     A folder is walked recursively; a file in a subfolder takes the name of the top subfolder as its label,
     a file directly in the folder is unlabelled. Hidden files and folders and non-image suffixes are ignored;
-    symbolic links to files are followed, links to folders are not walked. Manifest paths are relative to the
-    CSV. The same file listed twice is kept once (the first listing). A listed file that cannot be a photo
-    (a FIFO, a device, a broken link, over ``MAX_FILE_BYTES``) is kept with its reason, never opened here.
+    symbolic links to files are followed, links to folders are not walked (they are ``unlisted``, as folders
+    that cannot be listed: what is stored under them stays). Manifest paths are relative to the CSV. The same
+    file listed twice is kept once (the first listing). A listed file that cannot be a photo (a FIFO, a device,
+    a broken link, over ``MAX_FILE_BYTES``) is kept with its reason, never opened here.
     """
     collector = _Collector(unique=len(inputs) > 1 or manifest is not None)
     folders: list[str] = []
