@@ -21,7 +21,14 @@ from furnitype import __version__
 from furnitype.engines import BatchSource, batch_source
 from furnitype.errors import InputError, Interrupted
 from furnitype.extract.backbones import check_memory, get_backbone
-from furnitype.extract.images import ImageDecodeError, Listing, bad_label, hash_file, list_images
+from furnitype.extract.images import (
+    ImageDecodeError,
+    Listing,
+    bad_label,
+    check_folder_labels,
+    hash_file,
+    list_images,
+)
 from furnitype.extract.pipeline import ExtractSpec, check_batching
 from furnitype.extract.settings import calibrated, recorded_settings, resolve_settings
 from furnitype.features.cache import NOT_UTF8, FeatureCache, Hashed
@@ -230,6 +237,8 @@ def _plan(
     the network must see. The listing, which grows with the catalogue, is freed before the network's memory
     comes on top."""
     listing = list_images(inputs, manifest)
+    if label is None:  # a folder's name becomes its photos' label
+        check_folder_labels(listing)
     if spec.precision == "int8":  # the quantized network is part of the settings: made (or found) now
         spec, settings = calibrated(spec, settings, listing.paths, calibrate=calibrate, store=cache.real)
         cache.require(settings, meta=_provenance(spec, settings))

@@ -192,6 +192,23 @@ def test_labels_are_kept_changed_and_set(photo_folder, folder, tmp_path):
     assert summary(out)["classes"] == {"bed": 4, "sofa, new": 3}  # stripped as a manifest's labels are
 
 
+def test_a_class_folder_whose_name_cannot_be_a_label_is_refused(folder, tmp_path):
+    out = tmp_path / "f.h5"
+    odd = folder / "so\nfa"
+    shutil.copytree(folder / "chair", odd)
+
+    refused = run_cli("extract", folder, *CLI_SMALL, "--out", out)
+
+    assert (refused.exit_code, refused.output) == (2, f"Error: the name of class folder {str(odd)!r} cannot be a "
+                                                      "label: a label must be printable text on one line; rename "
+                                                      "the folder, or give --label.\n")
+    assert not out.exists()
+    assert extract([folder], **SMALL, out=out, label="sofa").rows == 9  # its name is no label: taken
+    os.rename(odd, folder / os.fsdecode(b"caf\xe9"))  # not UTF-8: skipped with a warning, as every such name
+    result = extract([folder], **SMALL, out=out)
+    assert (result.skipped, result.rows) == (3, 6) and len(result.warnings) == 3
+
+
 def test_a_failed_start_leaves_nothing_behind(folder, tmp_path):
     bad = tmp_path / "bad.weights.h5"
     bad.write_text("not weights")

@@ -241,6 +241,34 @@ def read_manifest(manifest: str | os.PathLike) -> list[ImageFile]:
     return files
 
 
+def check_folder_labels(listing: Listing) -> None:
+    """Refuse a listing with a class folder whose name cannot be a label (``bad_label``), naming the folder.
+
+    A folder name that is not UTF-8 is left to the store's own rule (its photos are skipped, with a warning).
+
+    Raises
+    ------
+    InputError
+    """
+    for label in dict.fromkeys(listing.labels):
+        if not label or not bad_label(label) or not _is_utf8(label):
+            continue
+        path = listing.paths[listing.labels.index(label)]
+        folder = next(os.path.join(root, label) for root in listing.folders
+                      if path.startswith(os.path.join(root, label, "")))
+        raise InputError(f"the name of class folder {folder!r} cannot be a label: a label must be printable text "
+                         "on one line; rename the folder, or give --label.")
+
+
+def _is_utf8(name: str) -> bool:
+    """False for a name with bytes that are not UTF-8 (``os.fsdecode`` keeps them as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def bad_label(label: str) -> str:
     """Why a label cannot be recorded ("" when it can): a class name is one line of printable text, as the
     tables, CSV files and reports that show it expect."""
