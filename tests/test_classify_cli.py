@@ -245,8 +245,8 @@ def test_a_class_a_run_cannot_record_is_refused_before_training(files, tmp_path,
     labels = np.where(files["labels"] == files["labels"][0], odd, files["labels"])
     path = write(tmp_path / "odd.h5", files["X"], labels, files["sha"])  # by an older furnitype, or plain h5py
     result = invoke("classify", path, *FAST, "--out", tmp_path / "r")
-    _fails(result, 2, f"{path} has the class {odd!r}, which a run cannot record: a label must be printable text on "
-           "one line; rename its folder (or fix the manifest) and extract again.")
+    _fails(result, 2, f"{path} has the class {odd!r}, which a run cannot record: a class name is one line without "
+           "control characters; rename its folder (or fix the manifest) and extract again.")
     assert result.output.count("\n") == 1 and not (tmp_path / "r").exists()
 
 

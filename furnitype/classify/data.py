@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from furnitype import features as store
+from furnitype.classify.runfiles import CONTROL_CHARACTERS
 from furnitype.classify.split import ContentSplit, max_splits
 from furnitype.errors import InputError, SettingsMismatchError
-from furnitype.extract.images import bad_label
 
 #: A class needs this many distinct photos (by content) to be trained on; smaller classes are dropped.
 MIN_PHOTOS_PER_CLASS = 2
@@ -143,11 +143,11 @@ def _load_labelled(path, warn) -> store.FeatureSet:
         raise InputError(
             f"{path} has no labels; classify needs labelled photos (class folders or a manifest with labels)."
         )
-    unusable = [label for label in fs.classes if bad_label(label)]
+    unusable = [label for label in fs.classes if CONTROL_CHARACTERS.search(label)]
     if unusable:
         raise InputError(
-            f"{path} has the class {unusable[0]!r}, which a run cannot record: a label must be printable text on "
-            "one line; rename its folder (or fix the manifest) and extract again."
+            f"{path} has the class {unusable[0]!r}, which a run cannot record: a class name is one line without "
+            "control characters; rename its folder (or fix the manifest) and extract again."
         )
     if not np.isfinite(fs.features).all():
         raise InputError(f"{path} holds NaN or infinite features; extract it again.")
