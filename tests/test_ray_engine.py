@@ -8,8 +8,10 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -360,3 +362,77 @@ def test_engine_options_are_checked_before_any_work(photos, tmp_path):
         extract([photos], **SMALL, out=tmp_path / "f.h5", engine="ray", gpus_per_worker=-1)
     assert not (tmp_path / "f.h5").exists()
 
+
+
+def _quiet_ray_extract(folder: Path, out: Path, *options: str) -> subprocess.Popen:
+    """``furnitype extract --engine ray -q OPTIONS`` in a process of its own (without ``$RAY_ADDRESS``)."""
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "furnitype.cli", "extract", str(folder), "--weights", "none", "--image-size", "32",
+         "--engine", "ray", "--out", str(out), "-q", *options],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _stderr_when_ended(proc: subprocess.Popen, timeout: float) -> str:
+    """The stderr of ``proc`` once it ends; killed (and said so) if it has not within ``timeout`` seconds."""
+    try:
+        return proc.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()[1] + "\n(hung: killed)"
+
+
+def _http_server(server: socket.socket) -> None:
+    """Answer one connection as a web server (Ray's dashboard, say) answers an HTTP/2 preface."""
+    connection, _ = server.accept()
+    with connection:
+        connection.recv(1024)
+        connection.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+
+@pytest.mark.parametrize("listening", ["nothing", "a web server"])
+def test_an_address_where_no_ray_answers_is_one_line_at_once(photos, tmp_path, listening):
+    pytest.importorskip("ray")
+    with socket.socket() as server:
+        server.bind(("", 0))  # bound, so no one else takes the port; not listening: connections are refused
+        if listening == "a web server":
+            server.listen()
+            threading.Thread(target=_http_server, args=(server,), daemon=True).start()
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        proc = _quiet_ray_extract(photos, tmp_path / "f.h5", "--address", address)
+        stderr = _stderr_when_ended(proc, 120)  # before the fix: ray.init retried for many minutes
+    assert proc.returncode == 1, stderr
+    assert stderr == (f"Error: no Ray cluster answers at {address}: start one with 'ray start --head' or leave "
+                      "--address out\n")
+    assert not (tmp_path / "f.h5").exists()
+
+
+def test_ctrl_c_while_waiting_for_a_cluster_that_does_not_answer(photos, tmp_path):
+    pytest.importorskip("ray")
+    with socket.socket() as server:
+        server.bind(("", 0))
+        server.listen()
+        server.settimeout(120)  # a guard: the driver connects at once
+        proc = _quiet_ray_extract(photos, tmp_path / "f.h5", "--address", f"127.0.0.1:{server.getsockname()[1]}")
+        received = b""
+        try:
+            connection, _ = server.accept()
+            connection.settimeout(120)
+            while len(received) < 24 and (chunk := connection.recv(1024)):  # the HTTP/2 preface: now it waits
+                received += chunk
+            proc.send_signal(signal.SIGINT)
+        finally:
+            stderr = _stderr_when_ended(proc, 60)  # before the fix: Ctrl-C was held back for good
+        connection.close()  # only now: an answer (even EOF) before the signal would end the wait otherwise
+    assert received.startswith(b"PRI * HTTP/2.0")
+    assert proc.returncode == 130 and stderr == "interrupted: 0 rows kept; rerun to go on\n", stderr
+
+
+def test_quiet_leaves_out_rays_own_lines(photos, tmp_path):
+    pytest.importorskip("ray")
+    proc = _quiet_ray_extract(photos, tmp_path / "f.h5", "--ray-workers", "1")  # its own local Ray
+    stderr = _stderr_when_ended(proc, 300)
+    assert proc.returncode == 0, stderr
+    assert stderr == ""  # before: Ray's core logged a line about its actors' constructor arguments
+    assert len(load(tmp_path / "f.h5")) == 18

@@ -17,6 +17,8 @@ import logging
 import math
 import os
 import re
+import socket
+import sys
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -166,29 +168,88 @@ def _outcomes(block: dict[str, np.ndarray]) -> list[Outcome]:
 
 @contextlib.contextmanager
 def connected(address: str | None = None) -> Iterator[None]:
-    """Use the Ray this process has initialised, or connect to ``address`` (None: start a local one) and stop after."""
+    """Use the Ray this process has initialised, or connect to ``address`` (None: start a local one) and stop after.
+
+    A cluster must answer within ``CONNECT_TIMEOUT_S`` before ``ray.init`` is called: given an address where no
+    Ray listens, ``ray.init`` retries for many minutes, deaf to Ctrl-C.
+    """
     ray = import_ray()
     if ray.is_initialized():
         yield
         return
-    options = {"address": address, "logging_level": logging.ERROR}
+    # Ray's own lines (its log, its C++ core's, the workers' output) only with furnitype's progress lines (the
+    # command line without -q); a failure still raises.
+    quiet = not logging.getLogger("furnitype").isEnabledFor(logging.INFO)
+    options = {"address": address, "logging_level": logging.CRITICAL if quiet else logging.ERROR,
+               "log_to_driver": not quiet}
     if address is None:
         options["include_dashboard"] = False
-    # Ctrl-C inside ray.init would leave running the processes it has started so far (ray.shutdown does not know
-    # them yet): it is held back until ray.init returns, then raised, and ray.shutdown stops them.
+    where = f"at {address}" if address else "locally"
     failure = None
     try:
-        with deferred_interrupts():
+        try:
+            cluster = _cluster(address)
+        except (ConnectionError, ValueError) as err:  # "auto" with no cluster, an address that is no address
+            raise FurnitypeError(f"cannot start or reach Ray {where}: {_reason(err)}") from None
+        if cluster is not None and not _answers(cluster):
+            raise FurnitypeError(_no_cluster(address, cluster))
+        # Ctrl-C inside a local start would leave running the processes ray.init has started so far (ray.shutdown
+        # does not know them yet): it is held back until ray.init returns, then raised, and ray.shutdown stops
+        # them. Joining a cluster starts none.
+        with deferred_interrupts() if cluster is None else contextlib.nullcontext(), _ray_core_log(quiet):
             try:
                 ray.init(**options)
             except Exception as err:  # noqa: BLE001 - ConnectionError, ValueError, gRPC errors ...
                 failure = _reason(err)
         if failure is not None:
-            where = f"at {address}" if address else "locally"
             raise FurnitypeError(f"cannot start or reach Ray {where}: {failure}")
         yield
     finally:
         ray.shutdown()
+
+
+#: Seconds a Ray cluster has to accept a connection, and then to answer, before ``ray.init`` is tried.
+CONNECT_TIMEOUT_S = 10.0
+# A client's HTTP/2 connection preface and an empty SETTINGS frame: a gRPC server, as Ray's GCS and Ray Client's
+# server are, answers with its own SETTINGS frame (RFC 9113, section 3.4).
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+_SETTINGS = 0x4
+
+
+def _cluster(address: str | None) -> str | None:
+    """``HOST:PORT`` of the cluster ``ray.init(address=address)`` would join (None: it starts a local Ray), by
+    Ray's own rule: ``$RAY_ADDRESS``, then for None or ``auto`` the cluster ``ray start`` made on this machine."""
+    if address is not None and address.startswith("ray://"):
+        return address[len("ray://") :]
+    from ray._private.services import canonicalize_bootstrap_address
+
+    return canonicalize_bootstrap_address(address)  # type: ignore[arg-type]  # Ray reads None as "not given"
+
+
+def _answers(cluster: str) -> bool:
+    """Whether a gRPC server answers at ``HOST:PORT`` within ``CONNECT_TIMEOUT_S`` (with TLS: accepts a
+    connection). Ctrl-C stops the wait."""
+    host, _, port = cluster.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S) as sock:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+                return True
+            sock.sendall(_HTTP2_PREFACE)
+            header = b""
+            while len(header) < 9 and (chunk := sock.recv(9 - len(header))):
+                header += chunk
+    except (OSError, ValueError):  # refused, unreachable, timed out, no such host, no port
+        return False
+    return len(header) == 9 and header[3] == _SETTINGS and int.from_bytes(header[5:9], "big") & 0x7FFFFFFF == 0
+
+
+def _no_cluster(address: str | None, cluster: str) -> str:
+    if address is not None and address != "auto":
+        return f"no Ray cluster answers at {address}: start one with 'ray start --head' or leave --address out"
+    if os.environ.get("RAY_ADDRESS"):
+        return f"no Ray cluster answers at {cluster} ($RAY_ADDRESS): start one with 'ray start --head' or unset it"
+    return (f"no Ray cluster answers at {cluster}, the cluster 'ray start' made on this machine: start it again "
+            "with 'ray start --head', or forget it with 'ray stop'")
 
 
 @contextlib.contextmanager
@@ -203,6 +264,30 @@ def joblib_on_ray(address: str | None = None) -> Iterator[None]:
         register_ray()
         with joblib.parallel_backend("ray"):
             yield
+
+
+@contextlib.contextmanager
+def _ray_core_log(quiet: bool) -> Iterator[None]:
+    """With ``quiet``, Ray's C++ core in this process logs only fatal errors: it reads the level from the
+    environment when ``ray.init`` starts it, and says so on stderr (file descriptor 2), muted meanwhile."""
+    if not quiet:
+        yield
+        return
+    saved = os.environ.get("RAY_BACKEND_LOG_LEVEL")
+    os.environ["RAY_BACKEND_LOG_LEVEL"] = "fatal"
+    sys.stderr.flush()
+    stderr = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(stderr, 2)
+        os.close(stderr)
+        if saved is None:
+            del os.environ["RAY_BACKEND_LOG_LEVEL"]
+        else:
+            os.environ["RAY_BACKEND_LOG_LEVEL"] = saved
 
 
 @contextlib.contextmanager
