@@ -364,13 +364,13 @@ def test_engine_options_are_checked_before_any_work(photos, tmp_path):
 
 
 
-def _quiet_ray_extract(folder: Path, out: Path, *options: str) -> subprocess.Popen:
-    """``furnitype extract --engine ray -q OPTIONS`` in a process of its own (without ``$RAY_ADDRESS``)."""
+def _quiet_ray_extract(folder: Path, out: Path, *options: str, ray_address: str = "") -> subprocess.Popen:
+    """``furnitype extract --engine ray -q OPTIONS`` in a process of its own (``$RAY_ADDRESS`` as given)."""
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     return subprocess.Popen(
         [sys.executable, "-m", "furnitype.cli", "extract", str(folder), "--weights", "none", "--image-size", "32",
          "--engine", "ray", "--out", str(out), "-q", *options],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**env, "RAY_ADDRESS": ray_address}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
 
@@ -406,6 +406,18 @@ def test_an_address_where_no_ray_answers_is_one_line_at_once(photos, tmp_path, l
     assert stderr == (f"Error: no Ray cluster answers at {address}: start one with 'ray start --head' or leave "
                       "--address out\n")
     assert not (tmp_path / "f.h5").exists()
+
+
+def test_a_ray_address_in_the_environment_where_no_ray_answers(photos, tmp_path):
+    pytest.importorskip("ray")
+    with socket.socket() as server:
+        server.bind(("", 0))
+        address = f"ray://127.0.0.1:{server.getsockname()[1]}"
+        proc = _quiet_ray_extract(photos, tmp_path / "f.h5", ray_address=address)
+        stderr = _stderr_when_ended(proc, 120)
+    assert proc.returncode == 1, stderr
+    assert stderr == (f"Error: no Ray cluster answers at {address} ($RAY_ADDRESS): start one with 'ray start --head' "
+                      "or unset it\n")
 
 
 def test_ctrl_c_while_waiting_for_a_cluster_that_does_not_answer(photos, tmp_path):

@@ -191,7 +191,7 @@ def connected(address: str | None = None) -> Iterator[None]:
             cluster = _cluster(address)
         except (ConnectionError, ValueError) as err:  # "auto" with no cluster, an address that is no address
             raise FurnitypeError(f"cannot start or reach Ray {where}: {_reason(err)}") from None
-        if cluster is not None and not _answers(cluster):
+        if cluster and not _answers(cluster):
             raise FurnitypeError(_no_cluster(address, cluster))
         # Ctrl-C inside a local start would leave running the processes ray.init has started so far (ray.shutdown
         # does not know them yet): it is held back until ray.init returns, then raised, and ray.shutdown stops
@@ -217,10 +217,13 @@ _SETTINGS = 0x4
 
 
 def _cluster(address: str | None) -> str | None:
-    """``HOST:PORT`` of the cluster ``ray.init(address=address)`` would join (None: it starts a local Ray), by
-    Ray's own rule: ``$RAY_ADDRESS``, then for None or ``auto`` the cluster ``ray start`` made on this machine."""
-    if address is not None and address.startswith("ray://"):
-        return address[len("ray://") :]
+    """``HOST:PORT`` of the cluster ``ray.init(address=address)`` would join, by Ray's own rule (``$RAY_ADDRESS``
+    for None or ``auto``, then for those the cluster ``ray start`` made on this machine); None when it starts a
+    local Ray, "" for a client of another protocol than ``ray://`` (not checked here)."""
+    if address in (None, "auto") and os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]
+    if address is not None and "://" in address:
+        return address[len("ray://") :] if address.startswith("ray://") else ""
     from ray._private.services import canonicalize_bootstrap_address
 
     return canonicalize_bootstrap_address(address)  # type: ignore[arg-type]  # Ray reads None as "not given"
@@ -247,7 +250,8 @@ def _no_cluster(address: str | None, cluster: str) -> str:
     if address is not None and address != "auto":
         return f"no Ray cluster answers at {address}: start one with 'ray start --head' or leave --address out"
     if os.environ.get("RAY_ADDRESS"):
-        return f"no Ray cluster answers at {cluster} ($RAY_ADDRESS): start one with 'ray start --head' or unset it"
+        given = os.environ["RAY_ADDRESS"]
+        return f"no Ray cluster answers at {given} ($RAY_ADDRESS): start one with 'ray start --head' or unset it"
     return (f"no Ray cluster answers at {cluster}, the cluster 'ray start' made on this machine: start it again "
             "with 'ray start --head', or forget it with 'ray stop'")
 
