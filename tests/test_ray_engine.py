@@ -448,3 +448,11 @@ def test_quiet_leaves_out_rays_own_lines(photos, tmp_path):
     assert proc.returncode == 0, stderr
     assert stderr == ""  # before: Ray's core logged a line about its actors' constructor arguments
     assert len(load(tmp_path / "f.h5")) == 18
+
+
+def test_a_running_cluster_given_by_address_answers_and_is_joined(ray_local, photos, tmp_path):
+    port = ray_local.get_runtime_context().gcs_address.rpartition(":")[2]  # this test process's Ray: its GCS
+    proc = _quiet_ray_extract(photos, tmp_path / "f.h5", "--address", f"127.0.0.1:{port}", "--ray-workers", "1")
+    stderr = _stderr_when_ended(proc, 300)
+    assert proc.returncode == 0 and stderr == "", stderr
+    assert len(load(tmp_path / "f.h5")) == 18
