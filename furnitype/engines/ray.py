@@ -208,7 +208,7 @@ def connected(address: str | None = None) -> Iterator[None]:
         ray.shutdown()
 
 
-#: Seconds a Ray cluster has to accept a connection, and then to answer, before ``ray.init`` is tried.
+#: Seconds a Ray cluster has to accept a connection, and then each of its answer's reads, before ``ray.init``.
 CONNECT_TIMEOUT_S = 10.0
 # A client's HTTP/2 connection preface and an empty SETTINGS frame: a gRPC server, as Ray's GCS and Ray Client's
 # server are, answers with its own SETTINGS frame (RFC 9113, section 3.4).
@@ -230,8 +230,8 @@ def _cluster(address: str | None) -> str | None:
 
 
 def _answers(cluster: str) -> bool:
-    """Whether a gRPC server answers at ``HOST:PORT`` within ``CONNECT_TIMEOUT_S`` (with TLS: accepts a
-    connection). Ctrl-C stops the wait."""
+    """Whether a gRPC server answers at ``HOST:PORT``, each step within ``CONNECT_TIMEOUT_S`` (with TLS: accepts
+    a connection). Ctrl-C stops the wait."""
     host, _, port = cluster.rpartition(":")
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S) as sock:
