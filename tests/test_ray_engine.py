@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -448,6 +449,77 @@ def test_quiet_leaves_out_rays_own_lines(photos, tmp_path):
     assert proc.returncode == 0, stderr
     assert stderr == ""  # before: Ray's core logged a line about its actors' constructor arguments
     assert len(load(tmp_path / "f.h5")) == 18
+
+
+# A driver using Ray through connected(), as the ray engine does: a Ray worker prints a line and pushes an error
+# message to every driver (printed as "(raylet) ..."); the driver waits until Ray has printed both (or dropped
+# them), then writes its result on stdout. argv[1]: "progress" (the furnitype logger at INFO), "quiet", or
+# "initialised" (Ray started by the program, with progress off, before furnitype uses it).
+RAY_LINES = """
+import logging, sys, threading
+import ray
+from ray._private import worker
+from ray._private.ray_logging import global_worker_stdstream_dispatcher
+from ray._private.utils import push_error_to_driver
+from furnitype.engines.ray import connected
+
+WORKER, RAYLET = "a line from a ray worker", "a line from the raylet"
+
+@ray.remote
+def speak():
+    print(WORKER, flush=True)
+    push_error_to_driver(worker.global_worker, "furnitype_test", RAYLET)
+
+def printed(expected):
+    arrived = {text: threading.Event() for text in expected}
+
+    def seen(data):
+        for text, event in arrived.items():
+            if any(text in line for line in data["lines"]):
+                event.set()
+
+    printer = worker.print_to_stdstream  # called for the raylet's lines
+    def then_seen(data, ignore_prefix):
+        printer(data, ignore_prefix)
+        seen(data)
+
+    worker.print_to_stdstream = then_seen
+    global_worker_stdstream_dispatcher.add_handler("seen", seen)  # after the handler that prints workers' lines
+    ray.get(speak.remote())
+    for text, event in arrived.items():
+        if not event.wait(120):
+            sys.exit(f"never printed: {text}")
+
+mode = sys.argv[1]
+if mode == "progress":
+    logging.getLogger("furnitype").setLevel(logging.INFO)
+if mode == "initialised":
+    ray.init(num_cpus=1, include_dashboard=False, logging_level=logging.ERROR)
+    with connected():
+        pass
+    printed([WORKER, RAYLET])
+    ray.shutdown()
+else:
+    with connected():
+        printed([WORKER, RAYLET] if mode == "progress" else [RAYLET])  # quiet: Ray forwards no worker's output
+print("furnitype's result")
+"""
+
+
+@pytest.mark.parametrize("mode", ["progress", "quiet", "initialised"])
+def test_lines_ray_forwards_never_reach_stdout(mode):
+    pytest.importorskip("ray")
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", RAY_LINES, mode], env={**env, "RAY_COLOR_PREFIX": "0"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "furnitype's result\n"  # before: Ray printed both lines on stdout
+    if mode == "quiet":
+        assert done.stderr == ""
+    else:
+        lines = done.stderr.splitlines()
+        assert "(raylet) a line from the raylet" in lines, done.stderr
+        assert any(re.fullmatch(r"\(speak pid=\d+\) a line from a ray worker", line) for line in lines), done.stderr
 
 
 def test_a_running_cluster_given_by_address_answers_and_is_joined(ray_local, photos, tmp_path):

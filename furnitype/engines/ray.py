@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -174,6 +175,7 @@ def connected(address: str | None = None) -> Iterator[None]:
     Ray listens, ``ray.init`` retries for many minutes, deaf to Ctrl-C.
     """
     ray = import_ray()
+    _ray_lines_to_stderr()
     if ray.is_initialized():
         yield
         return
@@ -186,6 +188,7 @@ def connected(address: str | None = None) -> Iterator[None]:
         options["include_dashboard"] = False
     where = f"at {address}" if address else "locally"
     failure = None
+    _RayLines.drop = quiet  # the raylet's error messages, which log_to_driver does not stop
     try:
         try:
             cluster = _cluster(address)
@@ -205,7 +208,53 @@ def connected(address: str | None = None) -> Iterator[None]:
             raise FurnitypeError(f"cannot start or reach Ray {where}: {failure}")
         yield
     finally:
-        ray.shutdown()
+        ray.shutdown()  # it waits for Ray's threads that print forwarded lines
+        _RayLines.drop = False
+
+
+class _RayLines:
+    """The lines Ray forwards to this process, as it prints them: on stderr, none while ``drop``."""
+
+    drop = False
+
+    def __init__(self, print_to_stdstream):
+        self.print_to_stdstream = print_to_stdstream
+
+    def __call__(self, data: dict, ignore_prefix: bool) -> None:
+        """Ray's ``print_to_stdstream``: a worker's stdout line is printed as one from its stderr."""
+        if not _RayLines.drop:
+            self.print_to_stdstream({**data, "is_err": True}, ignore_prefix)
+
+
+def _client_line(_client, level: int, msg: str) -> None:
+    """Ray Client's ``LogstreamClient.stdstream``: a worker's line, from its stdout or stderr, on stderr."""
+    if not _RayLines.drop:
+        print(msg, file=sys.stderr, end="")
+
+
+def _ray_lines_to_stderr() -> None:
+    """From now on, the lines Ray forwards to this process go to stderr: stdout is for furnitype's results
+    (``--json``), and Ray prints such a line whenever one arrives while it is connected, even one about another
+    driver's task.
+
+    Ray's threads print a worker's output and the raylet's error messages (``(raylet) ...``) through
+    ``ray._private.worker.print_to_stdstream``, on stdout unless the line came from stderr; ``ray.init`` binds
+    that function as the handler of the workers' output. Ray Client prints through ``LogstreamClient.stdstream``.
+    """
+    from ray._private import worker
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    from ray.util.client.logsclient import LogstreamClient
+
+    if not isinstance(worker.print_to_stdstream, _RayLines):
+        worker.print_to_stdstream = _RayLines(worker.print_to_stdstream)
+        LogstreamClient.stdstream = _client_line  # type: ignore[method-assign,assignment]
+    lines = worker.print_to_stdstream
+    dispatcher.handlers = [  # a Ray initialised before: its handler is bound to Ray's own function
+        (name, functools.partial(lines, **handler.keywords))
+        if isinstance(handler, functools.partial) and handler.func is lines.print_to_stdstream
+        else (name, handler)
+        for name, handler in dispatcher.handlers
+    ]
 
 
 #: Seconds a Ray cluster has to accept a connection, and then each of its answer's reads, before ``ray.init``.
