@@ -453,14 +453,16 @@ def test_quiet_leaves_out_rays_own_lines(photos, tmp_path):
 
 # A driver using Ray through connected(), as the ray engine does: a Ray worker prints a line and pushes an error
 # message to every driver (printed as "(raylet) ..."); the driver waits until Ray has printed both (or dropped
-# them), then writes its result on stdout. argv[1]: "progress" (the furnitype logger at INFO), "quiet", or
-# "initialised" (Ray started by the program, with progress off, before furnitype uses it).
+# them), then writes its result on stdout. argv[1]: "progress" (the furnitype logger at INFO), "quiet",
+# "initialised" (Ray started by the program, with progress off, before furnitype uses it), or "client" (progress
+# on, Ray Client to the server at argv[2]: only the worker's line reaches it).
 RAY_LINES = """
 import logging, sys, threading
 import ray
 from ray._private import worker
 from ray._private.ray_logging import global_worker_stdstream_dispatcher
 from ray._private.utils import push_error_to_driver
+from ray.util.client.logsclient import LogstreamClient
 from furnitype.engines.ray import connected
 
 WORKER, RAYLET = "a line from a ray worker", "a line from the raylet"
@@ -473,25 +475,32 @@ def speak():
 def printed(expected):
     arrived = {text: threading.Event() for text in expected}
 
-    def seen(data):
+    def seen(lines):
         for text, event in arrived.items():
-            if any(text in line for line in data["lines"]):
+            if any(text in line for line in lines):
                 event.set()
 
-    printer = worker.print_to_stdstream  # called for the raylet's lines
+    print_to_stdstream = worker.print_to_stdstream  # prints the raylet's lines
     def then_seen(data, ignore_prefix):
-        printer(data, ignore_prefix)
-        seen(data)
+        print_to_stdstream(data, ignore_prefix)
+        seen(data["lines"])
+
+    stdstream = LogstreamClient.stdstream  # prints Ray Client's
+    def client_then_seen(client, level, msg):
+        stdstream(client, level, msg)
+        seen([msg])
 
     worker.print_to_stdstream = then_seen
-    global_worker_stdstream_dispatcher.add_handler("seen", seen)  # after the handler that prints workers' lines
+    LogstreamClient.stdstream = client_then_seen
+    # after the handler that prints the workers' lines
+    global_worker_stdstream_dispatcher.add_handler("seen", lambda data: seen(data["lines"]))
     ray.get(speak.remote())
     for text, event in arrived.items():
         if not event.wait(120):
             sys.exit(f"never printed: {text}")
 
 mode = sys.argv[1]
-if mode == "progress":
+if mode in ("progress", "client"):
     logging.getLogger("furnitype").setLevel(logging.INFO)
 if mode == "initialised":
     ray.init(num_cpus=1, include_dashboard=False, logging_level=logging.ERROR)
@@ -500,26 +509,77 @@ if mode == "initialised":
     printed([WORKER, RAYLET])
     ray.shutdown()
 else:
-    with connected():
-        printed([WORKER, RAYLET] if mode == "progress" else [RAYLET])  # quiet: Ray forwards no worker's output
+    with connected(sys.argv[2] if mode == "client" else None):
+        printed({"progress": [WORKER, RAYLET], "quiet": [RAYLET], "client": [WORKER]}[mode])
 print("furnitype's result")
 """
+
+# A Ray Client server on a local Ray: prints its port, serves until its stdin closes.
+RAY_CLIENT_SERVER = """
+import socket, sys
+import ray
+from ray.util.client.server.server import serve
+
+info = ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+while True:
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    try:
+        handle = serve("127.0.0.1", port, ray_connect_handler=lambda job_config=None, **kwargs: info)  # kept: serves
+        break
+    except RuntimeError:  # another process took the port meanwhile
+        pass
+print(port, flush=True)
+sys.stdin.read()
+"""
+
+
+def _ray_lines(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """RAY_LINES run with ``args``, in ``env`` (default: this one without ``$RAY_ADDRESS``)."""
+    if env is None:
+        env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    return subprocess.run([sys.executable, "-c", RAY_LINES, *args], env={**env, "RAY_COLOR_PREFIX": "0"},
+                          capture_output=True, text=True, timeout=300)
+
+
+def _worker_line(stderr: str) -> bool:
+    return any(re.fullmatch(r"\(speak pid=\d+\) a line from a ray worker", line) for line in stderr.splitlines())
 
 
 @pytest.mark.parametrize("mode", ["progress", "quiet", "initialised"])
 def test_lines_ray_forwards_never_reach_stdout(mode):
     pytest.importorskip("ray")
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    done = subprocess.run([sys.executable, "-c", RAY_LINES, mode], env={**env, "RAY_COLOR_PREFIX": "0"},
-                          capture_output=True, text=True, timeout=300)
+    done = _ray_lines(mode)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "furnitype's result\n"  # before: Ray printed both lines on stdout
     if mode == "quiet":
         assert done.stderr == ""
     else:
-        lines = done.stderr.splitlines()
-        assert "(raylet) a line from the raylet" in lines, done.stderr
-        assert any(re.fullmatch(r"\(speak pid=\d+\) a line from a ray worker", line) for line in lines), done.stderr
+        assert "(raylet) a line from the raylet" in done.stderr.splitlines(), done.stderr
+        assert _worker_line(done.stderr), done.stderr
+
+
+def test_lines_ray_client_forwards_never_reach_stdout():
+    pytest.importorskip("ray")
+    # no token (a client has none for a Ray that ray.init started with its own); the server colours the lines
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="disabled", RAY_COLOR_PREFIX="0")
+    server = subprocess.Popen([sys.executable, "-c", RAY_CLIENT_SERVER], env=env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        port = server.stdout.readline().strip()  # type: ignore[union-attr]
+        assert port.isdigit(), "the Ray Client server did not start"
+        done = _ray_lines("client", f"ray://127.0.0.1:{port}", env=env)
+    finally:
+        try:
+            server.communicate(timeout=120)  # stdin closed: it stops
+        except subprocess.TimeoutExpired:
+            server.kill()
+            raise
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "furnitype's result\n"  # before: Ray Client printed the worker's line on stdout
+    assert _worker_line(done.stderr), done.stderr
 
 
 def test_a_running_cluster_given_by_address_answers_and_is_joined(ray_local, photos, tmp_path):
