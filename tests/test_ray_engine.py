@@ -36,11 +36,16 @@ SMALL = {"backbone": "vgg16", "weights": "none", "image_size": 32, "batch_size":
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """A local Ray with 2 CPUs for this module; skips the module's Ray tests when Ray is not installed."""
+    """A local Ray with 2 CPUs for this module, used through connected() from the start (whatever test runs
+    first), so that no line Ray forwards lands in a CliRunner's stdout; skips the module's Ray tests when Ray is
+    not installed."""
     ray = pytest.importorskip("ray")
     pytest.importorskip("ray.data")
+    from furnitype.engines.ray import connected
+
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield ray
+    with connected():
+        yield ray
     ray.shutdown()
 
 
