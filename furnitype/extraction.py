@@ -24,7 +24,14 @@ from furnitype import __version__
 from furnitype.engines import BatchSource, batch_source
 from furnitype.errors import InputError, Interrupted
 from furnitype.extract.backbones import check_memory, get_backbone, weights_files
-from furnitype.extract.images import ImageDecodeError, Listing, bad_label, hash_file, list_images
+from furnitype.extract.images import (
+    ImageDecodeError,
+    Listing,
+    bad_label,
+    check_folder_labels,
+    hash_file,
+    list_images,
+)
 from furnitype.extract.pipeline import ExtractSpec, check_batching
 from furnitype.extract.settings import calibrated, recorded_settings, resolve_settings
 from furnitype.features.cache import NOT_UTF8, FeatureCache, Hashed
@@ -194,6 +201,8 @@ def extract(
     cache = FeatureCache(out, settings, meta=_provenance(spec, settings), overwrite=overwrite)
     try:
         listing = list_images(inputs, manifest)
+        if label is None:  # a folder's name becomes its photos' label
+            check_folder_labels(listing)
         refuse_photos({"--out": out}, _photos_read(listing, out, calibrate))
         with _rebuild_hint(overwrite), cache:
             spec, todo = _plan(

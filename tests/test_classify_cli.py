@@ -240,6 +240,16 @@ def test_features_without_labels(files, tmp_path):
     )
 
 
+@pytest.mark.parametrize("odd", ["so\nfa", "tab\there", "bell\x07"])
+def test_a_class_a_run_cannot_record_is_refused_before_training(files, tmp_path, odd):
+    labels = np.where(files["labels"] == files["labels"][0], odd, files["labels"])
+    path = write(tmp_path / "odd.h5", files["X"], labels, files["sha"])  # by an older furnitype, or plain h5py
+    result = invoke("classify", path, *FAST, "--out", tmp_path / "r")
+    _fails(result, 2, f"{path} has the class {odd!r}, which a run cannot record: a class name is one line without "
+           "control characters; rename its folder (or fix the manifest) and extract again.")
+    assert result.output.count("\n") == 1 and not (tmp_path / "r").exists()
+
+
 def test_too_few_classes_left(tmp_path):
     X, _, sha = make_features([3], 8)
     path = write(tmp_path / "tiny.h5", X, ["bed", "bed", "chair"], sha)

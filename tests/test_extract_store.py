@@ -105,6 +105,23 @@ def test_a_folder_that_cannot_be_listed_keeps_its_rows(folder, tmp_path):
     assert sorted(load(out).labels) == ["bed"] * 3 + ["chair"] * 3
 
 
+def test_a_class_folder_replaced_by_a_symlink_keeps_its_rows_with_a_warning(folder, tmp_path):
+    out = tmp_path / "f.h5"
+    extract([folder], **SMALL, out=out)
+    moved = shutil.move(folder / "chair", tmp_path / "chair")
+    (folder / "chair").symlink_to(moved, target_is_directory=True)
+
+    result = extract([folder], **SMALL, out=out)
+
+    assert (result.removed, result.rows, result.listed) == (0, 6, 3)
+    assert result.warnings == [f"could not list {folder / 'chair'} (a symbolic link to a folder, not followed); "
+                               "its rows are kept"]
+    assert sorted(load(out).labels) == ["bed"] * 3 + ["chair"] * 3
+    assert sorted(os.listdir(moved)) == [f"chair_{i}.jpg" for i in range(3)]  # nothing read or written there
+    (folder / "chair").unlink()  # the folder is gone for good: so are its rows
+    assert extract([folder], **SMALL, out=out).removed == 3
+
+
 def test_fifos_devices_and_links_to_dev_zero_are_skipped_never_read(folder, tmp_path):
     out = tmp_path / "f.h5"
     extract([folder], **SMALL, out=out)
@@ -173,6 +190,23 @@ def test_labels_are_kept_changed_and_set(photo_folder, folder, tmp_path):
                                                            f"Received: label={odd!r}\n")
     assert extract([folder / "chair"], **SMALL, out=out, label=" sofa, new ").relabelled == 3
     assert summary(out)["classes"] == {"bed": 4, "sofa, new": 3}  # stripped as a manifest's labels are
+
+
+def test_a_class_folder_whose_name_cannot_be_a_label_is_refused(folder, tmp_path):
+    out = tmp_path / "f.h5"
+    odd = folder / "so\nfa"
+    shutil.copytree(folder / "chair", odd)
+
+    refused = run_cli("extract", folder, *CLI_SMALL, "--out", out)
+
+    assert (refused.exit_code, refused.output) == (2, f"Error: the name of class folder {str(odd)!r} cannot be a "
+                                                      "label: a label must be printable text on one line; rename "
+                                                      "the folder, or give --label.\n")
+    assert not out.exists()
+    assert extract([folder], **SMALL, out=out, label="sofa").rows == 9  # its name is no label: taken
+    os.rename(odd, folder / os.fsdecode(b"caf\xe9"))  # not UTF-8: skipped with a warning, as every such name
+    result = extract([folder], **SMALL, out=out)
+    assert (result.skipped, result.rows) == (3, 6) and len(result.warnings) == 3
 
 
 def test_a_failed_start_leaves_nothing_behind(folder, tmp_path):

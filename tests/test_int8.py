@@ -315,6 +315,20 @@ def test_json_output_stays_clean_while_quantizing(photos, tmp_path):
     assert json.loads(result.stdout)["extracted"] == 36
 
 
+def test_quiet_leaves_out_the_progress_bars_of_quantizing(photos, tmp_path, monkeypatch):
+    command = ["extract", photos, "--weights", "none", "--image-size", 32, "--precision", "int8"]
+    shown = run_cli(*command, "--out", tmp_path / "shown.h5")
+    assert shown.exit_code == 0, shown.output
+    assert "Statistics collection" in shown.stderr  # NNCF's bar: what -q must leave out
+    monkeypatch.setenv("FURNITYPE_CACHE_DIR", str(tmp_path / "another-cache"))  # quantized again
+
+    quiet = run_cli(*command, "--out", tmp_path / "quiet.h5", "-q")
+
+    assert quiet.exit_code == 0, quiet.output
+    assert quiet.stderr == "" and quiet.stdout.startswith("36 extracted")
+    assert len(list((tmp_path / "another-cache" / "int8").glob("*.zip"))) == 1
+
+
 def test_a_full_cache_folder_is_one_line(photos, tmp_path, monkeypatch):
     import errno
 

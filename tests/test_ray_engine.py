@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -33,11 +36,16 @@ SMALL = {"backbone": "vgg16", "weights": "none", "image_size": 32, "batch_size":
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """A local Ray with 2 CPUs for this module; skips the module's Ray tests when Ray is not installed."""
+    """A local Ray with 2 CPUs for this module, used through connected() from the start (whatever test runs
+    first), so that no line Ray forwards lands in a CliRunner's stdout; skips the module's Ray tests when Ray is
+    not installed."""
     ray = pytest.importorskip("ray")
     pytest.importorskip("ray.data")
+    from furnitype.engines.ray import connected
+
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield ray
+    with connected():
+        yield ray
     ray.shutdown()
 
 
@@ -360,3 +368,228 @@ def test_engine_options_are_checked_before_any_work(photos, tmp_path):
         extract([photos], **SMALL, out=tmp_path / "f.h5", engine="ray", gpus_per_worker=-1)
     assert not (tmp_path / "f.h5").exists()
 
+
+
+def _quiet_ray_extract(folder: Path, out: Path, *options: str, ray_address: str = "") -> subprocess.Popen:
+    """``furnitype extract --engine ray -q OPTIONS`` in a process of its own (``$RAY_ADDRESS`` as given)."""
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "furnitype.cli", "extract", str(folder), "--weights", "none", "--image-size", "32",
+         "--engine", "ray", "--out", str(out), "-q", *options],
+        env={**env, "RAY_ADDRESS": ray_address}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _stderr_when_ended(proc: subprocess.Popen, timeout: float) -> str:
+    """The stderr of ``proc`` once it ends; killed (and said so) if it has not within ``timeout`` seconds."""
+    try:
+        return proc.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()[1] + "\n(hung: killed)"
+
+
+def _http_server(server: socket.socket) -> None:
+    """Answer one connection as a web server (Ray's dashboard, say) answers an HTTP/2 preface."""
+    connection, _ = server.accept()
+    with connection:
+        connection.recv(1024)
+        connection.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+
+@pytest.mark.parametrize("listening", ["nothing", "a web server"])
+def test_an_address_where_no_ray_answers_is_one_line_at_once(photos, tmp_path, listening):
+    pytest.importorskip("ray")
+    with socket.socket() as server:
+        server.bind(("", 0))  # bound, so no one else takes the port; not listening: connections are refused
+        if listening == "a web server":
+            server.listen()
+            threading.Thread(target=_http_server, args=(server,), daemon=True).start()
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        proc = _quiet_ray_extract(photos, tmp_path / "f.h5", "--address", address)
+        stderr = _stderr_when_ended(proc, 120)  # before the fix: ray.init retried for many minutes
+    assert proc.returncode == 1, stderr
+    assert stderr == (f"Error: no Ray cluster answers at {address}: start one with 'ray start --head' or leave "
+                      "--address out\n")
+    assert not (tmp_path / "f.h5").exists()
+
+
+def test_a_ray_address_in_the_environment_where_no_ray_answers(photos, tmp_path):
+    pytest.importorskip("ray")
+    with socket.socket() as server:
+        server.bind(("", 0))
+        address = f"ray://127.0.0.1:{server.getsockname()[1]}"
+        proc = _quiet_ray_extract(photos, tmp_path / "f.h5", ray_address=address)
+        stderr = _stderr_when_ended(proc, 120)
+    assert proc.returncode == 1, stderr
+    assert stderr == (f"Error: no Ray cluster answers at {address} ($RAY_ADDRESS): start one with 'ray start --head' "
+                      "or unset it\n")
+
+
+def test_ctrl_c_while_waiting_for_a_cluster_that_does_not_answer(photos, tmp_path):
+    pytest.importorskip("ray")
+    with socket.socket() as server:
+        server.bind(("", 0))
+        server.listen()
+        server.settimeout(120)  # a guard: the driver connects at once
+        proc = _quiet_ray_extract(photos, tmp_path / "f.h5", "--address", f"127.0.0.1:{server.getsockname()[1]}")
+        received = b""
+        try:
+            connection, _ = server.accept()
+            connection.settimeout(120)
+            while len(received) < 24 and (chunk := connection.recv(1024)):  # the HTTP/2 preface: now it waits
+                received += chunk
+            proc.send_signal(signal.SIGINT)
+        finally:
+            stderr = _stderr_when_ended(proc, 60)  # before the fix: Ctrl-C was held back for good
+        connection.close()  # only now: an answer (even EOF) before the signal would end the wait otherwise
+    assert received.startswith(b"PRI * HTTP/2.0")
+    assert proc.returncode == 130 and stderr == "interrupted: 0 rows kept; rerun to go on\n", stderr
+
+
+def test_quiet_leaves_out_rays_own_lines(photos, tmp_path):
+    pytest.importorskip("ray")
+    proc = _quiet_ray_extract(photos, tmp_path / "f.h5", "--ray-workers", "1")  # its own local Ray
+    stderr = _stderr_when_ended(proc, 300)
+    assert proc.returncode == 0, stderr
+    assert stderr == ""  # before: Ray's core logged a line about its actors' constructor arguments
+    assert len(load(tmp_path / "f.h5")) == 18
+
+
+# A driver using Ray through connected(), as the ray engine does: a Ray worker prints a line and pushes an error
+# message to every driver (printed as "(raylet) ..."); the driver waits until Ray has printed both (or dropped
+# them), then writes its result on stdout. argv[1]: "progress" (the furnitype logger at INFO), "quiet",
+# "initialised" (Ray started by the program, with progress off, before furnitype uses it), or "client" (progress
+# on, Ray Client to the server at argv[2]: only the worker's line reaches it).
+RAY_LINES = """
+import logging, sys, threading
+import ray
+from ray._private import worker
+from ray._private.ray_logging import global_worker_stdstream_dispatcher
+from ray._private.utils import push_error_to_driver
+from ray.util.client.logsclient import LogstreamClient
+from furnitype.engines.ray import connected
+
+WORKER, RAYLET = "a line from a ray worker", "a line from the raylet"
+
+@ray.remote
+def speak():
+    print(WORKER, flush=True)
+    push_error_to_driver(worker.global_worker, "furnitype_test", RAYLET)
+
+def printed(expected):
+    arrived = {text: threading.Event() for text in expected}
+
+    def seen(lines):
+        for text, event in arrived.items():
+            if any(text in line for line in lines):
+                event.set()
+
+    print_to_stdstream = worker.print_to_stdstream  # prints the raylet's lines
+    def then_seen(data, ignore_prefix):
+        print_to_stdstream(data, ignore_prefix)
+        seen(data["lines"])
+
+    stdstream = LogstreamClient.stdstream  # prints Ray Client's
+    def client_then_seen(client, level, msg):
+        stdstream(client, level, msg)
+        seen([msg])
+
+    worker.print_to_stdstream = then_seen
+    LogstreamClient.stdstream = client_then_seen
+    # after the handler that prints the workers' lines
+    global_worker_stdstream_dispatcher.add_handler("seen", lambda data: seen(data["lines"]))
+    ray.get(speak.remote())
+    for text, event in arrived.items():
+        if not event.wait(120):
+            sys.exit(f"never printed: {text}")
+
+mode = sys.argv[1]
+if mode in ("progress", "client"):
+    logging.getLogger("furnitype").setLevel(logging.INFO)
+if mode == "initialised":
+    ray.init(num_cpus=1, include_dashboard=False, logging_level=logging.ERROR)
+    with connected():
+        pass
+    printed([WORKER, RAYLET])
+    ray.shutdown()
+else:
+    with connected(sys.argv[2] if mode == "client" else None):
+        printed({"progress": [WORKER, RAYLET], "quiet": [RAYLET], "client": [WORKER]}[mode])
+print("furnitype's result")
+"""
+
+# A Ray Client server on a local Ray: prints its port, serves until its stdin closes.
+RAY_CLIENT_SERVER = """
+import socket, sys
+import ray
+from ray.util.client.server.server import serve
+
+info = ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+while True:
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    try:
+        handle = serve("127.0.0.1", port, ray_connect_handler=lambda job_config=None, **kwargs: info)  # kept: serves
+        break
+    except RuntimeError:  # another process took the port meanwhile
+        pass
+print(port, flush=True)
+sys.stdin.read()
+"""
+
+
+def _ray_lines(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """RAY_LINES run with ``args``, in ``env`` (default: this one without ``$RAY_ADDRESS``)."""
+    if env is None:
+        env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    return subprocess.run([sys.executable, "-c", RAY_LINES, *args], env={**env, "RAY_COLOR_PREFIX": "0"},
+                          capture_output=True, text=True, timeout=300)
+
+
+def _worker_line(stderr: str) -> bool:
+    return any(re.fullmatch(r"\(speak pid=\d+\) a line from a ray worker", line) for line in stderr.splitlines())
+
+
+@pytest.mark.parametrize("mode", ["progress", "quiet", "initialised"])
+def test_lines_ray_forwards_never_reach_stdout(mode):
+    pytest.importorskip("ray")
+    done = _ray_lines(mode)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "furnitype's result\n"  # before: Ray printed both lines on stdout
+    if mode == "quiet":
+        assert done.stderr == ""
+    else:
+        assert "(raylet) a line from the raylet" in done.stderr.splitlines(), done.stderr
+        assert _worker_line(done.stderr), done.stderr
+
+
+def test_lines_ray_client_forwards_never_reach_stdout():
+    pytest.importorskip("ray")
+    # no token (a client has none for a Ray that ray.init started with its own); the server colours the lines
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="disabled", RAY_COLOR_PREFIX="0")
+    server = subprocess.Popen([sys.executable, "-c", RAY_CLIENT_SERVER], env=env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        port = server.stdout.readline().strip()  # type: ignore[union-attr]
+        assert port.isdigit(), "the Ray Client server did not start"
+        done = _ray_lines("client", f"ray://127.0.0.1:{port}", env=env)
+    finally:
+        try:
+            server.communicate(timeout=120)  # stdin closed: it stops
+        except subprocess.TimeoutExpired:
+            server.kill()
+            raise
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "furnitype's result\n"  # before: Ray Client printed the worker's line on stdout
+    assert _worker_line(done.stderr), done.stderr
+
+
+def test_a_running_cluster_given_by_address_answers_and_is_joined(ray_local, photos, tmp_path):
+    port = ray_local.get_runtime_context().gcs_address.rpartition(":")[2]  # this test process's Ray: its GCS
+    proc = _quiet_ray_extract(photos, tmp_path / "f.h5", "--address", f"127.0.0.1:{port}", "--ray-workers", "1")
+    stderr = _stderr_when_ended(proc, 300)
+    assert proc.returncode == 0 and stderr == "", stderr
+    assert len(load(tmp_path / "f.h5")) == 18

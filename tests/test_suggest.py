@@ -6,6 +6,7 @@ import csv
 import errno
 import json
 import os
+import re
 import shutil
 
 import h5py
@@ -292,6 +293,57 @@ def test_a_run_without_its_split_is_one_line(setup, tmp_path):
 
     with pytest.raises(StoreError, match=r"^run .*run is damaged: split\.csv: missing$"):
         suggest(run, setup["new"])
+
+
+def _first_test_line_names_a_training_photo(rows: list[list[str]]) -> list[list[str]]:
+    """The counts of each part still agree."""
+    trained = next(row[1] for row in rows if row[3] == "train")
+    i = next(i for i, row in enumerate(rows) if row[3] == "test")
+    return [*rows[:i], [rows[i][0], trained, *rows[i][2:]], *rows[i + 1 :]]
+
+
+SPLIT_DAMAGES = {
+    "header only": lambda rows: [],
+    "trian": lambda rows: [[*row[:3], "trian" if row[3] == "train" else row[3]] for row in rows],
+    "a line lost": lambda rows: rows[1:],
+    "a line added": lambda rows: [*rows, [rows[0][0], "f" * 64, rows[0][2], "train"]],
+    "unknown features": lambda rows: [["other", *rows[0][1:]], *rows[1:]],
+    "unknown label": lambda rows: [[*rows[0][:2], "stool", rows[0][3]], *rows[1:]],
+    "short sha256": lambda rows: [[rows[0][0], "abc", *rows[0][2:]], *rows[1:]],
+    "a field missing": lambda rows: [rows[0][:3], *rows[1:]],
+    "a training photo also tested": lambda rows: _first_test_line_names_a_training_photo(rows),
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ("header only", r"split\.csv: 0 train lines for 'train'; metrics\.json records n_train = \d+"),
+        ("trian", r"split\.csv line 2: part 'trian' is not train or test"),
+        ("a line lost", r"split\.csv: \d+ (train|test) lines for 'train'; metrics\.json records n_(train|test) = \d+"),
+        ("a line added", r"split\.csv: \d+ train lines for 'train'; metrics\.json records n_train = \d+"),
+        ("unknown features", r"split\.csv line 2: features 'other' is not a feature set of the run"),
+        ("unknown label", r"split\.csv line 2: label 'stool' is not a class of feature set 'train'"),
+        ("short sha256", r"split\.csv line 2: sha256 is not 64 hex digits"),
+        ("a field missing", r"split\.csv line 2: not 4 fields"),
+        ("a training photo also tested", r"split\.csv: a photo of 'train' is both a training and a test photo"),
+    ],
+    ids=list(SPLIT_DAMAGES),
+)
+def test_a_damaged_split_is_one_line(setup, tmp_path, change, problem):
+    run = tmp_path / "run"
+    shutil.copytree(setup["run"], run)
+    split = run / "split.csv"
+    with open(split, newline="", encoding="utf-8") as fh:
+        header, *rows = csv.reader(fh)
+    with open(split, "w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows([header, *SPLIT_DAMAGES[change](rows)])
+
+    result = invoke("suggest", run, setup["new"], "--out", tmp_path / "x.csv")
+
+    assert result.exit_code == 1, result.output
+    assert re.fullmatch(rf"Error: run {re.escape(str(run))} is damaged: {problem}\n", result.output), result.output
+    assert not (tmp_path / "x.csv").exists()
 
 
 def test_n_below_one(setup, tmp_path):

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from furnitype import features as store
+from furnitype.classify.runfiles import CONTROL_CHARACTERS
 from furnitype.classify.split import ContentSplit, max_splits
 from furnitype.errors import InputError, SettingsMismatchError
 
@@ -142,6 +143,12 @@ def _load_labelled(path, warn) -> store.FeatureSet:
     if not labelled.any():
         raise InputError(
             f"{path} has no labels; classify needs labelled photos (class folders or a manifest with labels)."
+        )
+    unusable = [label for label in fs.classes if CONTROL_CHARACTERS.search(label)]
+    if unusable:
+        raise InputError(
+            f"{path} has the class {unusable[0]!r}, which a run cannot record: a class name is one line without "
+            "control characters; rename its folder (or fix the manifest) and extract again."
         )
     if not labelled.all():
         warn(f"{path}: {int((~labelled).sum())} unlabelled rows ignored.")

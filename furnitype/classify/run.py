@@ -24,6 +24,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,8 @@ if TYPE_CHECKING:
     from furnitype.classify.models import FeatureClassifier
 
 SPLIT_FILE = "split.csv"
+SPLIT_COLUMNS = ("features", "sha256", "label", "part")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -287,27 +290,63 @@ def write_split(path: Path, rows: Iterable[tuple[str, str, str, str]]) -> None:
     """Write ``split.csv``: (features, sha256, label, part) of every row a run used."""
     with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["features", "sha256", "label", "part"])
+        writer.writerow(SPLIT_COLUMNS)
         writer.writerows(rows)
 
 
 def training_photos(run_dir: str | os.PathLike, features: str) -> set[str]:
     """The sha256 of the photos a run trained its models of the feature set ``features`` on (``split.csv``).
 
+    Every line is checked against ``metrics.json``: a feature set of the run, a 64-hex sha256, one of the
+    feature set's classes, a part of ``train`` or ``test``, and as many training and test lines per feature set
+    as the run recorded, with no photo in both parts.
+
     Raises
     ------
     StoreError
         ``split.csv`` is missing, cannot be read, or is not what ``classify`` writes.
     """
+    document = load_run(run_dir).document
     try:
-        text = read_inside(run_dir, SPLIT_FILE).decode("utf-8")
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        if reader.fieldnames != ["features", "sha256", "label", "part"]:
-            raise Damage(SPLIT_FILE, "its columns are not features, sha256, label, part")
-        return {row["sha256"] for row in reader if row["features"] == features and row["part"] == "train"}
-    except UnicodeDecodeError as cause:
-        raise damaged(run_dir, Damage(SPLIT_FILE, "not UTF-8 text")) from cause
-    except csv.Error as err:
-        raise damaged(run_dir, Damage(SPLIT_FILE, f"not CSV: {err}")) from err
+        return _read_split(read_inside(run_dir, SPLIT_FILE), document)[features]["train"]
     except Damage as damage:
         raise damaged(run_dir, damage) from damage
+
+
+def _read_split(data: bytes, document: RunDocument) -> dict[str, dict[str, set[str]]]:
+    """The sha256 of each feature set's training and test photos, checked against the run's document."""
+    try:
+        reader = csv.DictReader(io.StringIO(data.decode("utf-8"), newline=""))
+        if reader.fieldnames != list(SPLIT_COLUMNS):
+            raise Damage(SPLIT_FILE, f"its columns are not {', '.join(SPLIT_COLUMNS)}")
+        rows = list(reader)
+    except UnicodeDecodeError as cause:
+        raise Damage(SPLIT_FILE, "not UTF-8 text") from cause
+    except csv.Error as err:
+        raise Damage(SPLIT_FILE, f"not CSV: {err}") from err
+    parts: dict[str, dict[str, set[str]]] = {key: {"train": set(), "test": set()} for key in document.feature_sets}
+    counts = {key: {"train": 0, "test": 0} for key in document.feature_sets}
+    for line, row in enumerate(rows, start=2):
+        where = f"{SPLIT_FILE} line {line}"
+        if None in row or None in row.values():
+            raise Damage(where, f"not {len(SPLIT_COLUMNS)} fields")
+        key, part = row["features"], row["part"]
+        if key not in document.feature_sets:
+            raise Damage(where, f"features {key!r} is not a feature set of the run")
+        if part not in ("train", "test"):
+            raise Damage(where, f"part {part!r} is not train or test")
+        if not _SHA256.fullmatch(row["sha256"]):
+            raise Damage(where, "sha256 is not 64 hex digits")
+        if row["label"] not in document.feature_sets[key].classes:
+            raise Damage(where, f"label {row['label']!r} is not a class of feature set {key!r}")
+        parts[key][part].add(row["sha256"])
+        counts[key][part] += 1
+    for key, record in document.feature_sets.items():
+        recorded = {"train": record.n_train, "test": record.n_test}
+        for part, n in counts[key].items():
+            if n != recorded[part]:
+                raise Damage(SPLIT_FILE, f"{n} {part} lines for {key!r}; metrics.json records n_{part} = "
+                             f"{recorded[part]}")
+        if parts[key]["train"] & parts[key]["test"]:
+            raise Damage(SPLIT_FILE, f"a photo of {key!r} is both a training and a test photo")
+    return parts

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
 import re
+import socket
+import sys
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -166,29 +169,140 @@ def _outcomes(block: dict[str, np.ndarray]) -> list[Outcome]:
 
 @contextlib.contextmanager
 def connected(address: str | None = None) -> Iterator[None]:
-    """Use the Ray this process has initialised, or connect to ``address`` (None: start a local one) and stop after."""
+    """Use the Ray this process has initialised, or connect to ``address`` (None: start a local one) and stop after.
+
+    A cluster must answer within ``CONNECT_TIMEOUT_S`` before ``ray.init`` is called: given an address where no
+    Ray listens, ``ray.init`` retries for many minutes, deaf to Ctrl-C.
+    """
     ray = import_ray()
+    _ray_lines_to_stderr()
     if ray.is_initialized():
         yield
         return
-    options = {"address": address, "logging_level": logging.ERROR}
+    # Ray's own lines (its log, its C++ core's, the workers' output) only with furnitype's progress lines (the
+    # command line without -q); a failure still raises.
+    quiet = not logging.getLogger("furnitype").isEnabledFor(logging.INFO)
+    options = {"address": address, "logging_level": logging.CRITICAL if quiet else logging.ERROR,
+               "log_to_driver": not quiet}
     if address is None:
         options["include_dashboard"] = False
-    # Ctrl-C inside ray.init would leave running the processes it has started so far (ray.shutdown does not know
-    # them yet): it is held back until ray.init returns, then raised, and ray.shutdown stops them.
+    where = f"at {address}" if address else "locally"
     failure = None
+    _RayLines.drop = quiet  # the raylet's error messages, which log_to_driver does not stop
     try:
-        with deferred_interrupts():
+        try:
+            cluster = _cluster(address)
+        except (ConnectionError, ValueError) as err:  # "auto" with no cluster, an address that is no address
+            raise FurnitypeError(f"cannot start or reach Ray {where}: {_reason(err)}") from err
+        if cluster and not _answers(cluster):
+            raise FurnitypeError(_no_cluster(address, cluster))
+        # Ctrl-C inside a local start would leave running the processes ray.init has started so far (ray.shutdown
+        # does not know them yet): it is held back until ray.init returns, then raised, and ray.shutdown stops
+        # them. Joining a cluster starts none.
+        with deferred_interrupts() if cluster is None else contextlib.nullcontext(), _ray_core_log(quiet):
             try:
                 ray.init(**options)
             except Exception as err:  # noqa: BLE001 - ConnectionError, ValueError, gRPC errors ...
                 failure = _reason(err)
         if failure is not None:
-            where = f"at {address}" if address else "locally"
             raise FurnitypeError(f"cannot start or reach Ray {where}: {failure}")
         yield
     finally:
-        ray.shutdown()
+        ray.shutdown()  # it waits for Ray's threads that print forwarded lines
+        _RayLines.drop = False
+
+
+class _RayLines:
+    """The lines Ray forwards to this process, as it prints them: on stderr, none while ``drop``."""
+
+    drop = False
+
+    def __init__(self, print_to_stdstream):
+        self.print_to_stdstream = print_to_stdstream
+
+    def __call__(self, data: dict, ignore_prefix: bool) -> None:
+        """Ray's ``print_to_stdstream``: a worker's stdout line is printed as one from its stderr."""
+        if not _RayLines.drop:
+            self.print_to_stdstream({**data, "is_err": True}, ignore_prefix)
+
+
+def _client_line(_client, level: int, msg: str) -> None:
+    """Ray Client's ``LogstreamClient.stdstream``: a worker's line, from its stdout or stderr, on stderr."""
+    if not _RayLines.drop:
+        print(msg, file=sys.stderr, end="")
+
+
+def _ray_lines_to_stderr() -> None:
+    """From now on, the lines Ray forwards to this process go to stderr: stdout is for furnitype's results
+    (``--json``), and Ray prints such a line whenever one arrives while it is connected, even one about another
+    driver's task.
+
+    Ray's threads print a worker's output and the raylet's error messages (``(raylet) ...``) through
+    ``ray._private.worker.print_to_stdstream``, on stdout unless the line came from stderr; ``ray.init`` binds
+    that function as the handler of the workers' output. Ray Client prints through ``LogstreamClient.stdstream``.
+    """
+    from ray._private import worker
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    from ray.util.client.logsclient import LogstreamClient
+
+    if not isinstance(worker.print_to_stdstream, _RayLines):
+        worker.print_to_stdstream = _RayLines(worker.print_to_stdstream)
+        LogstreamClient.stdstream = _client_line  # type: ignore[method-assign,assignment]
+    lines = worker.print_to_stdstream
+    dispatcher.handlers = [  # a Ray initialised before: its handler is bound to Ray's own function
+        (name, functools.partial(lines, **handler.keywords))
+        if isinstance(handler, functools.partial) and handler.func is lines.print_to_stdstream
+        else (name, handler)
+        for name, handler in dispatcher.handlers
+    ]
+
+
+#: Seconds a Ray cluster has to accept a connection, and then each of its answer's reads, before ``ray.init``.
+CONNECT_TIMEOUT_S = 10.0
+# A client's HTTP/2 connection preface and an empty SETTINGS frame: a gRPC server, as Ray's GCS and Ray Client's
+# server are, answers with its own SETTINGS frame (RFC 9113, section 3.4).
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+_SETTINGS = 0x4
+
+
+def _cluster(address: str | None) -> str | None:
+    """``HOST:PORT`` of the cluster ``ray.init(address=address)`` would join, by Ray's own rule (``$RAY_ADDRESS``
+    for None or ``auto``, then for those the cluster ``ray start`` made on this machine); None when it starts a
+    local Ray, "" for a client of another protocol than ``ray://`` (not checked here)."""
+    if address in (None, "auto") and os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]
+    if address is not None and "://" in address:
+        return address[len("ray://") :] if address.startswith("ray://") else ""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    return canonicalize_bootstrap_address(address)  # type: ignore[arg-type]  # Ray reads None as "not given"
+
+
+def _answers(cluster: str) -> bool:
+    """Whether a gRPC server answers at ``HOST:PORT``, each step within ``CONNECT_TIMEOUT_S`` (with TLS: accepts
+    a connection). Ctrl-C stops the wait."""
+    host, _, port = cluster.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S) as sock:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+                return True
+            sock.sendall(_HTTP2_PREFACE)
+            header = b""
+            while len(header) < 9 and (chunk := sock.recv(9 - len(header))):
+                header += chunk
+    except (OSError, ValueError):  # refused, unreachable, timed out, no such host, no port
+        return False
+    return len(header) == 9 and header[3] == _SETTINGS and int.from_bytes(header[5:9], "big") & 0x7FFFFFFF == 0
+
+
+def _no_cluster(address: str | None, cluster: str) -> str:
+    if address is not None and address != "auto":
+        return f"no Ray cluster answers at {address}: start one with 'ray start --head' or leave --address out"
+    if os.environ.get("RAY_ADDRESS"):
+        given = os.environ["RAY_ADDRESS"]
+        return f"no Ray cluster answers at {given} ($RAY_ADDRESS): start one with 'ray start --head' or unset it"
+    return (f"no Ray cluster answers at {cluster}, the cluster 'ray start' made on this machine: start it again "
+            "with 'ray start --head', or forget it with 'ray stop'")
 
 
 @contextlib.contextmanager
@@ -203,6 +317,30 @@ def joblib_on_ray(address: str | None = None) -> Iterator[None]:
         register_ray()
         with joblib.parallel_backend("ray"):
             yield
+
+
+@contextlib.contextmanager
+def _ray_core_log(quiet: bool) -> Iterator[None]:
+    """With ``quiet``, Ray's C++ core in this process logs only fatal errors: it reads the level from the
+    environment when ``ray.init`` starts it, and says so on stderr (file descriptor 2), muted meanwhile."""
+    if not quiet:
+        yield
+        return
+    saved = os.environ.get("RAY_BACKEND_LOG_LEVEL")
+    os.environ["RAY_BACKEND_LOG_LEVEL"] = "fatal"
+    sys.stderr.flush()
+    stderr = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(stderr, 2)
+        os.close(stderr)
+        if saved is None:
+            del os.environ["RAY_BACKEND_LOG_LEVEL"]
+        else:
+            os.environ["RAY_BACKEND_LOG_LEVEL"] = saved
 
 
 @contextlib.contextmanager

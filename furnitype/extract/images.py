@@ -42,6 +42,7 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 MAX_FILE_BYTES = 1 << 30
 NOT_REGULAR = "not a regular file"
 MISSING = "file not found"
+LINKED_FOLDER = "a symbolic link to a folder, not followed"
 
 
 class ImageDecodeError(Exception):
@@ -148,6 +149,8 @@ class _Collector:
                     is_folder = False
                 if is_folder:
                     subfolders.append((entry.path, label or name))
+                elif _links_to_folder(entry):  # not walked, yet what is stored under it is not gone
+                    self.unlisted.append((entry.path, LINKED_FOLDER))
                 elif os.path.splitext(name)[1].lower() in suffixes:
                     self.add(entry.path, label, entry)
             stack.extend(reversed(subfolders))
@@ -157,14 +160,22 @@ class _Collector:
         return Listing(self.paths, self.labels, stats, self.reasons, folders, self.unlisted)
 
 
+def _links_to_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_symlink() and entry.is_dir()
+    except OSError:
+        return False
+
+
 def list_images(inputs: Sequence[str | os.PathLike], manifest: str | os.PathLike | None = None) -> Listing:
     """List image files from folders, single files and/or a ``path,label`` CSV manifest.
 
     A folder is walked recursively; a file in a subfolder takes the name of the top subfolder as its label,
     a file directly in the folder is unlabelled. Hidden files and folders and non-image suffixes are ignored;
-    symbolic links to files are followed, links to folders are not walked. Manifest paths are relative to the
-    CSV. The same file listed twice is kept once (the first listing). A listed file that cannot be a photo
-    (a FIFO, a device, a broken link, over ``MAX_FILE_BYTES``) is kept with its reason, never opened here.
+    symbolic links to files are followed, links to folders are not walked (they are ``unlisted``, as folders
+    that cannot be listed: what is stored under them stays). Manifest paths are relative to the CSV. The same
+    file listed twice is kept once (the first listing). A listed file that cannot be a photo (a FIFO, a device,
+    a broken link, over ``MAX_FILE_BYTES``) is kept with its reason, never opened here.
     """
     collector = _Collector(unique=len(inputs) > 1 or manifest is not None)
     folders: list[str] = []
@@ -228,6 +239,34 @@ def read_manifest(manifest: str | os.PathLike) -> list[ImageFile]:
         first_line[path] = (line, label)
         files.append(ImageFile(path, label))
     return files
+
+
+def check_folder_labels(listing: Listing) -> None:
+    """Refuse a listing with a class folder whose name cannot be a label (``bad_label``), naming the folder.
+
+    A folder name that is not UTF-8 is left to the store's own rule (its photos are skipped, with a warning).
+
+    Raises
+    ------
+    InputError
+    """
+    for label in dict.fromkeys(listing.labels):
+        if not label or not bad_label(label) or not _is_utf8(label):
+            continue
+        path = listing.paths[listing.labels.index(label)]
+        folder = next(os.path.join(root, label) for root in listing.folders
+                      if path.startswith(os.path.join(root, label, "")))
+        raise InputError(f"the name of class folder {folder!r} cannot be a label: a label must be printable text "
+                         "on one line; rename the folder, or give --label.")
+
+
+def _is_utf8(name: str) -> bool:
+    """False for a name with bytes that are not UTF-8 (``os.fsdecode`` keeps them as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def bad_label(label: str) -> str:

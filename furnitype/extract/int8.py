@@ -19,6 +19,7 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import stat
@@ -349,8 +350,10 @@ def _quantize(spec: ExtractSpec) -> tuple[str, bytes, bytes]:
     with tempfile.TemporaryDirectory(prefix="furnitype-int8-") as tmp:
         archive.write_out(os.path.join(tmp, "saved_model"), verbose=False)
         float_model = ov.Core().read_model(os.path.join(tmp, "saved_model"))
-        # NNCF draws progress bars on stdout, where --json prints: they go to stderr.
-        with contextlib.redirect_stdout(sys.stderr):
+        # NNCF draws progress bars on stdout, where --json prints: they go to stderr, with furnitype's progress
+        # lines (the command line without -q), or nowhere.
+        shown = logging.getLogger("furnitype").isEnabledFor(logging.INFO)
+        with contextlib.redirect_stdout(sys.stderr if shown else io.StringIO()):
             quantized = nncf.quantize(
                 float_model, nncf.Dataset([image[None] for image in images]), subset_size=len(images)
             )
