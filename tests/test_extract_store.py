@@ -384,7 +384,7 @@ def test_overwrite_rebuilds_a_store_whose_features_are_damaged_and_compact_says_
     out = tmp_path / "f.h5"
     extract([folder], **SMALL, out=out)
     _flip_inside_first_features_chunk(out)
-    with pytest.raises(StoreError, match=r"f.h5 is damaged \(.*\); --overwrite rebuilds it"):
+    with pytest.raises(StoreError, match=r"f.h5 is damaged \(.*\)\.$"):  # load has no --overwrite to suggest
         load(out)
     compacted = _cli("compact", out)
     assert compacted.returncode == 1 and compacted.stderr.count("\n") == 1, compacted.stderr

@@ -739,7 +739,7 @@ def test_save_refuses_rows_that_are_not_finite_and_a_store_holding_them_is_damag
                              capture_output=True, text=True)
     assert similar.returncode == 1, similar.stderr
     assert similar.stderr == (f"Error: {store} is damaged (/features row 2 holds numbers that are not finite (NaN "
-                              "or infinity)); --overwrite rebuilds it.\n")
+                              "or infinity)).\n")  # similar has no --overwrite to suggest
 
 
 def _odd(path: Path, shape: str) -> None:
