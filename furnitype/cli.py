@@ -8,6 +8,7 @@ Ctrl-C into exit 130, and shows the API's progress lines on stderr. The conventi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import json
@@ -264,9 +265,10 @@ def extract(images, backbone, weights, pooling, image_size, precision, store_dty
 
 @cli.command()
 @click.argument("file", type=click.Path(dir_okay=False, readable=False))
+@quiet_option("No progress lines on stderr (warnings are still shown).")
 @json_option("Print everything as JSON.")
 @api_command
-def info(file, as_json) -> None:
+def info(file, quiet, as_json) -> None:
     """Show what a feature file holds: rows, classes with counts, settings, skipped files with reasons.
 
     \b
@@ -294,8 +296,10 @@ def info(file, as_json) -> None:
 
 @cli.command()
 @click.argument("file", type=click.Path(dir_okay=False, readable=False))
+@quiet_option("No progress lines on stderr (warnings are still shown).")
+@json_option("Print the result as JSON: file, rows, dropped, bytes_before, bytes_after.")
 @api_command
-def compact(file) -> None:
+def compact(file, quiet, as_json) -> None:
     """Rewrite a feature file with only its rows: drop removed rows, give back unused space.
 
     Also upgrades an older feature file to the current format. Extract compacts by itself when removed rows
@@ -308,6 +312,9 @@ def compact(file) -> None:
     from furnitype.features.store import compact as run_compact
 
     done = run_compact(file)
+    if as_json:
+        _print_json({"file": file, **dataclasses.asdict(done)})
+        return
     click.echo(
         f"{file}: {done.rows:,} rows kept, {done.dropped:,} removed entries dropped, "
         f"{done.bytes_before / 1e6:,.1f} MB -> {done.bytes_after / 1e6:,.1f} MB"
@@ -342,6 +349,8 @@ def classify(features, models, test_files, test_size, val_size, cv, seed, class_
 
     A row per FEATURES file x model, best first, scored on held-out photos (split by image content) or on
     --test files; the run folder keeps the report (CSV, Markdown, HTML, PNGs), the split and the models.
+    The dense head trains for at most 200 epochs, stopped early when the loss on --val-size of the training
+    photos has not improved for 10 (a bar counts its epochs on a terminal).
 
     \b
     Examples:
@@ -378,9 +387,10 @@ def classify(features, models, test_files, test_size, val_size, cv, seed, class_
 @click.option("--overwrite", is_flag=True, help="Replace an existing report at --out (never a run).")
 @click.option("--mistakes", type=click.Path(readable=False),
               help="Write the misclassified test photos and possible label errors as CSV.")
+@quiet_option("No progress lines on stderr (warnings are still shown).")
 @json_option()
 @api_command
-def report(runs, out, overwrite, mistakes, as_json) -> None:
+def report(runs, out, overwrite, mistakes, quiet, as_json) -> None:
     """Reprint saved runs, or merge several into one table; nothing is retrained.
 
     \b
@@ -458,9 +468,10 @@ def predict(run, images, model, feature_set, top_k, weights, batch_size, workers
 @out_option("The CSV to correct: path,label,probability,label_2,probability_2,sha256.", default="to-label.csv")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 @click.option("--sheet", type=click.Path(readable=False), help="Draw the photos with the model's guesses (PNG).")
+@quiet_option("No progress lines on stderr (warnings are still shown).")
 @json_option()
 @api_command
-def suggest(run, features, n, out, overwrite, sheet, as_json) -> None:
+def suggest(run, features, n, out, overwrite, sheet, quiet, as_json) -> None:
     """Pick the new photos most worth labelling to adapt a run's model to their source.
 
     FEATURES holds new photos (from extract, with the run's feature settings; its labels are ignored). The

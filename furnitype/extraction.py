@@ -7,15 +7,12 @@ and how it changes is the ``FeatureCache`` (``furnitype.features.cache``).
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-
-from tqdm import tqdm
 
 from furnitype import __version__
 from furnitype.engines import BatchSource, batch_source
@@ -25,7 +22,7 @@ from furnitype.extract.images import ImageDecodeError, Listing, bad_label, hash_
 from furnitype.extract.pipeline import ExtractSpec, check_batching
 from furnitype.extract.settings import calibrated, recorded_settings, resolve_settings
 from furnitype.features.cache import NOT_UTF8, FeatureCache, Hashed
-from furnitype.outputs import refuse_inputs, significant
+from furnitype.outputs import progress_bar, refuse_inputs, significant
 
 #: ``extract``'s keyword form of an ``ExtractSpec`` (with their defaults) and of the Ray engine.
 SPEC_OPTIONS = {
@@ -192,12 +189,8 @@ def extract(
                 cache, spec, settings, inputs, manifest, label=label, rehash=rehash, calibrate=calibrate,
                 progress=progress,
             )
-            bar = tqdm(
-                total=len(todo),
-                unit="img",
-                desc=f"extract {spec.backbone}",
-                disable=not progress or not todo,
-                file=sys.stderr,
+            bar = progress_bar(
+                enabled=progress and bool(todo), total=len(todo), unit="img", desc=f"extract {spec.backbone}",
                 dynamic_ncols=True,
             )
             with bar:
@@ -270,15 +263,7 @@ def _hash_all(listing: Listing, indices: list[int], progress: bool) -> dict[int,
             return Hashed(reason=str(err), gone=err.gone)
         return Hashed(sha, stat)
 
-    bar = tqdm(
-        total=len(indices),
-        unit="file",
-        desc="hash",
-        disable=not progress,
-        delay=2.0,
-        leave=False,
-        file=sys.stderr,
-    )
+    bar = progress_bar(enabled=progress, total=len(indices), unit="file", desc="hash", delay=2.0, leave=False)
     results = {}
     with bar, ThreadPoolExecutor(max_workers=4) as pool:
         for i, result in zip(indices, pool.map(digest, indices), strict=True):

@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, overload
+
+from tqdm import tqdm
 
 from furnitype.errors import InputError
 
@@ -200,6 +203,11 @@ def shown_name(name: str) -> str:
         except UnicodeEncodeError:  # a surrogate that no file name decodes to
             return name.encode("utf-8", "backslashreplace").decode("utf-8")
     return name
+
+
+def progress_bar(*, enabled: bool, **options: Any) -> tqdm:
+    """A tqdm bar on stderr, drawn only when ``enabled`` and stderr is a terminal: a log gets no bars."""
+    return tqdm(disable=None if enabled else True, file=sys.stderr, **options)
 
 
 def json_ready(value: Any) -> Any:

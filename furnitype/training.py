@@ -11,6 +11,7 @@ lists each feature set's mistakes (``furnitype.classify.mistakes``), and the run
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -51,6 +52,13 @@ from furnitype.reports.table import write_report
 
 #: Share of each class's distinct photos held out for testing when no test files are given.
 DEFAULT_TEST_SIZE = 0.2
+
+
+def default_run_folder(runs: Path, now: datetime) -> Path:
+    """``runs/<date-time>``, or ``runs/<date-time>-2`` (``-3`` ...) when a run made in the same second holds it."""
+    stamp = now.strftime("%Y%m%d-%H%M%S")
+    names = itertools.chain([stamp], (f"{stamp}-{i}" for i in itertools.count(2)))
+    return next(runs / name for name in names if not os.path.lexists(runs / name))
 
 
 def classify(
@@ -118,15 +126,16 @@ def classify(
     options = _check_options(feature_files, models, test_files, test_size, val_size, cv, seed, class_weight)
     for name in options.models:
         _new_model(name, options, model_params)  # every model's parameters checked before anything is trained
-    out = check_output(out if out is not None else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"),
-                       kind="folder")
+    out = check_output(out if out is not None else default_run_folder(Path("runs"), datetime.now()), kind="folder")
     warnings: list[str] = []
 
     def warn(message: str) -> None:
         warnings.append(message)
         say(f"warning: {message}")
 
-    with building(out, kind=RUN_KIND, overwrite=overwrite) as folder:
+    from furnitype.classify.models.dense import epoch_progress
+
+    with building(out, kind=RUN_KIND, overwrite=overwrite) as folder, epoch_progress(progress is not None):
         run_name = folder.target.name
         sets = load_train_test_sets(
             feature_files, test_files, test_size=options.test_size or DEFAULT_TEST_SIZE, seed=seed, warn=warn
@@ -355,8 +364,8 @@ def _write_run(run_dir: Path, document: RunDocument, sets: Sequence[TrainTestSet
     split = []
     for data in sets:
         write_feature_set(run_dir / "models" / data.key, document.feature_sets[data.key])
-        split += [(data.key, g, y, "train") for g, y in zip(data.train.sha256, data.train.labels, strict=True)]
-        split += [(data.key, g, y, "test") for g, y in zip(data.test.sha256, data.test.labels, strict=True)]
+        for part, rows in (("train", data.train), ("test", data.test)):
+            split += [(data.key, g, p, y, part) for g, p, y in zip(rows.sha256, rows.paths, rows.labels, strict=True)]
     write_split(run_dir / SPLIT_FILE, split)
     write_mistakes(run_dir / MISTAKES_FILE, mistakes)
     write_report(document, run_dir, mistakes)

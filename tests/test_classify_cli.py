@@ -101,6 +101,10 @@ def test_the_split_is_saved_by_content_and_shared_by_both_files(full_run, files)
         split = list(csv.DictReader(fh))
     parts = {(r["features"], r["sha256"]): r["part"] for r in split}
     assert len(parts) == 120
+    assert list(split[0]) == ["features", "sha256", "path", "label", "part"]  # the photos by path too
+    assert {(r["path"], r["label"]) for r in split} == {
+        (f"/photos/{label}/{i}.jpg", label) for i, label in enumerate(files["labels"])
+    }
     assert all(parts[("vgg", sha)] == parts[("inception", sha)] for sha in files["sha"])
     assert sum(p == "test" for p in parts.values()) == 2 * (3 + 3 + 3 + 2)  # round(20% of 16, 16, 16, 12)
     assert len({r["test_set"] for r in summary["rows"]}) == 1

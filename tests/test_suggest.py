@@ -295,6 +295,21 @@ def test_a_run_without_its_split_is_one_line(setup, tmp_path):
         suggest(run, setup["new"])
 
 
+def test_a_split_without_paths_made_by_an_older_furnitype_is_read(setup, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(setup["run"], run)
+    with open(run / "split.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    with open(run / "split.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, ["features", "sha256", "label", "part"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+    old, new = suggest(run, setup["new"]), suggest(setup["run"], setup["new"])
+    assert old.in_training == new.in_training > 0
+    assert [s.as_dict() for s in old.suggestions] == [s.as_dict() for s in new.suggestions]
+
+
 def test_n_below_one(setup, tmp_path):
     with pytest.raises(InputError, match="n must be at least 1"):
         suggest(setup["run"], setup["new"], n=0)

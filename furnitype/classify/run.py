@@ -5,7 +5,7 @@ Layout::
     RUN/metrics.json                      the whole result (a RunDocument): options, feature sets (their
                                           settings), rows (metrics, per-class scores, confusion matrix, choices)
     RUN/report.csv, report.md, report.html, scores.png, confusion-<features>-<model>.png
-    RUN/split.csv                         features, sha256, label, part (train/test) of every row used
+    RUN/split.csv                         features, sha256, path, label, part (train/test) of every row used
     RUN/mistakes.csv, mistakes/*.jpg      per feature set, misclassified test photos and possible label errors
                                           (``furnitype.classify.mistakes``), and their thumbnails
     RUN/models/<features>/settings.json   the feature settings a model needs at prediction time
@@ -43,6 +43,7 @@ from furnitype.classify.metadata import (
 from furnitype.classify.output import recover
 from furnitype.classify.runfiles import Damage, folder_inside, read_inside
 from furnitype.errors import InputError, StoreError
+from furnitype.outputs import shown_name
 
 if TYPE_CHECKING:
     from furnitype.classify.models import FeatureClassifier
@@ -283,12 +284,16 @@ def mixed_test_sets_note(rows: Sequence[Row]) -> list[str]:
     ]
 
 
-def write_split(path: Path, rows: Iterable[tuple[str, str, str, str]]) -> None:
-    """Write ``split.csv``: (features, sha256, label, part) of every row a run used."""
+#: The columns of ``split.csv``; runs made before it listed paths have them without ``path``.
+SPLIT_COLUMNS = ["features", "sha256", "path", "label", "part"]
+
+
+def write_split(path: Path, rows: Iterable[tuple[str, str, str, str, str]]) -> None:
+    """Write ``split.csv``: (features, sha256, path, label, part) of every row a run used."""
     with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["features", "sha256", "label", "part"])
-        writer.writerows(rows)
+        writer.writerow(SPLIT_COLUMNS)
+        writer.writerows((features, sha, shown_name(photo), label, part) for features, sha, photo, label, part in rows)
 
 
 def training_photos(run_dir: str | os.PathLike, features: str) -> set[str]:
@@ -302,8 +307,8 @@ def training_photos(run_dir: str | os.PathLike, features: str) -> set[str]:
     try:
         text = read_inside(run_dir, SPLIT_FILE).decode("utf-8")
         reader = csv.DictReader(io.StringIO(text, newline=""))
-        if reader.fieldnames != ["features", "sha256", "label", "part"]:
-            raise Damage(SPLIT_FILE, "its columns are not features, sha256, label, part")
+        if reader.fieldnames not in (SPLIT_COLUMNS, [c for c in SPLIT_COLUMNS if c != "path"]):
+            raise Damage(SPLIT_FILE, f"its columns are not {', '.join(SPLIT_COLUMNS)}")
         return {row["sha256"] for row in reader if row["features"] == features and row["part"] == "train"}
     except UnicodeDecodeError:
         raise damaged(run_dir, Damage(SPLIT_FILE, "not UTF-8 text")) from None

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from furnitype.classify.metadata import ROW_SCALARS, SCORE_NAMES, FeatureSetRecord, Row, RunDocument
+from furnitype.classify.metadata import REPORT_KIND, ROW_SCALARS, SCORE_NAMES, FeatureSetRecord, Row, RunDocument
 from furnitype.classify.mistakes import Mistake
 from furnitype.reports.mistakes import STYLE as MISTAKES_STYLE
 from furnitype.reports.mistakes import html_section, markdown_section, write_thumbnails
@@ -33,6 +33,7 @@ DISPLAY_COLUMNS = (
     ("weights", "weights", "{}"),
     ("model", "model", "{}"),
     ("accuracy", "accuracy", "{:.3f}"),
+    ("accuracy_interval", "95% interval", "{0[0]:.3f}-{0[1]:.3f}"),
     ("balanced_accuracy", "bal. acc.", "{:.3f}"),
     ("macro_f1", "macro-F1", "{:.3f}"),
     ("top3_accuracy", "top-3", "{:.3f}"),
@@ -277,10 +278,15 @@ def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(headers), line(["---"] * len(headers)), *(line(r) for r in rows)])
 
 
+def _heading(document: RunDocument) -> str:
+    """``furnitype classify`` over a run, ``furnitype report`` over a merged report."""
+    return "furnitype report" if document.kind == REPORT_KIND else "furnitype classify"
+
+
 def _markdown(document: RunDocument, confusion: dict[str, str], mistakes: _MistakesSection) -> str:
     rows = document.rows
     parts = [
-        f"# furnitype classify: {document.run}",
+        f"# {_heading(document)}: {document.run}",
         "",
         _split_text(document),
         "",
@@ -364,8 +370,9 @@ def _html(document: RunDocument, confusion: dict[str, str], out: Path, mistakes:
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>furnitype classify: {esc(document.run)}</title><style>{_STYLE}{MISTAKES_STYLE}</style></head><body>",
-        f"<h1>furnitype classify: {esc(document.run)}</h1>",
+        f"<title>{_heading(document)}: {esc(document.run)}</title><style>{_STYLE}{MISTAKES_STYLE}</style></head>"
+        "<body>",
+        f"<h1>{_heading(document)}: {esc(document.run)}</h1>",
         f"<p>{esc(_split_text(document))}</p>",
         "<h2>Results, best first</h2>",
         *([f'<p class="flag">{esc(_random_weights_note(document))}</p>'] if _random_weights_note(document) else []),
