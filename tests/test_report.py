@@ -271,3 +271,25 @@ def test_each_accuracy_has_its_95_percent_interval(runs):
 def test_wilson_interval_is_scipys(right, n):
     expected = binomtest(right, n).proportion_ci(0.95, method="wilson")
     assert wilson_interval(right, n) == pytest.approx((expected.low, expected.high))
+
+
+def test_an_int8_quantization_is_shown_by_short_ids_and_no_table_overflows(tmp_path):
+    quantization = f"openvino-nncf calibration=sha256:{'a' * 64} (64 photos) network=sha256:{'b' * 64}"
+    files = []
+    for name, extra in (("f32", {}), ("int8", {"precision": "int8", "quantization": quantization})):
+        X, labels, sha = make_features([12, 12], 8, seed=3, separation=2.0)
+        files.append(tmp_path / f"{name}.h5")
+        store.save(files[-1], features=X, paths=[f"/p/{i}" for i in range(len(labels))], labels=list(labels),
+                   sha256=list(sha), meta={**META, "weights": f"sha256:{'c' * 64}", **extra})
+    run = classify(files, models=["logreg"], cv=3, out=tmp_path / "run", model_params={"logreg": {"Cs": (1.0,)}})
+    short = "openvino-nncf calibration=aaaaaaaa (64 photos) network=bbbbbbbb"
+    table = invoke("report", run.path).output
+    html = (run.path / "report.html").read_text()
+    for shown in (table, html, (run.path / "report.md").read_text()):
+        assert short in shown and not re.search("[0-9a-f]{64}", shown)
+    assert max(map(len, table.splitlines())) < 260
+    assert html.count("<table>") == html.count('<div class="wide"><table>') > 0  # each scrolls in its own box
+    assert '<td class="long">' in html  # and long text wraps
+    assert json.loads((run.path / "metrics.json").read_text())["feature_sets"]["int8"]["settings"]["quantization"] == (
+        quantization  # the data keeps the full ids
+    )

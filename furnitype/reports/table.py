@@ -46,6 +46,9 @@ DISPLAY_COLUMNS = (
 #: Settings shown in their own columns (and in the feature-set table); backbone and weights always are.
 SETTING_COLUMNS = ("pooling", "image_size", "interpolation", "precision", "decode", "store_dtype")
 _NUMBER = re.compile(r"[+-]?[0-9][0-9,]*(\.[0-9]+)?")
+_SHA256_ID = re.compile(r"sha256:([0-9a-f]{8})[0-9a-f]{56}")
+#: Text cells longer than this may wrap in the HTML report (shorter ones stay on one line).
+_WRAP_AFTER = 24
 
 
 def differing_settings(feature_sets: Mapping[str, FeatureSetRecord]) -> list[str]:
@@ -151,7 +154,13 @@ def _cell(row: Row, key: str, fmt: str, feature_sets: Mapping[str, FeatureSetRec
     else:
         fs = feature_sets.get(row.features)
         value = fs.settings.get(key) if fs is not None else None
-    return "" if value is None else fmt.format(value)
+    return "" if value is None else short_ids(fmt.format(value))
+
+
+def short_ids(text: str) -> str:
+    """``text`` with each ``sha256:<64 hex digits>`` shown by its first 8 digits, as weights are (``file a9f13754``):
+    tables show short ids, report.csv and JSON the full ones."""
+    return _SHA256_ID.sub(r"\1", text)
 
 
 def _numeric_columns(cells: Sequence[Sequence[str]], n: int) -> list[bool]:
@@ -334,7 +343,8 @@ def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]], flagged: 
     numeric = _numeric_columns(rows, len(headers))
 
     def cell(tag: str, text: str, number: bool) -> str:
-        classes = " ".join(name for name, on in (("num", number), ("flag", text in flagged)) if on)
+        marks = (("num", number), ("flag", text in flagged), ("long", len(str(text)) > _WRAP_AFTER))
+        classes = " ".join(name for name, on in marks if on)
         attribute = f' class="{classes}"' if classes else ""
         return f"<{tag}{attribute}>{html.escape(str(text))}</{tag}>"
 
@@ -342,7 +352,7 @@ def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]], flagged: 
     body = "".join(
         "<tr>" + "".join(cell("td", c, number) for c, number in zip(r, numeric, strict=True)) + "</tr>" for r in rows
     )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def _image(out: Path, name: str, alt: str) -> str:
@@ -355,6 +365,8 @@ body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
 td { white-space: nowrap; }
+td.long { white-space: normal; overflow-wrap: anywhere; min-width: 12em; }
+.wide { max-width: 100%; overflow-x: auto; }
 th { background: #f2f2f2; }
 .num { text-align: right; font-variant-numeric: tabular-nums; }
 .flag { background: #fff3cd; color: #7a4d00; font-weight: 600; }
