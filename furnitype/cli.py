@@ -334,6 +334,8 @@ def compact(file, quiet, as_json) -> None:
 @click.option("--cv", type=click.IntRange(min=2), default=5, show_default=True, help="CV folds for logreg and svm.")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=42, show_default=True,
               help="Seed of the split, folds and weights.")
+@click.option("--previous", type=click.Path(file_okay=False, readable=False),
+              help="A run to compare with: its best model is scored on this run's test photos too (a note).")
 @click.option("--class-weight", default="none", show_default=True,
               type=click.Choice([str(weight).lower() for weight in CLASS_WEIGHTS]),
               help="Weigh classes inversely to their size.")
@@ -343,8 +345,8 @@ def compact(file, quiet, as_json) -> None:
 @quiet_option("No progress lines (warnings are still shown).")
 @json_option("Print the result as JSON on stdout (progress stays on stderr).")
 @api_command
-def classify(features, models, test_files, test_size, val_size, cv, seed, class_weight, engine, address, out,
-             overwrite, quiet, as_json) -> None:
+def classify(features, models, test_files, test_size, val_size, cv, seed, previous, class_weight, engine, address,
+             out, overwrite, quiet, as_json) -> None:
     """Train dense, logreg and svm on feature files and compare them in one report.
 
     A row per FEATURES file x model, best first, scored on held-out photos (split by image content) or on
@@ -357,6 +359,7 @@ def classify(features, models, test_files, test_size, val_size, cv, seed, class_
       furnitype classify feats/vgg16.h5 feats/inception.h5 --out runs/furniture
       furnitype classify feats/vgg16.h5 --models logreg,svm --test-size 0.25 --cv 3
       furnitype classify feats/train.h5 --test feats/test.h5 --json
+      furnitype classify shop.h5 --test new.h5 --previous runs/shop --out runs/shop-2
     """
     from furnitype.engines import joblib_backend
     from furnitype.training import classify as run_classify
@@ -373,6 +376,7 @@ def classify(features, models, test_files, test_size, val_size, cv, seed, class_
             class_weight=None if class_weight == "none" else class_weight,
             out=out,
             overwrite=overwrite,
+            previous=previous,
             progress=None if quiet else (lambda line: click.echo(line, err=True)),
         )
     if quiet:

@@ -36,6 +36,7 @@ from furnitype.classify.mistakes import MISTAKES_FILE, Mistake, find_mistakes, r
 from furnitype.classify.models import CLASS_WEIGHTS, MODEL_NAMES, MODELS, make_model
 from furnitype.classify.notes import baseline_note, fit_notes
 from furnitype.classify.output import building, refuse_one_of
+from furnitype.classify.previous import check_previous, score_previous
 from furnitype.classify.run import (
     SPLIT_FILE,
     Run,
@@ -74,6 +75,7 @@ def classify(
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
     model_params: Mapping[str, Mapping] | None = None,
+    previous: str | os.PathLike | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Run:
     """Fit each model on each feature file, score it on held-out photos and write a run folder.
@@ -103,6 +105,10 @@ def classify(
         Replace an existing run at ``out`` (by renames: the old run stays whole until the new one is in).
     model_params : mapping of model name to mapping, default=None
         Extra constructor arguments per model (e.g. a smaller grid), checked before anything is trained.
+    previous : path, default=None
+        A run to compare with on the same photos: its best model on each feature set with the same settings is
+        scored on this run's test photos, in a note beside this run's best (a run made before photos were
+        labelled, say; their leaving the test set would otherwise make the comparison one of different photos).
     progress : callable taking a str, default=None
         Called with a line of progress (and each warning) as the run goes.
 
@@ -126,6 +132,8 @@ def classify(
     options = _check_options(feature_files, models, test_files, test_size, val_size, cv, seed, class_weight)
     for name in options.models:
         _new_model(name, options, model_params)  # every model's parameters checked before anything is trained
+    if previous is not None:
+        check_previous(previous)
     out = check_output(out if out is not None else default_run_folder(Path("runs"), datetime.now()), kind="folder")
     warnings: list[str] = []
 
@@ -157,6 +165,9 @@ def classify(
             best = rank_rows([fit.row for fit in fits])[0]
             best_fit = next(fit for fit in fits if fit.row.model == best.model)
             mistakes += find_mistakes(data, best_fit, n_splits=options.cv, seed=seed)
+            if previous is not None:
+                before = score_previous(previous, data)[0]
+                notes.append(before.note(data.key, best))
         document = RunDocument(
             format=RUN_FORMAT,
             kind=RUN_KIND,
