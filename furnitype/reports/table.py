@@ -48,7 +48,7 @@ SETTING_COLUMNS = ("pooling", "image_size", "interpolation", "precision", "decod
 _NUMBER = re.compile(r"[+-]?[0-9][0-9,]*(\.[0-9]+)?")
 _SHA256_ID = re.compile(r"sha256:([0-9a-f]{8})[0-9a-f]{56}")
 #: Text cells longer than this may wrap in the HTML report (shorter ones stay on one line).
-_WRAP_AFTER = 24
+_WRAP_AFTER = 12
 
 
 def differing_settings(feature_sets: Mapping[str, FeatureSetRecord]) -> list[str]:
@@ -362,10 +362,10 @@ def _image(out: Path, name: str, alt: str) -> str:
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 80em; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.8em; }
+th, td { border: 1px solid #ccc; padding: 0.2em 0.35em; text-align: left; }
 td { white-space: nowrap; }
-td.long { white-space: normal; overflow-wrap: anywhere; min-width: 12em; }
+td.long { white-space: normal; overflow-wrap: anywhere; min-width: 7em; }
 .wide { max-width: 100%; overflow-x: auto; }
 th { background: #f2f2f2; }
 .num { text-align: right; font-variant-numeric: tabular-nums; }
