@@ -210,6 +210,19 @@ def progress_bar(*, enabled: bool, **options: Any) -> tqdm:
     return tqdm(disable=None if enabled else True, file=sys.stderr, **options)
 
 
+def data_frame(columns: Mapping[str, Any] | Iterable[Mapping[str, Any]], *, order: Iterable[str] = (),
+               attrs: Mapping[str, Any] | None = None) -> Any:
+    """A pandas DataFrame of ``columns`` (a mapping of column to values, or records) in ``order``, with
+    ``attrs``; pandas is an optional dependency: without it, an ``ImportError`` that says how to install it."""
+    try:
+        import pandas as pd
+    except ImportError:
+        raise ImportError("to_frame() needs pandas: pip install 'furnitype[pandas]' (or pip install pandas)") from None
+    frame = pd.DataFrame(columns if isinstance(columns, Mapping) else list(columns), columns=list(order) or None)
+    frame.attrs.update(attrs or {})
+    return frame
+
+
 def json_ready(value: Any) -> Any:
     """``value`` with every string and path (keys included) made valid UTF-8 by ``shown_name``, for ``json.dumps``."""
     if isinstance(value, (str, os.PathLike)):

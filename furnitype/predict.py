@@ -28,7 +28,7 @@ from furnitype.extract.backbones import check_memory, get_backbone
 from furnitype.extract.images import ImageFile, list_images
 from furnitype.extract.pipeline import check_batching, feature_batches
 from furnitype.extract.settings import as_stored, spec_for
-from furnitype.outputs import check_output, progress_bar, refuse_inputs, replace_file, significant
+from furnitype.outputs import check_output, data_frame, progress_bar, refuse_inputs, replace_file, significant
 
 
 @dataclass(frozen=True)
@@ -152,6 +152,20 @@ class PredictResult:
         # a file name that is not UTF-8 is written as the bytes the file system has, so it still names the file
         replace_file(path, text.getvalue().encode("utf-8", errors="surrogateescape"))
         return path
+
+    def to_frame(self):
+        """The predictions as a pandas DataFrame, one row per file in the order given: the CSV's columns
+        (``csv_columns()``), a missing value as None. Needs pandas (``pip install 'furnitype[pandas]'``)."""
+        records = []
+        for p in self.predictions:
+            record = {"path": p.path, "label": p.label, "probability": p.probability}
+            for i in range(self.top_k):
+                label, probability = p.top[i] if i < len(p.top) else (None, None)
+                record |= {f"label_{i + 1}": label, f"probability_{i + 1}": probability}
+            record |= {"given_label": p.given_label or None, "sha256": p.sha256 or None, "error": p.error or None,
+                       "in_training": p.in_training}
+            records.append(record)
+        return data_frame(records, order=self.csv_columns(), attrs={"run": self.run, "model": self.model})
 
     def format_table(self) -> str:
         """Aligned text: path, the folder's (given) label, the label, its probability and the other top classes

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 from furnitype.classify.metadata import (
     METRICS_FILE,
     REPORT_KIND,
+    ROW_SCALARS,
     RUN_KIND,
     SETTINGS_FILE,
     FeatureSetRecord,
@@ -43,7 +44,7 @@ from furnitype.classify.metadata import (
 from furnitype.classify.output import recover
 from furnitype.classify.runfiles import Damage, folder_inside, read_inside
 from furnitype.errors import InputError, StoreError
-from furnitype.outputs import shown_name
+from furnitype.outputs import data_frame, shown_name
 
 if TYPE_CHECKING:
     from furnitype.classify.models import FeatureClassifier
@@ -85,6 +86,13 @@ class Run:
     def report_html(self) -> Path | None:
         """The HTML report, when the run has a folder."""
         return self.path / "report.html" if self.path is not None else None
+
+    def to_frame(self):
+        """The table as a pandas DataFrame, best row first: the columns of report.csv (``ROW_SCALARS``);
+        ``frame.attrs`` holds ``notes`` and ``warnings``. Needs pandas (``pip install 'furnitype[pandas]'``)."""
+        return data_frame((row.scalars() for row in self.rows), order=ROW_SCALARS,
+                          attrs={"run": str(self.path) if self.path else None, "notes": self.notes,
+                                 "warnings": self.warnings})
 
     def summary(self) -> dict:
         """The JSON-ready result a command prints: paths, table rows (scalars only), notes and warnings."""
