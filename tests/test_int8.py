@@ -312,6 +312,10 @@ def test_json_output_stays_clean_while_quantizing(photos, tmp_path):
                      "--out", tmp_path / "f.h5", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["extracted"] == 36
+    # what is happening is said first, on a line of its own; NNCF's bars stay off a stderr that is no terminal
+    said = "quantizing vgg16 to int8 on 36 calibration photos (NNCF; once, then cached) ..."
+    assert said in result.stderr.splitlines()
+    assert "\r" not in result.stderr and "━" not in result.stderr
 
 
 def test_a_full_cache_folder_is_one_line(photos, tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import run_cli as invoke
 from tests.images import make_photo_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,3 +67,11 @@ def test_a_terminal_gets_the_bars_with_the_epoch_cap(tmp_path):
     stderr = _stderr(tmp_path, terminal=True)
     assert "extract vgg16: 100%" in stderr and "8/8" in stderr
     assert "dense (at most 200 epochs, early stopping)" in stderr and "/200" in stderr
+
+
+def test_the_epoch_cap_in_help_is_the_dense_heads():
+    from furnitype.classify.models.dense import DenseModel
+
+    help_text = " ".join(invoke("classify", "--help").output.split())
+    model = DenseModel()
+    assert f"at most {model.max_epochs} epochs" in help_text and f"has not improved for {model.patience}" in help_text
