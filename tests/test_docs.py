@@ -6,8 +6,8 @@ A fence's language says what a block is: ``python`` blocks run, in order, in one
 blocks are call signatures (not run). The prepared folder holds the photos, stores and runs the examples name,
 drawn small, with random weights. A ``bash`` block is a list of examples: it runs in a fresh copy of that folder.
 A page's ``console`` blocks are one session (a worked example): they run in order in one fresh copy, as do its
-``python`` blocks. An example that writes a run, a report or a CSV (``classify``, ``report``, ``suggest``) shows
-it written anew: what its output names is removed first.
+``python`` blocks. An example that writes a run, a report or a CSV (``classify``, ``report``, ``suggest``, or
+``out="runs/..."`` in Python) shows it written anew: what its output names is removed first.
 
 Only the documented placeholders are substituted (docs/cli.md, "The examples"): a weights file or ``imagenet``
 becomes ``none`` (random weights, no download), ``/data/`` the prepared folder, benchmarks.md's ``PHOTOS/`` and
@@ -209,9 +209,12 @@ def test_commands_run_as_written(page, world, tmp_path):
 
 @pytest.mark.parametrize("page", [p for p in PAGES if any(b.language == "python" for b in blocks(p))])
 def test_python_blocks_run_as_written(page, world, tmp_path, monkeypatch):
-    monkeypatch.chdir(_fresh(world, tmp_path / "session"))
+    session = _fresh(world, tmp_path / "session")
+    monkeypatch.chdir(session)
     namespace: dict = {"__name__": "__docs__"}
     for block in blocks(page):
         if block.language != "python" or set(block.tags) & set(NOT_RUN_PYTHON):
             continue
+        for run in re.findall(r'\bout="(runs/[^"]+)"', block.text):  # a run the example writes anew
+            shutil.rmtree(session / run, ignore_errors=True)
         exec(compile(python_source(block), f"{page}:{block.line}", "exec"), namespace)  # noqa: S102
