@@ -8,6 +8,7 @@ Ctrl-C into exit 130, and shows the API's progress lines on stderr. The conventi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import json
@@ -268,9 +269,10 @@ def extract(images, backbone, weights, pooling, image_size, precision, store_dty
 
 @cli.command()
 @click.argument("file", type=click.Path(dir_okay=False, readable=False))
+@quiet_option("No progress lines on stderr (warnings are still shown).")
 @json_option("Print everything as JSON.")
 @api_command
-def info(file, as_json) -> None:
+def info(file, quiet, as_json) -> None:
     """Show what a feature file holds: rows, classes with counts, settings, skipped files with reasons.
 
     \b
@@ -298,8 +300,10 @@ def info(file, as_json) -> None:
 
 @cli.command()
 @click.argument("file", type=click.Path(dir_okay=False, readable=False))
+@quiet_option("No progress lines on stderr (warnings are still shown).")
+@json_option("Print the result as JSON: file, rows, dropped, bytes_before, bytes_after.")
 @api_command
-def compact(file) -> None:
+def compact(file, quiet, as_json) -> None:
     """Rewrite a feature file with only its rows: drop removed rows, give back unused space.
 
     Also upgrades an older feature file to the current format. Extract compacts by itself when removed rows
@@ -312,6 +316,9 @@ def compact(file) -> None:
     from furnitype.features.store import compact as run_compact
 
     done = run_compact(file)
+    if as_json:
+        _print_json({"file": file, **dataclasses.asdict(done)})
+        return
     click.echo(
         f"{file}: {done.rows:,} rows kept, {done.dropped:,} removed entries dropped, "
         f"{done.bytes_before / 1e6:,.1f} MB -> {done.bytes_after / 1e6:,.1f} MB"
@@ -331,6 +338,8 @@ def compact(file) -> None:
 @click.option("--cv", type=click.IntRange(min=2), default=5, show_default=True, help="CV folds for logreg and svm.")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=42, show_default=True,
               help="Seed of the split, folds and weights.")
+@click.option("--previous", type=click.Path(file_okay=False, readable=False),
+              help="A run to compare with: its best model is scored on this run's test photos too (a note).")
 @click.option("--class-weight", default="none", show_default=True,
               type=click.Choice([str(weight).lower() for weight in CLASS_WEIGHTS]),
               help="Weigh classes inversely to their size.")
@@ -340,18 +349,21 @@ def compact(file) -> None:
 @quiet_option("No progress lines (warnings are still shown).")
 @json_option("Print the result as JSON on stdout (progress stays on stderr).")
 @api_command
-def classify(features, models, test_files, test_size, val_size, cv, seed, class_weight, engine, address, out,
-             overwrite, quiet, as_json) -> None:
+def classify(features, models, test_files, test_size, val_size, cv, seed, previous, class_weight, engine, address,
+             out, overwrite, quiet, as_json) -> None:
     """Train dense, logreg and svm on feature files and compare them in one report.
 
     A row per FEATURES file x model, best first, scored on held-out photos (split by image content) or on
     --test files; the run folder keeps the report (CSV, Markdown, HTML, PNGs), the split and the models.
+    The dense head trains for at most 200 epochs, stopped early when the loss on --val-size of the training
+    photos has not improved for 10 (a bar counts its epochs on a terminal).
 
     \b
     Examples:
       furnitype classify feats/vgg16.h5 feats/inception.h5 --out runs/furniture
       furnitype classify feats/vgg16.h5 --models logreg,svm --test-size 0.25 --cv 3
       furnitype classify feats/train.h5 --test feats/test.h5 --json
+      furnitype classify shop.h5 --test new.h5 --previous runs/shop --out runs/shop-2
     """
     from furnitype.engines import joblib_backend
     from furnitype.training import classify as run_classify
@@ -368,6 +380,7 @@ def classify(features, models, test_files, test_size, val_size, cv, seed, class_
             class_weight=None if class_weight == "none" else class_weight,
             out=out,
             overwrite=overwrite,
+            previous=previous,
             progress=None if quiet else (lambda line: click.echo(line, err=True)),
         )
     if quiet:
@@ -383,9 +396,10 @@ def classify(features, models, test_files, test_size, val_size, cv, seed, class_
               help="Replace an existing report at --out (never a run), and an existing --mistakes file.")
 @click.option("--mistakes", type=click.Path(readable=False),
               help="Write the misclassified test photos and possible label errors as CSV.")
+@quiet_option("No progress lines on stderr (warnings are still shown).")
 @json_option()
 @api_command
-def report(runs, out, overwrite, mistakes, as_json) -> None:
+def report(runs, out, overwrite, mistakes, quiet, as_json) -> None:
     """Reprint saved runs, or merge several into one table; nothing is retrained.
 
     \b
@@ -465,9 +479,10 @@ def predict(run, images, model, feature_set, top_k, weights, batch_size, workers
 @out_option("The CSV to correct: path,label,probability,label_2,probability_2,sha256.", default="to-label.csv")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out or --sheet file.")
 @click.option("--sheet", type=click.Path(readable=False), help="Draw the photos with the model's guesses (PNG).")
+@quiet_option("No progress lines on stderr (warnings are still shown).")
 @json_option()
 @api_command
-def suggest(run, features, n, out, overwrite, sheet, as_json) -> None:
+def suggest(run, features, n, out, overwrite, sheet, quiet, as_json) -> None:
     """Pick the new photos most worth labelling to adapt a run's model to their source.
 
     FEATURES holds new photos (from extract, with the run's feature settings; its labels are ignored). The

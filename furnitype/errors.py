@@ -10,11 +10,22 @@ import signal
 import threading
 from collections.abc import Iterator
 
+#: A sha256 in hex that is not part of a file name: messages show its first 12 digits.
+_FULL_SHA256 = re.compile(r"(?<![\w/.-])([0-9a-f]{12})[0-9a-f]{52}(?![\w/.-])")
+
+
+def short_hashes(text: str) -> str:
+    """``text`` with each 64-digit sha256 shortened to its first 12 hex digits and ``…`` (file names kept)."""
+    return _FULL_SHA256.sub(r"\1…", text)
+
 
 class FurnitypeError(Exception):
-    """A problem the user can fix; the message is one line and says how."""
+    """A problem the user can fix; the message is one line and says how. A sha256 in it is shown short."""
 
     exit_code = 1
+
+    def __init__(self, message: object = "", *args: object):
+        super().__init__(short_hashes(str(message)), *args)
 
 
 class InputError(FurnitypeError):

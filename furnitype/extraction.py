@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +17,6 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from furnitype import __version__
 from furnitype.engines import BatchSource, batch_source
@@ -36,7 +34,7 @@ from furnitype.extract.pipeline import ExtractSpec, check_batching
 from furnitype.extract.settings import calibrated, recorded_settings, resolve_settings
 from furnitype.features.cache import NOT_UTF8, FeatureCache, Hashed
 from furnitype.features.view import DamagedStoreError
-from furnitype.outputs import check_output, refuse_inputs, refuse_photos, significant
+from furnitype.outputs import check_output, progress_bar, refuse_inputs, refuse_photos, significant
 
 #: ``extract``'s keyword form of an ``ExtractSpec`` (with their defaults) and of the Ray engine.
 SPEC_OPTIONS = {
@@ -209,12 +207,8 @@ def extract(
                 cache, spec, settings, listing, label=label, rehash=rehash, calibrate=calibrate, progress=progress
             )
             del listing  # the cache has let go of it too: the network's memory comes on top of what is left
-            bar = tqdm(
-                total=len(todo),
-                unit="img",
-                desc=f"extract {spec.backbone}",
-                disable=not progress or not todo,
-                file=sys.stderr,
+            bar = progress_bar(
+                enabled=progress and bool(todo), total=len(todo), unit="img", desc=f"extract {spec.backbone}",
                 dynamic_ncols=True,
             )
             with bar:
@@ -310,15 +304,7 @@ def _hash_all(listing: Listing, indices: list[int], progress: bool) -> dict[int,
             return Hashed(reason=str(err), gone=err.gone)
         return Hashed(sha, stat)
 
-    bar = tqdm(
-        total=len(indices),
-        unit="file",
-        desc="hash",
-        disable=not progress,
-        delay=2.0,
-        leave=False,
-        file=sys.stderr,
-    )
+    bar = progress_bar(enabled=progress, total=len(indices), unit="file", desc="hash", delay=2.0, leave=False)
     results = {}
     with bar, ThreadPoolExecutor(max_workers=4) as pool:
         for i, result in zip(indices, pool.map(digest, indices), strict=True):

@@ -23,9 +23,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, overload
+
+from tqdm import tqdm
 
 from furnitype.errors import InputError
 
@@ -261,6 +264,24 @@ def shown_name(name: str) -> str:
         except UnicodeEncodeError:  # a surrogate that no file name decodes to
             return name.encode("utf-8", "backslashreplace").decode("utf-8")
     return name
+
+
+def progress_bar(*, enabled: bool, **options: Any) -> tqdm:
+    """A tqdm bar on stderr, drawn only when ``enabled`` and stderr is a terminal: a log gets no bars."""
+    return tqdm(disable=None if enabled else True, file=sys.stderr, **options)
+
+
+def data_frame(columns: Mapping[str, Any] | Iterable[Mapping[str, Any]], *, order: Iterable[str] = (),
+               attrs: Mapping[str, Any] | None = None) -> Any:
+    """A pandas DataFrame of ``columns`` (a mapping of column to values, or records) in ``order``, with
+    ``attrs``; pandas is an optional dependency: without it, an ``ImportError`` that says how to install it."""
+    try:
+        import pandas as pd
+    except ImportError:
+        raise ImportError("to_frame() needs pandas: pip install 'furnitype[pandas]' (or pip install pandas)") from None
+    frame = pd.DataFrame(columns if isinstance(columns, Mapping) else list(columns), columns=list(order) or None)
+    frame.attrs.update(attrs or {})
+    return frame
 
 
 def json_ready(value: Any) -> Any:

@@ -13,24 +13,31 @@ import contextlib
 import csv
 import io
 import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from furnitype.classify.metadata import METRICS_FILE
-from furnitype.classify.run import damaged, load_model
+from furnitype.classify.run import damaged, load_model, training_photos
 from furnitype.classify.runfiles import Damage
 from furnitype.errors import InputError
 from furnitype.extract.backbones import check_memory, get_backbone, weights_files
 from furnitype.extract.images import ImageFile, list_images
 from furnitype.extract.pipeline import check_batching, feature_batches
 from furnitype.extract.settings import as_stored, spec_for
-from furnitype.outputs import check_output, refuse_existing, refuse_inputs, refuse_photos, replace_file, significant
+from furnitype.outputs import (
+    check_output,
+    data_frame,
+    progress_bar,
+    refuse_existing,
+    refuse_inputs,
+    refuse_photos,
+    replace_file,
+    significant,
+)
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,8 @@ class Prediction:
         Hex digest of the file's bytes ("" when it could not be read).
     error : str
         Why the file could not be used ("" when it was).
+    in_training : bool
+        The photo (by content) is one the run trained this model's feature set on (its ``split.csv``).
     """
 
     path: str
@@ -62,9 +71,11 @@ class Prediction:
     given_label: str = ""
     sha256: str = ""
     error: str = ""
+    in_training: bool = False
 
     def as_dict(self) -> dict:
-        """JSON-ready: ``path, label, probability, top_k [{label, probability}], given_label, sha256, error``.
+        """JSON-ready: ``path, label, probability, top_k [{label, probability}], given_label, sha256, error,
+        in_training``.
 
         A value that does not apply is None; probabilities have 6 significant digits.
         """
@@ -76,6 +87,7 @@ class Prediction:
             "given_label": self.given_label or None,
             "sha256": self.sha256 or None,
             "error": self.error or None,
+            "in_training": self.in_training,
         }
 
 
@@ -117,16 +129,21 @@ class PredictResult:
         failed = len(self.predictions) - len(done)
         if failed:
             line += f", {failed:,} could not be used"
-        judged = [p for p in done if p.given_label in self.classes]
+        trained = sum(p.in_training for p in done)
+        if trained:
+            line += f"; {trained:,} {'is a training photo' if trained == 1 else 'are training photos'} of the run"
+        judged = [p for p in done if p.given_label in self.classes and not p.in_training]
         if judged:
             agree = sum(p.label == p.given_label for p in judged)
-            line += f"; {agree:,} of {len(judged):,} agree with their folder's label ({agree / len(judged):.1%})"
+            share = f"({agree / len(judged):.1%})"
+            others = " others" if trained else ""
+            line += f"; {agree:,} of {len(judged):,}{others} agree with their folder's label {share}"
         return line + f"; {self.seconds:.1f} s"
 
     def csv_columns(self) -> list[str]:
-        """``path, label, probability, label_1, probability_1, ..., given_label, sha256, error``."""
+        """``path, label, probability, label_1, probability_1, ..., given_label, sha256, error, in_training``."""
         ranked = [f"{name}_{i}" for i in range(1, self.top_k + 1) for name in ("label", "probability")]
-        return ["path", "label", "probability", *ranked, "given_label", "sha256", "error"]
+        return ["path", "label", "probability", *ranked, "given_label", "sha256", "error", "in_training"]
 
     def write_csv(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the predictions as CSV (columns: ``csv_columns()``; an empty cell where there is no value,
@@ -141,21 +158,39 @@ class PredictResult:
             ranked = [value for label, prob in p.top for value in (label, significant(prob))]
             ranked += [""] * (2 * self.top_k - len(ranked))
             probability = "" if p.probability is None else significant(p.probability)
-            writer.writerow([p.path, p.label or "", probability, *ranked, p.given_label, p.sha256, p.error])
+            writer.writerow([p.path, p.label or "", probability, *ranked, p.given_label, p.sha256, p.error,
+                             str(p.in_training).lower()])
         # a file name that is not UTF-8 is written as the bytes the file system has, so it still names the file
         replace_file(path, text.getvalue().encode("utf-8", errors="surrogateescape"))
         return path
 
-    def format_table(self) -> str:
-        """Aligned text: path, label, probability and the other top classes (or the error)."""
-        width = max((len(p.path) for p in self.predictions), default=4)
-        lines = [f"{'path':<{width}}  {'label':<12} {'prob':>6}  next"]
+    def to_frame(self):
+        """The predictions as a pandas DataFrame, one row per file in the order given: the CSV's columns
+        (``csv_columns()``), a missing value as None. Needs pandas (``pip install 'furnitype[pandas]'``)."""
+        records = []
         for p in self.predictions:
+            record = {"path": p.path, "label": p.label, "probability": p.probability}
+            for i in range(self.top_k):
+                label, probability = p.top[i] if i < len(p.top) else (None, None)
+                record |= {f"label_{i + 1}": label, f"probability_{i + 1}": probability}
+            record |= {"given_label": p.given_label or None, "sha256": p.sha256 or None, "error": p.error or None,
+                       "in_training": p.in_training}
+            records.append(record)
+        return data_frame(records, order=self.csv_columns(), attrs={"run": self.run, "model": self.model})
+
+    def format_table(self) -> str:
+        """Aligned text: path, the folder's (given) label, the label, its probability and the other top classes
+        (or the error); a training photo of the run is marked so."""
+        width = max((len(p.path) for p in self.predictions), default=4)
+        lines = [f"{'path':<{width}}  {'given':<12} {'label':<12} {'prob':>6}  next"]
+        for p in self.predictions:
+            given = p.given_label or "-"
             if p.error:
-                lines.append(f"{p.path:<{width}}  {'-':<12} {'-':>6}  error: {p.error}")
+                lines.append(f"{p.path:<{width}}  {given:<12} {'-':<12} {'-':>6}  error: {p.error}")
                 continue
             others = ", ".join(f"{label} {prob:.3f}" for label, prob in p.top[1:])
-            lines.append(f"{p.path:<{width}}  {p.label:<12} {p.probability:>6.3f}  {others}")
+            seen = "  (training photo)" if p.in_training else ""
+            lines.append(f"{p.path:<{width}}  {given:<12} {p.label:<12} {p.probability:>6.3f}  {others}{seen}")
         return "\n".join(lines)
 
 
@@ -228,6 +263,7 @@ def predict(
     refuse_photos({"--out": out}, (f.path for f in files))
     refuse_existing({"--out": out}, overwrite=overwrite)
     loaded = load_model(run, None if model in (None, "best") else model, features=features)
+    trained = training_photos(run, loaded.features)
     spec = spec_for(
         loaded.settings,
         weights=weights,
@@ -242,7 +278,7 @@ def predict(
     labels = {f.path: f.label for f in files}
     by_path: dict[str, Prediction] = {}
     todo = list(labels)  # each file once; a missing one gets its row from the decoder: "file not found"
-    bar = tqdm(total=len(todo), unit="img", desc="predict", disable=not progress or not todo, file=sys.stderr)
+    bar = progress_bar(enabled=progress and bool(todo), total=len(todo), unit="img", desc="predict")
     with bar:
         for batch in feature_batches(spec, todo, batch_size=batch_size, workers=workers):
             done = [(o, o.features) for o in batch if o.features is not None]
@@ -253,7 +289,8 @@ def predict(
                     order = np.argsort(-proba, kind="stable")[:top_k]
                     top = [(str(classes[j]), float(proba[j])) for j in order]
                     by_path[outcome.path] = Prediction(
-                        outcome.path, top[0][0], top[0][1], top, labels[outcome.path], outcome.sha256
+                        outcome.path, top[0][0], top[0][1], top, labels[outcome.path], outcome.sha256,
+                        in_training=outcome.sha256 in trained,
                     )
             for o in batch:
                 if o.reason:

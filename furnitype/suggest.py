@@ -23,7 +23,15 @@ from furnitype.classify.run import LoadedModel, load_model, load_run, training_p
 from furnitype.classify.selection import labelling_order
 from furnitype.errors import InputError, SettingsMismatchError
 from furnitype.features.store import SETTING_KEYS, FeatureSet, load
-from furnitype.outputs import check_output, refuse_existing, refuse_inputs, refuse_photos, replace_file, significant
+from furnitype.outputs import (
+    check_output,
+    data_frame,
+    refuse_existing,
+    refuse_inputs,
+    refuse_photos,
+    replace_file,
+    significant,
+)
 from furnitype.reports.sheet import labelling_sheet
 
 #: The columns of the CSV ``suggest`` writes, in order.
@@ -112,6 +120,12 @@ class SuggestResult:
             "notes": self.notes,
             "suggestions": [s.as_dict() for s in self.suggestions],
         }
+
+    def to_frame(self):
+        """The suggestions as a pandas DataFrame, most worth labelling first: the CSV's columns
+        (``CSV_COLUMNS``). Needs pandas (``pip install 'furnitype[pandas]'``)."""
+        records = ({key: getattr(s, key) for key in CSV_COLUMNS} for s in self.suggestions)
+        return data_frame(records, order=CSV_COLUMNS, attrs={"run": self.run, "file": self.file, "notes": self.notes})
 
     def format_table(self) -> str:
         """Aligned text: rank, guess and its probability, the runner-up, path."""

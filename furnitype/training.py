@@ -11,6 +11,7 @@ lists each feature set's mistakes (``furnitype.classify.mistakes``), and the run
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -35,6 +36,7 @@ from furnitype.classify.mistakes import MISTAKES_FILE, Mistake, find_mistakes, r
 from furnitype.classify.models import CLASS_WEIGHTS, MODEL_NAMES, MODELS, make_model
 from furnitype.classify.notes import baseline_note, fit_notes
 from furnitype.classify.output import building, refuse_one_of
+from furnitype.classify.previous import check_previous, score_previous
 from furnitype.classify.run import (
     SPLIT_FILE,
     Run,
@@ -53,6 +55,13 @@ from furnitype.reports.table import write_report
 DEFAULT_TEST_SIZE = 0.2
 
 
+def default_run_folder(runs: Path, now: datetime) -> Path:
+    """``runs/<date-time>``, or ``runs/<date-time>-2`` (``-3`` ...) when a run made in the same second holds it."""
+    stamp = now.strftime("%Y%m%d-%H%M%S")
+    names = itertools.chain([stamp], (f"{stamp}-{i}" for i in itertools.count(2)))
+    return next(runs / name for name in names if not os.path.lexists(runs / name))
+
+
 def classify(
     feature_files: Sequence[str | os.PathLike],
     *,
@@ -66,6 +75,7 @@ def classify(
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
     model_params: Mapping[str, Mapping] | None = None,
+    previous: str | os.PathLike | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Run:
     """Fit each model on each feature file, score it on held-out photos and write a run folder.
@@ -95,6 +105,10 @@ def classify(
         Replace an existing run at ``out`` (by renames: the old run stays whole until the new one is in).
     model_params : mapping of model name to mapping, default=None
         Extra constructor arguments per model (e.g. a smaller grid), checked before anything is trained.
+    previous : path, default=None
+        A run to compare with on the same photos: its best model on each feature set with the same settings is
+        scored on this run's test photos, in a note beside this run's best (a run made before photos were
+        labelled, say; their leaving the test set would otherwise make the comparison one of different photos).
     progress : callable taking a str, default=None
         Called with a line of progress (and each warning) as the run goes.
 
@@ -118,15 +132,18 @@ def classify(
     options = _check_options(feature_files, models, test_files, test_size, val_size, cv, seed, class_weight)
     for name in options.models:
         _new_model(name, options, model_params)  # every model's parameters checked before anything is trained
-    out = check_output(out if out is not None else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"),
-                       kind="folder")
+    if previous is not None:
+        check_previous(previous)
+    out = check_output(out if out is not None else default_run_folder(Path("runs"), datetime.now()), kind="folder")
     warnings: list[str] = []
 
     def warn(message: str) -> None:
         warnings.append(message)
         say(f"warning: {message}")
 
-    with building(out, kind=RUN_KIND, overwrite=overwrite) as folder:
+    from furnitype.classify.models.dense import epoch_progress
+
+    with building(out, kind=RUN_KIND, overwrite=overwrite) as folder, epoch_progress(progress is not None):
         run_name = folder.target.name
         sets = load_train_test_sets(
             feature_files, test_files, test_size=options.test_size or DEFAULT_TEST_SIZE, seed=seed, warn=warn
@@ -148,6 +165,9 @@ def classify(
             best = rank_rows([fit.row for fit in fits])[0]
             best_fit = next(fit for fit in fits if fit.row.model == best.model)
             mistakes += find_mistakes(data, best_fit, n_splits=options.cv, seed=seed)
+            if previous is not None:
+                before = score_previous(previous, data)[0]
+                notes.append(before.note(data.key, best))
         document = RunDocument(
             format=RUN_FORMAT,
             kind=RUN_KIND,
@@ -362,8 +382,8 @@ def _write_run(run_dir: Path, document: RunDocument, sets: Sequence[TrainTestSet
     split = []
     for data in sets:
         write_feature_set(run_dir / "models" / data.key, document.feature_sets[data.key])
-        split += [(data.key, g, y, "train") for g, y in zip(data.train.sha256, data.train.labels, strict=True)]
-        split += [(data.key, g, y, "test") for g, y in zip(data.test.sha256, data.test.labels, strict=True)]
+        for part, rows in (("train", data.train), ("test", data.test)):
+            split += [(data.key, g, p, y, part) for g, p, y in zip(rows.sha256, rows.paths, rows.labels, strict=True)]
     write_split(run_dir / SPLIT_FILE, split)
     write_mistakes(run_dir / MISTAKES_FILE, mistakes)
     write_report(document, run_dir, mistakes)

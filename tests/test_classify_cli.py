@@ -101,6 +101,10 @@ def test_the_split_is_saved_by_content_and_shared_by_both_files(full_run, files)
         split = list(csv.DictReader(fh))
     parts = {(r["features"], r["sha256"]): r["part"] for r in split}
     assert len(parts) == 120
+    assert list(split[0]) == ["features", "sha256", "path", "label", "part"]  # the photos by path too
+    assert {(r["path"], r["label"]) for r in split} == {
+        (f"/photos/{label}/{i}.jpg", label) for i, label in enumerate(files["labels"])
+    }
     assert all(parts[("vgg", sha)] == parts[("inception", sha)] for sha in files["sha"])
     assert sum(p == "test" for p in parts.values()) == 2 * (3 + 3 + 3 + 2)  # round(20% of 16, 16, 16, 12)
     assert len({r["test_set"] for r in summary["rows"]}) == 1
@@ -369,3 +373,40 @@ def test_a_run_that_does_not_beat_the_baseline_says_so(files, tmp_path):
         f"{run.rows[0].baseline_accuracy:.3f}); the best, logreg, ties it (its cross-validation chose the "
         f"baseline's own C=0.1: the same model); McNemar p = 1.000 over {run.rows[0].n_test} test photos."
     ]
+
+
+def test_previous_run_is_scored_on_the_same_test_photos(tmp_path):
+    """After labelling test photos and training again, the labelled photos leave the test set: the note scores
+    the previous run's model on the photos that remain, so before and after are measured alike."""
+    X, labels, sha = make_features([16, 16, 16], 8, seed=4, separation=0.6)
+    order = np.random.default_rng(0).permutation(len(labels))
+    train, new, labelled = order[:27], order[27:], order[27:33]
+    new_file = write(tmp_path / "new.h5", X[new], labels[new], sha[new])
+    before = classify([write(tmp_path / "shop.h5", X[train], labels[train], sha[train])], test_files=[new_file],
+                      models=["logreg"], cv=3, out=tmp_path / "runs" / "shop").path
+    grown = np.concatenate([train, labelled])
+    shop = write(tmp_path / "shop-2.h5", X[grown], labels[grown], sha[grown])
+
+    result = invoke("classify", shop, "--test", new_file, "--previous", before, "--models", "logreg", "--cv", "3",
+                    "--out", tmp_path / "runs" / "shop-2", "--json", "-q")
+
+    assert result.exit_code == 0, result.output
+    remaining = order[33:]
+    old = load_model(before, "logreg")
+    predicted = np.asarray(old.classes)[old.model.predict_proba(X[remaining]).argmax(axis=1)]
+    right = int(np.sum(predicted == labels[remaining]))
+    note = next(n for n in json.loads(result.stdout)["notes"] if "previous run" in n)
+    assert note.startswith(f"shop-2: on the same {len(remaining)} test photos, the previous run {before}'s logreg "
+                           f"scores {right / len(remaining):.3f} (")
+    assert f"; {old.row.accuracy:.3f} on its own test photos) and this run's logreg" in note
+
+
+def test_previous_must_be_a_run_with_matching_features(tmp_path):
+    X, labels, sha = make_features([10, 10], 8, seed=5)
+    shop = write(tmp_path / "shop.h5", X, labels, sha)
+    other = write(tmp_path / "other.h5", X, labels, sha, pooling="max")
+    before = classify([other], models=["logreg"], cv=3, out=tmp_path / "before").path
+    result = invoke("classify", shop, "--previous", before, *FAST, "--out", tmp_path / "after")
+    assert result.exit_code == 1 and "has no features made with the settings of" in result.output
+    result = invoke("classify", shop, "--previous", tmp_path / "missing", *FAST)
+    assert result.exit_code == 2 and result.output.startswith("Error: ")

@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from datetime import datetime
 
 import pytest
 
@@ -12,7 +13,7 @@ from furnitype.classify import load_model, load_run
 from furnitype.classify.metadata import RunDocument
 from furnitype.classify.synthetic import make_features
 from furnitype.errors import StoreError
-from furnitype.training import classify
+from furnitype.training import classify, default_run_folder
 from tests.conftest import run_cli as invoke
 
 
@@ -108,3 +109,11 @@ def test_a_damaged_model_json_is_one_line(copy):
     model_json.write_text("[1, 2")
     with pytest.raises(StoreError, match=r" is damaged: models/feats/svm/model\.json: not JSON \("):
         load_model(copy, "svm")
+
+
+def test_default_run_folder_never_meets_a_run_of_the_same_second(tmp_path):
+    now = datetime(2026, 12, 4, 18, 33, 8)
+    assert default_run_folder(tmp_path, now) == tmp_path / "20261204-183308"
+    (tmp_path / "20261204-183308").mkdir()
+    (tmp_path / "20261204-183308-2").symlink_to(tmp_path / "gone")  # a name taken, even by a dangling link
+    assert default_run_folder(tmp_path, now) == tmp_path / "20261204-183308-3"

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from unittest.mock import ANY
 
 import h5py
 import pytest
@@ -29,7 +30,7 @@ from furnitype.classify.models import CLASS_WEIGHTS, MODEL_NAMES, model_class
 from furnitype.classify.synthetic import make_features
 from furnitype.cli import cli
 from furnitype.engines import ENGINES
-from furnitype.errors import InputError
+from furnitype.errors import FurnitypeError, InputError
 from furnitype.extract.backbones import (
     _COPY_BYTES_PER_PIXEL,
     POOLINGS,
@@ -109,8 +110,20 @@ def test_shared_options_have_one_spelling_on_every_command():
                 assert param.opts == spellings[param.name], (command_name, param.opts)
                 found[param.name].add(command_name)
     assert {"extract", "classify", "report", "predict"} <= found["out"]
-    assert {"extract", "classify", "predict", "similar"} <= found["quiet"]
+    assert found["quiet"] == found["as_json"] == set(cli.commands)  # every command has -q and --json
     assert found["top_k"] >= {"predict", "similar"}
+
+
+def test_compact_json_and_quiet_reads_as_the_other_commands(made, tmp_path):
+    store = tmp_path / "vgg.h5"
+    shutil.copy(made["feats"], store)
+    result = invoke("compact", store, "--json", "-q")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == {"file": str(store), "rows": 12, "dropped": 0,
+                                         "bytes_before": ANY, "bytes_after": store.stat().st_size}
+    for command in (["info", store], ["report", made["run"]]):
+        quiet = invoke(*command, "-q")
+        assert quiet.exit_code == 0 and quiet.output == invoke(*command).output
 
 
 def test_choices_are_the_apis_own():
@@ -599,7 +612,7 @@ def test_json_shapes_null_for_missing_and_six_significant_digits(made, tmp_path)
     assert found["given_label"] is None and re.fullmatch("[0-9a-f]{64}", found["sha256"]) and found["error"] is None
     assert _significant(found["probability"]) and all(_significant(t["probability"]) for t in found["top_k"])
     assert gone == {"path": str(tmp_path / "gone.jpg"), "label": None, "probability": None, "top_k": [],
-                    "given_label": None, "sha256": None, "error": "file not found"}
+                    "given_label": None, "sha256": None, "error": "file not found", "in_training": False}
 
     [match] = json.loads(invoke("similar", made["feats"], loose, "--json", "-q").stdout)
     assert match["label"] is None and match["error"] is None and not match["in_store"]
@@ -632,7 +645,7 @@ def test_json_keeps_the_progress_on_stderr_with_a_loading_line(photo_folder, tmp
     assert json.loads(result.stdout)["extracted"] == 6
     pieces = re.split(r"[\r\n]", result.stderr)
     assert "loading vgg16 (random weights) ..." in pieces  # a line of its own, not glued to the bar
-    assert any(piece.startswith("extract vgg16: 100%") for piece in pieces)
+    assert "\r" not in result.stderr and "img/s" not in result.stderr  # no bar off a terminal (test_progress.py)
     quiet = runner.invoke(cli, [*args[:-1], str(tmp_path / "g.h5"), "--json", "-q"])
     assert quiet.exit_code == 0 and quiet.stderr == ""
 
@@ -691,3 +704,13 @@ def test_the_command_line_starts_without_the_heavy_libraries():
             "print(sorted(m for m in ('numpy', 'PIL', 'h5py', 'sklearn', 'tensorflow') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+
+
+def test_messages_show_a_sha256_by_its_first_12_digits(made, tmp_path):
+    store_file = tmp_path / "vgg.h5"
+    shutil.copy(made["feats"], store_file)
+    identity = store.read_meta(store_file)["weights"]
+    line = _one_line_error(invoke("extract", made["photos"], "--weights", "none", "--image-size", "32",
+                                  "--out", store_file), 1)
+    assert f"{identity[:19]}…" in line and not re.search("[0-9a-f]{13}", line), line
+    assert FurnitypeError(f"see /p/{'ab' * 32}.jpg").args[0] == f"see /p/{'ab' * 32}.jpg"  # file names are kept

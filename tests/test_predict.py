@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from furnitype.classify import load_model
+from furnitype.classify.run import training_photos
 from furnitype.errors import InputError, SettingsMismatchError
 from furnitype.extraction import extract
 from furnitype.features import load
@@ -133,7 +134,7 @@ def test_cli_csv_columns_and_rows(setup, tmp_path):
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == [
         "path", "label", "probability", "label_1", "probability_1", "label_2", "probability_2",
-        "given_label", "sha256", "error",
+        "given_label", "sha256", "error", "in_training",
     ]
     assert len(rows) == 7
     broken = [r for r in rows if r["path"].endswith("broken.jpg")]
@@ -150,7 +151,8 @@ def test_cli_json_list_and_model_choice(setup):
     rows = json.loads(result.stdout)
     assert len(rows) == 6
     for row in rows:
-        assert set(row) == {"path", "label", "probability", "top_k", "given_label", "sha256", "error"}
+        assert set(row) == {"path", "label", "probability", "top_k", "given_label", "sha256", "error", "in_training"}
+        assert row["in_training"] is False
         assert len(row["top_k"]) == 3  # only 3 classes
         assert row["label"] == row["top_k"][0]["label"] and row["probability"] == row["top_k"][0]["probability"]
         assert sum(t["probability"] for t in row["top_k"]) == pytest.approx(1.0)
@@ -161,7 +163,8 @@ def test_cli_table_and_errors(setup, tmp_path):
     result = invoke("predict", setup["runs"]["float32"], setup["new"])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()  # the progress bar went to stderr
-    assert lines[0].split() == ["path", "label", "prob", "next"] and len(lines) == 8
+    assert lines[0].split() == ["path", "given", "label", "prob", "next"] and len(lines) == 8
+    assert [line.split()[1] for line in lines[1:7]] == [c for c in CLASSES for _ in range(2)]  # the folder's label
     assert "6 of 6 photos labelled by" in lines[-1] and "agree with their folder's label" in lines[-1]
 
     result = invoke("predict", setup["runs"]["float16"], setup["new"], "--model", "svm")
@@ -183,3 +186,21 @@ def test_cli_csv_of_a_file_whose_name_is_not_utf8(setup, tmp_path):
     rows = list(csv.reader(out.read_bytes().decode("utf-8", errors="surrogateescape").splitlines()))
     assert Path(rows[1][0]).is_file() and Path(rows[1][0]).name.encode("utf-8", errors="surrogateescape") == name
     assert rows[1][1] in CLASSES
+
+
+def test_the_runs_own_training_photos_are_counted_apart(setup):
+    """Agreement on a run's own training photos flatters: they are named, and the figure is on the others."""
+    run = setup["runs"]["float32"]
+    trained = training_photos(run, load_model(run).features)
+    result = predict(run, [setup["base"] / "photos", setup["new"]])
+    marked = [p for p in result.predictions if p.in_training]
+    assert {p.sha256 for p in marked} == trained and 0 < len(marked) < 18
+    others = [p for p in result.predictions if not p.in_training]
+    agree = sum(p.label == p.given_label for p in others)
+    summary = result.summary()
+    assert f"; {len(marked)} are training photos of the run; {agree} of {len(others)} others agree" in summary
+    table = result.format_table().splitlines()
+    assert sum(line.endswith("(training photo)") for line in table) == len(marked)
+    assert [r["in_training"] for r in (p.as_dict() for p in result.predictions)] == [
+        p.in_training for p in result.predictions
+    ]

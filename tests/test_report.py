@@ -5,9 +5,11 @@ import json
 import re
 
 import pytest
+from scipy.stats import binomtest
 
 from furnitype import features as store
 from furnitype.classify import load_run
+from furnitype.classify.confidence import wilson_interval
 from furnitype.classify.data import weights_label
 from furnitype.classify.metadata import Row
 from furnitype.classify.run import rank_rows
@@ -72,6 +74,9 @@ def test_merge_runs_into_one_table(runs, tmp_path):
     for name in ("report.csv", "report.md", "report.html", "scores.png", "metrics.json"):
         assert (out / name).is_file(), name
     assert len(list(out.glob("confusion-*.png"))) == 2
+    assert "<h1>furnitype report: first + second</h1>" in (out / "report.html").read_text()
+    assert (out / "report.md").read_text().startswith("# furnitype report: first + second\n")
+    assert (runs["first"] / "report.md").read_text().startswith("# furnitype classify: first\n")
     notes = json.loads(result.stdout)["notes"]
     assert any("2 different sets of test photos" in note for note in notes)
     table = invoke("report", runs["first"], runs["second"]).output.splitlines()
@@ -243,3 +248,48 @@ def test_report_merges_runs_of_the_same_name_from_different_folders(runs, tmp_pa
     reread = invoke("report", out, "--json")
     assert reread.exit_code == 0, reread.output
     assert len(list(out.glob("confusion-*.png"))) == 2
+
+
+def test_each_accuracy_has_its_95_percent_interval(runs):
+    """On a few dozen test photos accuracies swing by points: the table and every file show how far."""
+    row = load_run(runs["first"]).rows[0]
+    right = sum(line[i] for i, line in enumerate(row.confusion))
+    low, high = binomtest(right, row.n_test).proportion_ci(0.95, method="wilson")
+    assert row.accuracy_interval == pytest.approx((low, high)) and low < row.accuracy <= high
+    shown = f"{low:.3f}-{high:.3f}"
+    table = invoke("report", runs["first"]).output.splitlines()
+    assert "95% interval" in table[0] and shown in table[2]
+    assert shown in (runs["first"] / "report.html").read_text() and shown in (runs["first"] / "report.md").read_text()
+    with open(runs["first"] / "report.csv", newline="") as fh:
+        saved = next(csv.DictReader(fh))
+    assert (float(saved["accuracy_low"]), float(saved["accuracy_high"])) == pytest.approx((low, high), rel=1e-5)
+    rows = json.loads(invoke("report", runs["first"], "--json").stdout)["rows"]
+    assert (rows[0]["accuracy_low"], rows[0]["accuracy_high"]) == pytest.approx((low, high), rel=1e-5)
+
+
+@pytest.mark.parametrize("right, n", [(0, 1), (0, 56), (51, 56), (56, 56), (513, 531)])
+def test_wilson_interval_is_scipys(right, n):
+    expected = binomtest(right, n).proportion_ci(0.95, method="wilson")
+    assert wilson_interval(right, n) == pytest.approx((expected.low, expected.high))
+
+
+def test_an_int8_quantization_is_shown_by_short_ids_and_no_table_overflows(tmp_path):
+    quantization = f"openvino-nncf calibration=sha256:{'a' * 64} (64 photos) network=sha256:{'b' * 64}"
+    files = []
+    for name, extra in (("f32", {}), ("int8", {"precision": "int8", "quantization": quantization})):
+        X, labels, sha = make_features([12, 12], 8, seed=3, separation=2.0)
+        files.append(tmp_path / f"{name}.h5")
+        store.save(files[-1], features=X, paths=[f"/p/{i}" for i in range(len(labels))], labels=list(labels),
+                   sha256=list(sha), meta={**META, "weights": f"sha256:{'c' * 64}", **extra})
+    run = classify(files, models=["logreg"], cv=3, out=tmp_path / "run", model_params={"logreg": {"Cs": (1.0,)}})
+    short = "openvino-nncf calibration=aaaaaaaa (64 photos) network=bbbbbbbb"
+    table = invoke("report", run.path).output
+    html = (run.path / "report.html").read_text()
+    for shown in (table, html, (run.path / "report.md").read_text()):
+        assert short in shown and not re.search("[0-9a-f]{64}", shown)
+    assert max(map(len, table.splitlines())) < 260
+    assert html.count("<table>") == html.count('<div class="wide"><table>') > 0  # each scrolls in its own box
+    assert '<td class="long">' in html  # and long text wraps
+    assert json.loads((run.path / "metrics.json").read_text())["feature_sets"]["int8"]["settings"]["quantization"] == (
+        quantization  # the data keeps the full ids
+    )

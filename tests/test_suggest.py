@@ -336,6 +336,8 @@ def test_a_damaged_split_is_one_line(setup, tmp_path, change, problem):
     split = run / "split.csv"
     with open(split, newline="", encoding="utf-8") as fh:
         header, *rows = csv.reader(fh)
+    keep = [i for i, column in enumerate(header) if column != "path"]  # damaged as an older run's split.csv
+    header, rows = [header[i] for i in keep], [[row[i] for i in keep] for row in rows]
     with open(split, "w", newline="", encoding="utf-8") as fh:
         csv.writer(fh).writerows([header, *SPLIT_DAMAGES[change](rows)])
 
@@ -344,6 +346,21 @@ def test_a_damaged_split_is_one_line(setup, tmp_path, change, problem):
     assert result.exit_code == 1, result.output
     assert re.fullmatch(rf"Error: run {re.escape(str(run))} is damaged: {problem}\n", result.output), result.output
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_a_split_without_paths_made_by_an_older_furnitype_is_read(setup, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(setup["run"], run)
+    with open(run / "split.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    with open(run / "split.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, ["features", "sha256", "label", "part"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+    old, new = suggest(run, setup["new"]), suggest(setup["run"], setup["new"])
+    assert old.in_training == new.in_training > 0
+    assert [s.as_dict() for s in old.suggestions] == [s.as_dict() for s in new.suggestions]
 
 
 def test_n_below_one(setup, tmp_path):

@@ -27,6 +27,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Union
 
+from furnitype.classify.confidence import wilson_interval
 from furnitype.classify.runfiles import CONTROL_CHARACTERS, Damage, read_inside, relative_parts
 from furnitype.errors import StoreError
 from furnitype.outputs import significant
@@ -54,6 +55,8 @@ ROW_SCALARS = (
     "weights_identity",
     "model",
     "accuracy",
+    "accuracy_low",
+    "accuracy_high",
     "balanced_accuracy",
     "macro_f1",
     "top3_accuracy",
@@ -234,6 +237,19 @@ class Row:
     vs_baseline_points: float = field(metadata=rule(between(-100, 100)))
     rank: int = field(default=0, metadata={"check": NON_NEGATIVE})
     weights_identity: str | None = field(default=None, metadata={"check": weights_identity})
+
+    @property
+    def accuracy_interval(self) -> tuple[float, float]:
+        """The 95 % Wilson score interval of the accuracy on the ``n_test`` photos (from the confusion matrix)."""
+        return wilson_interval(sum(line[i] for i, line in enumerate(self.confusion)), self.n_test)
+
+    @property
+    def accuracy_low(self) -> float:
+        return self.accuracy_interval[0]
+
+    @property
+    def accuracy_high(self) -> float:
+        return self.accuracy_interval[1]
 
     @property
     def label(self) -> str:

@@ -5,7 +5,7 @@ Layout::
     RUN/metrics.json                      the whole result (a RunDocument): options, feature sets (their
                                           settings), rows (metrics, per-class scores, confusion matrix, choices)
     RUN/report.csv, report.md, report.html, scores.png, confusion-<features>-<model>.png
-    RUN/split.csv                         features, sha256, label, part (train/test) of every row used
+    RUN/split.csv                         features, sha256, path, label, part (train/test) of every row used
     RUN/mistakes.csv, mistakes/*.jpg      per feature set, misclassified test photos and possible label errors
                                           (``furnitype.classify.mistakes``), and their thumbnails
     RUN/models/<features>/settings.json   the feature settings a model needs at prediction time
@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 from furnitype.classify.metadata import (
     METRICS_FILE,
     REPORT_KIND,
+    ROW_SCALARS,
     RUN_KIND,
     SETTINGS_FILE,
     FeatureSetRecord,
@@ -44,12 +45,12 @@ from furnitype.classify.metadata import (
 from furnitype.classify.output import recover
 from furnitype.classify.runfiles import Damage, folder_inside, read_inside
 from furnitype.errors import InputError, StoreError
+from furnitype.outputs import data_frame, shown_name
 
 if TYPE_CHECKING:
     from furnitype.classify.models import FeatureClassifier
 
 SPLIT_FILE = "split.csv"
-SPLIT_COLUMNS = ("features", "sha256", "label", "part")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -87,6 +88,13 @@ class Run:
     def report_html(self) -> Path | None:
         """The HTML report, when the run has a folder."""
         return self.path / "report.html" if self.path is not None else None
+
+    def to_frame(self):
+        """The table as a pandas DataFrame, best row first: the columns of report.csv (``ROW_SCALARS``);
+        ``frame.attrs`` holds ``notes`` and ``warnings``. Needs pandas (``pip install 'furnitype[pandas]'``)."""
+        return data_frame((row.scalars() for row in self.rows), order=ROW_SCALARS,
+                          attrs={"run": str(self.path) if self.path else None, "notes": self.notes,
+                                 "warnings": self.warnings})
 
     def summary(self) -> dict:
         """The JSON-ready result a command prints: paths, table rows (scalars only), notes and warnings."""
@@ -286,12 +294,16 @@ def mixed_test_sets_note(rows: Sequence[Row]) -> list[str]:
     ]
 
 
-def write_split(path: Path, rows: Iterable[tuple[str, str, str, str]]) -> None:
-    """Write ``split.csv``: (features, sha256, label, part) of every row a run used."""
+#: The columns of ``split.csv``; runs made before it listed paths have them without ``path``.
+SPLIT_COLUMNS = ["features", "sha256", "path", "label", "part"]
+
+
+def write_split(path: Path, rows: Iterable[tuple[str, str, str, str, str]]) -> None:
+    """Write ``split.csv``: (features, sha256, path, label, part) of every row a run used."""
     with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(SPLIT_COLUMNS)
-        writer.writerows(rows)
+        writer.writerows((features, sha, shown_name(photo), label, part) for features, sha, photo, label, part in rows)
 
 
 def training_photos(run_dir: str | os.PathLike, features: str) -> set[str]:
@@ -317,7 +329,8 @@ def _read_split(data: bytes, document: RunDocument) -> dict[str, dict[str, set[s
     """The sha256 of each feature set's training and test photos, checked against the run's document."""
     try:
         reader = csv.DictReader(io.StringIO(data.decode("utf-8"), newline=""))
-        if reader.fieldnames != list(SPLIT_COLUMNS):
+        columns = reader.fieldnames
+        if columns not in (SPLIT_COLUMNS, [c for c in SPLIT_COLUMNS if c != "path"]):  # without: older runs
             raise Damage(SPLIT_FILE, f"its columns are not {', '.join(SPLIT_COLUMNS)}")
         rows = list(reader)
     except UnicodeDecodeError as cause:
@@ -329,7 +342,7 @@ def _read_split(data: bytes, document: RunDocument) -> dict[str, dict[str, set[s
     for line, row in enumerate(rows, start=2):
         where = f"{SPLIT_FILE} line {line}"
         if None in row or None in row.values():
-            raise Damage(where, f"not {len(SPLIT_COLUMNS)} fields")
+            raise Damage(where, f"not {len(columns)} fields")
         key, part = row["features"], row["part"]
         if key not in document.feature_sets:
             raise Damage(where, f"features {key!r} is not a feature set of the run")

@@ -42,6 +42,7 @@ from furnitype.outputs import write_replacing
 if TYPE_CHECKING:
     from furnitype.extract.pipeline import ExtractSpec
 
+log = logging.getLogger("furnitype")
 INSTALL = "pip install 'furnitype[int8]'"
 #: Photos in a calibration sample: more did not bring the features closer to float32 (see docs/benchmarks.md).
 CALIBRATION_PHOTOS = 64
@@ -350,9 +351,11 @@ def _quantize(spec: ExtractSpec) -> tuple[str, bytes, bytes]:
     with tempfile.TemporaryDirectory(prefix="furnitype-int8-") as tmp:
         archive.write_out(os.path.join(tmp, "saved_model"), verbose=False)
         float_model = ov.Core().read_model(os.path.join(tmp, "saved_model"))
-        # NNCF draws progress bars on stdout, where --json prints: they go to stderr, with furnitype's progress
-        # lines (the command line without -q), or nowhere.
-        shown = logging.getLogger("furnitype").isEnabledFor(logging.INFO)
+        log.info("quantizing %s to int8 on %d calibration photos (NNCF; once, then cached) ...",
+                 spec.backbone, len(images))
+        # NNCF draws progress bars on stdout, where --json prints: they go to stderr when furnitype's progress
+        # shows (the command line without -q) and stderr is a terminal, else nowhere.
+        shown = logging.getLogger("furnitype").isEnabledFor(logging.INFO) and sys.stderr.isatty()
         with contextlib.redirect_stdout(sys.stderr if shown else io.StringIO()):
             quantized = nncf.quantize(
                 float_model, nncf.Dataset([image[None] for image in images]), subset_size=len(images)

@@ -28,6 +28,7 @@ from furnitype.features.layout import (
 from furnitype.features.locking import WriterLock, real_path
 from furnitype.features.view import StoreView, open_store, recover, remove_leftovers
 from furnitype.features.writing import StoreWriteError, copy_live, new_file, writable
+from furnitype.outputs import data_frame
 
 __all__ = [
     "FeatureSet",
@@ -78,6 +79,16 @@ class FeatureSet:
     def settings(self) -> dict:
         """The subset of ``meta`` that decides feature values."""
         return {key: self.meta.get(key) for key in SETTING_KEYS if key in self.meta or key not in OPTIONAL_SETTING_KEYS}
+
+    def to_frame(self, *, features: bool = False):
+        """The rows as a pandas DataFrame: ``path``, ``label``, ``sha256`` (and with ``features``, one column per
+        feature, ``f0`` ...); ``frame.attrs`` holds ``settings``, ``meta``, ``file`` and ``skipped``. Needs pandas
+        (``pip install 'furnitype[pandas]'``)."""
+        columns: dict = {"path": self.paths, "label": self.labels, "sha256": self.sha256}
+        if features:
+            columns.update({f"f{j}": self.features[:, j] for j in range(self.features.shape[1])})
+        attrs = {"settings": self.settings, "meta": dict(self.meta), "file": self.file, "skipped": list(self.skipped)}
+        return data_frame(columns, attrs=attrs)
 
 
 def load(path: str | os.PathLike) -> FeatureSet:

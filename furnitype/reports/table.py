@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from furnitype.classify.metadata import ROW_SCALARS, SCORE_NAMES, FeatureSetRecord, Row, RunDocument
+from furnitype.classify.metadata import REPORT_KIND, ROW_SCALARS, SCORE_NAMES, FeatureSetRecord, Row, RunDocument
 from furnitype.classify.mistakes import Mistake
 from furnitype.reports.mistakes import STYLE as MISTAKES_STYLE
 from furnitype.reports.mistakes import html_section, markdown_section, write_thumbnails
@@ -33,6 +33,7 @@ DISPLAY_COLUMNS = (
     ("weights", "weights", "{}"),
     ("model", "model", "{}"),
     ("accuracy", "accuracy", "{:.3f}"),
+    ("accuracy_interval", "95% interval", "{0[0]:.3f}-{0[1]:.3f}"),
     ("balanced_accuracy", "bal. acc.", "{:.3f}"),
     ("macro_f1", "macro-F1", "{:.3f}"),
     ("top3_accuracy", "top-3", "{:.3f}"),
@@ -45,6 +46,9 @@ DISPLAY_COLUMNS = (
 #: Settings shown in their own columns (and in the feature-set table); backbone and weights always are.
 SETTING_COLUMNS = ("pooling", "image_size", "interpolation", "precision", "decode", "store_dtype")
 _NUMBER = re.compile(r"[+-]?[0-9][0-9,]*(\.[0-9]+)?")
+_SHA256_ID = re.compile(r"sha256:([0-9a-f]{8})[0-9a-f]{56}")
+#: Text cells longer than this may wrap in the HTML report (shorter ones stay on one line).
+_WRAP_AFTER = 12
 
 
 def differing_settings(feature_sets: Mapping[str, FeatureSetRecord]) -> list[str]:
@@ -155,7 +159,13 @@ def _cell(row: Row, key: str, fmt: str, feature_sets: Mapping[str, FeatureSetRec
     else:
         fs = feature_sets.get(row.features)
         value = fs.settings.get(key) if fs is not None else None
-    return "" if value is None else fmt.format(value)
+    return "" if value is None else short_ids(fmt.format(value))
+
+
+def short_ids(text: str) -> str:
+    """``text`` with each ``sha256:<64 hex digits>`` shown by its first 8 digits, as weights are (``file a9f13754``):
+    tables show short ids, report.csv and JSON the full ones."""
+    return _SHA256_ID.sub(r"\1", text)
 
 
 def _numeric_columns(cells: Sequence[Sequence[str]], n: int) -> list[bool]:
@@ -282,10 +292,15 @@ def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(headers), line(["---"] * len(headers)), *(line(r) for r in rows)])
 
 
+def _heading(document: RunDocument) -> str:
+    """``furnitype classify`` over a run, ``furnitype report`` over a merged report."""
+    return "furnitype report" if document.kind == REPORT_KIND else "furnitype classify"
+
+
 def _markdown(document: RunDocument, confusion: dict[str, str], mistakes: _MistakesSection) -> str:
     rows = document.rows
     parts = [
-        f"# furnitype classify: {document.run}",
+        f"# {_heading(document)}: {document.run}",
         "",
         _split_text(document),
         "",
@@ -333,7 +348,8 @@ def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]], flagged: 
     numeric = _numeric_columns(rows, len(headers))
 
     def cell(tag: str, text: str, number: bool) -> str:
-        classes = " ".join(name for name, on in (("num", number), ("flag", text in flagged)) if on)
+        marks = (("num", number), ("flag", text in flagged), ("long", len(str(text)) > _WRAP_AFTER))
+        classes = " ".join(name for name, on in marks if on)
         attribute = f' class="{classes}"' if classes else ""
         return f"<{tag}{attribute}>{html.escape(str(text))}</{tag}>"
 
@@ -341,7 +357,7 @@ def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]], flagged: 
     body = "".join(
         "<tr>" + "".join(cell("td", c, number) for c, number in zip(r, numeric, strict=True)) + "</tr>" for r in rows
     )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def _image(out: Path, name: str, alt: str) -> str:
@@ -351,9 +367,11 @@ def _image(out: Path, name: str, alt: str) -> str:
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 80em; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.8em; }
+th, td { border: 1px solid #ccc; padding: 0.2em 0.35em; text-align: left; }
 td { white-space: nowrap; }
+td.long { white-space: normal; overflow-wrap: anywhere; min-width: 7em; }
+.wide { max-width: 100%; overflow-x: auto; }
 th { background: #f2f2f2; }
 .num { text-align: right; font-variant-numeric: tabular-nums; }
 .flag { background: #fff3cd; color: #7a4d00; font-weight: 600; }
@@ -369,8 +387,9 @@ def _html(document: RunDocument, confusion: dict[str, str], out: Path, mistakes:
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>furnitype classify: {esc(document.run)}</title><style>{_STYLE}{MISTAKES_STYLE}</style></head><body>",
-        f"<h1>furnitype classify: {esc(document.run)}</h1>",
+        f"<title>{_heading(document)}: {esc(document.run)}</title><style>{_STYLE}{MISTAKES_STYLE}</style></head>"
+        "<body>",
+        f"<h1>{_heading(document)}: {esc(document.run)}</h1>",
         f"<p>{esc(_split_text(document))}</p>",
         "<h2>Results, best first</h2>",
         *([f'<p class="flag">{esc(_random_weights_note(document))}</p>'] if _random_weights_note(document) else []),

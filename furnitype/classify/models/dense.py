@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import warnings
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,20 @@ from furnitype.classify.models.base import (
 from furnitype.classify.runfiles import Damage, file_inside
 from furnitype.classify.split import ContentSplit
 from furnitype.errors import StoreError, first_line
+from furnitype.outputs import progress_bar
+
+#: Whether a fit draws its epochs as a progress bar (on a terminal): ``epoch_progress`` sets it.
+_EPOCH_BAR: ContextVar[bool] = ContextVar("furnitype_epoch_bar", default=False)
+
+
+@contextmanager
+def epoch_progress(enabled: bool = True) -> Iterator[None]:
+    """Within it, a dense head's fit draws a bar of its epochs (up to ``max_epochs``) when stderr is a terminal."""
+    token = _EPOCH_BAR.set(enabled)
+    try:
+        yield
+    finally:
+        _EPOCH_BAR.reset(token)
 
 
 class DenseModel(FeatureClassifier):
@@ -147,17 +164,22 @@ class DenseModel(FeatureClassifier):
             present = np.unique(y_fit)
             weights = compute_class_weight("balanced", classes=present, y=y_fit)
             class_weight = dict(zip(present.tolist(), weights.tolist(), strict=True))
-        history = model.fit(
-            X_fit,
-            y_fit,
-            batch_size=self.batch_size,
-            epochs=self.max_epochs,
-            validation_data=validation,
-            class_weight=class_weight,
-            callbacks=callbacks,
-            shuffle=True,
-            verbose=0,
-        )
+        stops = "early stopping" if callbacks else "no early stopping"
+        bar = progress_bar(enabled=_EPOCH_BAR.get(), total=self.max_epochs, unit="epoch", leave=False,
+                           desc=f"dense (at most {self.max_epochs} epochs, {stops})")
+        counter = keras.callbacks.LambdaCallback(on_epoch_end=lambda _epoch, _logs: bar.update(1))
+        with bar:
+            history = model.fit(
+                X_fit,
+                y_fit,
+                batch_size=self.batch_size,
+                epochs=self.max_epochs,
+                validation_data=validation,
+                class_weight=class_weight,
+                callbacks=[*callbacks, counter],
+                shuffle=True,
+                verbose=0,
+            )
         self.model_ = model
         self.epochs_run_ = len(history.history["loss"])
         self.best_epoch_ = int(callbacks[0].best_epoch) + 1 if callbacks else self.epochs_run_
