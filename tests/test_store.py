@@ -24,8 +24,10 @@ from furnitype.errors import SettingsMismatchError, StoreError
 from furnitype.features import load, read_meta, save
 from furnitype.features import undo as undo_module
 from furnitype.features.cache import FeatureCache
+from furnitype.features.locking import WAIT_SECONDS
 from furnitype.features.store import compact, summary
 from tests import store_writer
+from tests.processes import kill_when, pause_env, signal_stopped, wait_stopped
 from tests.store_writer import SETTINGS, FakeListing, append, features_of, remove_half
 
 #: Root without the powers that ignore file permissions: a permission test that drops them for real.
@@ -298,14 +300,14 @@ def test_an_append_cut_by_a_kill_or_a_power_loss_ends_the_rollback(tmp_path, tai
 def test_a_second_writer_is_refused_at_once_also_through_another_name(tmp_path):
     store = tmp_path / "s.h5"
     (tmp_path / "link.h5").symlink_to(store)
-    writer = store_writer.start(store, 2000, 8)
+    writer = store_writer.start(store, 20, 8, env=pause_env("store-commit", 2))  # stopped holding the lock
     try:
-        assert writer.stdout.readline().startswith("committed")
+        assert wait_stopped(writer), writer.communicate()
         for name in (store, tmp_path / "link.h5"):
             started = time.monotonic()
             with pytest.raises(StoreError, match=f"another furnitype process is writing {name}"):
                 FeatureCache(name, SETTINGS, meta=SETTINGS).__enter__()
-            assert time.monotonic() - started < 1
+            assert time.monotonic() - started < WAIT_SECONDS / 2  # refused, not waited for
     finally:
         writer.kill()
         writer.wait()
@@ -333,7 +335,7 @@ def test_kill_9_during_in_place_appends_rolls_back_to_the_last_commit(tmp_path):
     hot = 0
     for _ in range(6):
         writer = store_writer.start(store, 300, 4)
-        assert store_writer.kill_when(writer, undo.exists), "the writer ended before it could be killed"
+        assert kill_when(writer, undo.exists), "the writer ended before it could be killed"
         committed = [int(line.split()[1]) for line in writer.stdout.read().splitlines()]
         hot += undo.exists()
         rows = _consistent(store)  # the reader rolls the unfinished transaction back
@@ -348,7 +350,7 @@ def test_kill_9_during_compaction_keeps_the_store(tmp_path):
     killed = 0
     for _ in range(4):
         writer = store_writer.start(store, 6, 8, compact=True)
-        killed += store_writer.kill_when(
+        killed += kill_when(
             writer, lambda: any(p.name.startswith(temporary.name) for p in tmp_path.iterdir())
         )
         rows = _consistent(store)
@@ -481,8 +483,10 @@ def test_ctrl_c_during_a_transaction_waits_for_the_commit(tmp_path, monkeypatch)
 def test_a_hot_undo_left_by_a_dead_writer_is_rolled_back_by_the_next_reader(tmp_path):
     store = tmp_path / "s.h5"
     append(str(store), 0, 8, 8)
-    writer = store_writer.start(store, 300, 4)
-    assert store_writer.kill_when(writer, Path(f"{store}.undo").exists)
+    writer = store_writer.start(store, 20, 4, env=pause_env("store-commit", 3))
+    assert wait_stopped(writer), writer.communicate()
+    signal_stopped(writer, signal.SIGKILL)
+    assert writer.wait() == -signal.SIGKILL and Path(f"{store}.undo").exists()
     info = subprocess.run(
         [sys.executable, "-m", "furnitype.cli", "info", str(store), "--json"], capture_output=True, text=True
     )
@@ -493,8 +497,10 @@ def test_a_hot_undo_left_by_a_dead_writer_is_rolled_back_by_the_next_reader(tmp_
 def test_a_reader_that_cannot_write_gets_one_line_about_the_unfinished_write(tmp_path):
     store = tmp_path / "s.h5"
     append(str(store), 0, 8, 8)
-    writer = store_writer.start(store, 300, 4)
-    assert store_writer.kill_when(writer, Path(f"{store}.undo").exists)
+    writer = store_writer.start(store, 20, 4, env=pause_env("store-commit", 3))
+    assert wait_stopped(writer), writer.communicate()
+    signal_stopped(writer, signal.SIGKILL)
+    assert writer.wait() == -signal.SIGKILL and Path(f"{store}.undo").exists()
     os.chmod(tmp_path, 0o555)  # the folder cannot be written, the store can be read
     try:
         info = subprocess.run([*WITHOUT_ROOT_POWERS, sys.executable, "-m", "furnitype.cli", "info", str(store)],
