@@ -18,7 +18,7 @@ LAYERS = (
     ("engines",),
     ("extraction", "training", "predict", "similar", "suggest"),
     ("cli",),
-    ("demo",),
+    ("__main__", "demo"),
 )
 
 
