@@ -202,7 +202,7 @@ def _ended(proc: subprocess.Popen, tag: str) -> tuple[int, str, dict[int, str]]:
         proc.kill()
         _, stderr = proc.communicate()
         stderr += "\n(hung: killed)"
-    deadline = time.monotonic() + 30  # Ray's services may take a moment to exit after the driver
+    deadline = time.monotonic() + 120  # a guard: Ray's services may take a moment to exit after the driver
     while _tagged(tag) and time.monotonic() < deadline:
         time.sleep(0.1)
     left = _tagged(tag)

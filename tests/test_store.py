@@ -360,20 +360,19 @@ def test_kill_9_during_compaction_keeps_the_store(tmp_path):
     assert _leftovers(tmp_path) == [] and _consistent(store) == 48
 
 
+#: Reads the store at argv[1] until it holds argv[2] rows, checking every row, and prints each count it saw.
 READER_SCRIPT = textwrap.dedent(
     """
-    import sys, time
+    import sys
     import numpy as np
     from furnitype.features import load
     from tests.store_writer import features_of
-    seen = []
-    end = time.monotonic() + float(sys.argv[2])
-    while time.monotonic() < end:
+    rows = []
+    while len(rows) != int(sys.argv[2]):
         rows = load(sys.argv[1])
         for path, features in zip(rows.paths, rows.features):
             assert np.array_equal(features, features_of(path)), path
-        seen.append(len(rows))
-    print(" ".join(map(str, seen)))
+        print(len(rows), flush=True)
     """
 )
 
@@ -381,15 +380,18 @@ READER_SCRIPT = textwrap.dedent(
 def test_a_reader_sees_only_committed_rows_while_a_writer_appends(tmp_path):
     store = tmp_path / "s.h5"
     append(str(store), 0, 8, 8)
-    writer = store_writer.start(store, 150, 4)
-    reader = subprocess.run(
-        [sys.executable, "-c", READER_SCRIPT, str(store), "3"], capture_output=True, text=True, timeout=120
-    )
-    writer.wait()
-    assert reader.returncode == 0, reader.stderr[-2000:]
-    seen = [int(n) for n in reader.stdout.split()]
-    assert len(seen) > 5 and seen == sorted(seen) and all(n % 4 == 0 for n in seen)
-    assert len(set(seen)) > 1, "the reader never saw the writer's rows come in"
+    reader = subprocess.Popen([sys.executable, "-c", READER_SCRIPT, str(store), "600"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline() == "8\n", reader.communicate()  # it reads: the writer starts
+        writer = store_writer.start(store, 150, 4)
+        assert writer.wait(timeout=300) == 0
+        stdout, stderr = reader.communicate(timeout=300)
+    finally:
+        reader.kill()
+    assert reader.returncode == 0, stderr[-2000:]
+    seen = [8, *map(int, stdout.split())]
+    assert seen == sorted(seen) and all(n % 4 == 0 for n in seen) and seen[-1] == 600
     assert _consistent(store) == 600
 
 
