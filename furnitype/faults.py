@@ -11,7 +11,8 @@ comparison. The points: ``cli-start`` (the command line, before it imports anyth
 import os
 import signal
 
-_POINT, _, _NTH = os.environ.get("FURNITYPE_TEST_PAUSE_AT", "").partition(":")
+_POINT, _, _nth = os.environ.get("FURNITYPE_TEST_PAUSE_AT", "").partition(":")
+_NTH = int(_nth) if _nth.isdigit() else 1
 _arrivals = 0
 
 
@@ -21,5 +22,5 @@ def pause_point(name: str) -> None:
     if name != _POINT:
         return
     _arrivals += 1
-    if _arrivals == int(_NTH or 1):
+    if _arrivals == _NTH:
         os.kill(os.getpid(), signal.SIGSTOP)

@@ -49,6 +49,29 @@ def cache(tmp_path, monkeypatch) -> Path:
     return tmp_path / "cache" / "int8"
 
 
+@pytest.fixture(scope="module")
+def made(photos, tmp_path_factory) -> Path:
+    """The cache file of the quantized network of ``photos`` (``SMALL`` settings), made once for the module."""
+    folder = tmp_path_factory.mktemp("made")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FURNITYPE_CACHE_DIR", str(folder / "cache"))
+        extract([photos], **SMALL, precision="int8", out=folder / "f.h5")
+    _new_process()
+    [network] = _cache_files(folder / "cache" / "int8")
+    return network
+
+
+@pytest.fixture
+def warm_cache(made, cache) -> None:
+    """``cache`` holding the network of ``photos`` already, as an earlier run made it: for the tests whose point
+    is not the making (copied from ``made``, since each quantization takes seconds)."""
+    cache.mkdir(parents=True)
+    shutil.copy(made, cache / made.name)
+
+
+with_made_network = pytest.mark.usefixtures("warm_cache")
+
+
 def _cache_files(cache: Path) -> list[Path]:
     return sorted(cache.glob("*.zip"))
 
@@ -104,6 +127,7 @@ LOCAL, CENTRAL = b"PK\x03\x04", b"PK\x01\x02"
 
 
 @needs_openvino
+@with_made_network
 @pytest.mark.parametrize("damage", ["truncate", "flip", "symlink", "manifest-list", "encrypted", "unknown-method",
                                     "fifo"])
 def test_a_damaged_cache_file_is_rebuilt_never_trusted(photos, tmp_path, cache, damage):
@@ -146,6 +170,7 @@ def test_a_damaged_cache_file_is_rebuilt_never_trusted(photos, tmp_path, cache, 
 
 
 @needs_openvino
+@with_made_network
 def test_rows_of_other_calibrations_are_never_mixed(photos, tmp_path):
     out = tmp_path / "f.h5"
     extract([photos], **SMALL, precision="int8", out=out)
@@ -161,6 +186,7 @@ def test_rows_of_other_calibrations_are_never_mixed(photos, tmp_path):
 
 
 @needs_openvino
+@with_made_network
 def test_a_growing_store_keeps_its_quantized_network(photos, tmp_path):
     folder = tmp_path / "photos"
     shutil.copytree(photos, folder)
@@ -198,6 +224,7 @@ def _stored_spec(store: Path) -> ExtractSpec:
 
 
 @needs_openvino
+@with_made_network
 def test_spec_for_rebuilds_exactly_the_recorded_network(photos, tmp_path, cache):
     store = Path(extract([photos], **SMALL, precision="int8", out=tmp_path / "f.h5").out)
     stored = load(store)
@@ -211,6 +238,7 @@ def test_spec_for_rebuilds_exactly_the_recorded_network(photos, tmp_path, cache)
 
 
 @needs_openvino
+@with_made_network
 def test_a_network_other_than_the_recorded_one_is_refused(photos, tmp_path):
     stored = load(extract([photos], **SMALL, precision="int8", out=tmp_path / "f.h5").out)
     recorded = int8.Quantization.parse(stored.meta["quantization"], stored.meta["calibration_photos"])
@@ -224,6 +252,7 @@ def test_a_network_other_than_the_recorded_one_is_refused(photos, tmp_path):
 
 
 @needs_openvino
+@with_made_network
 def test_a_changed_calibration_photo_cannot_make_the_network_again(tmp_path, cache):
     folder = make_photo_folder(tmp_path / "photos", per_class=12, classes=CLASSES)
     store = Path(extract([folder], **SMALL, precision="int8", out=tmp_path / "f.h5").out)
@@ -239,6 +268,7 @@ def test_a_changed_calibration_photo_cannot_make_the_network_again(tmp_path, cac
 
 
 @needs_openvino
+@with_made_network
 def test_predict_labels_new_photos_with_the_recorded_network(photos, tmp_path, cache):
     from furnitype.classify import load_model
     from furnitype.predict import predict
@@ -349,6 +379,7 @@ def test_a_full_cache_folder_is_one_line(photos, tmp_path, monkeypatch):
 
 
 @needs_openvino
+@with_made_network
 def test_the_ray_engine_runs_the_same_int8_network(photos, tmp_path, cache):
     ray = pytest.importorskip("ray")  # installed by `make test` (furnitype[ray]); see tests/test_ray_engine.py
     local = load(extract([photos], **SMALL, precision="int8", out=tmp_path / "local.h5").out)

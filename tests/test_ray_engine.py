@@ -129,7 +129,7 @@ def test_cache_only_missing_photos_reach_ray(ray_local, photos, tmp_path, monkey
 
 def test_killed_ray_driver_resumes_and_equals_an_uninterrupted_run(ray_local, tmp_path):
     folder = make_photo_folder(tmp_path / "photos", per_class=12, classes=("bed", "chair", "sofa"), size=(96, 96))
-    settings = ["--weights", "none", "--image-size", "128", "--batch-size", "2", "--quiet"]
+    settings = ["--weights", "none", "--image-size", "32", "--batch-size", "2", "--quiet"]
     out = tmp_path / "killed.h5"
     address = ray_local.get_runtime_context().gcs_address
     proc = subprocess.Popen(
@@ -143,7 +143,7 @@ def test_killed_ray_driver_resumes_and_equals_an_uninterrupted_run(ray_local, tm
     signal_stopped(proc, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL and Path(f"{out}.undo").exists()
 
-    options = {"backbone": "vgg16", "weights": "none", "image_size": 128, "batch_size": 2, "progress": False}
+    options = {**SMALL, "batch_size": 2}
     resumed = extract([folder], **options, out=out, engine="ray", ray_workers=2)
     assert 0 < resumed.extracted < 36 and resumed.reused == 36 - resumed.extracted
     assert sorted(p.name for p in tmp_path.iterdir()) == ["killed.h5", "photos"]
@@ -154,10 +154,10 @@ def test_killed_ray_driver_resumes_and_equals_an_uninterrupted_run(ray_local, tm
 
 @pytest.fixture(scope="module")
 def thirty_six(tmp_path_factory) -> tuple[Path, store.FeatureSet]:
-    """36 photos that take a few seconds on Ray (128 px, batches of 2), and their store made without stopping."""
+    """36 photos (18 batches of 2), and their store made without stopping."""
     root = tmp_path_factory.mktemp("thirty_six")
     folder = make_photo_folder(root / "photos", per_class=12, classes=("bed", "chair", "sofa"), size=(96, 96))
-    whole = extract([folder], **{**SMALL, "image_size": 128, "batch_size": 2}, out=root / "whole.h5")
+    whole = extract([folder], **{**SMALL, "batch_size": 2}, out=root / "whole.h5")
     assert whole.extracted == 36
     return folder, load(root / "whole.h5")
 
@@ -172,7 +172,7 @@ def _own_ray_extract(
     env = {key: value for key, value in (pause_env("store-commit", pause_at) if pause_at else os.environ).items()
            if key != "RAY_ADDRESS"}
     proc = subprocess.Popen(
-        [sys.executable, *program, "extract", str(folder), "--weights", "none", "--image-size", "128",
+        [sys.executable, *program, "extract", str(folder), "--weights", "none", "--image-size", "32",
          "--batch-size", "2", "--engine", "ray", "--ray-workers", "1", "--out", str(out)],
         env={**env, "FURNITYPE_TEST_TAG": tag},
         stdout=subprocess.PIPE,
@@ -225,7 +225,7 @@ def test_ctrl_c_during_a_ray_extraction_keeps_the_batches_and_stops_ray(ray_loca
     assert stderr.splitlines()[-1] == f"interrupted: {kept} rows kept; rerun to go on" and 4 <= kept < 36
     assert "Traceback" not in stderr and left == {}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.h5"]
-    rerun = extract([folder], **{**SMALL, "image_size": 128, "batch_size": 2}, out=out, engine="ray", ray_workers=1)
+    rerun = extract([folder], **{**SMALL, "batch_size": 2}, out=out, engine="ray", ray_workers=1)
     assert (rerun.extracted, rerun.reused) == (36 - kept, kept)
     _same_store(load(out), whole)
 
