@@ -50,7 +50,7 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture(scope="module")
-def made(photos, tmp_path_factory) -> Path:
+def made(openvino_installed, photos, tmp_path_factory) -> Path:
     """The cache file of the quantized network of ``photos`` (``SMALL`` settings), made once for the module."""
     folder = tmp_path_factory.mktemp("made")
     with pytest.MonkeyPatch.context() as patch:
