@@ -2,8 +2,9 @@
 
 What every command shares lives here once: the options (``json_option``, ``quiet_option``, ``out_option``,
 ``weights_option``, ``batch_options``, ``engine_options``), the choices (taken from the registries and constants
-of the API), and ``api_command``, which turns the API's errors into ``Error: <one line>`` with their exit code,
-Ctrl-C into exit 130, and shows the API's progress lines on stderr. The conventions are written in docs/cli.md.
+of the API), ``api_command``, which turns the API's errors into ``Error: <one line>`` with their exit code and
+shows the API's progress lines on stderr, and ``Group``, which turns Ctrl-C into exit 130 wherever it comes. The
+conventions are written in docs/cli.md.
 """
 
 from __future__ import annotations
@@ -56,12 +57,34 @@ class APIChoice(click.Choice):
 
 
 class Group(click.Group):
-    """The commands, listed in ``--help`` in the order they are defined here: the order of the pipeline."""
+    """The commands, listed in ``--help`` in the order they are defined here: the order of the pipeline.
+
+    Ctrl-C exits 130 with one line wherever it comes: while click parses the options (some choices import the
+    API) as in a command's body, where click would say "Aborted!" and exit 1.
+    """
 
     command_class = Command
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(self.commands)
+
+    def make_context(self, *args, **kwargs) -> click.Context:
+        with _interrupts_exit_130():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context):
+        with _interrupts_exit_130():
+            return super().invoke(ctx)
+
+
+@contextmanager
+def _interrupts_exit_130() -> Iterator[None]:
+    """Ctrl-C as one line on stderr (what was kept, else ``interrupted``) and exit 130."""
+    try:
+        yield
+    except KeyboardInterrupt as stop:
+        click.echo(str(stop) or "interrupted", err=True)
+        raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
 
 
 # -- what every command shares ----------------------------------------------------------------------------
@@ -69,7 +92,7 @@ class Group(click.Group):
 
 def api_command(command: Callable) -> Callable:
     """Run a command's body: the API's progress lines on stderr (unless ``--quiet``), its errors as one line
-    ``Error: ...`` with the error's exit code, Ctrl-C as exit 130 with what was kept."""
+    ``Error: ...`` with the error's exit code (Ctrl-C: ``Group``)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -82,9 +105,6 @@ def api_command(command: Callable) -> Callable:
             exc = click.ClickException(str(err))
             exc.exit_code = err.exit_code
             raise exc from err
-        except KeyboardInterrupt as stop:
-            click.echo(str(stop) or "interrupted", err=True)
-            raise click.exceptions.Exit(EXIT_INTERRUPTED) from stop
 
     return wrapper
 
@@ -554,7 +574,7 @@ def similar(features, queries, top_k, exclude_self, sheet, overwrite, weights, b
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """The command line (``furnitype.__main__`` starts it, and catches Ctrl-C while this module is imported)."""
     cli(prog_name="furnitype")
 
 

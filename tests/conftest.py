@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,3 +40,15 @@ def invoke() -> Callable[..., Result]:
 def photo_folder(tmp_path_factory) -> Path:
     """``photos/bed`` and ``photos/chair``, 3 tiny JPEGs each; read-only by convention: copy before changing."""
     return make_photo_folder(tmp_path_factory.mktemp("photos") / "photos", per_class=3)
+
+
+# -- Ctrl-C reaches the processes the tests start ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _sigint_reaches_child_processes() -> None:
+    """Started with SIGINT ignored (a background job of a non-interactive shell, nohup), the suite would pass that
+    on to every process it starts, and a test's real Ctrl-C would be ignored: give SIGINT a handler here, so that
+    the processes started from here begin with its default action (Python's KeyboardInterrupt)."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

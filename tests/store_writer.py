@@ -8,12 +8,9 @@ other row and compacts, in a loop.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from hashlib import sha256
 
@@ -90,20 +87,6 @@ def start(store, batches: int, batch: int = 8, *, compact: bool = False, **popen
     """This module as a separate process (stdout: ``committed N`` lines)."""
     args = [sys.executable, "-m", "tests.store_writer", str(store), str(batches), str(batch)]
     return subprocess.Popen([*args, *(["--compact"] if compact else [])], stdout=subprocess.PIPE, text=True, **popen)
-
-
-def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], *, sig=signal.SIGKILL, timeout: float = 120) -> bool:
-    """Send ``sig`` to ``proc`` as soon as ``ready()``; False when the process ended first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        if ready():
-            os.kill(proc.pid, sig)
-            proc.wait()
-            return True
-        time.sleep(0.001)
-    proc.kill()
-    proc.wait()
-    return False
 
 
 if __name__ == "__main__":

@@ -47,6 +47,8 @@ from furnitype.keras_loader import import_keras
 from furnitype.training import classify
 from tests.conftest import run_cli as invoke
 from tests.images import COLOURS, make_photo_folder, photo
+from tests.processes import signal_stopped, wait_stopped
+from tests.test_run_output import STOP_WHILE_TRAINING
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = ["extract", "info", "compact", "classify", "report", "predict", "suggest", "similar"]
@@ -300,21 +302,56 @@ def test_ctrl_c_says_what_was_kept(monkeypatch, photo_folder):
     assert (result.exit_code, result.stderr) == (130, "interrupted: 30 rows kept; rerun to go on\n")
 
 
+#: The command line, stopping itself (SIGSTOP) while click parses the options: when it first reads a choice that
+#: the API holds (which imports its module).
+STOP_WHILE_PARSING = """
+import os, signal, sys
+from furnitype import cli
+read_choices = cli.APIChoice.__getattr__
+def stopped(self, name):
+    os.kill(os.getpid(), signal.SIGSTOP)
+    return read_choices(self, name)
+cli.APIChoice.__getattr__ = stopped
+sys.argv[0] = "furnitype"
+cli.main()
+"""
+
+
+@pytest.mark.parametrize(
+    "program, env",
+    [
+        (["-m", "furnitype"], {"FURNITYPE_TEST_PAUSE_AT": "cli-start"}),  # before the command line is imported
+        (["-c", STOP_WHILE_PARSING], {}),
+    ],
+    ids=["while importing", "while parsing"],
+)
+def test_a_real_ctrl_c_in_the_first_moments_exits_130_with_one_line(photo_folder, tmp_path, program, env):
+    proc = subprocess.Popen(
+        [sys.executable, *program, "extract", str(photo_folder), "--weights", "none", "--out", str(tmp_path / "f.h5")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env},
+    )
+    assert wait_stopped(proc), proc.communicate()
+    signal_stopped(proc, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert (proc.returncode, stderr, stdout) == (130, "interrupted\n", "")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_real_ctrl_c_during_classify(tmp_path):
     X, labels, sha = make_features([40, 40, 40], 64, seed=3)
     feats = tmp_path / "f.h5"
     store.save(feats, features=X, paths=[f"/p/{i}.jpg" for i in range(len(labels))], labels=list(labels),
                sha256=list(sha), meta={"backbone": "vgg16", "weights": "none(seed=0)"})
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "furnitype.cli", "classify", str(feats), "--models", "dense,svm", "--out",
+    proc = subprocess.Popen(  # it stops itself when it starts fitting a model
+        [sys.executable, "-c", STOP_WHILE_TRAINING, "classify", str(feats), "--models", "dense,svm", "--out",
          str(tmp_path / "run")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
     )
-    started = proc.stderr.readline()  # the first progress line: the run has begun
-    proc.send_signal(signal.SIGINT)
+    assert wait_stopped(proc), proc.communicate()
+    signal_stopped(proc, signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
-    assert started.startswith("f: ") and proc.returncode == 130, stderr
+    assert stderr.startswith("f: ") and proc.returncode == 130, stderr
     assert stderr.splitlines()[-1] == "interrupted" and "Traceback" not in stderr and stdout == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.h5"]  # nothing half-written
 

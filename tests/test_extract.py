@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from furnitype.extract.pipeline import ExtractSpec
 from furnitype.extraction import extract
 from furnitype.features import load
 from tests.images import make_photo_folder, photo
-from tests.store_writer import kill_when
+from tests.processes import pause_env, signal_stopped, wait_stopped
 
 SMALL = {"backbone": "vgg16", "weights": "none", "image_size": 32, "progress": False}
 
@@ -34,23 +35,6 @@ def photos(tmp_path_factory) -> Path:
 def _copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
-
-
-def _keras_reference(path: str, backbone: str, size: int, pooling: str, weights: str | None) -> np.ndarray:
-    import keras
-
-    module, builder = {"vgg16": ("vgg16", "VGG16"), "inception": ("inception_v3", "InceptionV3")}[backbone]
-    app = getattr(keras.applications, module)
-    keras.utils.set_random_seed(0)
-    base = getattr(app, builder)(
-        include_top=False,
-        weights=weights,
-        input_shape=(size, size, 3),
-        pooling=None if pooling == "flatten" else pooling,
-    )
-    x = keras.utils.img_to_array(keras.utils.load_img(path, target_size=(size, size), interpolation="bilinear"))
-    out = base.predict(app.preprocess_input(x[None]), verbose=0)
-    return out.reshape(1, -1)[0]
 
 
 @pytest.mark.parametrize(
@@ -67,11 +51,11 @@ def test_rows_equal_keras_own_output(photos, tmp_path, backbone, size, pooling):
     import keras
 
     module, builder = {"vgg16": ("vgg16", "VGG16"), "inception": ("inception_v3", "InceptionV3")}[backbone]
+    app = getattr(keras.applications, module)
     keras.utils.set_random_seed(123)
+    base = getattr(app, builder)(include_top=False, weights=None, input_shape=(size, size, 3))
     weights = tmp_path / f"{backbone}.weights.h5"
-    getattr(getattr(keras.applications, module), builder)(
-        include_top=False, weights=None, input_shape=(size, size, 3)
-    ).save_weights(weights)
+    base.save_weights(weights)
 
     out = tmp_path / "f.h5"
     result = extract(
@@ -87,11 +71,20 @@ def test_rows_equal_keras_own_output(photos, tmp_path, backbone, size, pooling):
     rows = load(out)
     assert result.extracted == len(rows) == 6
     assert rows.meta["weights"].startswith("sha256:") and rows.meta["pooling"] == pooling
-    for i in (0, 5):
-        expected = _keras_reference(rows.paths[i], backbone, size, pooling, str(weights))
-        assert rows.features[i].shape == expected.shape
-        assert np.abs(rows.features[i] - expected).max() <= 0.02 * np.abs(expected).max() + 1e-6
-        assert np.abs(expected).max() > 0
+
+    # Keras' own output: the network that wrote the weights file, pooled by Keras' own layer (what
+    # ``pooling=`` of keras.applications appends), fed by Keras' own image loading and preprocessing.
+    pooled = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D}
+    reference = keras.Model(base.input, pooled[pooling]()(base.output)) if pooling in pooled else base
+    images = [
+        keras.utils.img_to_array(keras.utils.load_img(path, target_size=(size, size), interpolation="bilinear"))
+        for path in (rows.paths[0], rows.paths[5])
+    ]
+    expected = reference.predict(app.preprocess_input(np.stack(images)), verbose=0).reshape(2, -1)
+    for i, want in zip((0, 5), expected, strict=True):
+        assert rows.features[i].shape == want.shape
+        assert np.abs(rows.features[i] - want).max() <= 0.02 * np.abs(want).max() + 1e-6
+        assert np.abs(want).max() > 0
 
 
 def test_random_weights_are_seeded_and_reproducible(photos, tmp_path):
@@ -218,39 +211,35 @@ def test_damaged_store_is_a_clear_error(photos, tmp_path):
 
 
 def test_killed_run_resumes_and_equals_an_uninterrupted_run(tmp_path):
-    """kill -9 in the middle of a batch's in-place append (its undo file exists), then rerun."""
-    folder = make_photo_folder(tmp_path / "photos", per_class=20, classes=("bed", "chair", "sofa"))
-    args = ["extract", str(folder), "--weights", "none", "--image-size", "128", "--batch-size", "2", "--quiet"]
+    """kill -9 in the middle of a batch's in-place append (written, its undo file not removed yet), then rerun."""
+    folder = make_photo_folder(tmp_path / "photos", per_class=4, classes=("bed", "chair", "sofa"))
+    args = ["extract", str(folder), "--weights", "none", "--image-size", "32", "--batch-size", "2", "--quiet"]
     out = tmp_path / "killed.h5"
     undo = Path(f"{out}.undo")
     proc = subprocess.Popen(
         [sys.executable, "-m", "furnitype.cli", *args, "--out", str(out)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env=pause_env("store-commit", 4),  # several batches committed, the next one written in place
     )
-    appends = []
-
-    def in_a_later_append() -> bool:  # several batches committed, and the next one half written
-        if undo.exists() and (not appends or appends[-1] != out.stat().st_mtime_ns):
-            appends.append(out.stat().st_mtime_ns)
-        return len(appends) >= 4 and undo.exists()
-
-    assert kill_when(proc, in_a_later_append), "the run finished before it could be killed"
+    assert wait_stopped(proc), "the run ended before it got to its 4th in-place commit"
+    signal_stopped(proc, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
     assert undo.exists() and not (tmp_path / "whole.h5").exists()
 
-    resumed = extract([folder], backbone="vgg16", weights="none", image_size=128, batch_size=2, out=out, progress=False)
-    assert 0 < resumed.extracted < 60 and resumed.reused == 60 - resumed.extracted
+    resumed = extract([folder], backbone="vgg16", weights="none", image_size=32, batch_size=2, out=out, progress=False)
+    assert (resumed.extracted, resumed.reused) == (4, 8)  # 4 batches committed; the 5th, rolled back, is redone
     assert not undo.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["killed.h5", "photos"]
     reference = extract(
         [folder],
         backbone="vgg16",
         weights="none",
-        image_size=128,
+        image_size=32,
         batch_size=2,
         out=tmp_path / "whole.h5",
         progress=False,
     )
-    assert reference.extracted == 60
+    assert reference.extracted == 12
     a, b = load(out), load(tmp_path / "whole.h5")
     assert list(a.paths) == list(b.paths) and list(a.labels) == list(b.labels)
     assert list(a.sha256) == list(b.sha256) and a.skipped == b.skipped

@@ -24,7 +24,7 @@ from furnitype.features import load, summary
 from furnitype.features import undo as undo_module
 from tests.conftest import run_cli
 from tests.images import make_photo_folder, photo
-from tests.store_writer import kill_when
+from tests.processes import pause_env, signal_stopped, wait_stopped
 from tests.test_store import WITHOUT_ROOT_POWERS
 
 SMALL = {"backbone": "vgg16", "weights": "none", "image_size": 32, "progress": False}
@@ -229,48 +229,47 @@ def test_a_failed_start_leaves_nothing_behind(folder, tmp_path):
 
 
 def test_ctrl_c_exits_130_and_keeps_the_finished_batches(tmp_path):
-    folder = make_photo_folder(tmp_path / "photos", per_class=20, classes=("bed", "chair", "sofa"))
+    folder = make_photo_folder(tmp_path / "photos", per_class=4, classes=("bed", "chair", "sofa"))
     out = tmp_path / "f.h5"
-    args = ["extract", folder, "--weights", "none", "--image-size", "128", "--batch-size", "2", "--out", out]
+    args = ["extract", folder, "--weights", "none", "--image-size", "32", "--batch-size", "2", "--out", out]
     proc = subprocess.Popen(
         [sys.executable, "-m", "furnitype.cli", *map(str, args)], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
-        text=True,
+        text=True, env=pause_env("store-commit", 3),  # Ctrl-C while the 4th batch is being committed
     )
-    assert kill_when(proc, lambda: out.exists() and out.stat().st_size > 250_000, sig=signal.SIGINT)
-    stderr = proc.stderr.read()
+    assert wait_stopped(proc), proc.communicate()
+    signal_stopped(proc, signal.SIGINT)
+    stderr = proc.communicate(timeout=300)[1]
     assert proc.returncode == 130, stderr
-    kept = len(load(out))
-    assert stderr.splitlines()[-1] == f"interrupted: {kept} rows kept; rerun to go on" and 0 < kept < 60
+    assert stderr.splitlines()[-1] == "interrupted: 8 rows kept; rerun to go on" and len(load(out)) == 8
     assert _files(tmp_path) == ["f.h5"]
-    rerun = extract([folder], backbone="vgg16", weights="none", image_size=128, out=out, progress=False)
-    assert rerun.extracted == 60 - kept and rerun.rows == 60
+    rerun = extract([folder], backbone="vgg16", weights="none", image_size=32, out=out, progress=False)
+    assert rerun.extracted == 4 and rerun.rows == 12
 
 
 def test_a_second_writer_is_refused_and_the_first_keeps_every_row(tmp_path):
-    first = make_photo_folder(tmp_path / "first", per_class=20, classes=("bed", "chair", "sofa"))
+    first = make_photo_folder(tmp_path / "first", per_class=4, classes=("bed", "chair", "sofa"))
     second = make_photo_folder(tmp_path / "second", per_class=1, classes=("sofa",))
     out = tmp_path / "f.h5"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "furnitype.cli", "extract", str(first), "--weights", "none", "--image-size", "128",
-         "--batch-size", "2", "--quiet", "--out", str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "-m", "furnitype.cli", "extract", str(first), *CLI_SMALL, "--batch-size", "2", "--out",
+         str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=pause_env("store-commit", 2),
     )
-    lock = Path(f"{out}.lock")
     try:
-        while proc.poll() is None and not (out.exists() and lock.exists()):
-            pass
-        refused = run_cli("extract", second, *CLI_SMALL[:4], "--image-size", "128", "--out", out)
+        assert wait_stopped(proc)  # in the middle of its run, holding the store's lock
+        refused = run_cli("extract", second, *CLI_SMALL, "--out", out)
         link = tmp_path / "link.h5"
         link.symlink_to(out)
-        through_link = run_cli("extract", second, "--weights", "none", "--image-size", "128", "--out", link)
+        through_link = run_cli("extract", second, *CLI_SMALL, "--out", link)
     finally:
+        os.kill(proc.pid, signal.SIGCONT)
         assert proc.wait(timeout=300) == 0
     assert refused.exit_code == 1
     assert refused.output == f"Error: another furnitype process is writing {out}; wait for it to finish.\n"
     assert through_link.exit_code == 1 and "another furnitype process is writing" in through_link.output
-    assert len(load(out)) == 60
-    assert extract([second], backbone="vgg16", weights="none", image_size=128, out=link, progress=False).rows == 61
-    assert link.is_symlink() and len(load(out)) == 61
+    assert len(load(out)) == 12
+    assert extract([second], **SMALL, out=link).rows == 13
+    assert link.is_symlink() and len(load(out)) == 13
 
 
 def test_a_full_disk_is_one_line_and_keeps_the_store(folder, tmp_path, monkeypatch):

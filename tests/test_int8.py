@@ -28,6 +28,16 @@ CLASSES = ("bed", "chair", "sofa")
 
 
 @pytest.fixture(scope="module")
+def openvino_installed() -> None:
+    """Skips a test that quantizes where the int8 extra (OpenVINO, NNCF) is not installed; CI installs it."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+
+
+needs_openvino = pytest.mark.usefixtures("openvino_installed")
+
+
+@pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
     """36 photos: enough to calibrate (at least ``MIN_CALIBRATION_PHOTOS``)."""
     return make_photo_folder(tmp_path_factory.mktemp("photos") / "photos", per_class=12, classes=CLASSES)
@@ -40,6 +50,29 @@ def cache(tmp_path, monkeypatch) -> Path:
     return tmp_path / "cache" / "int8"
 
 
+@pytest.fixture(scope="module")
+def made(openvino_installed, photos, tmp_path_factory) -> Path:
+    """The cache file of the quantized network of ``photos`` (``SMALL`` settings), made once for the module."""
+    folder = tmp_path_factory.mktemp("made")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FURNITYPE_CACHE_DIR", str(folder / "cache"))
+        extract([photos], **SMALL, precision="int8", out=folder / "f.h5")
+    _new_process()
+    [network] = _cache_files(folder / "cache" / "int8")
+    return network
+
+
+@pytest.fixture
+def warm_cache(made, cache) -> None:
+    """``cache`` holding the network of ``photos`` already, as an earlier run made it: for the tests whose point
+    is not the making (copied from ``made``, since each quantization takes seconds)."""
+    cache.mkdir(parents=True)
+    shutil.copy(made, cache / made.name)
+
+
+with_made_network = pytest.mark.usefixtures("warm_cache")
+
+
 def _cache_files(cache: Path) -> list[Path]:
     return sorted(cache.glob("*.zip"))
 
@@ -48,6 +81,7 @@ def _relative(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)
 
 
+@needs_openvino
 @pytest.mark.parametrize("backbone, size", [("vgg16", 32), ("inception", 75)])
 def test_int8_features_are_close_to_float32_and_record_their_network(photos, tmp_path, cache, backbone, size):
     settings = {**SMALL, "backbone": backbone, "image_size": size}
@@ -68,6 +102,7 @@ def test_int8_features_are_close_to_float32_and_record_their_network(photos, tmp
     assert manifest["network"] == recorded.network and manifest["made_from"]["backbone"] == backbone
 
 
+@needs_openvino
 def test_the_quantized_network_is_made_once_and_reused(photos, tmp_path, cache):
     first = load(extract([photos], **SMALL, precision="int8", out=tmp_path / "a.h5").out)
     [cached] = _cache_files(cache)
@@ -92,6 +127,8 @@ def _with_zip_headers(data: bytes, offsets: dict[bytes, int], change) -> bytes:
 LOCAL, CENTRAL = b"PK\x03\x04", b"PK\x01\x02"
 
 
+@needs_openvino
+@with_made_network
 @pytest.mark.parametrize("damage", ["truncate", "flip", "symlink", "manifest-list", "encrypted", "unknown-method",
                                     "fifo"])
 def test_a_damaged_cache_file_is_rebuilt_never_trusted(photos, tmp_path, cache, damage):
@@ -133,6 +170,8 @@ def test_a_damaged_cache_file_is_rebuilt_never_trusted(photos, tmp_path, cache, 
     assert [p.name for p in cache.iterdir()] == [cached.name]  # no temporary file left
 
 
+@needs_openvino
+@with_made_network
 def test_rows_of_other_calibrations_are_never_mixed(photos, tmp_path):
     out = tmp_path / "f.h5"
     extract([photos], **SMALL, precision="int8", out=out)
@@ -147,6 +186,8 @@ def test_rows_of_other_calibrations_are_never_mixed(photos, tmp_path):
     assert {Path(path).parent.parent for path, _ in recorded} == {other}
 
 
+@needs_openvino
+@with_made_network
 def test_a_growing_store_keeps_its_quantized_network(photos, tmp_path):
     folder = tmp_path / "photos"
     shutil.copytree(photos, folder)
@@ -183,6 +224,8 @@ def _stored_spec(store: Path) -> ExtractSpec:
     )
 
 
+@needs_openvino
+@with_made_network
 def test_spec_for_rebuilds_exactly_the_recorded_network(photos, tmp_path, cache):
     store = Path(extract([photos], **SMALL, precision="int8", out=tmp_path / "f.h5").out)
     stored = load(store)
@@ -195,6 +238,8 @@ def test_spec_for_rebuilds_exactly_the_recorded_network(photos, tmp_path, cache)
     assert len(_cache_files(cache)) == 1
 
 
+@needs_openvino
+@with_made_network
 def test_a_network_other_than_the_recorded_one_is_refused(photos, tmp_path):
     stored = load(extract([photos], **SMALL, precision="int8", out=tmp_path / "f.h5").out)
     recorded = int8.Quantization.parse(stored.meta["quantization"], stored.meta["calibration_photos"])
@@ -207,6 +252,8 @@ def test_a_network_other_than_the_recorded_one_is_refused(photos, tmp_path):
         spec.build()
 
 
+@needs_openvino
+@with_made_network
 def test_a_changed_calibration_photo_cannot_make_the_network_again(tmp_path, cache):
     folder = make_photo_folder(tmp_path / "photos", per_class=12, classes=CLASSES)
     store = Path(extract([folder], **SMALL, precision="int8", out=tmp_path / "f.h5").out)
@@ -221,6 +268,8 @@ def test_a_changed_calibration_photo_cannot_make_the_network_again(tmp_path, cac
         _stored_spec(store).build()
 
 
+@needs_openvino
+@with_made_network
 def test_predict_labels_new_photos_with_the_recorded_network(photos, tmp_path, cache):
     from furnitype.classify import load_model
     from furnitype.predict import predict
@@ -244,6 +293,7 @@ def test_predict_labels_new_photos_with_the_recorded_network(photos, tmp_path, c
     np.testing.assert_allclose(got, expected[:, [list(model.classes_).index(c) for c in CLASSES]], rtol=1e-6)
 
 
+@needs_openvino
 def test_too_few_calibration_photos_is_one_line(tmp_path):
     few = make_photo_folder(tmp_path / "few", per_class=5, classes=CLASSES)
     (few / "bed" / "broken.jpg").write_bytes(b"not a photo")
@@ -308,6 +358,7 @@ def test_an_openvino_that_cannot_load_is_one_line(photos, tmp_path):
     )
 
 
+@needs_openvino
 def test_json_output_stays_clean_while_quantizing(photos, tmp_path):
     result = run_cli("extract", photos, "--weights", "none", "--image-size", 32, "--precision", "int8",
                      "--out", tmp_path / "f.h5", "--json")
@@ -319,6 +370,7 @@ def test_json_output_stays_clean_while_quantizing(photos, tmp_path):
     assert "\r" not in result.stderr and "━" not in result.stderr
 
 
+@needs_openvino
 def test_quiet_leaves_out_the_progress_bars_of_quantizing(photos, tmp_path, monkeypatch):
     command = ["extract", photos, "--weights", "none", "--image-size", 32, "--precision", "int8"]
     shown = run_cli(*command, "--out", tmp_path / "shown.h5")
@@ -334,6 +386,7 @@ def test_quiet_leaves_out_the_progress_bars_of_quantizing(photos, tmp_path, monk
     assert len(list((tmp_path / "another-cache" / "int8").glob("*.zip"))) == 1
 
 
+@needs_openvino
 def test_a_full_cache_folder_is_one_line(photos, tmp_path, monkeypatch):
     import errno
 
@@ -346,6 +399,7 @@ def test_a_full_cache_folder_is_one_line(photos, tmp_path, monkeypatch):
     assert list((tmp_path / "cache" / "int8").iterdir()) == [] and not (tmp_path / "f.h5").exists()
 
 
+@needs_openvino
 @pytest.mark.parametrize("under", ["", "sub"])
 def test_a_cache_folder_that_is_a_file_is_one_line_before_any_work(tmp_path, monkeypatch, under):
     """Found when the network is written, it cost the whole quantization and said "free space there"."""
@@ -361,6 +415,7 @@ def test_a_cache_folder_that_is_a_file_is_one_line_before_any_work(tmp_path, mon
     assert file.read_text() == "mine"
 
 
+@needs_openvino
 def test_int8_features_of_a_run_or_store_with_a_cache_folder_that_is_a_file_are_refused_first(tmp_path, monkeypatch):
     """``predict`` and ``similar`` check the cache folder when they read the settings, before any work."""
     file = tmp_path / "file"
@@ -373,6 +428,7 @@ def test_int8_features_of_a_run_or_store_with_a_cache_folder_that_is_a_file_are_
         spec_for(settings, weights="none", calibration_photos="[]")
 
 
+@needs_openvino
 def test_the_out_is_never_a_calibration_photo(photos, tmp_path):
     """A calibration photo is read too: an --out that is one is refused before the work, --overwrite or not."""
     calibrate = shutil.copytree(photos, tmp_path / "calibrate")
@@ -386,6 +442,8 @@ def test_the_out_is_never_a_calibration_photo(photos, tmp_path):
     assert photo_file.read_bytes() == before
 
 
+@needs_openvino
+@with_made_network
 def test_the_ray_engine_runs_the_same_int8_network(photos, tmp_path, cache):
     ray = pytest.importorskip("ray")  # installed by `make test` (furnitype[ray]); see tests/test_ray_engine.py
     local = load(extract([photos], **SMALL, precision="int8", out=tmp_path / "local.h5").out)

@@ -10,7 +10,7 @@ import furnitype
 ROOT = Path(furnitype.__file__).parent
 #: Bottom to top. A module may import its own layer and the layers below it, never one above.
 LAYERS = (
-    ("errors", "keras_loader", "outputs"),
+    ("errors", "faults", "keras_loader", "outputs"),
     ("features",),
     ("extract",),
     ("classify",),
@@ -18,7 +18,7 @@ LAYERS = (
     ("engines",),
     ("extraction", "training", "predict", "similar", "suggest"),
     ("cli",),
-    ("demo",),
+    ("__main__", "demo"),
 )
 
 

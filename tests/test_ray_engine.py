@@ -29,20 +29,26 @@ from furnitype.extract.pipeline import ExtractSpec, feature_batches
 from furnitype.extraction import extract
 from furnitype.features import load
 from tests.images import make_photo_folder, photo
-from tests.store_writer import kill_when
+from tests.processes import pause_env, signal_stopped, wait_stopped
 
 SMALL = {"backbone": "vgg16", "weights": "none", "image_size": 32, "batch_size": 4, "progress": False}
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    """A local Ray with 2 CPUs for this module, used through connected() from the start (whatever test runs
-    first), so that no line Ray forwards lands in a CliRunner's stdout; skips the module's Ray tests when Ray is
-    not installed."""
+def ray_installed():
+    """The ``ray`` module; skips a test of Ray where the ray extra is not installed (CI installs every extra)."""
     ray = pytest.importorskip("ray")
     pytest.importorskip("ray.data")
+    return ray
+
+
+@pytest.fixture(scope="module")
+def ray_local(ray_installed):
+    """A local Ray with 2 CPUs for this module, used through connected() from the start (whatever test runs
+    first), so that no line Ray forwards lands in a CliRunner's stdout."""
     from furnitype.engines.ray import connected
 
+    ray = ray_installed
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     with connected():
         yield ray
@@ -130,7 +136,7 @@ def test_cache_only_missing_photos_reach_ray(ray_local, photos, tmp_path, monkey
 
 def test_killed_ray_driver_resumes_and_equals_an_uninterrupted_run(ray_local, tmp_path):
     folder = make_photo_folder(tmp_path / "photos", per_class=12, classes=("bed", "chair", "sofa"), size=(96, 96))
-    settings = ["--weights", "none", "--image-size", "128", "--batch-size", "2", "--quiet"]
+    settings = ["--weights", "none", "--image-size", "32", "--batch-size", "2", "--quiet"]
     out = tmp_path / "killed.h5"
     address = ray_local.get_runtime_context().gcs_address
     proc = subprocess.Popen(
@@ -138,14 +144,13 @@ def test_killed_ray_driver_resumes_and_equals_an_uninterrupted_run(ray_local, tm
          "--engine", "ray", "--address", address, "--ray-workers", "1"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env=pause_env("store-commit", 3),  # a few batches appended, the next one written in place
     )
+    assert wait_stopped(proc), "the run ended before its 3rd in-place commit"
+    signal_stopped(proc, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL and Path(f"{out}.undo").exists()
 
-    def committed() -> bool:  # a few batches appended
-        return out.exists() and load(out).meta["n_rows"] >= 6
-
-    assert kill_when(proc, committed, timeout=150), "the run finished (or failed) before it could be killed"
-
-    options = {"backbone": "vgg16", "weights": "none", "image_size": 128, "batch_size": 2, "progress": False}
+    options = {**SMALL, "batch_size": 2}
     resumed = extract([folder], **options, out=out, engine="ray", ray_workers=2)
     assert 0 < resumed.extracted < 36 and resumed.reused == 36 - resumed.extracted
     assert sorted(p.name for p in tmp_path.iterdir()) == ["killed.h5", "photos"]
@@ -156,23 +161,25 @@ def test_killed_ray_driver_resumes_and_equals_an_uninterrupted_run(ray_local, tm
 
 @pytest.fixture(scope="module")
 def thirty_six(tmp_path_factory) -> tuple[Path, store.FeatureSet]:
-    """36 photos that take a few seconds on Ray (128 px, batches of 2), and their store made without stopping."""
+    """36 photos (18 batches of 2), and their store made without stopping."""
     root = tmp_path_factory.mktemp("thirty_six")
     folder = make_photo_folder(root / "photos", per_class=12, classes=("bed", "chair", "sofa"), size=(96, 96))
-    whole = extract([folder], **{**SMALL, "image_size": 128, "batch_size": 2}, out=root / "whole.h5")
+    whole = extract([folder], **{**SMALL, "batch_size": 2}, out=root / "whole.h5")
     assert whole.extracted == 36
     return folder, load(root / "whole.h5")
 
 
 def _own_ray_extract(
-    folder: Path, out: Path, program: Sequence[str] = ("-m", "furnitype.cli")
+    folder: Path, out: Path, program: Sequence[str] = ("-m", "furnitype.cli"), pause_at: int = 0
 ) -> tuple[subprocess.Popen, str]:
     """``furnitype extract --engine ray`` starting its own local Ray, and the tag in the environment of every
-    process it starts (the driver, and through it Ray's services and workers)."""
+    process it starts (the driver, and through it Ray's services and workers); ``pause_at``: the driver stops
+    itself at that in-place commit (``furnitype.faults``)."""
     tag = uuid.uuid4().hex
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env = {key: value for key, value in (pause_env("store-commit", pause_at) if pause_at else os.environ).items()
+           if key != "RAY_ADDRESS"}
     proc = subprocess.Popen(
-        [sys.executable, *program, "extract", str(folder), "--weights", "none", "--image-size", "128",
+        [sys.executable, *program, "extract", str(folder), "--weights", "none", "--image-size", "32",
          "--batch-size", "2", "--engine", "ray", "--ray-workers", "1", "--out", str(out)],
         env={**env, "FURNITYPE_TEST_TAG": tag},
         stdout=subprocess.PIPE,
@@ -194,16 +201,6 @@ def _tagged(tag: str) -> dict[int, str]:
     return found
 
 
-def _when(proc: subprocess.Popen, ready, timeout: float = 150) -> bool:
-    """Wait until ``ready()``; False when the process ended first (or the time ran out)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        if ready():
-            return True
-        time.sleep(0.01)
-    return False
-
-
 def _ended(proc: subprocess.Popen, tag: str) -> tuple[int, str, dict[int, str]]:
     """The exit status and stderr of ``proc`` (killed if it hangs), and the processes it left running."""
     try:
@@ -212,7 +209,7 @@ def _ended(proc: subprocess.Popen, tag: str) -> tuple[int, str, dict[int, str]]:
         proc.kill()
         _, stderr = proc.communicate()
         stderr += "\n(hung: killed)"
-    deadline = time.monotonic() + 30  # Ray's services may take a moment to exit after the driver
+    deadline = time.monotonic() + 120  # a guard: Ray's services may take a moment to exit after the driver
     while _tagged(tag) and time.monotonic() < deadline:
         time.sleep(0.1)
     left = _tagged(tag)
@@ -221,25 +218,21 @@ def _ended(proc: subprocess.Popen, tag: str) -> tuple[int, str, dict[int, str]]:
     return proc.returncode, stderr, left
 
 
-def _rows_at_least(out: Path, count: int):
-    return lambda: out.exists() and load(out).meta["n_rows"] >= count
-
-
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds Ray's processes through /proc")
 def test_ctrl_c_during_a_ray_extraction_keeps_the_batches_and_stops_ray(ray_local, thirty_six, tmp_path):
     folder, whole = thirty_six
     out = tmp_path / "f.h5"
-    proc, tag = _own_ray_extract(folder, out)
-    assert _when(proc, _rows_at_least(out, 4)), proc.communicate()[1]
+    proc, tag = _own_ray_extract(folder, out, pause_at=2)
+    assert wait_stopped(proc), proc.communicate()[1]
     assert any("raylet" in command for command in _tagged(tag).values())  # its own Ray, not the test's
-    proc.send_signal(signal.SIGINT)
+    signal_stopped(proc, signal.SIGINT)  # Ctrl-C in the middle of the run
     code, stderr, left = _ended(proc, tag)
     kept = len(load(out))
     assert code == 130, stderr
     assert stderr.splitlines()[-1] == f"interrupted: {kept} rows kept; rerun to go on" and 4 <= kept < 36
     assert "Traceback" not in stderr and left == {}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.h5"]
-    rerun = extract([folder], **{**SMALL, "image_size": 128, "batch_size": 2}, out=out, engine="ray", ray_workers=1)
+    rerun = extract([folder], **{**SMALL, "batch_size": 2}, out=out, engine="ray", ray_workers=1)
     assert (rerun.extracted, rerun.reused) == (36 - kept, kept)
     _same_store(load(out), whole)
 
@@ -266,7 +259,7 @@ main()
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds Ray's processes through /proc")
-def test_ctrl_c_while_ray_starts_leaves_no_ray_process(tmp_path):
+def test_ctrl_c_while_ray_starts_leaves_no_ray_process(ray_installed, tmp_path):
     folder = make_photo_folder(tmp_path / "photos", per_class=1, classes=("bed",))
     proc, tag = _own_ray_extract(folder, tmp_path / "f.h5", program=["-c", CTRL_C_INSIDE_RAY_INIT])
     code, stderr, left = _ended(proc, tag)
@@ -275,14 +268,15 @@ def test_ctrl_c_while_ray_starts_leaves_no_ray_process(tmp_path):
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds Ray's processes through /proc")
-def test_a_ray_worker_killed_mid_run_is_replaced_and_the_store_is_whole(thirty_six, tmp_path):
+def test_a_ray_worker_killed_mid_run_is_replaced_and_the_store_is_whole(ray_installed, thirty_six, tmp_path):
     folder, whole = thirty_six
     out = tmp_path / "f.h5"
-    proc, tag = _own_ray_extract(folder, out)
-    assert _when(proc, _rows_at_least(out, 4)), proc.communicate()[1]
+    proc, tag = _own_ray_extract(folder, out, pause_at=2)
+    assert wait_stopped(proc), proc.communicate()[1]  # the driver, in the middle of the run
     workers = [pid for pid, command in _tagged(tag).items() if command.startswith("ray::MapWorker")]
     assert len(workers) == 1
     os.kill(workers[0], signal.SIGKILL)
+    os.kill(proc.pid, signal.SIGCONT)
     code, stderr, left = _ended(proc, tag)
     assert code == 0 and "Traceback" not in stderr and left == {}, stderr
     _same_store(load(out), whole)

@@ -147,57 +147,91 @@ def test_a_killed_writer_leaves_the_old_run_and_the_next_one_tidies(feats, runs,
 
 # -- kill -9 at every step of a replacement -------------------------------------------------------------------------
 
-#: Replaces the run at argv[1] with a copy of the run at argv[2] through ``building``, counting the file system
-#: changes it makes (renames, removals, the lock file's record) and killing itself (SIGKILL) before the
-#: KILL_AT-th one; FALLBACK=1 takes the two-rename path of systems that cannot exchange two folders.
-KILL_AT_STEP = """
-import os, shutil, signal, sys
+#: Replaces runs through ``building``, each replacement in a process of its own forked from this one (which
+#: imported furnitype once: a replacement costs a fork, not a Python start-up). A request on stdin, ``OUT NEW
+#: KILL_AT FALLBACK``, replaces the run at OUT with a copy of the run at NEW, counting the file system changes
+#: it makes (renames, removals, the lock file's record) and killing itself (SIGKILL) before the KILL_AT-th one
+#: (0: never); FALLBACK=1 takes the two-rename path of systems that cannot exchange two folders. The answer on
+#: stdout: the replacing process's exit code (-9 when killed) and the changes it made.
+REPLACER = """
+import os, shutil, signal, sys, traceback
 from furnitype.classify import output
 from furnitype.classify.metadata import RUN_KIND
-kill_at, steps = int(os.environ["KILL_AT"]), []
-def counted(name, real):
-    def step(*args, **kwargs):
-        steps.append(name)
-        if len(steps) == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(*args, **kwargs)
-    return step
-for name in ("rename", "unlink", "rmdir", "mkdir", "ftruncate", "pwrite"):
-    setattr(os, name, counted(name, getattr(os, name)))
-exchange = (lambda *args: False) if os.environ.get("FALLBACK") == "1" else output._renameat2
-output._renameat2 = counted("renameat2", exchange)
-with output.building(sys.argv[1], kind=RUN_KIND, overwrite=True) as folder:
-    shutil.copytree(sys.argv[2], folder.path, dirs_exist_ok=True)
-print(" ".join(steps))
+
+def replace(out, new, kill_at, fallback):
+    steps = []
+    def counted(name, real):
+        def step(*args, **kwargs):
+            steps.append(name)
+            if len(steps) == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args, **kwargs)
+        return step
+    for name in ("rename", "unlink", "rmdir", "mkdir", "ftruncate", "pwrite"):
+        setattr(os, name, counted(name, getattr(os, name)))
+    exchange = (lambda *args: False) if fallback else output._renameat2
+    output._renameat2 = counted("renameat2", exchange)
+    with output.building(out, kind=RUN_KIND, overwrite=True) as folder:
+        shutil.copytree(new, folder.path, dirs_exist_ok=True)
+    return steps
+
+for request in sys.stdin:
+    out, new, kill_at, fallback = request.rstrip("\\n").split("\\t")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(read)
+            steps = replace(out, new, int(kill_at), fallback == "1")
+            os.write(write, " ".join(steps).encode())
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as made:
+        steps = made.read()
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), steps, flush=True)
 """
 
 
-def replace_run(out: Path, new: Path, kill_at: int, fallback: bool) -> subprocess.Popen:
-    process = cli(out, new, code=KILL_AT_STEP, env={"KILL_AT": str(kill_at), "FALLBACK": "1" if fallback else "0"})
-    process.wait(timeout=120)
-    return process
+@pytest.fixture(scope="module")
+def replacer():
+    process = subprocess.Popen([sys.executable, "-c", REPLACER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True)
+    yield process
+    process.stdin.close()
+    assert process.wait(timeout=120) == 0
+
+
+def replace_run(replacer: subprocess.Popen, out: Path, new: Path, kill_at: int, fallback: bool) -> tuple[int, list]:
+    """The exit code of a process that replaced ``out`` with ``new`` (killed at step ``kill_at``), and its steps."""
+    replacer.stdin.write(f"{out}\t{new}\t{kill_at}\t{int(fallback)}\n")
+    replacer.stdin.flush()
+    code, *steps = replacer.stdout.readline().split()
+    return int(code), steps
 
 
 @pytest.mark.parametrize("fallback", [False, True], ids=["exchange", "two renames"])
-def test_kill_9_at_every_step_of_a_replacement_leaves_a_whole_run(runs, tmp_path, fallback):
+def test_kill_9_at_every_step_of_a_replacement_leaves_a_whole_run(replacer, runs, tmp_path, fallback):
     parent = tmp_path / "runs"
     parent.mkdir()
     out = parent / "run"
-    steps = replace_run(shutil.copytree(runs["old"], out), runs["new"], 0, fallback).communicate()[0].split()
-    assert seed_of(out) == 2 and leftovers(parent) == []
+    code, steps = replace_run(replacer, shutil.copytree(runs["old"], out), runs["new"], 0, fallback)
+    assert code == 0 and seed_of(out) == 2 and leftovers(parent) == []
     assert steps.count("renameat2") == 1 and steps.count("rename") == (2 if fallback else 0), steps
     seen = []
     for kill_at in range(1, len(steps) + 1):
         shutil.rmtree(out)
         shutil.copytree(runs["old"], out)
-        killed = replace_run(out, runs["new"], kill_at, fallback)
-        assert killed.returncode == -signal.SIGKILL, killed.communicate()
+        assert replace_run(replacer, out, runs["new"], kill_at, fallback)[0] == -signal.SIGKILL
         if not fallback:  # the swap is one step: the path holds a whole run at every moment
             assert out.is_dir()
         seen.append(seed_of(out))  # a reader puts back a run that a two-rename swap had moved aside
         assert load_model(out).name == "logreg"
-        again = replace_run(out, runs["new"], 0, fallback)
-        assert again.returncode == 0, again.communicate()
+        assert replace_run(replacer, out, runs["new"], 0, fallback)[0] == 0
         assert seed_of(out) == 2 and leftovers(parent) == [], (kill_at, steps, leftovers(parent))
     assert seen == sorted(seen) and set(seen) == {1, 2}, seen  # old until the swap, new after it
 

@@ -24,8 +24,10 @@ from furnitype.errors import SettingsMismatchError, StoreError
 from furnitype.features import load, read_meta, save
 from furnitype.features import undo as undo_module
 from furnitype.features.cache import FeatureCache
+from furnitype.features.locking import WAIT_SECONDS
 from furnitype.features.store import compact, summary
 from tests import store_writer
+from tests.processes import kill_when, pause_env, signal_stopped, wait_stopped
 from tests.store_writer import SETTINGS, FakeListing, append, features_of, remove_half
 
 #: Root without the powers that ignore file permissions: a permission test that drops them for real.
@@ -343,14 +345,14 @@ def test_an_append_cut_by_a_kill_or_a_power_loss_ends_the_rollback(tmp_path, tai
 def test_a_second_writer_is_refused_at_once_also_through_another_name(tmp_path):
     store = tmp_path / "s.h5"
     (tmp_path / "link.h5").symlink_to(store)
-    writer = store_writer.start(store, 2000, 8)
+    writer = store_writer.start(store, 20, 8, env=pause_env("store-commit", 2))  # stopped holding the lock
     try:
-        assert writer.stdout.readline().startswith("committed")
+        assert wait_stopped(writer), writer.communicate()
         for name in (store, tmp_path / "link.h5"):
             started = time.monotonic()
             with pytest.raises(StoreError, match=f"another furnitype process is writing {name}"):
                 FeatureCache(name, SETTINGS, meta=SETTINGS).__enter__()
-            assert time.monotonic() - started < 1
+            assert time.monotonic() - started < WAIT_SECONDS / 2  # refused, not waited for
     finally:
         writer.kill()
         writer.wait()
@@ -428,7 +430,7 @@ def test_kill_9_during_in_place_appends_rolls_back_to_the_last_commit(tmp_path):
     hot = 0
     for _ in range(6):
         writer = store_writer.start(store, 300, 4)
-        assert store_writer.kill_when(writer, undo.exists), "the writer ended before it could be killed"
+        assert kill_when(writer, undo.exists), "the writer ended before it could be killed"
         committed = [int(line.split()[1]) for line in writer.stdout.read().splitlines()]
         hot += undo.exists()
         rows = _consistent(store)  # the reader rolls the unfinished transaction back
@@ -443,7 +445,7 @@ def test_kill_9_during_compaction_keeps_the_store(tmp_path):
     killed = 0
     for _ in range(4):
         writer = store_writer.start(store, 6, 8, compact=True)
-        killed += store_writer.kill_when(
+        killed += kill_when(
             writer, lambda: any(p.name.startswith(temporary.name) for p in tmp_path.iterdir())
         )
         rows = _consistent(store)
@@ -453,20 +455,19 @@ def test_kill_9_during_compaction_keeps_the_store(tmp_path):
     assert _leftovers(tmp_path) == [] and _consistent(store) == 48
 
 
+#: Reads the store at argv[1] until it holds argv[2] rows, checking every row, and prints each count it saw.
 READER_SCRIPT = textwrap.dedent(
     """
-    import sys, time
+    import sys
     import numpy as np
     from furnitype.features import load
     from tests.store_writer import features_of
-    seen = []
-    end = time.monotonic() + float(sys.argv[2])
-    while time.monotonic() < end:
+    rows = []
+    while len(rows) != int(sys.argv[2]):
         rows = load(sys.argv[1])
         for path, features in zip(rows.paths, rows.features):
             assert np.array_equal(features, features_of(path)), path
-        seen.append(len(rows))
-    print(" ".join(map(str, seen)))
+        print(len(rows), flush=True)
     """
 )
 
@@ -474,15 +475,18 @@ READER_SCRIPT = textwrap.dedent(
 def test_a_reader_sees_only_committed_rows_while_a_writer_appends(tmp_path):
     store = tmp_path / "s.h5"
     append(str(store), 0, 8, 8)
-    writer = store_writer.start(store, 150, 4)
-    reader = subprocess.run(
-        [sys.executable, "-c", READER_SCRIPT, str(store), "3"], capture_output=True, text=True, timeout=120
-    )
-    writer.wait()
-    assert reader.returncode == 0, reader.stderr[-2000:]
-    seen = [int(n) for n in reader.stdout.split()]
-    assert len(seen) > 5 and seen == sorted(seen) and all(n % 4 == 0 for n in seen)
-    assert len(set(seen)) > 1, "the reader never saw the writer's rows come in"
+    reader = subprocess.Popen([sys.executable, "-c", READER_SCRIPT, str(store), "600"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline() == "8\n", reader.communicate()  # it reads: the writer starts
+        writer = store_writer.start(store, 150, 4)
+        assert writer.wait(timeout=300) == 0
+        stdout, stderr = reader.communicate(timeout=300)
+    finally:
+        reader.kill()
+    assert reader.returncode == 0, stderr[-2000:]
+    seen = [8, *map(int, stdout.split())]
+    assert seen == sorted(seen) and all(n % 4 == 0 for n in seen) and seen[-1] == 600
     assert _consistent(store) == 600
 
 
@@ -576,8 +580,10 @@ def test_ctrl_c_during_a_transaction_waits_for_the_commit(tmp_path, monkeypatch)
 def test_a_hot_undo_left_by_a_dead_writer_is_rolled_back_by_the_next_reader(tmp_path):
     store = tmp_path / "s.h5"
     append(str(store), 0, 8, 8)
-    writer = store_writer.start(store, 300, 4)
-    assert store_writer.kill_when(writer, Path(f"{store}.undo").exists)
+    writer = store_writer.start(store, 20, 4, env=pause_env("store-commit", 3))
+    assert wait_stopped(writer), writer.communicate()
+    signal_stopped(writer, signal.SIGKILL)
+    assert writer.wait() == -signal.SIGKILL and Path(f"{store}.undo").exists()
     info = subprocess.run(
         [sys.executable, "-m", "furnitype.cli", "info", str(store), "--json"], capture_output=True, text=True
     )
@@ -588,8 +594,10 @@ def test_a_hot_undo_left_by_a_dead_writer_is_rolled_back_by_the_next_reader(tmp_
 def test_a_reader_that_cannot_write_gets_one_line_about_the_unfinished_write(tmp_path):
     store = tmp_path / "s.h5"
     append(str(store), 0, 8, 8)
-    writer = store_writer.start(store, 300, 4)
-    assert store_writer.kill_when(writer, Path(f"{store}.undo").exists)
+    writer = store_writer.start(store, 20, 4, env=pause_env("store-commit", 3))
+    assert wait_stopped(writer), writer.communicate()
+    signal_stopped(writer, signal.SIGKILL)
+    assert writer.wait() == -signal.SIGKILL and Path(f"{store}.undo").exists()
     os.chmod(tmp_path, 0o555)  # the folder cannot be written, the store can be read
     try:
         info = subprocess.run([*WITHOUT_ROOT_POWERS, sys.executable, "-m", "furnitype.cli", "info", str(store)],

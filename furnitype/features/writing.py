@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 
 from furnitype.errors import InputError, StoreError, deferred_interrupts, first_line
+from furnitype.faults import pause_point
 from furnitype.features.layout import BLOCK_ROWS, COLUMNS, LIBVER, SKIP_COLUMNS, Folders, Layout
 from furnitype.features.locking import hold_new_store, lock_file, real_path, wait_for_lock
 from furnitype.features.undo import (
@@ -107,6 +108,7 @@ def transaction(real: Path, given) -> Iterator[h5py.File]:
                 finally:
                     h5.close()
                 raw.commit()
+                pause_point("store-commit")
                 log.remove()
             except BaseException:
                 log.close()
