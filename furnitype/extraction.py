@@ -292,11 +292,16 @@ def _provenance(spec: ExtractSpec, settings: dict) -> dict:
     return {
         **settings,
         "preprocessing": f"keras.applications.{get_backbone(spec.backbone).keras_name}.preprocess_input",
-        "weights_source": spec.weights,
+        "weights_source": _weights_source(spec.weights),
         "furnitype_version": __version__,
         **{f"{package}_version": _version(package) for package in ("keras", "tensorflow", "h5py", "pillow")},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def _weights_source(weights: str) -> str:
+    """A weights file as an absolute path (``predict`` from another folder finds it); a name as it is."""
+    return weights if weights == "imagenet" or weights.lower() == "none" else os.path.abspath(weights)
 
 
 def _version(package: str) -> str:

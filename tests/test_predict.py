@@ -183,3 +183,16 @@ def test_cli_csv_of_a_file_whose_name_is_not_utf8(setup, tmp_path):
     rows = list(csv.reader(out.read_bytes().decode("utf-8", errors="surrogateescape").splitlines()))
     assert Path(rows[1][0]).is_file() and Path(rows[1][0]).name.encode("utf-8", errors="surrogateescape") == name
     assert rows[1][1] in CLASSES
+
+
+def test_a_relative_weights_path_is_recorded_absolute_for_predict_elsewhere(setup, tmp_path, monkeypatch):
+    monkeypatch.chdir(setup["base"])
+    feats = tmp_path / "relative.h5"
+    extract(["photos"], weights="vgg16.weights.h5", out=feats, **SETTINGS)
+    assert load(feats).meta["weights_source"] == str(setup["weights"])
+    run = classify([feats], models=["logreg"], cv=3, out=tmp_path / "run").path
+    monkeypatch.chdir(tmp_path)  # another folder: the recorded path still names the weights file
+
+    result = predict(run, [setup["new"]])
+
+    assert result.weights == str(setup["weights"]) and all(p.error == "" for p in result.predictions)
