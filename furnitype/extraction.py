@@ -52,9 +52,11 @@ class ExtractResult:
         Files listed; rows computed by the network now; listed files whose row came from the cache (unchanged,
         or the same content seen before, or a duplicate in this listing); files that could not be used.
     removed : int
-        Rows dropped because their file is no longer in a listed folder.
+        Rows dropped because their file is no longer in a listed folder (a file moved to another listed folder
+        is not removed: its content is listed under the new path).
     relabelled : int
-        Rows whose label changed (a listed label, or ``label``, differs from the stored one).
+        Rows whose label changed (a listed label, or ``label``, differs from the stored one; a file moved to
+        another class folder).
     hashed : int
         Files read to compute their sha256 (new files, files whose size, mtime, inode or ctime changed).
     rows : int
