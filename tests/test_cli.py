@@ -253,6 +253,58 @@ def test_weights_that_keras_cannot_load_are_one_line_without_its_warnings(made, 
     assert "variable.shape=(3, 3, 3, 64), Received: value.shape=(3, 3, 64, 3)" in result.stderr
 
 
+# -- a store is the source of its settings ------------------------------------------------------------------
+
+
+def test_extract_into_a_store_takes_every_setting_not_given_from_it(made, tmp_path):
+    weights = Path(shutil.copy(made["weights"], tmp_path / "mine.weights.h5"))
+    same = tmp_path / "same.h5"
+    extract([made["photos"]], weights=str(weights), out=same, **SETTINGS)  # 12 rows, image size 32
+    new = make_photo_folder(tmp_path / "new", per_class=2, classes=("bed", "sofa"), size=(52, 44))
+    sofas = make_photo_folder(tmp_path / "sofas", per_class=2, classes=("sofa",), size=(60, 50))
+    manifest = tmp_path / "labels.csv"
+    photo(900, COLOURS["chair"], (44, 52)).save(tmp_path / "odd.jpg")
+    manifest.write_text("path,label\nodd.jpg,chair\n")
+
+    for args, rows in (([new], 16), (["--manifest", manifest], 17), ([sofas, "--label", "sofa"], 19)):
+        result = invoke("extract", *args, "--out", same, "--quiet")
+        assert result.exit_code == 0, result.output
+        assert store.summary(same)["rows"] == rows
+    settings = store.load(same).settings
+    assert (settings["image_size"], settings["weights"]) == (32, store.read_meta(made["feats"])["weights"])
+
+    refused = _one_line_error(invoke("extract", new, "--weights", "none", "--out", same), 1)
+    assert refused == (
+        f"Error: {same} was made with --weights {weights} ({settings['weights'][:19]}…), but this run asks for "
+        "--weights none: pass that option (or leave it out) to add to it, use another --out for a new store, or "
+        "--overwrite to replace it (its 19 rows are thrown away)."
+    )
+    weights.unlink()
+    gone = _one_line_error(invoke("extract", new, "--out", same), 2)
+    assert gone == (
+        f"Error: the rows of {same} were made with the weights file {weights} ({settings['weights'][:19]}…), "
+        "which is not there any more; pass --weights PATH to a copy of it."
+    )
+    assert invoke("extract", new, "--weights", made["weights"], "--out", same, "-q").exit_code == 0
+
+
+def test_like_makes_a_store_with_another_stores_settings(made, tmp_path):
+    new = make_photo_folder(tmp_path / "new", per_class=2, classes=("bed", "sofa"), size=(52, 44))
+    like = tmp_path / "like.h5"
+    result = invoke("extract", new, "--like", made["feats"], "--out", like, "--quiet", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["extracted"] == 4
+    made_meta, like_meta = store.read_meta(made["feats"]), store.read_meta(like)
+    assert {k: like_meta[k] for k in store.SETTING_KEYS if k in like_meta} == {
+        k: made_meta[k] for k in store.SETTING_KEYS if k in made_meta
+    }
+    assert like_meta["weights_source"] == made_meta["weights_source"]
+    pooled = invoke("extract", new, "--like", made["feats"], "--pooling", "max", "--out", tmp_path / "max.h5", "-q")
+    assert pooled.exit_code == 0 and store.read_meta(tmp_path / "max.h5")["pooling"] == "max"  # given wins
+    missing = _one_line_error(invoke("extract", new, "--like", tmp_path / "nothing.h5", "--out", tmp_path / "x.h5"), 2)
+    assert missing == f"Error: feature file not found: {tmp_path / 'nothing.h5'}"
+
+
 # -- Ctrl-C --------------------------------------------------------------------------------------------------
 
 

@@ -160,7 +160,7 @@ class FeatureCache:
         try:
             with open_store(self.real, given=self.given, check_undo=False) as view:
                 self._stored_meta = view.meta
-                check_settings(view.meta, self.settings, self.given)
+                check_settings(view.meta, {**self.meta, **self.settings}, self.given)
                 try:
                     self._index(view)
                 except (ValueError, KeyError, OSError, RuntimeError, TypeError, IndexError) as err:
@@ -177,7 +177,7 @@ class FeatureCache:
         if self.fresh:
             return
         try:
-            check_settings(self._stored_meta, self.settings, self.given)
+            check_settings(self._stored_meta, {**self.meta, **self.settings}, self.given)
         except SettingsMismatchError:
             if not self.overwrite:
                 raise

@@ -9,6 +9,7 @@ committed rows. The format is in ``layout.py``; reading in ``view.py``; writing 
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ __all__ = [
     "load",
     "read_meta",
     "save",
+    "short_id",
+    "short_ids",
     "summary",
 ]
 
@@ -260,16 +263,53 @@ def compact_locked(real: Path, given: str | os.PathLike) -> CompactResult:
 
 
 def check_settings(existing: Mapping, wanted: Mapping, file: str | os.PathLike) -> None:
-    """Raise ``SettingsMismatchError`` naming every setting where ``existing`` differs from ``wanted``."""
-    differing = [k for k in SETTING_KEYS if k in wanted and str(existing.get(k)) != str(wanted[k])]
-    if differing:
-        had = ", ".join(f"{k}={existing.get(k)}" for k in differing)
-        asked = ", ".join(f"{k}={wanted[k]}" for k in differing)
-        raise SettingsMismatchError(
-            f"{file} was made with {had}, but this run asks for {asked}; "
-            "use another --out, or --overwrite to replace it."
-        )
+    """Raise ``SettingsMismatchError`` naming every setting where ``existing`` differs from ``wanted``.
 
+    The message names the options (``--weights PATH``) that make rows like ``existing``'s, and what
+    ``--overwrite`` would throw away. ``wanted`` may carry ``weights_source`` (the weights file given).
+    """
+    differing = [k for k in SETTING_KEYS if k in wanted and str(existing.get(k)) != str(wanted[k])]
+    if not differing:
+        return
+    had = ", ".join(_as_option(k, existing) for k in differing)
+    asked = ", ".join(_as_option(k, wanted) for k in differing)
+    options = [k for k in differing if k != "quantization"]
+    advice = "pass those options (or leave them out)" if len(options) > 1 else "pass that option (or leave it out)"
+    if "quantization" in differing:
+        advice = f"{advice}, without --calibrate," if options else "leave --calibrate out"
+    rows = existing.get("n_rows")
+    lost = f"its {rows:,} rows are thrown away" if isinstance(rows, int) else "its rows are thrown away"
+    raise SettingsMismatchError(
+        f"{file} was made with {had}, but this run asks for {asked}: {advice} to add to it, use another --out "
+        f"for a new store, or --overwrite to replace it ({lost})."
+    )
+
+
+def _as_option(key: str, settings: Mapping) -> str:
+    """A setting as the ``extract`` option that gives it: ``--weights /data/vgg.weights.h5 (sha256:a9f137547068…)``."""
+    value = str(settings.get(key))
+    if key == "quantization":
+        calibration = value.partition("calibration=")[2].split(" (")[0]
+        photos = value.partition(" (")[2].partition(")")[0]
+        return f"the int8 calibration {short_id(calibration)} ({photos})"
+    option = f"--{key.replace('_', '-')}"
+    if key == "weights" and value.startswith("sha256:"):
+        source = settings.get("weights_source")
+        named = source if source and source not in ("imagenet", "none") else "PATH"
+        return f"{option} {named} ({short_id(value)})"
+    if key == "weights" and value.startswith("none"):
+        return f"{option} none"
+    return f"{option} {value}"
+
+
+def short_id(identity: str) -> str:
+    """``sha256:a9f137547068…`` (12 hex digits), or the identity as it is."""
+    return f"{identity[:19]}…" if identity.startswith("sha256:") else identity
+
+
+def short_ids(text: str) -> str:
+    """``text`` with every ``sha256:<64 hex digits>`` cut to 12 digits (``sha256:a9f137547068…``)."""
+    return re.sub(r"(sha256:[0-9a-f]{12})[0-9a-f]{52}", r"\1…", text)
 
 
 def _rows_now(real: Path) -> int:
