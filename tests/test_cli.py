@@ -3,6 +3,7 @@ pipeline order, exit codes, Ctrl-C, outputs checked before any work, missing fol
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -303,6 +304,21 @@ def test_like_makes_a_store_with_another_stores_settings(made, tmp_path):
     assert pooled.exit_code == 0 and store.read_meta(tmp_path / "max.h5")["pooling"] == "max"  # given wins
     missing = _one_line_error(invoke("extract", new, "--like", tmp_path / "nothing.h5", "--out", tmp_path / "x.h5"), 2)
     assert missing == f"Error: feature file not found: {tmp_path / 'nothing.h5'}"
+
+
+def test_address_auto_without_a_cluster_says_to_start_one_or_leave_it_out(photo_folder, tmp_path, monkeypatch):
+    pytest.importorskip("ray")
+    import ray._private.services as services
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(services, "find_gcs_addresses", functools.cache(list))  # this machine runs no Ray cluster
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: None)
+    result = invoke("extract", photo_folder, "--engine", "ray", "--address", "auto", "--weights", "none",
+                    "--image-size", "32", "--quiet", "--out", tmp_path / "f.h5")
+    assert _one_line_error(result, 1) == (
+        "Error: cannot start or reach Ray at auto: no Ray cluster runs on this machine; start one with "
+        "ray start --head, or leave --address out"
+    )
 
 
 # -- Ctrl-C --------------------------------------------------------------------------------------------------

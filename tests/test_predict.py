@@ -196,3 +196,11 @@ def test_a_relative_weights_path_is_recorded_absolute_for_predict_elsewhere(setu
     result = predict(run, [setup["new"]])
 
     assert result.weights == str(setup["weights"]) and all(p.error == "" for p in result.predictions)
+
+
+def test_a_feature_store_given_as_a_photo_is_named_as_such(setup):
+    feature_store = setup["base"] / "train-float32.h5"
+    result = invoke("predict", setup["runs"]["float32"], feature_store)
+    assert result.exit_code == 0, result.output
+    assert "error: an HDF5 file (a feature store?), not a photo" in result.output
+    assert "truncated" not in result.output and "0 of 1 photos labelled" in result.output
