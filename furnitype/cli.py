@@ -12,6 +12,7 @@ import functools
 import importlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -418,8 +419,9 @@ def _print_run(run, as_json: bool) -> None:
 @click.argument("images", nargs=-1, required=True, type=click.Path(readable=False))
 @click.option("--model", "-m", default="best", show_default=True, type=click.Choice(["best", *MODEL_NAMES]),
               help="best: the model of the run's best row.")
-@click.option("--features", "feature_set", help="The run's feature set (training file name without .h5).  "
-              "[default: the best row's]")
+@click.option("--features", "feature_set", help="The run's feature set (training file name without .h5), or a "
+              "feature file (FILE.h5) of the run's settings whose rows the photos it holds take, instead of being "
+              "extracted.  [default: the best row's]")
 @top_k_option("Classes kept per photo.", default=3)
 @weights_option("Backbone weights file.  [default: the one recorded with the run's features]")
 @batch_options()
@@ -433,17 +435,22 @@ def predict(run, images, model, feature_set, top_k, weights, batch_size, workers
     IMAGES are files or folders (walked like extract); rows come in the order given. The backbone, weights,
     input size, pooling and precision come from the run; a weights file whose sha256 differs from the recorded
     one is refused. A file that cannot be used gets a row with the reason (the command still succeeds).
+    With --features FILE.h5, photos whose content the feature file holds take its rows (no network).
 
     \b
     Examples:
       furnitype predict runs/furniture new-photos/
       furnitype predict runs/furniture a.jpg b.jpg --model svm --top-k 2 --json
       furnitype predict runs/furniture photos/ --weights vgg16_notop.weights.h5 --out preds.csv
+      furnitype predict runs/furniture photos/ --features vgg.h5
     """
     from furnitype.predict import predict as run_predict
 
+    store = None
+    if feature_set is not None and (feature_set.lower().endswith((".h5", ".hdf5")) or os.sep in feature_set):
+        store, feature_set = feature_set, None  # a feature file, not a feature set's name
     result = run_predict(run, images, model=model, features=feature_set, top_k=top_k, weights=weights,
-                         batch_size=batch_size, workers=workers, out=out, progress=not quiet)
+                         batch_size=batch_size, workers=workers, out=out, progress=not quiet, store=store)
     if as_json:
         _print_json([p.as_dict() for p in result.predictions])
         return

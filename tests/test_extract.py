@@ -133,7 +133,7 @@ def test_cache_rerun_new_rename_copy_and_change(photos, tmp_path):
     (folder / "bed" / "bed_0.jpg").rename(folder / "chair" / "moved.jpg")
     shutil.copy(folder / "chair" / "chair_0.jpg", folder / "bed" / "copy.jpg")
     moved = extract([folder], **SMALL, out=out)
-    assert (moved.extracted, moved.removed, moved.rows) == (0, 1, 8)
+    assert (moved.extracted, moved.removed, moved.relabelled, moved.rows) == (0, 0, 1, 8)  # moved: relabelled
     after = load(out)
     old = before.features[list(before.paths).index(str(folder / "bed" / "bed_0.jpg"))]
     np.testing.assert_array_equal(after.features[list(after.paths).index(str(folder / "chair" / "moved.jpg"))], old)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +39,7 @@ __all__ = [
     "compact",
     "load",
     "read_meta",
+    "rows_by_sha256",
     "save",
     "short_id",
     "short_ids",
@@ -117,6 +118,25 @@ def load(path: str | os.PathLike) -> FeatureSet:
     labels = np.array(labels.tolist(), dtype=str)
     classes = sorted({label for label in labels.tolist() if label})
     return FeatureSet(features, paths, labels, sha256, classes, skipped, meta, str(path))
+
+
+def rows_by_sha256(path: str | os.PathLike, sha256: Collection[str]) -> tuple[dict[str, np.ndarray], dict]:
+    """The features of the live rows whose content is one of ``sha256`` (one row per content), and the file's
+    settings and provenance; only those rows' features are read."""
+    wanted = np.array(sorted(set(sha256)), dtype="S64")
+    with open_store(path) as view:
+        try:
+            rows = view.live("rows")
+            stored = view.column("rows", "sha256", rows)
+            held = np.isin(stored, wanted)
+            index = rows[held]
+            digests = stored[held]
+            features = view.column("rows", "features", index) if len(index) else np.zeros((0, view.dim), np.float32)
+        except READ_ERRORS as err:
+            raise damaged(path, err) from None
+        meta = view.meta
+    found = {digest.decode(): features[k] for k, digest in enumerate(digests.tolist())}
+    return found, meta
 
 
 def _skipped(view: StoreView) -> list[tuple[str, str]]:
