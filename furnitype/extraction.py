@@ -19,13 +19,13 @@ from tqdm import tqdm
 
 from furnitype import __version__
 from furnitype.engines import BatchSource, batch_source
-from furnitype.errors import FurnitypeError, InputError, Interrupted
+from furnitype.errors import FurnitypeError, InputError, Interrupted, SettingsMismatchError, StoreError
 from furnitype.extract.backbones import check_memory, get_backbone
 from furnitype.extract.images import ImageDecodeError, Listing, bad_label, hash_file, list_images
 from furnitype.extract.pipeline import ExtractSpec, check_batching
 from furnitype.extract.settings import calibrated, recorded_settings, resolve_settings, stored_options
 from furnitype.features.cache import NOT_UTF8, FeatureCache, Hashed
-from furnitype.features.store import read_meta
+from furnitype.features.store import read_meta, short_id
 from furnitype.outputs import refuse_inputs, significant
 
 #: ``extract``'s keyword form of an ``ExtractSpec`` (with their defaults) and of the Ray engine.
@@ -190,7 +190,7 @@ def extract(
     batches = _engine(engine, options)
     if spec is not None and like is not None:
         raise InputError("give spec or like, not both.")
-    template = read_meta(like) if like is not None else {}
+    template = _like(like) if like is not None else {}
     backbone = spec.backbone if spec else given.get("backbone", template.get("backbone", SPEC_OPTIONS["backbone"]))
     out = Path(out or f"features-{backbone}.h5")
     if like is None:
@@ -272,7 +272,22 @@ def _spec(spec: ExtractSpec | None, given: dict, template: dict, *, what: str) -
         store_dtype = given.get("store_dtype", template.get("store_dtype", "float32"))
         return spec, recorded_settings(spec, str(store_dtype))
     chosen = {**SPEC_OPTIONS, "store_dtype": "float32", **stored_options(template, given, what=what)}
-    return resolve_settings(**chosen)
+    spec, settings = resolve_settings(**chosen)
+    if "weights" not in given and template.get("weights") not in (None, settings["weights"]):
+        raise SettingsMismatchError(  # the recorded path now holds another file
+            f"{what} were made with the weights file {spec.weights} when it was {short_id(template['weights'])}, "
+            f"but it is now {short_id(settings['weights'])}; pass --weights PATH to a copy of the one they were "
+            "made with."
+        )
+    return spec, settings
+
+
+def _like(like: str | os.PathLike) -> dict:
+    """The settings of the ``like`` feature file; one line when it is not one."""
+    try:
+        return read_meta(like)
+    except StoreError as err:  # its advice is for the file being written, which --like is not
+        raise InputError(f"--like: {str(err).split('; --overwrite')[0]}") from None
 
 
 def _existing_settings(out: Path) -> dict:

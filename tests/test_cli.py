@@ -280,6 +280,11 @@ def test_extract_into_a_store_takes_every_setting_not_given_from_it(made, tmp_pa
         "--weights none: pass that option (or leave it out) to add to it, use another --out for a new store, or "
         "--overwrite to replace it (its 19 rows are thrown away)."
     )
+    weights.write_bytes(weights.read_bytes() + b"\0")  # the recorded path now holds another file
+    replaced = _one_line_error(invoke("extract", new, "--out", same), 1)
+    assert replaced.startswith(f"Error: the rows of {same} were made with the weights file {weights} when it was "
+                               f"{settings['weights'][:19]}…, but it is now sha256:")
+    assert replaced.endswith("; pass --weights PATH to a copy of the one they were made with.")
     weights.unlink()
     gone = _one_line_error(invoke("extract", new, "--out", same), 2)
     assert gone == (
@@ -304,6 +309,11 @@ def test_like_makes_a_store_with_another_stores_settings(made, tmp_path):
     assert pooled.exit_code == 0 and store.read_meta(tmp_path / "max.h5")["pooling"] == "max"  # given wins
     missing = _one_line_error(invoke("extract", new, "--like", tmp_path / "nothing.h5", "--out", tmp_path / "x.h5"), 2)
     assert missing == f"Error: feature file not found: {tmp_path / 'nothing.h5'}"
+    (tmp_path / "junk.h5").write_text("not a feature file")
+    junk = _one_line_error(invoke("extract", new, "--like", tmp_path / "junk.h5", "--out", tmp_path / "x.h5"), 2)
+    assert junk == f"Error: --like: {tmp_path / 'junk.h5'} is not a readable HDF5 feature file (file signature not " \
+                   "found)"
+    assert not (tmp_path / "x.h5").exists()
 
 
 def test_address_auto_without_a_cluster_says_to_start_one_or_leave_it_out(photo_folder, tmp_path, monkeypatch):

@@ -199,9 +199,9 @@ def test_bad_files_are_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
 def test_settings_mismatch_is_refused_unless_overwrite(photos, tmp_path):
     out = tmp_path / "f.h5"
     extract([photos], **SMALL, out=out)
-    with pytest.raises(SettingsMismatchError, match=r"pooling=avg.*pooling=max"):
+    with pytest.raises(SettingsMismatchError, match=r"--pooling avg.*--pooling max"):
         extract([photos], **SMALL, pooling="max", out=out)
-    with pytest.raises(SettingsMismatchError, match="backbone=vgg16"):
+    with pytest.raises(SettingsMismatchError, match="--backbone vgg16"):
         extract([photos], **{**SMALL, "backbone": "inception", "image_size": 75}, out=out)
     assert extract([photos], **SMALL, pooling="max", out=out, overwrite=True).extracted == 6
     assert load(out).meta["pooling"] == "max"
