@@ -273,9 +273,10 @@ def _spec(spec: ExtractSpec | None, given: dict, template: dict, *, what: str) -
         return spec, recorded_settings(spec, str(store_dtype))
     chosen = {**SPEC_OPTIONS, "store_dtype": "float32", **stored_options(template, given, what=what)}
     spec, settings = resolve_settings(**chosen)
-    if "weights" not in given and template.get("weights") not in (None, settings["weights"]):
+    recorded = str(template.get("weights"))
+    if "weights" not in given and spec.weights == template.get("weights_source") and settings["weights"] != recorded:
         raise SettingsMismatchError(  # the recorded path now holds another file
-            f"{what} were made with the weights file {spec.weights} when it was {short_id(template['weights'])}, "
+            f"{what} were made with the weights file {spec.weights} when it was {short_id(recorded)}, "
             f"but it is now {short_id(settings['weights'])}; pass --weights PATH to a copy of the one they were "
             "made with."
         )

@@ -280,6 +280,9 @@ def test_extract_into_a_store_takes_every_setting_not_given_from_it(made, tmp_pa
         "--weights none: pass that option (or leave it out) to add to it, use another --out for a new store, or "
         "--overwrite to replace it (its 19 rows are thrown away)."
     )
+    other = _one_line_error(invoke("extract", new, "--backbone", "inception", "--out", same), 1)
+    assert f"this run asks for --backbone {get_backbone('inception').name}, --weights imagenet, --image-size 299:" \
+        in other  # another backbone takes neither the store's image size nor its weights file
     weights.write_bytes(weights.read_bytes() + b"\0")  # the recorded path now holds another file
     replaced = _one_line_error(invoke("extract", new, "--out", same), 1)
     assert replaced.startswith(f"Error: the rows of {same} were made with the weights file {weights} when it was "

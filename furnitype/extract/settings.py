@@ -78,11 +78,16 @@ def recorded_settings(spec: ExtractSpec, store_dtype: str) -> dict:
 
 def stored_options(meta: Mapping, given: Mapping, *, what: str) -> dict:
     """``extract``'s options for rows like a feature file's: ``given`` (options the user gave, not None), and for
-    every other setting the one ``meta`` (the file's settings) records; the weights file by its recorded path.
+    every other setting the one ``meta`` (the file's settings) records (the image size and a weights file only
+    for the same backbone); the weights file by its recorded path.
 
     Raises ``InputError`` when the recorded weights file is gone and no weights were given.
     """
     options = {key: meta[key] for key in STORED_OPTIONS if key not in given and meta.get(key) not in (None, "")}
+    if "backbone" in given and get_backbone(str(given["backbone"])).name != meta.get("backbone"):
+        options.pop("image_size", None)  # another backbone: its own default size, not the other one's,
+        if str(options.get("weights", "")).startswith("sha256:"):  # nor the other one's weights file
+            del options["weights"]
     if "image_size" in options:
         options["image_size"] = int(options["image_size"])
     if "weights" in options:
