@@ -294,7 +294,7 @@ def _like(like: str | os.PathLike) -> dict:
 def _existing_settings(out: Path) -> dict:
     """The settings of the store at ``out`` (what a run adding to it does not repeat); {} when there is none or
     it cannot be read (opening it for writing says why)."""
-    if not out.is_file():
+    if not os.path.isfile(out):  # False for a name the system refuses too: checking the output says why
         return {}
     try:
         return read_meta(out)
