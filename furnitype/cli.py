@@ -219,23 +219,23 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("images", nargs=-1, type=click.Path(readable=False))
-@click.option("--backbone", "-b", default="vgg16", show_default=True,
-              type=APIChoice("furnitype.extract.backbones", "list_backbones", case_sensitive=False),
-              help="Convolutional base (inception = InceptionV3).")
-@weights_option("imagenet, none (random, seeded) or a weights file.", default="imagenet")
-@click.option("--pooling", default="avg", show_default=True,
-              type=APIChoice("furnitype.extract.backbones", "POOLINGS"))
+@click.option("--backbone", "-b", type=APIChoice("furnitype.extract.backbones", "list_backbones", case_sensitive=False),
+              help="Convolutional base (inception = InceptionV3).  [default: vgg16]")
+@weights_option("imagenet, none (random, seeded) or a weights file.  [default: imagenet]")
+@click.option("--pooling", type=APIChoice("furnitype.extract.backbones", "POOLINGS"), help="[default: avg]")
 @click.option("--image-size", type=int, help="Square input side in pixels.  [default: 224 / 299]")
-@click.option("--precision", default="float32", show_default=True,
-              type=APIChoice("furnitype.extract.backbones", "PRECISIONS"),
-              help="Compute precision (mixed; int8: OpenVINO, needs pip install 'furnitype[int8]').")
-@click.option("--store-dtype", default="float32", show_default=True,
-              type=APIChoice("furnitype.extract.settings", "STORE_DTYPES"))
-@click.option("--interpolation", default="bilinear", show_default=True,
-              type=APIChoice("furnitype.extract.images", "INTERPOLATIONS"))
-@click.option("--decode", default="exact", show_default=True,
-              type=APIChoice("furnitype.extract.images", "DECODE_MODES"),
-              help="draft: let the JPEG decoder downscale first (faster on big photos).")
+@click.option("--precision", type=APIChoice("furnitype.extract.backbones", "PRECISIONS"),
+              help="Compute precision (mixed; int8: OpenVINO, needs pip install 'furnitype[int8]').  "
+              "[default: float32]")
+@click.option("--store-dtype", type=APIChoice("furnitype.extract.settings", "STORE_DTYPES"),
+              help="[default: float32]")
+@click.option("--interpolation", type=APIChoice("furnitype.extract.images", "INTERPOLATIONS"),
+              help="[default: bilinear]")
+@click.option("--decode", type=APIChoice("furnitype.extract.images", "DECODE_MODES"),
+              help="draft: let the JPEG decoder downscale first (faster on big photos).  [default: exact]")
+@click.option("--like", type=click.Path(dir_okay=False, readable=False),
+              help="Take every setting not given from this feature file (int8: its quantized network too).  "
+              "[default: the --out file's, when it exists]")
 @click.option("--calibrate", type=click.Path(exists=True, readable=False),
               help="int8: calibrate on these photos.  [default: the store's, else a sample of IMAGES]")
 @batch_options(ray=True)
@@ -251,13 +251,14 @@ def cli() -> None:
 @json_option("Print a JSON summary on stdout (progress stays on stderr).")
 @api_command
 def extract(images, backbone, weights, pooling, image_size, precision, store_dtype, interpolation, decode,
-            calibrate, batch_size, workers, engine, address, ray_workers, gpus_per_worker, cpus_per_worker, out,
+            like, calibrate, batch_size, workers, engine, address, ray_workers, gpus_per_worker, cpus_per_worker, out,
             manifest, label, rehash, overwrite, quiet, as_json) -> None:
     """Extract pooled CNN features of photos into an HDF5 feature store (the cache).
 
     IMAGES are folders (one subfolder per class, or unlabelled photos) or image files. Only photos whose
     content is not in the store yet are computed; files whose size and times are unchanged are not read again.
-    Rows of photos gone from a listed folder are removed. Ctrl-C keeps the finished batches (exit 130).
+    Rows of photos gone from a listed folder are removed. Ctrl-C keeps the finished batches (exit 130). A
+    setting not given is the --like file's, else the existing store's, else the default.
 
     \b
     Examples:
@@ -265,6 +266,7 @@ def extract(images, backbone, weights, pooling, image_size, precision, store_dty
       furnitype extract photos/ --weights vgg16_notop.weights.h5 --precision bfloat16 --out vgg.h5
       furnitype extract photos/ --weights vgg16_notop.weights.h5 --precision int8 --out vgg-int8.h5
       furnitype extract new-sofas/ --label sofa --out vgg.h5
+      furnitype extract test-photos/ --like vgg-int8.h5 --out test-int8.h5
       furnitype extract --manifest labels.csv --json
       furnitype extract photos/ --engine ray --address auto --ray-workers 8 --gpus-per-worker 1
     """
@@ -274,7 +276,7 @@ def extract(images, backbone, weights, pooling, image_size, precision, store_dty
 
     result = run_extract(
         images, backbone=backbone, weights=weights, pooling=pooling, image_size=image_size, precision=precision,
-        interpolation=interpolation, decode=decode, store_dtype=store_dtype, calibrate=calibrate, out=out,
+        interpolation=interpolation, decode=decode, store_dtype=store_dtype, calibrate=calibrate, like=like, out=out,
         manifest=manifest, label=label, rehash=rehash, overwrite=overwrite, batch_size=batch_size, workers=workers,
         engine=engine, ray_address=address, ray_workers=ray_workers, gpus_per_worker=gpus_per_worker,
         cpus_per_worker=cpus_per_worker, progress=not quiet,
@@ -455,8 +457,9 @@ def _print_run(run, as_json: bool) -> None:
 @click.argument("images", nargs=-1, required=True, type=click.Path(readable=False))
 @click.option("--model", "-m", default="best", show_default=True, type=click.Choice(["best", *MODEL_NAMES]),
               help="best: the model of the run's best row.")
-@click.option("--features", "feature_set", help="The run's feature set (training file name without .h5).  "
-              "[default: the best row's]")
+@click.option("--features", "feature_set", help="The run's feature set (training file name without .h5), or a "
+              "feature file (FILE.h5) of the run's settings whose rows the photos it holds take, instead of being "
+              "extracted.  [default: the best row's]")
 @top_k_option("Classes kept per photo.", default=3)
 @weights_option("Backbone weights file.  [default: the one recorded with the run's features]")
 @batch_options()
@@ -472,17 +475,23 @@ def predict(run, images, model, feature_set, top_k, weights, batch_size, workers
     IMAGES are files or folders (walked like extract); rows come in the order given. The backbone, weights,
     input size, pooling and precision come from the run; a weights file whose sha256 differs from the recorded
     one is refused. A file that cannot be used gets a row with the reason (the command still succeeds).
+    With --features FILE.h5, photos whose content the feature file holds take its rows (no network).
 
     \b
     Examples:
       furnitype predict runs/furniture new-photos/
       furnitype predict runs/furniture a.jpg b.jpg --model svm --top-k 2 --json
       furnitype predict runs/furniture photos/ --weights vgg16_notop.weights.h5 --out preds.csv
+      furnitype predict runs/furniture photos/ --features vgg.h5
     """
     from furnitype.predict import predict as run_predict
 
+    store = None
+    if feature_set is not None and (feature_set.lower().endswith((".h5", ".hdf5")) or os.sep in feature_set):
+        store, feature_set = feature_set, None  # a feature file, not a feature set's name
     result = run_predict(run, images, model=model, features=feature_set, top_k=top_k, weights=weights,
-                         batch_size=batch_size, workers=workers, out=out, overwrite=overwrite, progress=not quiet)
+                         batch_size=batch_size, workers=workers, out=out, overwrite=overwrite, progress=not quiet,
+                         store=store)
     if as_json:
         _print_json([p.as_dict() for p in result.predictions])
         return

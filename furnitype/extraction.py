@@ -20,7 +20,7 @@ import numpy as np
 
 from furnitype import __version__
 from furnitype.engines import BatchSource, batch_source
-from furnitype.errors import InputError, Interrupted
+from furnitype.errors import FurnitypeError, InputError, Interrupted, SettingsMismatchError, StoreError
 from furnitype.extract.backbones import check_memory, get_backbone, weights_files
 from furnitype.extract.images import (
     ImageDecodeError,
@@ -31,8 +31,9 @@ from furnitype.extract.images import (
     list_images,
 )
 from furnitype.extract.pipeline import ExtractSpec, check_batching
-from furnitype.extract.settings import calibrated, recorded_settings, resolve_settings
+from furnitype.extract.settings import calibrated, recorded_settings, resolve_settings, stored_options
 from furnitype.features.cache import NOT_UTF8, FeatureCache, Hashed
+from furnitype.features.store import read_meta, short_id
 from furnitype.features.view import DamagedStoreError
 from furnitype.outputs import check_output, progress_bar, refuse_inputs, refuse_photos, significant
 
@@ -61,9 +62,11 @@ class ExtractResult:
         Files listed; rows computed by the network now; listed files whose row came from the cache (unchanged,
         or the same content seen before, or a duplicate in this listing); files that could not be used.
     removed : int
-        Rows dropped because their file is no longer in a listed folder.
+        Rows dropped because their file is no longer in a listed folder (a file moved to another listed folder
+        is not removed: its content is listed under the new path).
     relabelled : int
-        Rows whose label changed (a listed label, or ``label``, differs from the stored one).
+        Rows whose label changed (a listed label, or ``label``, differs from the stored one; a file moved to
+        another class folder).
     hashed : int
         Files read to compute their sha256 (new files, files whose size, mtime, inode or ctime changed).
     rows : int
@@ -122,8 +125,9 @@ def extract(
     out: str | os.PathLike | None = None,
     manifest: str | os.PathLike | None = None,
     label: str | None = None,
-    store_dtype: str = "float32",
+    store_dtype: str | None = None,
     calibrate: str | os.PathLike | None = None,
+    like: str | os.PathLike | None = None,
     overwrite: bool = False,
     rehash: bool = False,
     batch_size: int = 32,
@@ -140,7 +144,9 @@ def extract(
     spec : ExtractSpec, default=None
         What to compute (backbone, weights, pooling, image size, interpolation, precision, decoding). None: made
         from the keyword form ``backbone="vgg16", weights="imagenet", pooling="avg", image_size=None (Keras'
-        size), precision="float32", interpolation="bilinear", decode="exact"`` given in ``options``.
+        size), precision="float32", interpolation="bilinear", decode="exact"`` given in ``options``; a
+        setting not given (or None) is the one ``like`` records, else the one the existing ``out`` records,
+        else the default.
     engine : {"local", "ray"} or callable, default="local"
         Where the network runs: this process, Ray actors (``furnitype.engines.ray``, needs ``furnitype[ray]``;
         its keyword form ``ray_address``, ``ray_workers``, ``gpus_per_worker``, ``cpus_per_worker`` in
@@ -153,11 +159,15 @@ def extract(
     label : str, default=None
         Label every listed photo with this class. Otherwise a photo takes its folder's (or the manifest's)
         label, and one listed without a label keeps the label its row has.
-    store_dtype : {"float32", "float16"}, default="float32"
+    store_dtype : {"float32", "float16"}, default=None
+        None: ``like``'s, else the existing ``out``'s, else ``"float32"``.
     calibrate : path, default=None
         ``precision="int8"`` only: the photos (folder or file) to calibrate the quantized network on; None: the
         ones the store was made with, else a fixed, seeded sample of the listed photos
         (``furnitype.extract.int8``).
+    like : path, default=None
+        A feature file whose settings the rows take, int8's quantized network included (a test store that
+        ``classify`` pairs with a training store). Options given override its settings.
     overwrite : bool, default=False
         Replace a store (or an unfinished write) made with other settings, or a damaged store, instead of
         refusing it. A store made with the same settings is read whole first: kept and reused when intact,
@@ -177,12 +187,25 @@ def extract(
 
     Raises
     ------
+    SettingsMismatchError
+        ``out`` holds rows made with other settings than the options given (without ``overwrite``).
     Interrupted
         Ctrl-C: the batches finished before it are kept (a ``KeyboardInterrupt`` saying how many rows).
     """
     started = time.perf_counter()
-    spec, settings = _spec(spec, store_dtype, options)
+    given = {key: options.pop(key) for key in SPEC_OPTIONS if options.get(key) is not None}
+    options = {key: value for key, value in options.items() if key not in SPEC_OPTIONS}
+    if store_dtype is not None:
+        given["store_dtype"] = store_dtype
     batches = _engine(engine, options)
+    if spec is not None and like is not None:
+        raise InputError("give spec or like, not both.")
+    template = _like(like) if like is not None else {}
+    backbone = spec.backbone if spec else given.get("backbone", template.get("backbone", SPEC_OPTIONS["backbone"]))
+    out = check_output(out or f"features-{backbone}.h5")
+    if like is None:
+        template = _existing_settings(out)
+    spec, settings = _spec(spec, given, template, what=f"the rows of {like or out}")
     check_batching(batch_size, workers)
     check_memory(get_backbone(spec.backbone), spec.image_size, batch_size)
     if label is not None:
@@ -193,7 +216,6 @@ def extract(
         label = label.strip()  # as a manifest's labels are
     if calibrate is not None and spec.precision != "int8":
         raise InputError(f"--calibrate is for --precision int8 only. Received: precision={spec.precision!r}")
-    out = check_output(out or f"features-{spec.backbone}.h5")
     refuse_inputs({"--out": out}, [*(p for p in (*inputs, manifest, calibrate) if p is not None),
                                    *weights_files(spec.weights)])
     cache = FeatureCache(out, settings, meta=_provenance(spec, settings), overwrite=overwrite)
@@ -204,7 +226,8 @@ def extract(
         refuse_photos({"--out": out}, _photos_read(listing, out, calibrate))
         with _rebuild_hint(overwrite), cache:
             spec, todo = _plan(
-                cache, spec, settings, listing, label=label, rehash=rehash, calibrate=calibrate, progress=progress
+                cache, spec, settings, listing, label=label, rehash=rehash, calibrate=calibrate, like=like,
+                progress=progress,
             )
             del listing  # the cache has let go of it too: the network's memory comes on top of what is left
             bar = progress_bar(
@@ -235,12 +258,14 @@ def extract(
 
 
 def _plan(
-    cache: FeatureCache, spec: ExtractSpec, settings: dict, listing: Listing, *, label, rehash, calibrate, progress
+    cache: FeatureCache, spec: ExtractSpec, settings: dict, listing: Listing, *, label, rehash, calibrate, like,
+    progress,
 ) -> tuple[ExtractSpec, list[str]]:
     """Compare the listing with the store, hash what changed: the spec (int8: with its quantized network) and the
     paths the network must see."""
     if spec.precision == "int8":  # the quantized network is part of the settings: made (or found) now
-        spec, settings = calibrated(spec, settings, listing.paths, calibrate=calibrate, store=cache.real)
+        store = like if like is not None else cache.real
+        spec, settings = calibrated(spec, settings, listing.paths, calibrate=calibrate, store=store)
         cache.require(settings, meta=_provenance(spec, settings))
     to_hash = cache.compare(listing, label=label, rehash=rehash)
     cache.hashed(_hash_all(listing, to_hash, progress))
@@ -272,15 +297,44 @@ def _rebuild_hint(overwrite: bool) -> Iterator[None]:
         raise DamagedStoreError(f"{str(err).rstrip('.')}; --overwrite rebuilds it.") from err
 
 
-def _spec(spec: ExtractSpec | None, store_dtype: str, options: dict) -> tuple[ExtractSpec, dict]:
-    """The spec (given, or made from its keyword form) and the settings the store records."""
-    given = {key: options.pop(key) for key in SPEC_OPTIONS if key in options}
+def _spec(spec: ExtractSpec | None, given: dict, template: dict, *, what: str) -> tuple[ExtractSpec, dict]:
+    """The spec (given, or made from its keyword form, the template's settings filling in what is not given) and
+    the settings the store records."""
     if spec is not None:
-        if given:
-            raise InputError(f"give spec or its options ({', '.join(given)}), not both.")
-        return spec, recorded_settings(spec, store_dtype)
-    chosen = {**SPEC_OPTIONS, **given}
-    return resolve_settings(store_dtype=store_dtype, **chosen)
+        options = sorted(set(given) - {"store_dtype"})
+        if options:
+            raise InputError(f"give spec or its options ({', '.join(options)}), not both.")
+        store_dtype = given.get("store_dtype", template.get("store_dtype", "float32"))
+        return spec, recorded_settings(spec, str(store_dtype))
+    chosen = {**SPEC_OPTIONS, "store_dtype": "float32", **stored_options(template, given, what=what)}
+    spec, settings = resolve_settings(**chosen)
+    recorded = str(template.get("weights"))
+    if "weights" not in given and spec.weights == template.get("weights_source") and settings["weights"] != recorded:
+        raise SettingsMismatchError(  # the recorded path now holds another file
+            f"{what} were made with the weights file {spec.weights} when it was {short_id(recorded)}, "
+            f"but it is now {short_id(settings['weights'])}; pass --weights PATH to a copy of the one they were "
+            "made with."
+        )
+    return spec, settings
+
+
+def _like(like: str | os.PathLike) -> dict:
+    """The settings of the ``like`` feature file; one line when it is not one."""
+    try:
+        return read_meta(like)
+    except StoreError as err:  # its advice is for the file being written, which --like is not
+        raise InputError(f"--like: {err}") from err
+
+
+def _existing_settings(out: Path) -> dict:
+    """The settings of the store at ``out`` (what a run adding to it does not repeat); {} when there is none or
+    it cannot be read (opening it for writing says why)."""
+    if not os.path.isfile(out):  # False for a name the system refuses too: checking the output says why
+        return {}
+    try:
+        return read_meta(out)
+    except FurnitypeError:
+        return {}
 
 
 def _engine(engine: str | BatchSource, options: dict) -> BatchSource:
@@ -318,11 +372,16 @@ def _provenance(spec: ExtractSpec, settings: dict) -> dict:
     return {
         **settings,
         "preprocessing": f"keras.applications.{get_backbone(spec.backbone).keras_name}.preprocess_input",
-        "weights_source": spec.weights,
+        "weights_source": _weights_source(spec.weights),
         "furnitype_version": __version__,
         **{f"{package}_version": _version(package) for package in ("keras", "tensorflow", "h5py", "pillow")},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def _weights_source(weights: str) -> str:
+    """A weights file as an absolute path (``predict`` from another folder finds it); a name as it is."""
+    return weights if weights == "imagenet" or weights.lower() == "none" else os.path.abspath(weights)
 
 
 def _version(package: str) -> str:

@@ -2,7 +2,9 @@
 
 The photos go through the same code path as ``extract`` (``ExtractSpec`` + ``feature_batches``) with the
 settings the run records for the model's feature set; the network's features are rounded to the store's dtype,
-as the model saw them in training, then the model gives class probabilities. A file that cannot be used gets
+as the model saw them in training, then the model gives class probabilities. Given a feature file of the same
+settings (``store``), the photos whose content it holds take their stored rows instead: only the others are
+extracted. A file that cannot be used gets
 a row with the reason instead of a label. Rows come in the order the photos were given (a folder's photos
 sorted by path).
 """
@@ -17,17 +19,19 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
 from furnitype.classify.metadata import METRICS_FILE
-from furnitype.classify.run import damaged, load_model, training_photos
+from furnitype.classify.run import damaged, load_model, load_run, training_photos
 from furnitype.classify.runfiles import Damage
-from furnitype.errors import InputError
+from furnitype.errors import InputError, SettingsMismatchError
 from furnitype.extract.backbones import check_memory, get_backbone, weights_files
-from furnitype.extract.images import ImageFile, list_images
-from furnitype.extract.pipeline import check_batching, feature_batches
+from furnitype.extract.images import ImageDecodeError, ImageFile, list_images, sha256_file
+from furnitype.extract.pipeline import ExtractSpec, check_batching, feature_batches
 from furnitype.extract.settings import as_stored, spec_for
+from furnitype.features.store import SETTING_KEYS, read_meta, rows_by_sha256, short_ids
 from furnitype.outputs import (
     check_output,
     data_frame,
@@ -111,6 +115,8 @@ class PredictResult:
         Classes kept per prediction (at most the number of classes).
     seconds : float
         Wall time of the whole call.
+    stored : int
+        Photos whose features were taken from the feature file given (``store``), not made by the network.
     """
 
     predictions: list[Prediction]
@@ -121,6 +127,7 @@ class PredictResult:
     classes: list[str]
     top_k: int
     seconds: float
+    stored: int = 0
 
     def summary(self) -> str:
         """One line: photos labelled, files that could not be used, agreement with folder labels."""
@@ -138,6 +145,8 @@ class PredictResult:
             share = f"({agree / len(judged):.1%})"
             others = " others" if trained else ""
             line += f"; {agree:,} of {len(judged):,}{others} agree with their folder's label {share}"
+        if self.stored:
+            line += f"; {self.stored:,} taken from the feature file"
         return line + f"; {self.seconds:.1f} s"
 
     def csv_columns(self) -> list[str]:
@@ -207,6 +216,7 @@ def predict(
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    store: str | os.PathLike | None = None,
 ) -> PredictResult:
     """Label photos with a model of a run, extracting their features exactly as the run's features were made.
 
@@ -237,6 +247,10 @@ def predict(
         Replace an existing ``out`` file.
     progress : bool, default=False
         Show a progress bar on stderr.
+    store : path, default=None
+        A feature file made with the settings of the run's feature set (checked): a photo whose content it
+        holds (by sha256) takes its stored row instead of being extracted. With ``features`` None, its settings
+        choose the feature set (the best row's among those with the same settings).
 
     Returns
     -------
@@ -245,7 +259,8 @@ def predict(
     Raises
     ------
     SettingsMismatchError
-        The weights are not the ones the run's features were made with.
+        The weights are not the ones the run's features were made with, or ``store`` was made with other
+        settings than the run's feature set.
     InputError
         No images given, a bad ``top_k``/``batch_size``/``workers``, the recorded weights file is gone (and no
         ``weights``), an ``out`` that cannot be written, a batch that does not fit in memory.
@@ -262,8 +277,62 @@ def predict(
     files = _listing(images)
     refuse_photos({"--out": out}, (f.path for f in files))
     refuse_existing({"--out": out}, overwrite=overwrite)
-    loaded = load_model(run, None if model in (None, "best") else model, features=features)
+    model = None if model in (None, "best") else model
+    stored_meta = read_meta(store) if store is not None else None
+    if stored_meta is not None and features is None:
+        features = _feature_set_like(run, stored_meta, model)
+    loaded = load_model(run, model, features=features)
     trained = training_photos(run, loaded.features)
+    if store is not None and stored_meta is not None:
+        _check_store(run, loaded, store, stored_meta)
+    top_k = min(top_k, len(loaded.classes))
+    classes = np.array(loaded.classes)
+    labels = {f.path: f.label for f in files}
+    by_path: dict[str, Prediction] = {}
+
+    def predicted(outcomes: list[tuple[str, str]], X: np.ndarray, spec: ExtractSpec | None) -> None:
+        """Predictions of ``(path, sha256)`` pairs from their features (made with ``spec``, else stored)."""
+        if X.shape[1] != loaded.model.n_features_in_:
+            _wrong_dimension(run, loaded, spec, X.shape[1], store)
+        for (path, sha), proba in zip(outcomes, loaded.model.predict_proba(X), strict=True):
+            order = np.argsort(-proba, kind="stable")[:top_k]
+            top = [(str(classes[j]), float(proba[j])) for j in order]
+            by_path[path] = Prediction(path, top[0][0], top[0][1], top, labels[path], sha, in_training=sha in trained)
+
+    held = _stored_rows(store, list(labels)) if store is not None else {}
+    if held:
+        predicted([(path, sha) for path, (sha, _) in held.items()], np.stack([r for _, r in held.values()]), None)
+    todo = [path for path in labels if path not in held]  # each file once; a missing one: "file not found"
+    spec = _checked_spec(run, loaded, weights, batch_size, out) if todo or weights is not None else None
+    if spec is not None and todo:
+        with progress_bar(enabled=progress, total=len(todo), unit="img", desc="predict") as bar:
+            for batch in feature_batches(spec, todo, batch_size=batch_size, workers=workers):
+                done = [(o, o.features) for o in batch if o.features is not None]
+                if done:
+                    X = as_stored(np.stack([features for _, features in done]), loaded.settings["store_dtype"])
+                    predicted([(o.path, o.sha256) for o, _ in done], X, spec)
+                for o in batch:
+                    if o.reason:
+                        by_path[o.path] = Prediction(o.path, None, None, given_label=labels[o.path], error=o.reason)
+                bar.update(len(batch))
+    result = PredictResult(
+        predictions=[by_path[f.path] for f in files],
+        run=str(run),
+        model=loaded.name,
+        features=loaded.features,
+        weights=spec.weights if spec else str(loaded.meta.get("weights_source") or loaded.settings["weights"]),
+        classes=list(loaded.classes),
+        top_k=top_k,
+        seconds=time.perf_counter() - started,
+        stored=len(held),
+    )
+    if out is not None:
+        result.write_csv(out, overwrite=overwrite)
+    return result
+
+
+def _checked_spec(run, loaded, weights: str | None, batch_size: int, out) -> ExtractSpec:
+    """The spec the run's features were made with (the weights checked), when a batch fits in memory."""
     spec = spec_for(
         loaded.settings,
         weights=weights,
@@ -273,55 +342,62 @@ def predict(
     )
     refuse_inputs({"--out": out}, weights_files(spec.weights))  # the weights file the run records
     check_memory(get_backbone(spec.backbone), spec.image_size, batch_size)
-    top_k = min(top_k, len(loaded.classes))
-    classes = np.array(loaded.classes)
-    labels = {f.path: f.label for f in files}
-    by_path: dict[str, Prediction] = {}
-    todo = list(labels)  # each file once; a missing one gets its row from the decoder: "file not found"
-    bar = progress_bar(enabled=progress and bool(todo), total=len(todo), unit="img", desc="predict")
-    with bar:
-        for batch in feature_batches(spec, todo, batch_size=batch_size, workers=workers):
-            done = [(o, o.features) for o in batch if o.features is not None]
-            if done:
-                X = as_stored(np.stack([features for _, features in done]), loaded.settings["store_dtype"])
-                _check_dimension(run, loaded, spec, X.shape[1])
-                for (outcome, _), proba in zip(done, loaded.model.predict_proba(X), strict=True):
-                    order = np.argsort(-proba, kind="stable")[:top_k]
-                    top = [(str(classes[j]), float(proba[j])) for j in order]
-                    by_path[outcome.path] = Prediction(
-                        outcome.path, top[0][0], top[0][1], top, labels[outcome.path], outcome.sha256,
-                        in_training=outcome.sha256 in trained,
-                    )
-            for o in batch:
-                if o.reason:
-                    by_path[o.path] = Prediction(o.path, None, None, given_label=labels[o.path], error=o.reason)
-            bar.update(len(batch))
-    result = PredictResult(
-        predictions=[by_path[f.path] for f in files],
-        run=str(run),
-        model=loaded.name,
-        features=loaded.features,
-        weights=spec.weights,
-        classes=list(loaded.classes),
-        top_k=top_k,
-        seconds=time.perf_counter() - started,
-    )
-    if out is not None:
-        result.write_csv(out, overwrite=overwrite)
-    return result
+    return spec
 
 
-def _check_dimension(run, loaded, spec, n_features: int) -> None:
-    """Refuse a run whose settings make other features than its model takes (a ``flatten`` setting on an
-    ``avg`` model, say): they describe other features than the ones it was trained on."""
+def _wrong_dimension(run, loaded, spec, n_features: int, store) -> NoReturn:
+    """Refuse features of another length than the model takes: from the store, or made with the run's settings
+    (a ``flatten`` setting on an ``avg`` model, say: they describe other features than it was trained on)."""
     expected = loaded.model.n_features_in_
-    if n_features != expected:
-        where = f"{METRICS_FILE} feature_sets.{loaded.features}.settings"
-        problem = (
-            f"{spec.backbone} with {spec.pooling} pooling at {spec.image_size} px makes {n_features} features, but "
-            f"the model takes {expected}"
+    if spec is None:
+        raise SettingsMismatchError(
+            f"{store} has {n_features} features per photo, but run {run}'s {loaded.name} model was trained on "
+            f"{expected}."
         )
-        raise damaged(run, Damage(where, problem))
+    where = f"{METRICS_FILE} feature_sets.{loaded.features}.settings"
+    problem = (
+        f"{spec.backbone} with {spec.pooling} pooling at {spec.image_size} px makes {n_features} features, but "
+        f"the model takes {expected}"
+    )
+    raise damaged(run, Damage(where, problem))
+
+
+def _differences(a: dict, b: dict) -> list[str]:
+    return [key for key in SETTING_KEYS if str(a.get(key)) != str(b.get(key))]
+
+
+def _feature_set_like(run, meta: dict, model: str | None) -> str | None:
+    """The run's feature set (of the best row with ``model``) made with the store's settings; None: none is."""
+    document = load_run(run).document
+    for row in document.rows:  # best first
+        if (model is None or row.model == model) and not _differences(document.feature_sets[row.features].settings,
+                                                                       meta):
+            return row.features
+    return None
+
+
+def _check_store(run, loaded, store, meta: dict) -> None:
+    """Refuse a feature file made with other settings than the model's feature set."""
+    differing = _differences(loaded.settings, meta)
+    if differing:
+        had = ", ".join(f"{k}={meta.get(k)}" for k in differing)
+        want = ", ".join(f"{k}={loaded.settings.get(k)}" for k in differing)
+        raise SettingsMismatchError(
+            f"{store} was made with {short_ids(had)}, but run {run}'s {loaded.features} features with "
+            f"{short_ids(want)}; give a feature file of the run's settings, or leave --features out."
+        )
+
+
+def _stored_rows(store, paths: list[str]) -> dict[str, tuple[str, np.ndarray]]:
+    """``path -> (sha256, stored features)`` for the files whose content ``store`` holds."""
+    digests = {}
+    for path in paths:
+        try:
+            digests[path] = sha256_file(path)
+        except ImageDecodeError:
+            continue  # extracting it says why it cannot be used
+    rows, _ = rows_by_sha256(store, digests.values())
+    return {path: (sha, rows[sha]) for path, sha in digests.items() if sha in rows}
 
 
 def _listing(images: Sequence[str | os.PathLike]) -> list[ImageFile]:

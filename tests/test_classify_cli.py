@@ -267,8 +267,8 @@ def test_test_file_of_other_settings(files, tmp_path):
         invoke("classify", files["vgg"], "--test", test, *FAST),
         1,
         f"test file {test} was made with pooling=max, but {files['vgg']} with pooling=avg; "
-        "a model can only be "
-        "tested on features made with its own settings.",
+        f"a model can only be tested on features made with its own settings: extract the test photos with "
+        f"--like {files['vgg']}.",
     )
 
 

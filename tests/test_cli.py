@@ -3,6 +3,7 @@ pipeline order, exit codes, Ctrl-C, outputs checked before any work, missing fol
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -267,6 +268,86 @@ def test_weights_that_keras_cannot_load_are_one_line_without_its_warnings(made, 
     assert result.stderr.count("\n") == 1 and "Skipping" not in result.stderr
     assert result.stderr.startswith(f"Error: could not load vgg16 weights from {swapped} (A total of 1 objects")
     assert "variable.shape=(3, 3, 3, 64), Received: value.shape=(3, 3, 64, 3)" in result.stderr
+
+
+# -- a store is the source of its settings ------------------------------------------------------------------
+
+
+def test_extract_into_a_store_takes_every_setting_not_given_from_it(made, tmp_path):
+    weights = Path(shutil.copy(made["weights"], tmp_path / "mine.weights.h5"))
+    same = tmp_path / "same.h5"
+    extract([made["photos"]], weights=str(weights), out=same, **SETTINGS)  # 12 rows, image size 32
+    new = make_photo_folder(tmp_path / "new", per_class=2, classes=("bed", "sofa"), size=(52, 44))
+    sofas = make_photo_folder(tmp_path / "sofas", per_class=2, classes=("sofa",), size=(60, 50))
+    manifest = tmp_path / "labels.csv"
+    photo(900, COLOURS["chair"], (44, 52)).save(tmp_path / "odd.jpg")
+    manifest.write_text("path,label\nodd.jpg,chair\n")
+
+    for args, rows in (([new], 16), (["--manifest", manifest], 17), ([sofas, "--label", "sofa"], 19)):
+        result = invoke("extract", *args, "--out", same, "--quiet")
+        assert result.exit_code == 0, result.output
+        assert store.summary(same)["rows"] == rows
+    settings = store.load(same).settings
+    assert (settings["image_size"], settings["weights"]) == (32, store.read_meta(made["feats"])["weights"])
+
+    refused = _one_line_error(invoke("extract", new, "--weights", "none", "--out", same), 1)
+    assert refused == (
+        f"Error: {same} was made with --weights {weights} ({settings['weights'][:19]}…), but this run asks for "
+        "--weights none: pass that option (or leave it out) to add to it, use another --out for a new store, or "
+        "--overwrite to replace it (its 19 rows are thrown away)."
+    )
+    other = _one_line_error(invoke("extract", new, "--backbone", "inception", "--out", same), 1)
+    assert f"this run asks for --backbone {get_backbone('inception').name}, --weights imagenet, --image-size 299:" \
+        in other  # another backbone takes neither the store's image size nor its weights file
+    weights.write_bytes(weights.read_bytes() + b"\0")  # the recorded path now holds another file
+    replaced = _one_line_error(invoke("extract", new, "--out", same), 1)
+    assert replaced.startswith(f"Error: the rows of {same} were made with the weights file {weights} when it was "
+                               f"{settings['weights'][:19]}…, but it is now sha256:")
+    assert replaced.endswith("; pass --weights PATH to a copy of the one they were made with.")
+    weights.unlink()
+    gone = _one_line_error(invoke("extract", new, "--out", same), 2)
+    assert gone == (
+        f"Error: the rows of {same} were made with the weights file {weights} ({settings['weights'][:19]}…), "
+        "which is not there any more; pass --weights PATH to a copy of it."
+    )
+    assert invoke("extract", new, "--weights", made["weights"], "--out", same, "-q").exit_code == 0
+
+
+def test_like_makes_a_store_with_another_stores_settings(made, tmp_path):
+    new = make_photo_folder(tmp_path / "new", per_class=2, classes=("bed", "sofa"), size=(52, 44))
+    like = tmp_path / "like.h5"
+    result = invoke("extract", new, "--like", made["feats"], "--out", like, "--quiet", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["extracted"] == 4
+    made_meta, like_meta = store.read_meta(made["feats"]), store.read_meta(like)
+    assert {k: like_meta[k] for k in store.SETTING_KEYS if k in like_meta} == {
+        k: made_meta[k] for k in store.SETTING_KEYS if k in made_meta
+    }
+    assert like_meta["weights_source"] == made_meta["weights_source"]
+    pooled = invoke("extract", new, "--like", made["feats"], "--pooling", "max", "--out", tmp_path / "max.h5", "-q")
+    assert pooled.exit_code == 0 and store.read_meta(tmp_path / "max.h5")["pooling"] == "max"  # given wins
+    missing = _one_line_error(invoke("extract", new, "--like", tmp_path / "nothing.h5", "--out", tmp_path / "x.h5"), 2)
+    assert missing == f"Error: feature file not found: {tmp_path / 'nothing.h5'}"
+    (tmp_path / "junk.h5").write_text("not a feature file")
+    junk = _one_line_error(invoke("extract", new, "--like", tmp_path / "junk.h5", "--out", tmp_path / "x.h5"), 2)
+    assert junk == f"Error: --like: {tmp_path / 'junk.h5'} is not a readable HDF5 feature file (file signature not " \
+                   "found)"
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_address_auto_without_a_cluster_says_to_start_one_or_leave_it_out(photo_folder, tmp_path, monkeypatch):
+    pytest.importorskip("ray")
+    import ray._private.services as services
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(services, "find_gcs_addresses", functools.cache(list))  # this machine runs no Ray cluster
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: None)
+    result = invoke("extract", photo_folder, "--engine", "ray", "--address", "auto", "--weights", "none",
+                    "--image-size", "32", "--quiet", "--out", tmp_path / "f.h5")
+    assert _one_line_error(result, 1) == (
+        "Error: cannot start or reach Ray at auto: no Ray cluster runs on this machine; start one with "
+        "ray start --head, or leave --address out"
+    )
 
 
 # -- Ctrl-C --------------------------------------------------------------------------------------------------

@@ -126,7 +126,7 @@ def test_cache_rerun_new_rename_copy_and_change(photos, tmp_path):
     (folder / "bed" / "bed_0.jpg").rename(folder / "chair" / "moved.jpg")
     shutil.copy(folder / "chair" / "chair_0.jpg", folder / "bed" / "copy.jpg")
     moved = extract([folder], **SMALL, out=out)
-    assert (moved.extracted, moved.removed, moved.rows) == (0, 1, 8)
+    assert (moved.extracted, moved.removed, moved.relabelled, moved.rows) == (0, 0, 1, 8)  # moved: relabelled
     after = load(out)
     old = before.features[list(before.paths).index(str(folder / "bed" / "bed_0.jpg"))]
     np.testing.assert_array_equal(after.features[list(after.paths).index(str(folder / "chair" / "moved.jpg"))], old)
@@ -192,9 +192,9 @@ def test_bad_files_are_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
 def test_settings_mismatch_is_refused_unless_overwrite(photos, tmp_path):
     out = tmp_path / "f.h5"
     extract([photos], **SMALL, out=out)
-    with pytest.raises(SettingsMismatchError, match=r"pooling=avg.*pooling=max"):
+    with pytest.raises(SettingsMismatchError, match=r"--pooling avg.*--pooling max"):
         extract([photos], **SMALL, pooling="max", out=out)
-    with pytest.raises(SettingsMismatchError, match="backbone=vgg16"):
+    with pytest.raises(SettingsMismatchError, match="--backbone vgg16"):
         extract([photos], **{**SMALL, "backbone": "inception", "image_size": 75}, out=out)
     assert extract([photos], **SMALL, pooling="max", out=out, overwrite=True).extracted == 6
     assert load(out).meta["pooling"] == "max"

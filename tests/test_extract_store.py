@@ -393,3 +393,19 @@ def test_overwrite_rebuilds_a_store_whose_features_are_damaged_and_compact_says_
     assert len(load(out)) == 6
     again = extract([folder], **SMALL, out=out, overwrite=True)  # an intact store: its rows are kept
     assert (again.extracted, again.reused) == (0, 6)
+
+
+def test_a_photo_moved_to_another_class_folder_is_relabelled_not_removed(folder, tmp_path):
+    out = tmp_path / "f.h5"
+    extract([folder], **SMALL, out=out)
+    (folder / "chair" / "bed_0.jpg").write_bytes((folder / "bed" / "bed_0.jpg").read_bytes())
+    (folder / "bed" / "bed_0.jpg").unlink()  # moved from bed/ to chair/, the fix a mistakes list asks for
+    (folder / "bed" / "bed_1.jpg").rename(folder / "bed" / "renamed.jpg")  # same class: neither
+
+    moved = extract([folder], **SMALL, out=out)
+
+    assert (moved.relabelled, moved.removed, moved.extracted, moved.rows) == (1, 0, 0, 6)
+    assert "1 relabelled" in moved.summary() and "removed" not in moved.summary()
+    assert summary(out)["classes"] == {"bed": 2, "chair": 4}
+    (folder / "chair" / "bed_0.jpg").unlink()  # gone for good: a removal
+    assert (extract([folder], **SMALL, out=out).removed, summary(out)["classes"]) == (1, {"bed": 2, "chair": 3})

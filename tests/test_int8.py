@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from furnitype.extract.pipeline import ExtractSpec, feature_batches
 from furnitype.extract.settings import spec_for
 from furnitype.extraction import extract
 from furnitype.features import load
+from furnitype.training import classify
 from tests.conftest import run_cli
 from tests.images import COLOURS, make_photo_folder, photo
 
@@ -176,10 +178,15 @@ def test_rows_of_other_calibrations_are_never_mixed(photos, tmp_path):
     out = tmp_path / "f.h5"
     extract([photos], **SMALL, precision="int8", out=out)
     other = make_photo_folder(tmp_path / "other", per_class=12, classes=CLASSES, size=(60, 52))
-    with pytest.raises(SettingsMismatchError, match=r"quantization=openvino-nncf calibration=sha256:.*--overwrite"):
+    calibrations = (
+        r"made with the int8 calibration sha256:[0-9a-f]{12}… \(36 photos\), but this run asks for the int8 "
+        r"calibration sha256:[0-9a-f]{12}… \(36 photos\): leave --calibrate out to add to it, .* or --overwrite "
+        r"to replace it \(its 36 rows are thrown away\)"
+    )
+    with pytest.raises(SettingsMismatchError, match=calibrations):
         extract([photos], **SMALL, precision="int8", calibrate=other, out=out)
-    with pytest.raises(SettingsMismatchError, match="precision=int8, but this run asks for precision=float32"):
-        extract([photos], **SMALL, out=out)
+    with pytest.raises(SettingsMismatchError, match="--precision int8, but this run asks for --precision float32"):
+        extract([photos], **SMALL, precision="float32", out=out)
     replaced = extract([photos], **SMALL, precision="int8", calibrate=other, out=out, overwrite=True)
     assert replaced.extracted == 36
     recorded = json.loads(load(out).meta["calibration_photos"])
@@ -205,6 +212,28 @@ def test_a_growing_store_keeps_its_quantized_network(photos, tmp_path):
     assert fresh.meta["quantization"] != before.meta["quantization"]  # what reusing the record avoided
     for path, features in zip(before.paths, before.features, strict=True):
         np.testing.assert_array_equal(rows[path], features)
+
+
+def test_like_makes_a_test_store_that_classify_pairs_with_its_training_store(photos, tmp_path):
+    train, own, test = tmp_path / "train.h5", tmp_path / "own.h5", tmp_path / "test.h5"
+    extract([photos], **SMALL, precision="int8", out=train)
+    other = make_photo_folder(tmp_path / "other", per_class=12, classes=CLASSES, size=(60, 52))
+    extract([other], **SMALL, precision="int8", out=own)  # quantized on its own photos: another network
+    refused = run_cli("classify", train, "--test", own, "--models", "logreg", "--cv", "3", "--out", tmp_path / "r")
+    line = refused.output.strip()
+    assert refused.exit_code == 1 and len(line.splitlines()) == 1, refused.output
+    assert line.endswith(f"features made with its own settings: extract the test photos with --like {train}.")
+    assert "sha256:" in line and not re.search("[0-9a-f]{13}", line)
+    assert len(line.replace(str(tmp_path), "")) < 330  # was 600 characters with the full hashes
+
+    few = make_photo_folder(tmp_path / "few", per_class=3, classes=CLASSES, size=(56, 60))  # too few to calibrate
+    result = run_cli("extract", few, "--like", train, "--out", test, "--quiet")
+
+    assert result.exit_code == 0, result.output
+    assert load(test).meta["quantization"] == load(train).meta["quantization"]
+    assert load(test).meta["calibration_photos"] == load(train).meta["calibration_photos"]
+    run = classify([train], test_files=[test], models=["logreg"], cv=3, out=tmp_path / "run")
+    assert run.rows[0].n_test == 9
 
 
 def _new_process() -> None:

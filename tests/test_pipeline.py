@@ -43,9 +43,9 @@ def test_bfloat16_features_are_close_to_float32(photos, tmp_path, backbone, size
 def test_precision_and_store_dtype_are_settings_that_must_match(photos, tmp_path):
     out = tmp_path / "f.h5"
     extract([photos], **SMALL, out=out)
-    with pytest.raises(SettingsMismatchError, match="precision=float32, but this run asks for precision=bfloat16"):
+    with pytest.raises(SettingsMismatchError, match="--precision float32, but this run asks for --precision bfloat16"):
         extract([photos], **SMALL, precision="bfloat16", out=out)
-    with pytest.raises(SettingsMismatchError, match="store_dtype=float32, but this run asks for store_dtype=float16"):
+    with pytest.raises(SettingsMismatchError, match="dtype float32, but this run asks for --store-dtype float16"):
         extract([photos], **SMALL, store_dtype="float16", out=out)
 
 

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import furnitype.predict
 from furnitype.classify import load_model
 from furnitype.classify.run import training_photos
 from furnitype.errors import InputError, SettingsMismatchError
+from furnitype.extract.pipeline import feature_batches
 from furnitype.extraction import extract
 from furnitype.features import load
 from furnitype.keras_loader import import_keras
@@ -204,3 +207,55 @@ def test_the_runs_own_training_photos_are_counted_apart(setup):
     assert [r["in_training"] for r in (p.as_dict() for p in result.predictions)] == [
         p.in_training for p in result.predictions
     ]
+
+
+def test_a_relative_weights_path_is_recorded_absolute_for_predict_elsewhere(setup, tmp_path, monkeypatch):
+    monkeypatch.chdir(setup["base"])
+    feats = tmp_path / "relative.h5"
+    extract(["photos"], weights="vgg16.weights.h5", out=feats, **SETTINGS)
+    assert load(feats).meta["weights_source"] == str(setup["weights"])
+    run = classify([feats], models=["logreg"], cv=3, out=tmp_path / "run").path
+    monkeypatch.chdir(tmp_path)  # another folder: the recorded path still names the weights file
+
+    result = predict(run, [setup["new"]])
+
+    assert result.weights == str(setup["weights"]) and all(p.error == "" for p in result.predictions)
+
+
+def test_a_feature_store_given_as_a_photo_is_named_as_such(setup):
+    feature_store = setup["base"] / "train-float32.h5"
+    result = invoke("predict", setup["runs"]["float32"], feature_store)
+    assert result.exit_code == 0, result.output
+    assert "error: an HDF5 file (a feature store?), not a photo" in result.output
+    assert "truncated" not in result.output and "0 of 1 photos labelled" in result.output
+
+
+def test_a_feature_file_gives_its_rows_and_only_the_other_photos_are_extracted(setup, tmp_path, monkeypatch):
+    run, train = setup["runs"]["float32"], setup["base"] / "train-float32.h5"
+    folder = Path(shutil.copytree(setup["new"], tmp_path / "mixed"))
+    for name in CLASSES:  # a photo of each class that the training store holds, under another name
+        shutil.copy(setup["base"] / "photos" / name / f"{name}_0.jpg", folder / name / "stored.jpg")
+    expected = predict(run, [folder])
+    sent: list[str] = []
+
+    def counted(spec, paths, **kwargs):
+        sent.extend(paths)
+        return feature_batches(spec, paths, **kwargs)
+
+    monkeypatch.setattr(furnitype.predict, "feature_batches", counted)
+    result = predict(run, [folder], store=train)
+
+    assert result.stored == 3 and sorted(sent) == sorted(str(p) for p in folder.rglob("new_*.jpg"))
+    assert [(p.path, p.label, p.sha256) for p in result.predictions] == [
+        (p.path, p.label, p.sha256) for p in expected.predictions
+    ]
+    np.testing.assert_allclose([p.probability for p in result.predictions],
+                               [p.probability for p in expected.predictions], rtol=1e-5)
+    cli = invoke("predict", run, folder / "bed" / "stored.jpg", "--features", train, "--weights", "imagenet")
+    assert cli.exit_code == 1 and "weights imagenet are imagenet, but run" in cli.output  # given: still checked
+    sent.clear()
+    cli = invoke("predict", run, folder / "bed" / "stored.jpg", "--features", train)
+    assert cli.exit_code == 0 and sent == [] and "1 taken from the feature file" in cli.output
+    with pytest.raises(SettingsMismatchError, match=r"was made with store_dtype=float16, but run .* with "
+                       r"store_dtype=float32; give a feature file of the run's settings, or leave --features out"):
+        predict(run, [folder], store=setup["base"] / "train-float16.h5")

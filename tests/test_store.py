@@ -615,7 +615,7 @@ def test_a_reader_that_cannot_write_gets_one_line_about_the_unfinished_write(tmp
 def test_settings_mismatch_and_the_summary(tmp_path):
     store = tmp_path / "s.h5"
     append(str(store), 0, 8, 8)
-    with pytest.raises(SettingsMismatchError, match="pooling=avg, but this run asks for pooling=max"):
+    with pytest.raises(SettingsMismatchError, match="--pooling avg, but this run asks for --pooling max"):
         FeatureCache(store, {**SETTINGS, "pooling": "max"}, meta=SETTINGS).__enter__()
     described = summary(store)
     assert (described["rows"], described["dead_rows"], described["format"]) == (8, 0, 2)

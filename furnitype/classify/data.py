@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from furnitype import features as store
 from furnitype.classify.runfiles import CONTROL_CHARACTERS
 from furnitype.classify.split import ContentSplit, max_splits
 from furnitype.errors import InputError, SettingsMismatchError
+from furnitype.features.store import short_ids
 
 #: A class needs this many distinct photos (by content) to be trained on; smaller classes are dropped.
 MIN_PHOTOS_PER_CLASS = 2
@@ -179,11 +181,11 @@ def _match_tests(trains, tests) -> dict[str, store.FeatureSet]:
         if match is None:
             closest = next((t for t in trains if t.meta.get("backbone") == test.meta.get("backbone")), trains[0])
             differing = [k for k in store.SETTING_KEYS if str(closest.meta.get(k)) != str(test.meta.get(k))]
-            had = ", ".join(f"{k}={test.meta.get(k)}" for k in differing) or "other feature dimensions"
-            want = ", ".join(f"{k}={closest.meta.get(k)}" for k in differing) or "other feature dimensions"
+            had = ", ".join(_shown(k, test.meta) for k in differing) or "other feature dimensions"
+            want = ", ".join(_shown(k, closest.meta) for k in differing) or "other feature dimensions"
             raise SettingsMismatchError(
-                f"test file {test.file} was made with {had}, but {closest.file} with {want}; "
-                "a model can only be tested on features made with its own settings."
+                f"test file {test.file} was made with {had}, but {closest.file} with {want}; a model can only be "
+                f"tested on features made with its own settings: extract the test photos with --like {closest.file}."
             )
         if match.file in pairs:
             raise InputError(f"two test files ({pairs[match.file].file}, {test.file}) match {match.file}.")
@@ -192,6 +194,13 @@ def _match_tests(trains, tests) -> dict[str, store.FeatureSet]:
     if missing:
         raise InputError(f"no test file has the settings of {', '.join(missing)}; give one per feature file.")
     return pairs
+
+
+def _shown(key: str, meta: dict) -> str:
+    """``pooling=avg``; hashes cut to 12 digits; an int8 quantization as its network: ``int8 network sha256:…``."""
+    value = str(meta.get(key))
+    network = re.search(r"network=(sha256:\S+)", value) if key == "quantization" else None
+    return f"int8 network {short_ids(network.group(1))}" if network else f"{key}={short_ids(value)}"
 
 
 def _same_settings(a: store.FeatureSet, b: store.FeatureSet) -> bool:

@@ -29,6 +29,8 @@ from furnitype.extract.pipeline import ExtractSpec, Outcome, feature_batches
 from furnitype.keras_loader import import_keras
 
 RAY_MISSING = "the ray engine needs Ray: pip install 'furnitype[ray]'"
+#: ``--address auto`` with no cluster on this machine.
+NO_CLUSTER = "no Ray cluster runs on this machine; start one with ray start --head, or leave --address out"
 
 
 def import_ray():
@@ -205,6 +207,8 @@ def connected(address: str | None = None) -> Iterator[None]:
             except Exception as err:  # noqa: BLE001 - ConnectionError, ValueError, gRPC errors ...
                 failure = _reason(err)
         if failure is not None:
+            if address == "auto" and failure.startswith("Could not find any running Ray instance"):
+                failure = NO_CLUSTER  # Ray's own advice, to specify --address, is the option just given
             raise FurnitypeError(f"cannot start or reach Ray {where}: {failure}")
         yield
     finally:

@@ -43,6 +43,9 @@ MAX_FILE_BYTES = 1 << 30
 NOT_REGULAR = "not a regular file"
 MISSING = "file not found"
 LINKED_FOLDER = "a symbolic link to a folder, not followed"
+#: The first bytes of an HDF5 file: a feature store (or a weights file) given where a photo was expected.
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+NOT_A_PHOTO_HDF5 = "an HDF5 file (a feature store?), not a photo"
 
 
 class ImageDecodeError(Exception):
@@ -381,10 +384,12 @@ def decode_image(data: bytes, size: int, interpolation: str = "bilinear", decode
     Raises
     ------
     ImageDecodeError
-        With the reason: empty, not an image, too large, truncated or corrupt.
+        With the reason: empty, not an image (an HDF5 file named as such), too large, truncated or corrupt.
     """
     if not data:
         raise ImageDecodeError("empty file")
+    if data.startswith(HDF5_SIGNATURE):  # Pillow knows the format only to say it cannot load it
+        raise ImageDecodeError(NOT_A_PHOTO_HDF5)
     try:
         img: Image.Image = Image.open(BytesIO(data))
         if decode == "draft" and img.format == "JPEG":

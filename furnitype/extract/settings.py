@@ -25,9 +25,11 @@ from furnitype.extract.backbones import check_options, get_backbone, weights_ide
 from furnitype.extract.images import DECODE_MODES, check_interpolation, list_images
 from furnitype.extract.pipeline import ExtractSpec
 from furnitype.features.layout import OPTIONAL_SETTING_KEYS, SETTING_KEYS
-from furnitype.features.store import read_meta
+from furnitype.features.store import read_meta, short_id
 
 STORE_DTYPES = ("float32", "float16")
+#: The settings an ``extract`` option gives (the int8 quantization comes from the calibration photos).
+STORED_OPTIONS = ("backbone", "weights", "pooling", "image_size", "precision", "interpolation", "decode", "store_dtype")
 
 
 def resolve_settings(
@@ -73,6 +75,25 @@ def recorded_settings(spec: ExtractSpec, store_dtype: str) -> dict:
         "decode": spec.decode,
         "store_dtype": store_dtype,
     }
+
+
+def stored_options(meta: Mapping, given: Mapping, *, what: str) -> dict:
+    """``extract``'s options for rows like a feature file's: ``given`` (options the user gave, not None), and for
+    every other setting the one ``meta`` (the file's settings) records (the image size and a weights file only
+    for the same backbone); the weights file by its recorded path.
+
+    Raises ``InputError`` when the recorded weights file is gone and no weights were given.
+    """
+    options = {key: meta[key] for key in STORED_OPTIONS if key not in given and meta.get(key) not in (None, "")}
+    if "backbone" in given and get_backbone(str(given["backbone"])).name != meta.get("backbone"):
+        options.pop("image_size", None)  # another backbone: its own default size, not the other one's,
+        if str(options.get("weights", "")).startswith("sha256:"):  # nor the other one's weights file
+            del options["weights"]
+    if "image_size" in options:
+        options["image_size"] = int(options["image_size"])
+    if "weights" in options:
+        options["weights"] = _recorded_weights(str(options["weights"]), meta.get("weights_source"), what)
+    return {**options, **given}
 
 
 def calibrated(
@@ -179,7 +200,7 @@ def spec_for(
     got = weights_identity(chosen)
     if got != identity:
         raise SettingsMismatchError(
-            f"weights {chosen} are {_short(got)}, but {what} were made with {_short(identity)}; "
+            f"weights {chosen} are {short_id(got)}, but {what} were made with {short_id(identity)}; "
             "pass --weights with the weights they were made with."
         )
     quantization = None
@@ -215,11 +236,6 @@ def _recorded_weights(identity: str, source: str | None, what: str) -> str:
         return source
     where = f"the weights file {source}" if source else "a weights file"
     raise InputError(
-        f"{what} were made with {where} ({_short(identity)}), which is not there any more; "
+        f"{what} were made with {where} ({short_id(identity)}), which is not there any more; "
         "pass --weights PATH to a copy of it."
     )
-
-
-def _short(identity: str) -> str:
-    """``sha256:a9f137547068…`` (12 hex digits), or the identity as it is."""
-    return f"{identity[:19]}…" if identity.startswith("sha256:") else identity

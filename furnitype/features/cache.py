@@ -162,7 +162,7 @@ class FeatureCache:
         try:
             with open_store(self.real, given=self.given, check_undo=False) as view:
                 self._stored_meta = view.meta
-                check_settings(view.meta, self.settings, self.given)
+                check_settings(view.meta, {**self.meta, **self.settings}, self.given)
                 if self.overwrite:
                     view.verify()  # --overwrite keeps an intact store's rows, never a damaged one's
                 self._index(view)
@@ -178,7 +178,7 @@ class FeatureCache:
         if self.fresh:
             return
         try:
-            check_settings(self._stored_meta, self.settings, self.given)
+            check_settings(self._stored_meta, {**self.meta, **self.settings}, self.given)
         except SettingsMismatchError:
             if not self.overwrite:
                 raise
@@ -303,7 +303,7 @@ class FeatureCache:
                 self.counts.skipped_files.append((path, self._skip_reasons[result.sha256]))
             else:
                 self._todo.setdefault(result.sha256, []).append((path, labels[i], stat))
-        self._remove_unlisted()
+        self._moved(self._remove_unlisted())
         self._sent: dict[str, str] = {}
         # What grows with the listing is not needed any more: the network's memory comes on top of what is left.
         del self.listing, self._entries, self._match, self._unchanged, self._hashed
@@ -392,16 +392,33 @@ class FeatureCache:
     def _kill(self, entry: int) -> None:
         self._changes.kill[self._entries.table[entry]][int(self._entries.index[entry])] = self._entries.label[entry]
 
-    def _remove_unlisted(self) -> None:
+    def _remove_unlisted(self) -> list[int]:
         """Entries under the walked folders whose file was not listed leave the store (those under a folder
-        that could not be listed stay)."""
+        that could not be listed stay); return the rows among them."""
         entries = self._entries
         listed = np.zeros(len(entries.path), bool)
         listed[self._match[self._match >= 0]] = True
-        for entry in np.flatnonzero(~listed & entries.walked):
-            self._kill(int(entry))
+        removed = []
+        for entry in np.flatnonzero(~listed & entries.walked).tolist():
+            self._kill(entry)
             if entries.table[entry] == "rows":
-                self.counts.removed += 1
+                removed.append(entry)
+        self.counts.removed += len(removed)
+        return removed
+
+    def _moved(self, removed: list[int]) -> None:
+        """A removed row whose content this run lists under a new path was moved, not removed: relabelled when
+        it arrives with another label (a photo moved to the right class folder), else only renamed."""
+        arrived: dict[bytes, list[str]] = {}
+        for copy in self._changes.copies:
+            arrived.setdefault(copy[3].encode(), []).append(copy[2])
+        for entry in removed:
+            labels = arrived.get(self._entries.sha[entry])
+            if labels:
+                label = labels.pop()
+                self.counts.removed -= 1
+                if label and label != self._entries.label[entry]:
+                    self.counts.relabelled += 1
 
     def _row_of(self, sha: str) -> int | None:
         """A row holding features of content ``sha`` (checked against the full digest when copied)."""

@@ -9,8 +9,9 @@ committed rows. The format is in ``layout.py``; reading in ``view.py``; writing 
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +40,10 @@ __all__ = [
     "compact",
     "load",
     "read_meta",
+    "rows_by_sha256",
     "save",
+    "short_id",
+    "short_ids",
     "summary",
 ]
 
@@ -122,6 +126,22 @@ def load(path: str | os.PathLike) -> FeatureSet:
     labels = np.array(labels.tolist(), dtype=str)
     classes = sorted({label for label in labels.tolist() if label})
     return FeatureSet(features, paths, labels, sha256, classes, skipped, meta, str(path))
+
+
+def rows_by_sha256(path: str | os.PathLike, sha256: Collection[str]) -> tuple[dict[str, np.ndarray], dict]:
+    """The features of the live rows whose content is one of ``sha256`` (one row per content), and the file's
+    settings and provenance; only those rows' features are read."""
+    wanted = np.array(sorted(set(sha256)), dtype="S64")
+    with open_store(path) as view:  # its reads say which damage they meet
+        rows = view.live("rows")
+        stored = view.column("rows", "sha256", rows)
+        held = np.isin(stored, wanted)
+        index = rows[held]
+        digests = stored[held]
+        features = view.column("rows", "features", index) if len(index) else np.zeros((0, view.dim), np.float32)
+        meta = view.meta
+    found = {digest.decode(): features[k] for k, digest in enumerate(digests.tolist())}
+    return found, meta
 
 
 def _skipped(view: StoreView) -> list[tuple[str, str]]:
@@ -279,16 +299,53 @@ def compact_locked(real: Path, given: str | os.PathLike) -> CompactResult:
 
 
 def check_settings(existing: Mapping, wanted: Mapping, file: str | os.PathLike) -> None:
-    """Raise ``SettingsMismatchError`` naming every setting where ``existing`` differs from ``wanted``."""
-    differing = [k for k in SETTING_KEYS if k in wanted and str(existing.get(k)) != str(wanted[k])]
-    if differing:
-        had = ", ".join(f"{k}={existing.get(k)}" for k in differing)
-        asked = ", ".join(f"{k}={wanted[k]}" for k in differing)
-        raise SettingsMismatchError(
-            f"{file} was made with {had}, but this run asks for {asked}; "
-            "use another --out, or --overwrite to replace it."
-        )
+    """Raise ``SettingsMismatchError`` naming every setting where ``existing`` differs from ``wanted``.
 
+    The message names the options (``--weights PATH``) that make rows like ``existing``'s, and what
+    ``--overwrite`` would throw away. ``wanted`` may carry ``weights_source`` (the weights file given).
+    """
+    differing = [k for k in SETTING_KEYS if k in wanted and str(existing.get(k)) != str(wanted[k])]
+    if not differing:
+        return
+    had = ", ".join(_as_option(k, existing) for k in differing)
+    asked = ", ".join(_as_option(k, wanted) for k in differing)
+    options = [k for k in differing if k != "quantization"]
+    advice = "pass those options (or leave them out)" if len(options) > 1 else "pass that option (or leave it out)"
+    if "quantization" in differing:
+        advice = f"{advice}, without --calibrate," if options else "leave --calibrate out"
+    rows = existing.get("n_rows")
+    lost = f"its {rows:,} rows are thrown away" if isinstance(rows, int) else "its rows are thrown away"
+    raise SettingsMismatchError(
+        f"{file} was made with {had}, but this run asks for {asked}: {advice} to add to it, use another --out "
+        f"for a new store, or --overwrite to replace it ({lost})."
+    )
+
+
+def _as_option(key: str, settings: Mapping) -> str:
+    """A setting as the ``extract`` option that gives it: ``--weights /data/vgg.weights.h5 (sha256:a9f137547068…)``."""
+    value = str(settings.get(key))
+    if key == "quantization":
+        calibration = value.partition("calibration=")[2].split(" (")[0]
+        photos = value.partition(" (")[2].partition(")")[0]
+        return f"the int8 calibration {short_id(calibration)} ({photos})"
+    option = f"--{key.replace('_', '-')}"
+    if key == "weights" and value.startswith("sha256:"):
+        source = settings.get("weights_source")
+        named = source if source and source not in ("imagenet", "none") else "PATH"
+        return f"{option} {named} ({short_id(value)})"
+    if key == "weights" and value.startswith("none"):
+        return f"{option} none"
+    return f"{option} {value}"
+
+
+def short_id(identity: str) -> str:
+    """``sha256:a9f137547068…`` (12 hex digits), or the identity as it is."""
+    return f"{identity[:19]}…" if identity.startswith("sha256:") else identity
+
+
+def short_ids(text: str) -> str:
+    """``text`` with every ``sha256:<64 hex digits>`` cut to 12 digits (``sha256:a9f137547068…``)."""
+    return re.sub(r"(sha256:[0-9a-f]{12})[0-9a-f]{52}", r"\1…", text)
 
 
 def _rows_now(real: Path) -> int:
