@@ -16,6 +16,7 @@ from hashlib import sha256
 
 import numpy as np
 
+from furnitype.faults import pause_point
 from furnitype.features.cache import FeatureCache, Hashed
 
 SETTINGS = {"backbone": "vgg16", "weights": "none(seed=0)", "pooling": "avg", "image_size": 32,
@@ -81,6 +82,7 @@ def remove_half(store: str, folder: str = "/photos/a") -> None:
         cache.hashed({})
         cache.finish()
         print("compacted", cache.live_rows, flush=True)
+        pause_point("compacted")  # FURNITYPE_TEST_PAUSE_AT=compacted: stopped while it still holds the store
 
 
 def start(store, batches: int, batch: int = 8, *, compact: bool = False, **popen) -> subprocess.Popen:

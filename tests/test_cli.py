@@ -331,7 +331,7 @@ def test_like_makes_a_store_with_another_stores_settings(made, tmp_path):
     (tmp_path / "junk.h5").write_text("not a feature file")
     junk = _one_line_error(invoke("extract", new, "--like", tmp_path / "junk.h5", "--out", tmp_path / "x.h5"), 2)
     assert junk == f"Error: --like: {tmp_path / 'junk.h5'} is not a readable HDF5 feature file (file signature not " \
-                   "found)"
+                   "found)."
     assert not (tmp_path / "x.h5").exists()
 
 
@@ -408,7 +408,8 @@ cli.main()
 )
 def test_a_real_ctrl_c_in_the_first_moments_exits_130_with_one_line(photo_folder, tmp_path, program, env):
     proc = subprocess.Popen(
-        [sys.executable, *program, "extract", str(photo_folder), "--weights", "none", "--out", str(tmp_path / "f.h5")],
+        [sys.executable, *program, "extract", str(photo_folder), "--weights", "none", "--pooling", "avg",  # a choice
+         "--out", str(tmp_path / "f.h5")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env},
     )
     assert wait_stopped(proc), proc.communicate()

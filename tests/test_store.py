@@ -383,9 +383,10 @@ def test_a_second_writer_through_a_hard_link_is_refused_also_after_a_compaction(
     finally:
         writer.kill()
         writer.wait()
-    compacting = store_writer.start(store, 4, 8, compact=True)  # renames a new file over the store
+    # renames a new file over the store, and stops itself at the end of the compaction, the store still held
+    compacting = store_writer.start(store, 4, 8, compact=True, env=pause_env("compacted"))
     try:
-        _stopped_at(compacting, "compacted")
+        assert wait_stopped(compacting)
         third = tmp_path / "third.h5"
         os.link(store, third)  # the file the writer renamed in
         with pytest.raises(StoreError, match=f"another furnitype process is writing {third}; wait"):

@@ -195,7 +195,10 @@ def connected(address: str | None = None) -> Iterator[None]:
         try:
             cluster = _cluster(address)
         except (ConnectionError, ValueError) as err:  # "auto" with no cluster, an address that is no address
-            raise FurnitypeError(f"cannot start or reach Ray {where}: {_reason(err)}") from err
+            reason = _reason(err)
+            if address == "auto" and reason.startswith("Could not find any running Ray instance"):
+                reason = NO_CLUSTER  # Ray's own advice, to specify --address, is the option just given
+            raise FurnitypeError(f"cannot start or reach Ray {where}: {reason}") from err
         if cluster and not _answers(cluster):
             raise FurnitypeError(_no_cluster(address, cluster))
         # Ctrl-C inside a local start would leave running the processes ray.init has started so far (ray.shutdown
@@ -207,8 +210,6 @@ def connected(address: str | None = None) -> Iterator[None]:
             except Exception as err:  # noqa: BLE001 - ConnectionError, ValueError, gRPC errors ...
                 failure = _reason(err)
         if failure is not None:
-            if address == "auto" and failure.startswith("Could not find any running Ray instance"):
-                failure = NO_CLUSTER  # Ray's own advice, to specify --address, is the option just given
             raise FurnitypeError(f"cannot start or reach Ray {where}: {failure}")
         yield
     finally:
