@@ -33,6 +33,7 @@ from furnitype.extract.images import (
 from furnitype.extract.pipeline import ExtractSpec, check_batching
 from furnitype.extract.settings import calibrated, recorded_settings, resolve_settings, stored_options
 from furnitype.features.cache import NOT_UTF8, FeatureCache, Hashed
+from furnitype.features.locking import WriterLock, real_path
 from furnitype.features.store import read_meta, short_id
 from furnitype.features.view import DamagedStoreError
 from furnitype.outputs import check_output, progress_bar, refuse_inputs, refuse_photos, significant
@@ -331,10 +332,14 @@ def _existing_settings(out: Path) -> dict:
     it cannot be read (opening it for writing says why)."""
     if not os.path.isfile(out):  # False for a name the system refuses too: checking the output says why
         return {}
+    # Another writer is refused at once, as FeatureCache refuses it, not after a reader's wait for its transaction.
+    lock = WriterLock(real_path(out), out).acquire()
     try:
         return read_meta(out)
     except FurnitypeError:
         return {}
+    finally:
+        lock.release()
 
 
 def _engine(engine: str | BatchSource, options: dict) -> BatchSource:
