@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -172,16 +173,18 @@ def thirty_six(tmp_path_factory) -> tuple[Path, store.FeatureSet]:
 def _own_ray_extract(
     folder: Path, out: Path, program: Sequence[str] = ("-m", "furnitype.cli"), pause_at: int = 0
 ) -> tuple[subprocess.Popen, str]:
-    """``furnitype extract --engine ray`` starting its own local Ray, and the tag in the environment of every
-    process it starts (the driver, and through it Ray's services and workers); ``pause_at``: the driver stops
-    itself at that in-place commit (``furnitype.faults``)."""
+    """``furnitype extract --engine ray`` starting its own local Ray, and its tag: a string in the environment of
+    every process it starts (the driver, and through it Ray's services and workers), and the name of their working
+    directory; ``pause_at``: the driver stops itself at that in-place commit (``furnitype.faults``)."""
     tag = uuid.uuid4().hex
     env = {key: value for key, value in (pause_env("store-commit", pause_at) if pause_at else os.environ).items()
            if key != "RAY_ADDRESS"}
+    _workdir(tag).mkdir()
     proc = subprocess.Popen(
         [sys.executable, *program, "extract", str(folder), "--weights", "none", "--image-size", "32",
          "--batch-size", "2", "--engine", "ray", "--ray-workers", "1", "--out", str(out)],
         env={**env, "FURNITYPE_TEST_TAG": tag},
+        cwd=_workdir(tag),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -189,12 +192,19 @@ def _own_ray_extract(
     return proc, tag
 
 
+def _workdir(tag: str) -> Path:
+    return Path(tempfile.gettempdir()) / f"furnitype-ray-{tag}"
+
+
 def _tagged(tag: str) -> dict[int, str]:
-    """The running processes with ``tag`` in their environment: pid -> command line."""
+    """The running processes with ``tag`` in their environment or its folder as working directory: pid -> command
+    line. Both, as a process that names itself (setproctitle, as Ray's agents do) may overwrite the environment
+    that /proc shows, and a process may change its directory."""
     found = {}
     for entry in Path("/proc").iterdir():
         try:
-            if f"FURNITYPE_TEST_TAG={tag}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+            if (f"FURNITYPE_TEST_TAG={tag}".encode() in (entry / "environ").read_bytes().split(b"\0")
+                    or os.readlink(entry / "cwd") == str(_workdir(tag))):
                 found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except (OSError, ValueError):  # not a process, or one that ended meanwhile
             pass
@@ -215,6 +225,7 @@ def _ended(proc: subprocess.Popen, tag: str) -> tuple[int, str, dict[int, str]]:
     left = _tagged(tag)
     for pid in left:  # not to leave them to the next test
         os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(_workdir(tag), ignore_errors=True)
     return proc.returncode, stderr, left
 
 
@@ -238,17 +249,34 @@ def test_ctrl_c_during_a_ray_extraction_keeps_the_batches_and_stops_ray(ray_loca
 
 
 # The extract command, with Ctrl-C arriving inside ray.init once its local Ray is up (its raylet registered and
-# given a second to start its agents), before ray.init has recorded the processes for ray.shutdown.
+# its agents started), before ray.init has recorded the processes for ray.shutdown. The agents are known by the
+# names they give themselves and the working directory they share with the driver (see _tagged).
 CTRL_C_INSIDE_RAY_INIT = """
-import signal, sys, time
+import os, signal, sys, time
+from pathlib import Path
 from ray._private import services
 from furnitype.cli import main
 
 get_node = services.get_node
+AGENTS = {b"ray::DashboardAgent", b"ray::RuntimeEnvAgent"}
+
+def agents() -> set:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if os.readlink(entry / "cwd") == os.getcwd():
+                found |= {name for name in AGENTS if (entry / "cmdline").read_bytes().startswith(name)}
+        except (OSError, ValueError):
+            pass
+    return found
 
 def then_ctrl_c(*args, **kwargs):
+    services.get_node = get_node
     node = get_node(*args, **kwargs)
-    time.sleep(1)
+    deadline = time.monotonic() + 50  # a guard only, within the test's: Ctrl-C comes then anyway
+    while agents() != AGENTS and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print("agents:", *sorted(name.decode() for name in agents()), file=sys.stderr, flush=True)
     signal.raise_signal(signal.SIGINT)
     return node
 
@@ -263,6 +291,7 @@ def test_ctrl_c_while_ray_starts_leaves_no_ray_process(ray_installed, tmp_path):
     folder = make_photo_folder(tmp_path / "photos", per_class=1, classes=("bed",))
     proc, tag = _own_ray_extract(folder, tmp_path / "f.h5", program=["-c", CTRL_C_INSIDE_RAY_INIT])
     code, stderr, left = _ended(proc, tag)
+    assert "agents: ray::DashboardAgent ray::RuntimeEnvAgent\n" in stderr  # Ctrl-C came once they ran
     assert code == 130 and stderr.splitlines()[-1] == "interrupted: 0 rows kept; rerun to go on", stderr
     assert "Traceback" not in stderr and left == {}
 
