@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -172,16 +173,18 @@ def thirty_six(tmp_path_factory) -> tuple[Path, store.FeatureSet]:
 def _own_ray_extract(
     folder: Path, out: Path, program: Sequence[str] = ("-m", "furnitype.cli"), pause_at: int = 0
 ) -> tuple[subprocess.Popen, str]:
-    """``furnitype extract --engine ray`` starting its own local Ray, and the tag in the environment of every
-    process it starts (the driver, and through it Ray's services and workers); ``pause_at``: the driver stops
-    itself at that in-place commit (``furnitype.faults``)."""
+    """``furnitype extract --engine ray`` starting its own local Ray, and its tag: a string in the environment of
+    every process it starts (the driver, and through it Ray's services and workers), and the name of their working
+    directory; ``pause_at``: the driver stops itself at that in-place commit (``furnitype.faults``)."""
     tag = uuid.uuid4().hex
     env = {key: value for key, value in (pause_env("store-commit", pause_at) if pause_at else os.environ).items()
            if key != "RAY_ADDRESS"}
+    _workdir(tag).mkdir()
     proc = subprocess.Popen(
         [sys.executable, *program, "extract", str(folder), "--weights", "none", "--image-size", "32",
          "--batch-size", "2", "--engine", "ray", "--ray-workers", "1", "--out", str(out)],
         env={**env, "FURNITYPE_TEST_TAG": tag},
+        cwd=_workdir(tag),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -189,33 +192,43 @@ def _own_ray_extract(
     return proc, tag
 
 
+def _workdir(tag: str) -> Path:
+    return Path(tempfile.gettempdir()) / f"furnitype-ray-{tag}"
+
+
 def _tagged(tag: str) -> dict[int, str]:
-    """The running processes with ``tag`` in their environment: pid -> command line."""
+    """The running processes with ``tag`` in their environment or its folder as working directory: pid -> command
+    line. Both, as a process that names itself (setproctitle, as Ray's agents do) may overwrite the environment
+    that /proc shows, and a process may change its directory."""
     found = {}
     for entry in Path("/proc").iterdir():
         try:
-            if f"FURNITYPE_TEST_TAG={tag}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+            if (f"FURNITYPE_TEST_TAG={tag}".encode() in (entry / "environ").read_bytes().split(b"\0")
+                    or os.readlink(entry / "cwd") == str(_workdir(tag))):
                 found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except (OSError, ValueError):  # not a process, or one that ended meanwhile
             pass
     return found
 
 
-def _ended(proc: subprocess.Popen, tag: str) -> tuple[int, str, dict[int, str]]:
-    """The exit status and stderr of ``proc`` (killed if it hangs), and the processes it left running."""
+def _ended(proc: subprocess.Popen, tag: str) -> tuple[int, str, dict[int, str], dict[int, str]]:
+    """The exit status and stderr of ``proc`` (killed if it hangs), the processes running as it ended, and those
+    it left running."""
     try:
         _, stderr = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()
         _, stderr = proc.communicate()
         stderr += "\n(hung: killed)"
+    at_exit = _tagged(tag)
     deadline = time.monotonic() + 120  # a guard: Ray's services may take a moment to exit after the driver
     while _tagged(tag) and time.monotonic() < deadline:
         time.sleep(0.1)
     left = _tagged(tag)
     for pid in left:  # not to leave them to the next test
         os.kill(pid, signal.SIGKILL)
-    return proc.returncode, stderr, left
+    shutil.rmtree(_workdir(tag), ignore_errors=True)
+    return proc.returncode, stderr, at_exit, left
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds Ray's processes through /proc")
@@ -226,7 +239,7 @@ def test_ctrl_c_during_a_ray_extraction_keeps_the_batches_and_stops_ray(ray_loca
     assert wait_stopped(proc), proc.communicate()[1]
     assert any("raylet" in command for command in _tagged(tag).values())  # its own Ray, not the test's
     signal_stopped(proc, signal.SIGINT)  # Ctrl-C in the middle of the run
-    code, stderr, left = _ended(proc, tag)
+    code, stderr, _, left = _ended(proc, tag)
     kept = len(load(out))
     assert code == 130, stderr
     assert stderr.splitlines()[-1] == f"interrupted: {kept} rows kept; rerun to go on" and 4 <= kept < 36
@@ -238,17 +251,34 @@ def test_ctrl_c_during_a_ray_extraction_keeps_the_batches_and_stops_ray(ray_loca
 
 
 # The extract command, with Ctrl-C arriving inside ray.init once its local Ray is up (its raylet registered and
-# given a second to start its agents), before ray.init has recorded the processes for ray.shutdown.
+# its agents started), before ray.init has recorded the processes for ray.shutdown. The agents are known by the
+# names they give themselves and the working directory they share with the driver (see _tagged).
 CTRL_C_INSIDE_RAY_INIT = """
-import signal, sys, time
+import os, signal, sys, time
+from pathlib import Path
 from ray._private import services
 from furnitype.cli import main
 
 get_node = services.get_node
+AGENTS = {b"ray::DashboardAgent", b"ray::RuntimeEnvAgent"}
+
+def agents() -> set:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if os.readlink(entry / "cwd") == os.getcwd():
+                found |= {name for name in AGENTS if (entry / "cmdline").read_bytes().startswith(name)}
+        except (OSError, ValueError):
+            pass
+    return found
 
 def then_ctrl_c(*args, **kwargs):
+    services.get_node = get_node
     node = get_node(*args, **kwargs)
-    time.sleep(1)
+    deadline = time.monotonic() + 50  # a guard only, within the test's: Ctrl-C comes then anyway
+    while agents() != AGENTS and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print("agents:", *sorted(name.decode() for name in agents()), file=sys.stderr, flush=True)
     signal.raise_signal(signal.SIGINT)
     return node
 
@@ -262,9 +292,11 @@ main()
 def test_ctrl_c_while_ray_starts_leaves_no_ray_process(ray_installed, tmp_path):
     folder = make_photo_folder(tmp_path / "photos", per_class=1, classes=("bed",))
     proc, tag = _own_ray_extract(folder, tmp_path / "f.h5", program=["-c", CTRL_C_INSIDE_RAY_INIT])
-    code, stderr, left = _ended(proc, tag)
+    code, stderr, at_exit, left = _ended(proc, tag)
+    assert "agents: ray::DashboardAgent ray::RuntimeEnvAgent\n" in stderr  # Ctrl-C came once they ran
     assert code == 130 and stderr.splitlines()[-1] == "interrupted: 0 rows kept; rerun to go on", stderr
-    assert "Traceback" not in stderr and left == {}
+    # Stopped by the driver: processes it lost track of would end only after Ray's GCS reconnection timeout.
+    assert "Traceback" not in stderr and at_exit == {} and left == {}
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds Ray's processes through /proc")
@@ -277,7 +309,7 @@ def test_a_ray_worker_killed_mid_run_is_replaced_and_the_store_is_whole(ray_inst
     assert len(workers) == 1
     os.kill(workers[0], signal.SIGKILL)
     os.kill(proc.pid, signal.SIGCONT)
-    code, stderr, left = _ended(proc, tag)
+    code, stderr, _, left = _ended(proc, tag)
     assert code == 0 and "Traceback" not in stderr and left == {}, stderr
     _same_store(load(out), whole)
 
