@@ -18,7 +18,6 @@ has no folds of its own to reuse.
 from __future__ import annotations
 
 import csv
-import io
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -32,7 +31,7 @@ from threadpoolctl import threadpool_limits
 from furnitype.classify.data import TrainTestSet
 from furnitype.classify.evaluation import Fit, reference_model
 from furnitype.classify.run import damaged
-from furnitype.classify.runfiles import Damage, read_inside
+from furnitype.classify.runfiles import Damage, csv_rows, read_inside
 from furnitype.classify.split import ContentKFold, max_splits
 from furnitype.outputs import significant
 
@@ -234,15 +233,7 @@ def read_mistakes(run_dir: str | os.PathLike) -> list[Mistake] | None:
 
 
 def _parse(data: bytes) -> list[Mistake]:
-    try:
-        reader = csv.DictReader(io.StringIO(data.decode("utf-8"), newline=""))
-        if tuple(reader.fieldnames or ()) != COLUMNS:
-            raise Damage(MISTAKES_FILE, f"its columns are not {', '.join(COLUMNS)}")
-        rows = list(reader)
-    except UnicodeDecodeError as cause:
-        raise Damage(MISTAKES_FILE, "not UTF-8 text") from cause
-    except csv.Error as err:
-        raise Damage(MISTAKES_FILE, f"not CSV: {err}") from err
+    _, rows = csv_rows(data, MISTAKES_FILE, COLUMNS)
     found = []
     for i, row in enumerate(rows, start=2):
         where = f"{MISTAKES_FILE} line {i}"

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import json
 import os
 import re
@@ -43,7 +42,7 @@ from furnitype.classify.metadata import (
     read_run_document,
 )
 from furnitype.classify.output import recover
-from furnitype.classify.runfiles import Damage, folder_inside, read_inside
+from furnitype.classify.runfiles import Damage, csv_rows, folder_inside, read_inside
 from furnitype.errors import InputError, StoreError
 from furnitype.outputs import data_frame, shown_name
 
@@ -327,16 +326,8 @@ def training_photos(run_dir: str | os.PathLike, features: str) -> set[str]:
 
 def _read_split(data: bytes, document: RunDocument) -> dict[str, dict[str, set[str]]]:
     """The sha256 of each feature set's training and test photos, checked against the run's document."""
-    try:
-        reader = csv.DictReader(io.StringIO(data.decode("utf-8"), newline=""))
-        columns = reader.fieldnames
-        if columns not in (SPLIT_COLUMNS, [c for c in SPLIT_COLUMNS if c != "path"]):  # without: older runs
-            raise Damage(SPLIT_FILE, f"its columns are not {', '.join(SPLIT_COLUMNS)}")
-        rows = list(reader)
-    except UnicodeDecodeError as cause:
-        raise Damage(SPLIT_FILE, "not UTF-8 text") from cause
-    except csv.Error as err:
-        raise Damage(SPLIT_FILE, f"not CSV: {err}") from err
+    older = [c for c in SPLIT_COLUMNS if c != "path"]  # runs made before split.csv listed paths
+    columns, rows = csv_rows(data, SPLIT_FILE, SPLIT_COLUMNS, older)
     parts: dict[str, dict[str, set[str]]] = {key: {"train": set(), "test": set()} for key in document.feature_sets}
     counts = {key: {"train": 0, "test": 0} for key in document.feature_sets}
     for line, row in enumerate(rows, start=2):

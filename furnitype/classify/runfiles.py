@@ -9,10 +9,13 @@ and what.
 
 from __future__ import annotations
 
+import csv
 import errno
+import io
 import os
 import re
 import stat
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 from furnitype.errors import StoreError
@@ -46,6 +49,27 @@ class Damage(ValueError):
     def inside(self, folder: str) -> Damage:
         """The same damage, named from a parent folder (``models/feats/logreg/`` + ``model.json ...``)."""
         return Damage(f"{folder.rstrip('/')}/{self.where}", self.problem)
+
+
+def csv_rows(data: bytes, name: str, *headers: Sequence[str]) -> tuple[list[str], list[dict[str, str]]]:
+    """The header and rows of the run's CSV file ``name``; its header must be one of ``headers`` (the first is
+    today's, named when it is none of them).
+
+    Raises
+    ------
+    Damage
+        Not UTF-8 text, not CSV, or another header.
+    """
+    try:
+        reader = csv.DictReader(io.StringIO(data.decode("utf-8"), newline=""))
+        columns = list(reader.fieldnames or ())
+        if columns not in [list(header) for header in headers]:
+            raise Damage(name, f"its columns are not {', '.join(headers[0])}")
+        return columns, list(reader)
+    except UnicodeDecodeError as cause:
+        raise Damage(name, "not UTF-8 text") from cause
+    except csv.Error as err:
+        raise Damage(name, f"not CSV: {err}") from err
 
 
 def printable(text: str) -> str:
