@@ -106,7 +106,8 @@ def refuse_inputs(
         The command's outputs by the option that names them (``{"--out": ..., "--sheet": ...}``); None: not
         written.
     inputs : iterable of path
-        The files and folders the command reads: no output may be one of them.
+        The files and folders the command reads: no output may be one of them (also through a link), nor a
+        folder that holds one.
     kept : iterable of path
         Folders whose files no output may replace (a run: its ``metrics.json``, its models); a new file
         inside one is fine. Symbolic links are resolved throughout.
@@ -125,14 +126,24 @@ def refuse_inputs(
     if not given:
         return
     for source in inputs:
+        real_source = os.path.realpath(source)
         for option, (path, real) in given.items():
-            if real == os.path.realpath(source):
+            if real == real_source or _same_file(real, real_source):  # a hard link is the same file
                 raise InputError(f"{option} {path} is one of the inputs; choose another path.")
+            if os.path.isdir(real) and Path(real_source).is_relative_to(real):  # replacing it would delete it
+                raise InputError(f"{option} {path} holds {source}, which this command reads; choose another path.")
     for folder in kept:
         real_folder = Path(os.path.realpath(folder))
         for option, (path, real) in given.items():
             if Path(real).is_relative_to(real_folder) and os.path.lexists(real):
                 raise InputError(f"{option} {path} would replace a file of {folder}; choose another path.")
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
 
 
 def refuse_photos(outputs: Mapping[str, str | os.PathLike | None], photos: Iterable[str | os.PathLike]) -> None:

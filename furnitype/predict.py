@@ -273,7 +273,7 @@ def predict(
     check_batching(batch_size, workers)
     if out is not None:
         check_output(out)
-        refuse_inputs({"--out": out}, [*images, *weights_files(weights)], kept=[run])
+        refuse_inputs({"--out": out}, [*images, *weights_files(weights), *([store] if store else [])], kept=[run])
     files = _listing(images)
     refuse_photos({"--out": out}, (f.path for f in files))
     refuse_existing({"--out": out}, overwrite=overwrite)

@@ -135,6 +135,7 @@ def classify(
     if previous is not None:
         check_previous(previous)
     out = check_output(out if out is not None else default_run_folder(Path("runs"), datetime.now()), kind="folder")
+    refuse_inputs({"--out": out}, [*feature_files, *test_files, *([previous] if previous is not None else [])])
     warnings: list[str] = []
 
     def warn(message: str) -> None:
@@ -228,6 +229,7 @@ def report_runs(
         raise InputError("give at least one run folder.")
     if out is not None:
         check_output(out, kind="folder")
+        refuse_inputs({"--out": out}, [d for d in run_dirs if os.path.realpath(d) != os.path.realpath(out)])
     if mistakes is not None:
         check_output(mistakes)
         refuse_inputs({"--mistakes": mistakes}, run_dirs, kept=run_dirs)

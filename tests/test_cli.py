@@ -494,7 +494,22 @@ def test_an_output_never_replaces_an_input_or_another_output(made, tmp_path):
     weights.write_bytes(made["weights"].read_bytes())
     before = {path: path.read_bytes() for path in (feats, query, metrics, weights, made["weights"])}
     csv_out = tmp_path / "to-label.csv"
+    hard = tmp_path / "hard.h5"
+    os.link(feats, hard)
+    holding_run = tmp_path / "run-holding"  # a run folder a store was put in, and a folder holding a run
+    shutil.copytree(run, holding_run)
+    inner = holding_run / "inner.h5"
+    inner.write_bytes(feats.read_bytes())
+    holding_report = tmp_path / "report-holding"
+    shutil.copytree(run, holding_report / "their-run")
     cases = [
+        (["similar", feats, query, "--sheet", hard, "--overwrite"], f"--sheet {hard} is one of the inputs"),
+        (["predict", run, query, "--features", feats, "--out", feats, "--overwrite"], f"--out {feats} is one of the"),
+        (["predict", run, query, "--features", link, "--out", feats, "--overwrite"], f"--out {feats} is one of the"),
+        (["classify", inner, "--models", "logreg", "--out", holding_run, "--overwrite"],
+         f"--out {holding_run} holds {inner}, which this command reads"),
+        (["report", holding_report / "their-run", "--out", holding_report, "--overwrite"],
+         f"--out {holding_report} holds {holding_report / 'their-run'}, which this command reads"),
         (["similar", feats, query, "--sheet", feats], f"--sheet {feats} is one of the inputs"),
         (["similar", feats, query, "--sheet", link], f"--sheet {link} is one of the inputs"),
         (["similar", feats, query, "--sheet", query], f"--sheet {query} is one of the inputs"),
@@ -515,6 +530,7 @@ def test_an_output_never_replaces_an_input_or_another_output(made, tmp_path):
     for args, message in cases:
         assert _one_line_error(invoke(*args), 2).startswith(f"Error: {message}"), args
     assert {path: path.read_bytes() for path in before} == before and not csv_out.exists()
+    assert inner.read_bytes() == feats.read_bytes() and (holding_report / "their-run" / "metrics.json").exists()
     new_file = run / "predictions.csv"  # a new file inside a run's folder replaces nothing
     result = invoke("predict", run, query, "--out", new_file, "-q")
     new_file.unlink()
