@@ -287,8 +287,8 @@ def test_report_out_follows_the_rules_of_classify_out(runs, tmp_path):
 
 
 def test_the_root_folder_is_refused(feats, runs):
-    one_line(invoke("report", runs["old"], runs["new"], "--out", "/"), 2, "/ is the root folder; choose a folder for "
-             "the report.")
+    one_line(invoke("report", runs["old"], runs["new"], "--out", "/"), 2,  # replacing it would delete the runs
+             f"--out / holds {runs['old']}, which this command reads; choose another path.")
 
 
 def test_leftovers_that_are_not_recorded_are_left_alone(feats, tmp_path):

@@ -772,9 +772,16 @@ def _odd(path: Path, shape: str) -> None:
         elif shape == "stat of 3":
             del h5["stat"]
             h5.create_dataset("stat", data=np.zeros((40, 3), np.int64))
+        elif shape == "image_size text":
+            h5.attrs["image_size"] = "abc"
+        elif shape == "image_size array":
+            h5.attrs["image_size"] = np.array([32, 32])
+        elif shape == "feature_dim":
+            h5.attrs["feature_dim"] = 7
 
 
-@pytest.mark.parametrize("shape", ["no columns", "huge", "folder index", "not utf-8", "live of 2", "stat of 3"])
+@pytest.mark.parametrize("shape", ["no columns", "huge", "folder index", "not utf-8", "live of 2", "stat of 3",
+                                   "image_size text", "image_size array", "feature_dim"])
 def test_stores_of_other_shapes_are_one_line_in_every_command(tmp_path, shape):
     store = tmp_path / "odd.h5"
     _odd(store, shape)

@@ -23,6 +23,7 @@ from furnitype.features.layout import (
     CRC_ATTR,
     CRC_BLOCK,
     FORMAT_VERSION,
+    SETTING_KEYS,
     SKIP_COLUMNS,
     STAT_UNKNOWN,
     STRING_COLUMNS,
@@ -90,7 +91,19 @@ class StoreView:
             self.dead_rows = self.n["rows"] - len(self._live["rows"])
             self.dead_skipped = self.n["skipped"] - len(self._live["skipped"])
             self.meta = {key: _plain(value) for key, value in attrs.items() if key not in BOOKKEEPING}
+            self._check_settings()
         self.meta["n_rows"] = len(self._live["rows"])
+
+    def _check_settings(self) -> None:
+        """Settings of the types furnitype writes (text; the image size a whole number) and a ``feature_dim``
+        equal to the number of feature columns; ``damaged`` otherwise."""
+        for key in SETTING_KEYS:
+            value, number = self.meta.get(key), key == "image_size"
+            if value is not None and (type(value) is not int if number else not isinstance(value, str)):
+                raise damaged(self.given, f"its {key} attribute is not {'a whole number' if number else 'text'}")
+        dim = self.meta.get("feature_dim")
+        if dim is not None and (type(dim) is not int or (self.n["rows"] and dim != self.dim)):
+            raise damaged(self.given, f"its feature_dim attribute ({dim!r}) is not its {self.dim} feature columns")
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[None]:
