@@ -315,3 +315,12 @@ def significant(value: None, digits: int = DIGITS) -> None: ...
 def significant(value: float | None, digits: int = DIGITS) -> float | None:
     """``value`` rounded to ``digits`` significant digits (None stays None)."""
     return None if value is None else float(f"{value:.{digits}g}")
+
+
+def is_utf8(name: str) -> bool:
+    """False for a name with bytes that are not UTF-8 (``os.fsdecode`` keeps them as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

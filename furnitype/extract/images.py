@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from furnitype.errors import InputError
+from furnitype.outputs import is_utf8
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
 INTERPOLATIONS = {
@@ -254,22 +255,13 @@ def check_folder_labels(listing: Listing) -> None:
     InputError
     """
     for label in dict.fromkeys(listing.labels):
-        if not label or not bad_label(label) or not _is_utf8(label):
+        if not label or not bad_label(label) or not is_utf8(label):
             continue
         path = listing.paths[listing.labels.index(label)]
         folder = next(os.path.join(root, label) for root in listing.folders
                       if path.startswith(os.path.join(root, label, "")))
         raise InputError(f"the name of class folder {folder!r} cannot be a label: a label must be printable text "
                          "on one line; rename the folder, or give --label.")
-
-
-def _is_utf8(name: str) -> bool:
-    """False for a name with bytes that are not UTF-8 (``os.fsdecode`` keeps them as lone surrogates)."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def bad_label(label: str) -> str:

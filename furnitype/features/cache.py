@@ -40,7 +40,7 @@ from furnitype.features.view import (
     remove_leftovers,
 )
 from furnitype.features.writing import WriteFailed, new_file, transaction, writable, write_failed
-from furnitype.outputs import shown_name
+from furnitype.outputs import is_utf8, shown_name
 
 #: The reason of a listed file skipped but not recorded: a feature file records only UTF-8 names.
 NOT_UTF8 = "not a UTF-8 name"
@@ -653,16 +653,8 @@ def _not_utf8(paths: list[str]) -> list[int]:
     try:
         "\0".join(paths).encode("utf-8")
     except UnicodeEncodeError:
-        return [i for i, path in enumerate(paths) if not path.isascii() and _surrogates(path)]
+        return [i for i, path in enumerate(paths) if not path.isascii() and not is_utf8(path)]
     return []
-
-
-def _surrogates(path: str) -> bool:
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
 
 
 def _prefix_keys(sha256: np.ndarray, given: str) -> np.ndarray:
