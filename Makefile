@@ -11,7 +11,7 @@ DEMO_DIR ?= demo
 $(BIN)/furnitype: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test,ray,int8]"
+	$(BIN)/python -m pip install --quiet -e ".[test,ray,int8,serve]"
 	touch $@
 
 test: $(BIN)/furnitype

@@ -16,7 +16,8 @@ LAYERS = (
     ("classify",),
     ("reports",),
     ("engines",),
-    ("extraction", "training", "predict", "similar", "suggest"),
+    ("extraction", "training", "predict", "similar", "suggest", "duplicates", "labels"),
+    ("serve",),
     ("cli",),
     ("__main__", "demo"),
 )
