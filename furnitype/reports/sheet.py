@@ -1,5 +1,6 @@
 """Contact sheets (Pillow, PNG): ``similar`` results, one row per query, the query photo then its neighbours;
-and photos to label (``suggest``), in a grid in priority order.
+groups of look-alike photos (``duplicates``), one row per group; and photos to label (``suggest``), in a grid in
+priority order.
 
 Each tile shows the photo (aspect kept, EXIF orientation applied) above caption lines and the file name. In a
 ``similar`` sheet the frame tells the label apart at a glance: blue for the query, green for a neighbour with
@@ -12,6 +13,7 @@ import io
 import os
 import stat
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -44,6 +46,26 @@ class Neighbour(Protocol):
     def label(self) -> str: ...
     @property
     def distance(self) -> float: ...
+
+
+class Photo(Protocol):
+    """What a tile of a group shows (``furnitype.duplicates.GroupPhoto`` is one)."""
+
+    @property
+    def path(self) -> str: ...
+    @property
+    def label(self) -> str: ...
+    @property
+    def distance(self) -> float: ...
+
+
+class Group(Protocol):
+    """What a row of a groups sheet shows (``furnitype.duplicates.Group`` is one)."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def photos(self) -> Sequence[Photo]: ...
 
 
 class Match(Protocol):
@@ -88,39 +110,110 @@ def contact_sheet(
     Path
         ``path``.
     """
+    rows = []
+    for match in list(matches)[:max_rows]:
+        where = "in the store" if match.in_store else "new photo"
+        lead = (match.query, QUERY, ["query, " + where, match.label or "(no label)"])
+        tiles = []
+        for j, n in enumerate(match.neighbours):
+            rank = f"#{j + 1}{' itself' if n.path == match.query else ''}  d = {n.distance:.3f}"
+            tiles.append((n.path, _frame(match.label, n.label), [rank, n.label or "(no label)"]))
+        rows.append(_Row(lead, tiles, f"cannot use this photo: {match.error}" if match.error else ""))
+    legend = ("d: cosine distance (0 = same direction). Frame: blue query; neighbour green with the query's label, "
+              "red with another, grey when the query has none")
+    left = len(matches) - len(rows)
+    footer = f"... and {left} more queries not drawn" if left else ""
+    return _rows_sheet(rows, path, header=[title, legend], footer=footer, thumb=thumb)
+
+
+def groups_sheet(
+    groups: Sequence[Group],
+    path: str | os.PathLike,
+    *,
+    title: str = "",
+    thumb: int = 120,
+    max_rows: int = 50,
+    max_photos: int = 10,
+) -> Path:
+    """Draw groups of look-alike photos (``furnitype.duplicates``), a row each, with labels and distances;
+    save as PNG.
+
+    Parameters
+    ----------
+    groups : sequence of Group
+        In the order to draw them.
+    path : str or path-like
+        The PNG to write.
+    title : str, default=""
+        First header line.
+    thumb : int, default=120
+        Side of a photo's square box, in pixels.
+    max_rows, max_photos : int, default=50, 10
+        Groups drawn, and photos drawn per group; the footer and the group's first caption count any left out.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    rows = []
+    for number, group in enumerate(list(groups)[:max_rows], 1):
+        first, *others = group.photos
+        kind = f"#{number} {group.kind}, {len(group.photos)} photos"
+        lead = (first.path, QUERY, [kind, first.label or "(no label)"])
+        tiles = [(p.path, _frame(first.label, p.label), [f"d = {p.distance:.3f}", p.label or "(no label)"])
+                 for p in others[: max_photos - 1]]
+        rows.append(_Row(lead, tiles, ""))
+    legend = ("A row per group, labels that differ first. d: cosine distance to the row's first photo (blue); "
+              "frame green with its label, red with another, grey when either has none")
+    left = len(groups) - len(rows)
+    footer = f"... and {left} more groups not drawn" if left else ""
+    return _rows_sheet(rows, path, header=[title, legend], footer=footer, thumb=thumb)
+
+
+@dataclass(frozen=True)
+class _Row:
+    """A row of a sheet: its first tile, the tiles after the divider (photo, frame colour, captions), and an
+    error written in their place."""
+
+    lead: tuple[str, str, list[str]]
+    tiles: list[tuple[str, str, list[str]]]
+    error: str
+
+
+def _frame(first_label: str, label: str) -> str:
+    """Green for the first tile's label, red for another, grey when either has none."""
+    return UNKNOWN if not (label and first_label) else SAME if label == first_label else OTHER
+
+
+def _rows_sheet(rows: Sequence[_Row], path: str | os.PathLike, *, header: list[str], footer: str,
+                thumb: int) -> Path:
+    """Rows of tiles: each row's first tile, a divider, then the others."""
     font, small = _font(max(11, thumb // 12)), _font(max(10, thumb // 14))
     line = _line_height(font)
     tile_w, tile_h = thumb + 2 * FRAME, thumb + 2 * FRAME + 3 * line + 6
-    columns = 1 + max((len(m.neighbours) for m in matches), default=0)
-    shown = list(matches)[:max_rows]
-    header = [title, "d: cosine distance (0 = same direction). Frame: blue query; neighbour green with the query's "
-              "label, red with another, grey when the query has none"]
-    footer = [f"... and {len(matches) - len(shown)} more queries not drawn"] if len(matches) > len(shown) else []
+    columns = 1 + max((len(row.tiles) for row in rows), default=0)
+    footers = [footer] if footer else []
     width = 2 * MARGIN + tile_w + QUERY_GAP + max(columns - 1, 1) * (tile_w + GAP)
     header = [wrapped for text in header if text for wrapped in _wrap(text, font, width - 2 * MARGIN)]
     top = MARGIN + len(header) * line + (GAP if header else 0)
-    height = top + len(shown) * (tile_h + GAP) + len(footer) * line + MARGIN
+    height = top + len(rows) * (tile_h + GAP) + len(footers) * line + MARGIN
     sheet = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(sheet)
     for i, text in enumerate(header):
         draw.text((MARGIN, MARGIN + i * line), text, fill="black", font=font)
-    for r, match in enumerate(shown):
+    for r, row in enumerate(rows):
         y = top + r * (tile_h + GAP)
-        where = "in the store" if match.in_store else "new photo"
-        _tile(sheet, draw, (MARGIN, y), match.query, QUERY, ["query, " + where, match.label or "(no label)"],
-              thumb, font, small)
+        photo, colour, captions = row.lead
+        _tile(sheet, draw, (MARGIN, y), photo, colour, captions, thumb, font, small)
         x0 = MARGIN + tile_w + QUERY_GAP
         draw.line([(x0 - QUERY_GAP // 2, y), (x0 - QUERY_GAP // 2, y + tile_h)], fill="#cccccc", width=2)
-        if match.error:
-            draw.text((x0, y + thumb // 2), _fit(f"cannot use this photo: {match.error}", font, width - x0 - MARGIN),
-                      fill=OTHER, font=font)
-        for j, n in enumerate(match.neighbours):
-            colour = UNKNOWN if not (n.label and match.label) else SAME if n.label == match.label else OTHER
-            rank = f"#{j + 1}{' itself' if n.path == match.query else ''}  d = {n.distance:.3f}"
-            _tile(sheet, draw, (x0 + j * (tile_w + GAP), y), n.path, colour, [rank, n.label or "(no label)"],
-                  thumb, font, small)
-    for i, text in enumerate(footer):
-        draw.text((MARGIN, height - MARGIN - (len(footer) - i) * line), text, fill="black", font=font)
+        if row.error:
+            draw.text((x0, y + thumb // 2), _fit(row.error, font, width - x0 - MARGIN), fill=OTHER, font=font)
+        for j, (photo, colour, captions) in enumerate(row.tiles):
+            _tile(sheet, draw, (x0 + j * (tile_w + GAP), y), photo, colour, captions, thumb, font, small)
+    for i, text in enumerate(footers):
+        draw.text((MARGIN, height - MARGIN - (len(footers) - i) * line), text, fill="black", font=font)
     return _save(sheet, path)
 
 
