@@ -582,6 +582,42 @@ def similar(features, queries, top_k, exclude_self, sheet, overwrite, weights, b
         click.echo(f"contact sheet: {sheet}")
 
 
+@cli.command()
+@click.argument("features", type=click.Path(dir_okay=False, readable=False))
+@click.option("--max-distance", type=float, help="Cosine distance (0 to 2) within which two photos are "
+              "near-duplicates; 0: identical features only.  [default: 0.05]")
+@out_option("Write the groups as CSV: group,kind,conflict,path,label,sha256,distance.")
+@click.option("--sheet", type=click.Path(readable=False), help="Draw the groups, a row each, as a PNG.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out or --sheet file.")
+@quiet_option("No progress lines on stderr.")
+@json_option("Print the groups as JSON.")
+@api_command
+def duplicates(features, max_distance, out, sheet, overwrite, quiet, as_json) -> None:
+    """Find groups of identical photos (one content under several paths) and of near-duplicates.
+
+    Near-duplicates are photos whose features are within --max-distance of each other, directly or through
+    others. Groups whose photos carry different labels come first (one product filed under two classes: a
+    label to fix), then larger groups.
+
+    \b
+    Examples:
+      furnitype duplicates feats/vgg16.h5
+      furnitype duplicates feats/vgg16.h5 --max-distance 0.1 --out groups.csv --sheet groups.png
+    """
+    from furnitype.duplicates import MAX_DISTANCE
+    from furnitype.duplicates import duplicates as run_duplicates
+
+    result = run_duplicates(features, max_distance=MAX_DISTANCE if max_distance is None else max_distance, out=out,
+                            sheet=sheet, overwrite=overwrite)
+    if as_json:
+        _print_json({**result.as_dict(), "out": out, "sheet": sheet})
+        return
+    if result.groups:
+        click.echo(result.format_table())
+    wrote = [path for path in (out, sheet) if path]
+    click.echo(result.summary() + (f"; wrote {' and '.join(wrote)}" if wrote else ""))
+
+
 def main() -> None:
     """The command line (``furnitype.__main__`` starts it, and catches Ctrl-C while this module is imported)."""
     cli(prog_name="furnitype")

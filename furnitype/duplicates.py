@@ -233,9 +233,9 @@ def duplicates(
         if path is not None:
             check_output(path)
     refuse_inputs(outputs, [features])
-    refuse_existing(outputs, overwrite=overwrite)
     fs = load(features)
     refuse_photos(outputs, fs.paths)  # the photos listed and drawn
+    refuse_existing(outputs, overwrite=overwrite)
     result = replace(find_groups(fs, max_distance=max_distance), seconds=time.perf_counter() - started)
     if out is not None:
         result.write_csv(out, overwrite=overwrite)

@@ -1,0 +1,207 @@
+"""``furnitype duplicates``: planted exact and near copies are grouped, a label conflict comes first, the CSV,
+JSON and sheet outputs, and bad inputs as one line."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from furnitype.duplicates import CSV_COLUMNS, duplicates, find_groups
+from furnitype.extraction import extract
+from furnitype.features import load
+from furnitype.features.index import CosineIndex
+from furnitype.features.store import save
+from tests.conftest import STORE_META
+from tests.conftest import run_cli as invoke
+from tests.images import COLOURS, make_photo_folder, photo
+
+SETTINGS = {"backbone": "vgg16", "weights": "none", "image_size": 32, "batch_size": 8, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """12 generated photos of 3 classes, plus two planted copies, extracted (VGG16, random seeded weights, 32 px):
+    ``bed/bed_1.jpg`` again as ``bed/bed_1-again.jpg`` (the same bytes), and ``bed/bed_0.jpg`` encoded again at
+    another quality and a slightly smaller size, filed under ``sofa`` (a near copy with another label)."""
+    base = tmp_path_factory.mktemp("duplicates")
+    photos = make_photo_folder(base / "photos", per_class=4, classes=("bed", "chair", "sofa"))
+    shutil.copyfile(photos / "bed" / "bed_1.jpg", photos / "bed" / "bed_1-again.jpg")
+    photo(0, COLOURS["bed"]).resize((46, 38)).save(photos / "sofa" / "bed_0-resaved.jpg", quality=95)
+    out = extract([photos], out=base / "feats.h5", **SETTINGS).out
+    fs = load(out)
+    planted = {str(photos / "bed" / "bed_1-again.jpg"), str(photos / "sofa" / "bed_0-resaved.jpg")}
+    originals = [i for i, path in enumerate(fs.paths) if path not in planted]
+    distances, _ = CosineIndex(fs.features[originals]).kneighbors(fs.features[originals], 2)
+    apart = float(distances[:, 1].min())  # the closest two different generated photos
+    return {"base": base, "photos": photos, "file": out, "rows": fs, "apart": apart}
+
+
+def _paths(group) -> set[str]:
+    return {p.path for p in group.photos}
+
+
+def test_planted_copies_are_grouped_with_the_label_conflict_first(store):
+    photos = store["photos"]
+    near = _distance(store["rows"], photos / "bed" / "bed_0.jpg", photos / "sofa" / "bed_0-resaved.jpg")
+    assert 0 < near < store["apart"] / 4, "the planted near copy must be far nearer than any two different photos"
+    result = duplicates(store["file"], max_distance=store["apart"] / 2)
+    assert [g.kind for g in result.groups] == ["near", "exact"]
+    conflict, exact = result.groups
+    assert _paths(conflict) == {str(photos / "bed" / "bed_0.jpg"), str(photos / "sofa" / "bed_0-resaved.jpg")}
+    assert conflict.conflict and conflict.labels in (["bed", "sofa"], ["sofa", "bed"])
+    assert conflict.photos[0].distance == 0 and conflict.photos[1].distance == pytest.approx(near, abs=1e-6)
+    assert _paths(exact) == {str(photos / "bed" / "bed_1.jpg"), str(photos / "bed" / "bed_1-again.jpg")}
+    assert not exact.conflict and exact.labels == ["bed"] and [p.distance for p in exact.photos] == [0, 0]
+    assert len({p.sha256 for p in exact.photos}) == 1
+    assert (result.rows, result.contents, result.conflicts) == (14, 13, 1)
+    assert result.count("exact") == result.count("near") == 1
+
+    identical_only = duplicates(store["file"], max_distance=0)
+    assert [_paths(g) for g in identical_only.groups] == [_paths(exact)]
+    everything = duplicates(store["file"], max_distance=2)
+    assert len(everything.groups) == 1 and len(everything.groups[0].photos) == 14
+
+
+def _distance(fs, a, b) -> float:
+    rows = [list(fs.paths).index(str(a)), list(fs.paths).index(str(b))]
+    u = fs.features[rows] / np.linalg.norm(fs.features[rows], axis=1, keepdims=True)
+    return float(1 - u[0] @ u[1])
+
+
+def test_the_command_prints_writes_the_csv_json_and_sheet(store, tmp_path):
+    d = str(store["apart"] / 2)
+    out, sheet = tmp_path / "out" / "groups.csv", tmp_path / "groups.png"
+    result = invoke("duplicates", store["file"], "--max-distance", d, "--out", out, "--sheet", sheet)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("  1  near, 2 photos, labels differ: ")
+    assert lines[-1].startswith(f"2 groups of duplicate photos in {store['file']} (1 exact, 1 near within ")
+    assert "1 with different labels; 4 of 14 photos in groups" in lines[-1] and lines[-1].endswith(f"{sheet}")
+
+    with open(out, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert tuple(rows[0]) == CSV_COLUMNS and [r["group"] for r in rows] == ["1", "1", "2", "2"]
+    assert [r["kind"] for r in rows] == ["near", "near", "exact", "exact"]
+    assert [r["conflict"] for r in rows] == ["true", "true", "false", "false"]
+    assert rows[0]["distance"] == "0.0" and 0 < float(rows[1]["distance"]) <= float(d)
+    assert {r["path"] for r in rows[2:]} == {str(store["photos"] / "bed" / n) for n in ("bed_1.jpg", "bed_1-again.jpg")}
+    assert rows[2]["sha256"] == hashlib.sha256((store["photos"] / "bed" / "bed_1.jpg").read_bytes()).hexdigest()
+
+    with Image.open(sheet) as png:
+        assert png.format == "PNG" and png.width > 200 and png.height > 200
+        png.load()
+
+    again = invoke("duplicates", store["file"], "--max-distance", d, "--out", out)
+    assert again.exit_code == 2 and again.output == (
+        f"Error: {out} already exists; choose another --out, or --overwrite to replace it.\n"
+    )
+    as_json = invoke("duplicates", store["file"], "--max-distance", d, "--out", out, "--overwrite", "--json")
+    assert as_json.exit_code == 0, as_json.output
+    document = json.loads(as_json.output)
+    assert (document["exact_groups"], document["near_groups"], document["conflicting_groups"]) == (1, 1, 1)
+    assert document["rows"] == 14 and document["contents"] == 13 and document["out"] == str(out)
+    first = document["groups"][0]
+    assert first["group"] == 1 and first["kind"] == "near" and first["conflict"] is True
+    assert sorted(first["labels"]) == ["bed", "sofa"] and len(first["photos"]) == 2
+    assert set(first["photos"][0]) == {"path", "label", "sha256", "distance"}
+
+
+def test_groups_are_components_ordered_by_conflict_then_size(tmp_path):
+    """Written with ``save``: a chain a-b-c whose ends are farther apart than the distance is one group; an
+    unlabelled photo beside a labelled one is no conflict; identical content under two labels is."""
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.normal(size=(64, 64)))[0][:8]  # orthonormal: distance 1 between different ones
+
+    def near(v, angle):  # a unit vector at cosine distance 1 - cos(angle) from v
+        other = basis[7]
+        return np.cos(angle) * v + np.sin(angle) * other
+
+    rows = [
+        ("big/a.jpg", "sofa", "1", basis[0]),
+        ("big/b.jpg", "sofa", "2", near(basis[0], 0.2)),  # distance 0.020 from a
+        ("big/c.jpg", "sofa", "3", near(basis[0], 0.4)),  # 0.079 from a, 0.020 from b
+        ("big/d.jpg", "", "4", near(basis[0], 0.3)),
+        ("pair/x.jpg", "bed", "5", basis[1]),
+        ("pair/y.jpg", "chair", "5", basis[1]),  # the same content under another label
+        ("trio/p.jpg", "tv", "6", basis[2]),
+        ("trio/q.jpg", "tv", "7", near(basis[2], 0.1)),
+        ("trio/r.jpg", "table", "8", near(basis[2], 0.15)),
+        ("alone/s.jpg", "bed", "9", basis[3]),
+        ("alone/t.jpg", "", "a", basis[4]),
+    ]
+    file = tmp_path / "made.h5"
+    save(file, features=np.array([r[3] for r in rows], np.float32), paths=[f"/p/{r[0]}" for r in rows],
+         labels=[r[1] for r in rows], sha256=[r[2] * 64 for r in rows], meta=STORE_META)
+    result = find_groups(load(file), max_distance=0.03)
+    assert [(g.kind, g.conflict, len(g.photos)) for g in result.groups] == [
+        ("near", True, 3), ("exact", True, 2), ("near", False, 4)
+    ]
+    trio, pair, big = result.groups
+    assert [p.path for p in trio.photos] == ["/p/trio/p.jpg", "/p/trio/q.jpg", "/p/trio/r.jpg"]  # most common first
+    assert trio.labels == ["tv", "table"] and pair.labels == ["bed", "chair"] and big.labels == ["sofa"]
+    assert [p.path for p in big.photos][-1] == "/p/big/d.jpg"  # unlabelled last
+    assert big.photos[2].distance == pytest.approx(1 - np.cos(0.4), abs=1e-5)  # c, through b: beyond 0.03
+    assert (result.rows, result.contents) == (11, 10)
+    assert find_groups(load(file), max_distance=0.001).groups == [pair]  # q-r: 0.00125
+    frame = result.to_frame()
+    assert list(frame.columns) == list(CSV_COLUMNS) and len(frame) == 9 and frame.group.tolist()[:3] == [1, 1, 1]
+
+
+def test_an_empty_or_single_row_store_has_no_groups(tmp_path):
+    file = tmp_path / "one.h5"
+    save(file, features=np.ones((1, 4), np.float32), paths=["/p/a.jpg"], labels=["bed"], sha256=["1" * 64],
+         meta=STORE_META)
+    assert duplicates(file).groups == []
+    result = invoke("duplicates", file)
+    assert result.exit_code == 0 and result.output.startswith("0 groups of duplicate photos in ")
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["missing.h5"], 2, "Error: feature file not found: missing.h5"),
+        (["truncated.h5"], 1, "Error: truncated.h5 is damaged (truncated file: eof = 3000"),
+        (["flipped.h5"], 1, "Error: flipped.h5 is damaged ("),
+        (["feats.h5", "--max-distance", "-0.1"], 2, "Error: max_distance must be a cosine distance from 0 to 2. "
+         "Received: max_distance=-0.1"),
+        (["feats.h5", "--max-distance", "nan"], 2, "Error: max_distance must be a cosine distance from 0 to 2."),
+        (["feats.h5", "--max-distance", "3"], 2, "Error: max_distance must be a cosine distance from 0 to 2."),
+        (["feats.h5", "--out", "feats.h5", "--overwrite"], 2, "Error: --out feats.h5 is one of the inputs"),
+        (["feats.h5", "--sheet", "photo.jpg", "--overwrite"], 2, "Error: --sheet photo.jpg is one of the photos"),
+        (["feats.h5", "--out", "g.csv", "--sheet", "g.csv"], 2, "Error: --sheet g.csv is also --out"),
+        (["feats.h5", "--out", "folder"], 2, "Error: cannot write folder: it is a folder."),
+    ],
+)
+def test_bad_inputs_are_one_line(store, tmp_path, monkeypatch, args, code, message):
+    shutil.copyfile(store["file"], tmp_path / "feats.h5")
+    (tmp_path / "truncated.h5").write_bytes(Path(store["file"]).read_bytes()[:3000])  # a half-copied file
+    _flip_a_features_byte(shutil.copyfile(store["file"], tmp_path / "flipped.h5"))
+    (tmp_path / "folder").mkdir()
+    photo_path = tmp_path / "photo.jpg"
+    photo_path.hardlink_to(store["photos"] / "chair" / "chair_0.jpg")
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = invoke("duplicates", *args)
+    assert result.exit_code == code and result.output.startswith(message), result.output
+    assert len(result.output.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def _flip_a_features_byte(store: Path) -> None:
+    """Damage found only by reading the rows: a byte inside the first chunk of /features."""
+    import h5py
+
+    with h5py.File(store, "r") as h5:
+        chunk = h5["features"].id.get_chunk_info(0)
+    with open(store, "r+b") as fh:
+        fh.seek(chunk.byte_offset + chunk.size // 2)
+        byte = fh.read(1)[0]
+        fh.seek(-1, 1)
+        fh.write(bytes([byte ^ 0xFF]))
