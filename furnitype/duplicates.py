@@ -299,3 +299,23 @@ def _group(fs: FeatureSet, rows: np.ndarray, node: np.ndarray) -> Group:
     ]
     kind = "exact" if len({node[r] for r in rows}) == 1 else "near"
     return Group(kind, photos)
+
+
+def conflict_note(key: str, *parts: FeatureSet) -> list[str]:
+    """A run's note on the labelled photos of one feature set (``parts``: its training and held-out test rows):
+    how many groups of duplicates at ``MAX_DISTANCE`` carry different labels, and the command that lists them;
+    none when no group does."""
+    def joined(name: str) -> np.ndarray:
+        return np.concatenate([getattr(part, name) for part in parts])
+
+    rows = replace(parts[0], features=joined("features"), paths=joined("paths"), labels=joined("labels"),
+                   sha256=joined("sha256"))
+    conflicts = find_groups(rows).conflicts
+    if not conflicts:
+        return []
+    groups, verb = ("1 group", "carries") if conflicts == 1 else (f"{conflicts:,} groups", "carry")
+    return [
+        f"{key}: {groups} of identical or near-identical photos (cosine distance up to {MAX_DISTANCE:g}) {verb} "
+        f"different labels, one product filed under two classes? `furnitype duplicates {parts[0].file}` lists "
+        "them first."
+    ]

@@ -46,6 +46,7 @@ from furnitype.classify.run import (
     rank_rows,
     write_split,
 )
+from furnitype.duplicates import conflict_note
 from furnitype.errors import InputError
 from furnitype.outputs import check_output, refuse_existing, refuse_inputs, refuse_photos
 from furnitype.reports.mistakes import write_mistakes_csv
@@ -162,6 +163,7 @@ def classify(
                 notes += fit_notes(fit, data, baseline)
                 fits.append(fit)
             notes += baseline_note(data, fits, baseline)
+            notes += conflict_note(data.key, data.train, *([] if data.test_file else [data.test]))
             rows += [fit.row for fit in fits]
             best = rank_rows([fit.row for fit in fits])[0]
             best_fit = next(fit for fit in fits if fit.row.model == best.model)

@@ -205,3 +205,29 @@ def _flip_a_features_byte(store: Path) -> None:
         byte = fh.read(1)[0]
         fh.seek(-1, 1)
         fh.write(bytes([byte ^ 0xFF]))
+
+
+def test_classify_notes_the_groups_whose_labels_differ(tmp_path):
+    """A near copy of a bed photo filed under chair: the run's report counts the group and names the command."""
+    rng = np.random.default_rng(1)
+    labels = [name for name in ("bed", "chair", "sofa") for _ in range(6)]
+    X = rng.normal(size=(len(labels), 64)).astype(np.float32) + 3 * np.repeat(np.eye(3, 64), 6, axis=0)
+    paths = [f"/p/{label}/{i}.jpg" for i, label in enumerate(labels)]
+    sha = [f"{i:064x}" for i in range(len(labels))]
+    clean, conflicting = tmp_path / "clean.h5", tmp_path / "conflicting.h5"
+    save(clean, features=X, paths=paths, labels=labels, sha256=sha, meta=STORE_META)
+    copy = X[:1] + 0.01 * rng.normal(size=(1, 64)).astype(np.float32)  # cosine distance about 1e-5
+    save(conflicting, features=np.concatenate([X, copy]), paths=[*paths, "/p/chair/copy.jpg"],
+         labels=[*labels, "chair"], sha256=[*sha, "f" * 64], meta=STORE_META)
+
+    result = invoke("classify", conflicting, "--models", "logreg", "--cv", "2", "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    note = (f"conflicting: 1 group of identical or near-identical photos (cosine distance up to 0.05) carries "
+            f"different labels, one product filed under two classes? `furnitype duplicates {conflicting}` lists "
+            "them first.")
+    assert f"note: {note}" in result.output.splitlines()
+    assert note in (tmp_path / "run" / "report.md").read_text(encoding="utf-8")
+    assert [g.labels for g in duplicates(conflicting).groups] == [["bed", "chair"]]
+
+    plain = invoke("classify", clean, "--models", "logreg", "--cv", "2", "--out", tmp_path / "run-clean")
+    assert plain.exit_code == 0 and "near-identical" not in plain.output
