@@ -286,9 +286,9 @@ def _members(row_component: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
 
 def _group(fs: FeatureSet, rows: np.ndarray, node: np.ndarray) -> Group:
     """A group of ``rows``: the most common label's photos first, distances to the first photo."""
-    counts = Counter(str(fs.labels[r]) for r in rows)
-    ordered = sorted(rows.tolist(), key=lambda r: (-counts[fs.labels[r]] if fs.labels[r] else 1, fs.labels[r],
-                                                    fs.paths[r]))
+    label = {r: str(fs.labels[r]) for r in rows.tolist()}
+    counts = Counter(label.values())
+    ordered = sorted(label, key=lambda r: (-counts[label[r]] if label[r] else 1, label[r], str(fs.paths[r])))
     distances, found = CosineIndex(fs.features[ordered]).kneighbors(fs.features[ordered[:1]], len(ordered))
     to_first = np.empty(len(ordered))
     to_first[found[0]] = distances[0]
