@@ -70,7 +70,8 @@ class Group:
     ----------
     kind : {"exact", "near"}
     photos : list of GroupPhoto
-        The most common label's photos first, then by label and path; distances are to the first.
+        The most common label's photos first, then the other labels'; within a label, by cosine distance to the
+        first photo.
     """
 
     kind: str
@@ -285,19 +286,22 @@ def _members(row_component: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
 
 
 def _group(fs: FeatureSet, rows: np.ndarray, node: np.ndarray) -> Group:
-    """A group of ``rows``: the most common label's photos first, distances to the first photo."""
+    """A group of ``rows``: the most common label's photos first (the first by path), each label's photos by
+    their cosine distance to the first photo."""
     label = {r: str(fs.labels[r]) for r in rows.tolist()}
     counts = Counter(label.values())
-    ordered = sorted(label, key=lambda r: (-counts[label[r]] if label[r] else 1, label[r], str(fs.paths[r])))
-    distances, found = CosineIndex(fs.features[ordered]).kneighbors(fs.features[ordered[:1]], len(ordered))
-    to_first = np.empty(len(ordered))
-    to_first[found[0]] = distances[0]
-    photos = [
-        GroupPhoto(str(fs.paths[r]), str(fs.labels[r]), str(fs.sha256[r]),
-                   0.0 if node[r] == node[ordered[0]] else float(d))
-        for r, d in zip(ordered, to_first, strict=True)
-    ]
-    kind = "exact" if len({node[r] for r in rows}) == 1 else "near"
+
+    def label_order(r: int) -> tuple:
+        return -counts[label[r]] if label[r] else 1, label[r]
+
+    first = min(label, key=lambda r: (label_order(r), str(fs.paths[r])))
+    members = list(label)
+    distances, found = CosineIndex(fs.features[members]).kneighbors(fs.features[[first]], len(members))
+    to_first = {members[i]: 0.0 if node[members[i]] == node[first] else float(d)
+                for i, d in zip(found[0].tolist(), distances[0].tolist(), strict=True)}
+    ordered = sorted(members, key=lambda r: (r != first, label_order(r), to_first[r], str(fs.paths[r])))
+    photos = [GroupPhoto(str(fs.paths[r]), label[r], str(fs.sha256[r]), to_first[r]) for r in ordered]
+    kind = "exact" if len({node[r] for r in members}) == 1 else "near"
     return Group(kind, photos)
 
 

@@ -52,7 +52,7 @@ from tests.processes import signal_stopped, wait_stopped
 from tests.test_run_output import STOP_WHILE_TRAINING
 
 ROOT = Path(__file__).resolve().parents[1]
-PIPELINE = ["extract", "info", "compact", "classify", "report", "predict", "suggest", "similar"]
+PIPELINE = ["extract", "info", "compact", "classify", "report", "predict", "suggest", "similar", "duplicates"]
 SETTINGS = {"backbone": "vgg16", "image_size": 32, "batch_size": 8, "progress": False}
 
 
