@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--sample", type=int, default=20)
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--sheet", help="Draw the sample of near groups here (PNG).")
-    parser.add_argument("--json", default="benchmarks/results/duplicates.json")
+    parser.add_argument("--results", default="benchmarks/results", help="Folder of the JSON results.")
     args = parser.parse_args()
 
     fs = load(args.features)
@@ -76,7 +76,7 @@ def main() -> None:
 
     percentiles = dict(zip(("1", "5", "10", "50", "90"), np.percentile(nearest, [1, 5, 10, 50, 90]).tolist(),
                            strict=True))
-    write_results(args.json, {"features": str(Path(args.features)), "rows": len(fs),
+    write_results(Path(args.results) / "duplicates.json", {"features": str(Path(args.features)), "rows": len(fs),
                               "nearest_percentiles": percentiles, "nearest_bands": bands.tolist(), "groups": rows,
                               "cpu_seconds": statistics.median(cpu)})
 
