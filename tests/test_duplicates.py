@@ -231,3 +231,20 @@ def test_classify_notes_the_groups_whose_labels_differ(tmp_path):
 
     plain = invoke("classify", clean, "--models", "logreg", "--cv", "2", "--out", tmp_path / "run-clean")
     assert plain.exit_code == 0 and "near-identical" not in plain.output
+
+
+def test_many_copies_of_one_photo_do_not_hide_its_near_copy(tmp_path):
+    """More copies of one content than neighbours searched (10): the search is over contents, so the near copy
+    still joins them."""
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(3, 32)).astype(np.float32)
+    near = X[0] + 0.01 * rng.normal(size=32).astype(np.float32)
+    n = 12
+    file = tmp_path / "copies.h5"
+    save(file, features=np.concatenate([np.repeat(X[:1], n, axis=0), [near], X[1:]]),
+         paths=[f"/p/copy-{i:02}.jpg" for i in range(n)] + ["/p/near.jpg", "/p/other-1.jpg", "/p/other-2.jpg"],
+         labels=["sofa"] * (n + 1) + ["bed", "bed"], sha256=["a" * 64] * n + ["b" * 64, "c" * 64, "d" * 64],
+         meta=STORE_META)
+    [group] = duplicates(file).groups
+    assert group.kind == "near" and len(group.photos) == n + 1 and group.photos[-1].path == "/p/near.jpg"
+    assert [p.distance for p in group.photos[:n]] == [0.0] * n and 0 < group.photos[-1].distance < 0.01
