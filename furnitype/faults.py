@@ -4,9 +4,8 @@
 with SIGSTOP, so that a test acts on a process held at a known moment (kills it, sends it Ctrl-C, runs a second
 writer) instead of racing it; the test sees the stop with ``waitid`` and resumes it with SIGCONT. A signal sent
 while it is stopped arrives when it resumes, as if at that point. Read once at import: unset, a point costs a
-comparison. The points: ``cli-start`` (the command line, before it imports anything else), ``store-commit``
-(a transaction's pages are in the feature store, its undo file not removed yet), ``labels-write`` (a label is about
-to be written, the labels file locked and read) and ``labels-wait`` (a label waits for another writer's lock).
+comparison. The points: ``cli-start`` (the command line, before it imports anything else) and ``store-commit``
+(a transaction's pages are in the feature store, its undo file not removed yet).
 """
 
 import os

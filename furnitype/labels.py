@@ -5,6 +5,9 @@ on ``FILE.lock`` beside it: a reader (``extract --manifest``) sees the file befo
 a full disk leaves the previous file whole, and two writers at once keep both labels. A path is listed once: a
 label for a path already listed with that label adds nothing, and with another label is refused (``read_manifest``
 refuses a file that lists one path with two labels).
+
+Test points (``furnitype.faults.pause_point``): ``labels-write`` (the file locked and read, the new file not yet
+written) and ``labels-wait`` (another writer holds the lock).
 """
 
 from __future__ import annotations
