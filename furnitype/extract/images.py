@@ -210,16 +210,22 @@ def read_manifest(manifest: str | os.PathLike) -> list[ImageFile]:
     different labels are ``InputError`` naming the line; a path listed twice with one label is kept once.
     """
     manifest = Path(manifest)
-    base = manifest.parent
     try:
         with open_photo(str(manifest)) as (fd, _):
             data = _read(fd, MAX_FILE_BYTES)
-        text = data.decode("utf-8-sig")
-        rows = [(n, row) for n, row in _csv_rows(text) if row and any(cell.strip() for cell in row)]
     except ImageDecodeError as err:
         if str(err) == MISSING:
             raise InputError(f"manifest not found: {manifest}") from err
         raise InputError(f"cannot read manifest {manifest}: {err}") from err
+    return parse_manifest(data, manifest)
+
+
+def parse_manifest(data: bytes, manifest: Path) -> list[ImageFile]:
+    """The files listed by the bytes ``data`` of the manifest ``manifest``, as ``read_manifest`` reads them."""
+    base = manifest.parent
+    try:
+        text = data.decode("utf-8-sig")
+        rows = [(n, row) for n, row in _csv_rows(text) if row and any(cell.strip() for cell in row)]
     except (UnicodeDecodeError, csv.Error) as err:
         raise InputError(f"cannot read manifest {manifest}: {err}") from err
     if rows and _is_header(rows[0][1], manifest):
