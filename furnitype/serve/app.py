@@ -196,8 +196,10 @@ def create_app(
             sha256 = body.get("sha256")
             if not isinstance(sha256, str) or not SHA256.fullmatch(sha256):
                 raise HTTPError(400, "give the sha256 of a photo of the catalogue: 64 lowercase hex digits")
-            k = _integer_value(body.get("k", k), "k", 1, MAX_K)
-            max_distance = _number(body.get("max_distance", max_distance), "max_distance")
+            if "k" in body:
+                k = _integer_value(body["k"], "k", 1, MAX_K)
+            if "max_distance" in body:
+                max_distance = _number(body["max_distance"], "max_distance")
             return JSONResponse(service.similar_sha256(sha256, k or 10, max_distance, started))
         if service.batcher.full():
             raise HTTPError(503, "busy: the queue of photos is full; try again", retry_after=RETRY_AFTER_S)

@@ -19,7 +19,6 @@ import numpy as np
 
 import furnitype
 from furnitype.extract.images import ImageDecodeError
-from furnitype.outputs import significant
 from furnitype.predict import Predictor
 from furnitype.serve.batcher import Batcher, QueueFull
 from furnitype.serve.catalogue import FollowedStore
@@ -139,8 +138,8 @@ class Service:
                     "filename": p.path,
                     "sha256": p.sha256,
                     "label": p.label,
-                    "probability": significant(p.probability),
-                    "top_k": [{"label": label, "probability": significant(prob)} for label, prob in p.top],
+                    "probability": p.probability,
+                    "top_k": [{"label": label, "probability": prob} for label, prob in p.top],
                     "timings": _timings(d.decode_ms, r.network_ms, total_ms),
                 }
                 for p, d, r in zip(predictions, decoded, rows, strict=True)
@@ -197,8 +196,8 @@ class Service:
         return {
             "classes": self.predictor.classes,
             "photos": [
-                {"sha256": s.sha256, "predicted": s.label, "probability": significant(s.probability),
-                 "score": significant(1.0 - s.probability)}
+                {"sha256": s.sha256, "predicted": s.label, "probability": s.probability,
+                 "score": 1.0 - s.probability}
                 for s in result.suggestions
             ],
         }
@@ -255,8 +254,7 @@ class Service:
 
 def _neighbours(neighbours: Sequence[Neighbour], max_distance: float | None) -> list[dict]:
     return [
-        {"sha256": n.sha256, "label": n.label or None, "distance": significant(n.distance),
-         "score": significant(1.0 - n.distance)}
+        {"sha256": n.sha256, "label": n.label or None, "distance": n.distance, "score": 1.0 - n.distance}
         for n in neighbours
         if max_distance is None or n.distance <= max_distance
     ]
