@@ -64,6 +64,7 @@ def world(tmp_path_factory) -> dict:
     photos = make_photo_folder(base / "photos", per_class=4, classes=CLASSES)
     catalogue = base / "catalogue.h5"
     extract([photos], weights=str(weights), out=catalogue, **SETTINGS)
+    shutil.copy(catalogue, base / "catalogue-kept.h5")  # the main server's catalogue changes under it
     run = base / "run"
     classify([catalogue], models=["logreg"], cv=3, out=run)
     queue_photos = _new_photos(base / "queue", 2000)
@@ -122,6 +123,8 @@ def test_health_info_schema_and_page(server, client, world):
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "no such endpoint" in _one_line_error(client.get("/v1/nothing"), 404)
+    for name in ("evil.example", "evil.example:80", "127.0.0.1.evil.example"):  # DNS rebinding
+        assert "this server answers to" in _one_line_error(client.get("/v1/info", headers={"Host": name}), 400)
     _one_line_error(client.get("/v1/predict"), 405)
     assert not [line for line in server.lines if "Traceback" in line]
 
@@ -293,7 +296,7 @@ def _raw(url: str, head: bytes, body: bytes, *, read: bool) -> bytes:
 
 
 def test_an_upload_over_the_cap_and_a_client_that_hangs_up(server, client):
-    head = (b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    head = (b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
             b"Content-Type: multipart/form-data; boundary=xyz\r\nContent-Length: 209715200\r\n\r\n")
     response = _raw(server.url, head, b"--xyz\r\n" + b"\0" * 1000, read=True)  # says 200 MB, sends 1 kB
     status, _, rest = response.partition(b"\r\n")
@@ -341,6 +344,14 @@ def test_the_catalogue_follows_its_store(client, world):
     assert client.get("/v1/info").json()["catalogue"]["rows"] == len(load(world["catalogue"])) == 15
 
 
+def test_a_catalogue_rebuilt_with_other_settings_is_not_taken(server, client, world):
+    """Its rows are no longer the model's features: the server keeps the rows it has and says so."""
+    extract([world["uploads"] / "bed"], weights=str(world["weights"]), out=world["catalogue"], store_dtype="float16",
+            overwrite=True, **SETTINGS)
+    _wait_for(lambda: any("rebuilt with other settings" in line for line in server.lines), "the warning")
+    assert client.get("/v1/info").json()["catalogue"]["rows"] == 15
+
+
 def test_sigterm_finishes_and_exits_0(server):
     """Last of the main server's tests: SIGTERM stops it, exit 0."""
     assert server.stop(signal.SIGTERM, timeout=GUARD_S) == 0
@@ -360,7 +371,7 @@ def _wait_for(condition, what: str) -> None:
 
 def test_token_full_queue_and_ctrl_c_finishes_the_request_in_flight(world, tmp_path):
     env = {**os.environ, "FURNITYPE_TEST_HOLD_AT": f"serve-batch:{tmp_path}"}
-    held: Server = start_server(world["run"], "--catalogue", world["catalogue"], "--token", "s3cret",
+    held: Server = start_server(world["run"], "--catalogue", world["base"] / "catalogue-kept.h5", "--token", "s3cret",
                                 "--max-queue", "1", env=env, timeout=600)
     try:
         auth = {"Authorization": "Bearer s3cret"}

@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,7 @@ def create_app(
     max_pixels: int = 40_000_000,
     decode_workers: int | None = None,
     refresh_s: float = 1.0,
+    hosts: Collection[str] | None = None,
     on_ready: Callable[[], None] | None = None,
     on_failure: Callable[[BaseException], None] | None = None,
 ) -> Starlette:
@@ -99,6 +100,10 @@ def create_app(
         The largest photo, in pixels (422 above; checked from its header before decoding).
     refresh_s : float, default=1.0
         How often the catalogue's and the queue's files are checked for new rows.
+    hosts : collection of str, default=None
+        The names the ``Host`` header may give (400 for others); None: any. ``serve`` gives the loopback names
+        when it listens on a loopback address, so that a site whose name is made to point at 127.0.0.1 (DNS
+        rebinding) cannot use the server through a browser.
     on_ready, on_failure : callable, default=None
         Called once the model is loaded and warm, or with the error that stopped it loading.
 
@@ -131,7 +136,10 @@ def create_app(
     async def follow(service: Service) -> None:
         while True:
             await asyncio.sleep(refresh_s)
-            await asyncio.to_thread(service.refresh)
+            try:
+                await asyncio.to_thread(service.refresh)
+            except Exception as err:  # noqa: BLE001 - the server goes on with the rows it has, and tries again
+                log.warning("warning: could not read the catalogue again: %s", first_line(err))
 
     async def start() -> None:
         try:
@@ -181,10 +189,10 @@ def create_app(
         started = time.perf_counter()
         service = ready()
         top_k = _integer(request, "top_k", 1, MAX_K)
-        if service.batcher.full():  # before reading the body
-            raise HTTPError(503, "busy: the queue of photos is full; try again", retry_after=RETRY_AFTER_S)
-        uploads = await _uploads(request, max_body)
-        return JSONResponse(await service.predict(uploads, top_k, started))
+        with service.admitted(1):  # before reading the body: memory stays bounded
+            uploads = await _uploads(request, max_body)
+            with service.admitted(len(uploads) - 1):
+                return JSONResponse(await service.predict(uploads, top_k, started))
 
     async def similar(request: Request) -> Response:
         started = time.perf_counter()
@@ -201,12 +209,11 @@ def create_app(
             if "max_distance" in body:
                 max_distance = _number(body["max_distance"], "max_distance")
             return JSONResponse(service.similar_sha256(sha256, k or 10, max_distance, started))
-        if service.batcher.full():
-            raise HTTPError(503, "busy: the queue of photos is full; try again", retry_after=RETRY_AFTER_S)
-        uploads = await _uploads(request, max_body, json_too=True)
-        if len(uploads) != 1:
-            raise HTTPError(400, f"give one photo (a file field named photo); received {len(uploads)}")
-        return JSONResponse(await service.similar_upload(uploads[0], k or 10, max_distance, started))
+        with service.admitted(1):
+            uploads = await _uploads(request, max_body, json_too=True)
+            if len(uploads) != 1:
+                raise HTTPError(400, f"give one photo (a file field named photo); received {len(uploads)}")
+            return JSONResponse(await service.similar_upload(uploads[0], k or 10, max_distance, started))
 
     async def photo(request: Request) -> Response:
         service = ready()
@@ -256,7 +263,27 @@ def create_app(
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_exception})
     if token is not None:
         app.add_middleware(BearerToken, token=token)
+    if hosts is not None:
+        app.add_middleware(KnownHosts, hosts=hosts)
     return app
+
+
+class KnownHosts:
+    """ASGI middleware: 400 for a request whose ``Host`` header names another host than ``hosts``."""
+
+    def __init__(self, app: ASGIApp, hosts: Collection[str]):
+        self.app = app
+        self.hosts = {host.lower() for host in hosts}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            given = dict(scope["headers"]).get(b"host", b"").decode("latin-1").strip().lower()
+            name = given[1:].partition("]")[0] if given.startswith("[") else given.partition(":")[0]
+            if name not in self.hosts:
+                response = _error(400, f"this server answers to {', '.join(sorted(self.hosts))}, not {given!r}")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class BearerToken:

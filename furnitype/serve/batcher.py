@@ -89,14 +89,6 @@ class Batcher:
         self._thread = threading.Thread(target=self._run, name="furnitype-network", daemon=True)
         self._thread.start()
 
-    @property
-    def admitted(self) -> int:
-        """Photos admitted and not finished."""
-        return self._admitted
-
-    def full(self) -> bool:
-        return self._admitted >= self.max_queue
-
     @contextlib.contextmanager
     def admit(self, n: int) -> Iterator[None]:
         """Hold ``n`` places of the queue for the block; ``QueueFull`` when there are not that many free."""

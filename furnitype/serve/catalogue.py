@@ -66,6 +66,7 @@ class FollowedStore:
         self._lock = threading.Lock()
         self._stamp = self._stat()
         self.snapshot = self._read()
+        self._settings = self.snapshot.feature_set.settings
 
     @property
     def name(self) -> str:
@@ -82,7 +83,12 @@ class FollowedStore:
             except FurnitypeError as err:
                 log.warning("warning: keeping the rows of %s read before: %s", self.path, first_line(err))
                 return False
-            self._stamp, self.snapshot = stamp, snapshot
+            self._stamp = stamp
+            if snapshot.feature_set.settings != self._settings:  # its rows are no longer the model's features
+                log.warning("warning: keeping the rows of %s read before: it was rebuilt with other settings; "
+                            "restart the server to use them", self.path)
+                return False
+            self.snapshot = snapshot
             return True
 
     def thumbnail(self, sha256: str, size: int) -> bytes | None:

@@ -35,7 +35,8 @@ def serve(
     """Serve ``create_app(run, catalogue, **options)`` on ``host:port`` until Ctrl-C or SIGTERM.
 
     ``echo`` gets the lines for the user: a warning when ``host`` is not a loopback address, ``ready on
-    http://HOST:PORT`` once the model is warm, and what happens on a stop.
+    http://HOST:PORT`` once the model is warm, and what happens on a stop. On a loopback address, requests
+    must name a loopback host (``create_app``'s ``hosts``).
 
     Raises
     ------
@@ -48,7 +49,10 @@ def serve(
     """
     sock = _bind(host, port)
     url = _url(host, sock.getsockname()[1])
-    if not _loopback(sock):
+    hosts = None
+    if _loopback(sock):
+        hosts = {"127.0.0.1", "localhost", "::1", host}
+    else:
         echo(f"warning: serving on {host}, reachable from other machines"
              f"{'' if options.get('token') else '; give --token to require a token'}")
     failures: list[BaseException] = []
@@ -59,7 +63,8 @@ def serve(
         if server is not None:
             server.should_exit = True
 
-    app = create_app(run, catalogue, on_ready=lambda: echo(f"ready on {url}"), on_failure=failed, **options)
+    app = create_app(run, catalogue, hosts=hosts, on_ready=lambda: echo(f"ready on {url}"), on_failure=failed,
+                     **options)
     config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", server_header=False,
                             timeout_graceful_shutdown=drain_s)
     server = _Server(config, echo)

@@ -9,10 +9,11 @@ with the run's settings and its features made in a shared batch (``Batcher``), s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +22,7 @@ import furnitype
 from furnitype.extract.images import ImageDecodeError
 from furnitype.predict import Predictor
 from furnitype.serve.batcher import Batcher, QueueFull
-from furnitype.serve.catalogue import FollowedStore
+from furnitype.serve.catalogue import FollowedStore, Snapshot
 from furnitype.similar import Neighbour
 
 #: Seconds a client is asked to wait (Retry-After) when the queue is full or the server is starting.
@@ -120,11 +121,11 @@ class Service:
         }
 
     async def predict(self, uploads: Sequence[Upload], top_k: int | None, started: float) -> dict:
-        """Label each photo: ``{"model", "features", "predictions": [...]}``."""
+        """Label each photo: ``{"model", "features", "predictions": [...]}`` (the caller holds their places in
+        the queue: ``admitted``)."""
         top_k = self.top_k if top_k is None else top_k
-        with self._admitted(len(uploads)):
-            decoded = await self._decode_all(uploads)
-            rows = await asyncio.gather(*(self.batcher.features(d.image) for d in decoded))
+        decoded = await self._decode_all(uploads)
+        rows = await asyncio.gather(*(self.batcher.features(d.image) for d in decoded))
         X = np.stack([r.features for r in rows])
         names = [u.filename for u in uploads]
         predictions = await asyncio.to_thread(self.predictor.label, X, [d.sha256 for d in decoded], top_k=top_k,
@@ -152,10 +153,9 @@ class Service:
         sha256 = hashlib.sha256(upload.data).hexdigest()
         snapshot = self.catalogue.snapshot
         if sha256 in snapshot.rows:
-            return self._by_row(sha256, k, max_distance, exclude_self=False, started=started)
-        with self._admitted(1):
-            decoded = (await self._decode_all([upload]))[0]
-            rows = await self.batcher.features(decoded.image)
+            return _by_row(snapshot, sha256, k, max_distance, exclude_self=False, started=started)
+        decoded = (await self._decode_all([upload]))[0]
+        rows = await self.batcher.features(decoded.image)
         assert snapshot.index is not None  # the catalogue is indexed
         neighbours = snapshot.index.search_vectors(rows.features[np.newaxis], k=k)[0]
         total_ms = (time.perf_counter() - started) * 1000
@@ -167,9 +167,10 @@ class Service:
 
     def similar_sha256(self, sha256: str, k: int, max_distance: float | None, started: float) -> dict:
         """"More like this": the catalogue's photos nearest to one of its rows, the row itself left out."""
-        if sha256 not in self.catalogue.snapshot.rows:
+        snapshot = self.catalogue.snapshot
+        if sha256 not in snapshot.rows:
             raise HTTPError(404, f"no photo of the catalogue has sha256 {sha256}")
-        return self._by_row(sha256, k, max_distance, exclude_self=True, started=started)
+        return _by_row(snapshot, sha256, k, max_distance, exclude_self=True, started=started)
 
     def thumbnail(self, sha256: str, size: int) -> bytes:
         """A JPEG of a photo of the catalogue or the queue."""
@@ -218,9 +219,13 @@ class Service:
 
     # -- helpers ------------------------------------------------------------------------------------------
 
-    def _admitted(self, n: int):
+    @contextlib.contextmanager
+    def admitted(self, n: int) -> Iterator[None]:
+        """Hold ``n`` places of the batcher's queue while a request reads and answers its photos; 503 when
+        the queue is full."""
         try:
-            return self.batcher.admit(n)
+            with self.batcher.admit(n):
+                yield
         except QueueFull as err:
             raise HTTPError(503, f"busy: {err}; try again", retry_after=RETRY_AFTER_S) from err
 
@@ -240,16 +245,19 @@ class Service:
         image = self.predictor.decode(data)
         return _Decoded(hashlib.sha256(data).hexdigest(), image, (time.perf_counter() - started) * 1000)
 
-    def _by_row(self, sha256: str, k: int, max_distance: float | None, *, exclude_self: bool, started: float) -> dict:
-        snapshot = self.catalogue.snapshot
-        assert snapshot.index is not None
-        match = snapshot.index.search_sha256(sha256, k=k, exclude_self=exclude_self)
-        total_ms = (time.perf_counter() - started) * 1000
-        return {
-            "query": {"sha256": sha256, "in_catalogue": True, "label": snapshot.label_of(sha256) or None},
-            "neighbours": _neighbours(match.neighbours, max_distance),
-            "timings": _timings(0.0, 0.0, total_ms),
-        }
+
+
+def _by_row(snapshot: Snapshot, sha256: str, k: int, max_distance: float | None, *, exclude_self: bool,
+            started: float) -> dict:
+    """The neighbours of a row of the catalogue (as it was read in ``snapshot``)."""
+    assert snapshot.index is not None  # the catalogue is indexed
+    match = snapshot.index.search_sha256(sha256, k=k, exclude_self=exclude_self)
+    total_ms = (time.perf_counter() - started) * 1000
+    return {
+        "query": {"sha256": sha256, "in_catalogue": True, "label": snapshot.label_of(sha256) or None},
+        "neighbours": _neighbours(match.neighbours, max_distance),
+        "timings": _timings(0.0, 0.0, total_ms),
+    }
 
 
 def _neighbours(neighbours: Sequence[Neighbour], max_distance: float | None) -> list[dict]:
