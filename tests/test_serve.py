@@ -3,8 +3,8 @@
 One module-wide world (a tiny VGG16 at 32 px with random weights saved to a file, 12 photos extracted into the
 catalogue, a logistic-regression run, a queue of 6 new photos) and as few server processes as possible: the main
 one answers every endpoint and bad input, follows its catalogue while an ``extract`` adds to it, and ends with
-SIGTERM; a second one, with a token and a queue of one photo, is held at its network pass to fill the queue and
-stopped with Ctrl-C while a request is in flight.
+SIGTERM; a second one, with a token and a queue of 4 photos, is held at its network pass to batch the photos of
+two requests and fill the queue, and stopped with Ctrl-C while requests are in flight.
 """
 
 from __future__ import annotations
@@ -142,7 +142,8 @@ def test_predict_equals_furnitype_predict(client, world):
         assert got["label"] == want.label and len(got["top_k"]) == 2
         np.testing.assert_allclose([t["probability"] for t in got["top_k"]], [p for _, p in want.top[:2]], atol=1e-6)
         assert [t["label"] for t in got["top_k"]] == [label for label, _ in want.top[:2]]
-        assert set(got["timings"]) == {"decode_ms", "network_ms", "total_ms"}
+        assert set(got["timings"]) == {"decode_ms", "network_ms", "total_ms", "batch"}
+        assert got["timings"]["batch"] == len(files)  # the photos of a request share a network pass
 
 
 def test_similar_equals_furnitype_similar(client, world):
@@ -310,9 +311,9 @@ def test_an_upload_over_the_cap_and_a_client_that_hangs_up(server, client):
     assert good.status_code == 200
 
 
-def _any_photo() -> bytes:
+def _any_photo(seed: int = 5) -> bytes:
     out = io.BytesIO()
-    photo(5, COLOURS["sofa"]).save(out, "JPEG")
+    photo(seed, COLOURS["sofa"]).save(out, "JPEG")
     return out.getvalue()
 
 
@@ -369,34 +370,47 @@ def _wait_for(condition, what: str) -> None:
         time.sleep(0.01)
 
 
-def test_token_full_queue_and_ctrl_c_finishes_the_request_in_flight(world, tmp_path):
+def test_token_batching_full_queue_and_ctrl_c_finishing_the_requests_in_flight(world, tmp_path):
+    """The network held at its first pass (one photo): two more requests (3 photos) wait for it, the queue of 4
+    photos is then full (503), Ctrl-C comes; once let go, the waiting photos go through in one pass, every
+    request is answered, and the server exits 130."""
     env = {**os.environ, "FURNITYPE_TEST_HOLD_AT": f"serve-batch:{tmp_path}"}
     held: Server = start_server(world["run"], "--catalogue", world["base"] / "catalogue-kept.h5", "--token", "s3cret",
-                                "--max-queue", "1", env=env, timeout=600)
+                                "--max-queue", "4", env=env, timeout=600)
     try:
         auth = {"Authorization": "Bearer s3cret"}
-        with httpx.Client(base_url=held.url, timeout=GUARD_S) as http:
-            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        with httpx.Client(base_url=held.url, timeout=GUARD_S, headers=auth) as http:
+            for headers in ({"Authorization": ""}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
                 for path in ("/v1/health", "/v1/info", "/openapi.json"):
                     _one_line_error(http.get(path, headers=headers), 401)
-            assert http.get("/v1/health", headers=auth).json() == {"status": "ok"}
+            assert http.get("/v1/health").json() == {"status": "ok"}
 
-            answers: list[httpx.Response] = []
-            first = threading.Thread(target=lambda: answers.append(
-                http.post("/v1/predict", files={"photo": ("a.jpg", _any_photo())}, headers=auth)))
-            first.start()
+            answers: dict[str, httpx.Response] = {}
+
+            def post(name: str, n: int) -> threading.Thread:
+                files = [("photo", (f"{name}{i}.jpg", _any_photo(seed=i))) for i in range(n)]
+                thread = threading.Thread(target=lambda: answers.update({name: http.post("/v1/predict", files=files)}))
+                thread.start()
+                return thread
+
+            first = post("a", 1)
             _wait_for((tmp_path / "serve-batch.held").exists, "the first photo's network pass")
-            busy = http.post("/v1/predict", files={"photo": ("b.jpg", _any_photo())}, headers=auth)
+            waiting = [post("c", 2), post("d", 1)]
+            _wait_for(lambda: http.get("/v1/info").json()["batching"]["waiting"] == 3, "3 photos waiting")
+            busy = http.post("/v1/predict", files={"photo": ("e.jpg", _any_photo())})
             assert "busy" in _one_line_error(busy, 503) and busy.headers["Retry-After"] == "1"
-            similar_busy = http.post("/v1/similar", files={"photo": ("b.jpg", _any_photo())}, headers=auth)
-            _one_line_error(similar_busy, 503)
+            _one_line_error(http.post("/v1/similar", files={"photo": ("e.jpg", _any_photo())}), 503)
 
             held.process.send_signal(signal.SIGINT)
             _wait_for(lambda: any("Ctrl-C: stopping" in line for line in held.lines), "the stop")
             (tmp_path / "serve-batch.go").touch()
-            first.join(GUARD_S)
-            assert answers and answers[0].status_code == 200, answers
-            assert answers[0].json()["predictions"][0]["label"] in CLASSES
+            for thread in (first, *waiting):
+                thread.join(GUARD_S)
+            assert {name: r.status_code for name, r in answers.items()} == {"a": 200, "c": 200, "d": 200}
+            timings = [p["timings"] for name in "cd" for p in answers[name].json()["predictions"]]
+            assert [t["batch"] for t in timings] == [3, 3, 3]  # one network pass for the photos of two requests
+            assert len({t["network_ms"] for t in timings}) == 1
+            assert answers["a"].json()["predictions"][0]["timings"]["batch"] == 1
         assert held.process.wait(GUARD_S) == 130
         assert held.lines[-1].startswith("interrupted")
     finally:

@@ -118,6 +118,7 @@ class Service:
             "queue": {"rows": len(self.queue.snapshot)} if self.queue is not None else None,
             "labels": labels,
             "settings": dict(loaded.settings),
+            "batching": self.batcher.stats(),
         }
 
     async def predict(self, uploads: Sequence[Upload], top_k: int | None, started: float) -> dict:
@@ -125,7 +126,7 @@ class Service:
         the queue: ``admitted``)."""
         top_k = self.top_k if top_k is None else top_k
         decoded = await self._decode_all(uploads)
-        rows = await asyncio.gather(*(self.batcher.features(d.image) for d in decoded))
+        rows = await self.batcher.features([d.image for d in decoded])
         X = np.stack([r.features for r in rows])
         names = [u.filename for u in uploads]
         predictions = await asyncio.to_thread(self.predictor.label, X, [d.sha256 for d in decoded], top_k=top_k,
@@ -141,7 +142,7 @@ class Service:
                     "label": p.label,
                     "probability": p.probability,
                     "top_k": [{"label": label, "probability": prob} for label, prob in p.top],
-                    "timings": _timings(d.decode_ms, r.network_ms, total_ms),
+                    "timings": _timings(d.decode_ms, r.network_ms, total_ms, r.batch),
                 }
                 for p, d, r in zip(predictions, decoded, rows, strict=True)
             ],
@@ -155,14 +156,14 @@ class Service:
         if sha256 in snapshot.rows:
             return _by_row(snapshot, sha256, k, max_distance, exclude_self=False, started=started)
         decoded = (await self._decode_all([upload]))[0]
-        rows = await self.batcher.features(decoded.image)
+        rows = (await self.batcher.features([decoded.image]))[0]
         assert snapshot.index is not None  # the catalogue is indexed
         neighbours = snapshot.index.search_vectors(rows.features[np.newaxis], k=k)[0]
         total_ms = (time.perf_counter() - started) * 1000
         return {
             "query": {"sha256": sha256, "in_catalogue": False, "label": None},
             "neighbours": _neighbours(neighbours, max_distance),
-            "timings": _timings(decoded.decode_ms, rows.network_ms, total_ms),
+            "timings": _timings(decoded.decode_ms, rows.network_ms, total_ms, rows.batch),
         }
 
     def similar_sha256(self, sha256: str, k: int, max_distance: float | None, started: float) -> dict:
@@ -256,7 +257,7 @@ def _by_row(snapshot: Snapshot, sha256: str, k: int, max_distance: float | None,
     return {
         "query": {"sha256": sha256, "in_catalogue": True, "label": snapshot.label_of(sha256) or None},
         "neighbours": _neighbours(match.neighbours, max_distance),
-        "timings": _timings(0.0, 0.0, total_ms),
+        "timings": _timings(0.0, 0.0, total_ms, 0),
     }
 
 
@@ -268,6 +269,8 @@ def _neighbours(neighbours: Sequence[Neighbour], max_distance: float | None) -> 
     ]
 
 
-def _timings(decode_ms: float, network_ms: float, total_ms: float) -> dict:
-    return {"decode_ms": round(decode_ms, 3), "network_ms": round(network_ms, 3), "total_ms": round(total_ms, 3)}
+def _timings(decode_ms: float, network_ms: float, total_ms: float, batch: int) -> dict:
+    """Milliseconds: decoding the photo, the network pass it shared with ``batch`` photos in all, the request."""
+    return {"decode_ms": round(decode_ms, 3), "network_ms": round(network_ms, 3), "total_ms": round(total_ms, 3),
+            "batch": batch}
 
