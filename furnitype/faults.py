@@ -7,10 +7,11 @@ while it is stopped arrives when it resumes, as if at that point. Read once at i
 comparison. The points: ``cli-start`` (the command line, before it imports anything else) and ``store-commit``
 (a transaction's pages are in the feature store, its undo file not removed yet).
 
-``FURNITYPE_TEST_HOLD_AT=POINT:FOLDER`` makes ``hold_point(POINT)`` hold only the thread that gets there, while
-the rest of the process goes on (a server keeps answering while a batch is held): on arrival it creates
-``FOLDER/POINT.held``, and it goes on once the test creates ``FOLDER/POINT.go``. Points: ``serve-batch`` (a batch
-of photos taken by the server's network thread, before the network runs).
+``FURNITYPE_TEST_HOLD_AT=POINT[,POINT...]:FOLDER`` makes ``hold_point(POINT)`` hold only the thread that gets
+there, while the rest of the process goes on (a server keeps answering while a batch is held): on arrival it
+creates ``FOLDER/POINT.held``, and it goes on once the test creates ``FOLDER/POINT.go``. Points: ``serve-warm``
+(the server's model and stores loaded, the network not yet built) and ``serve-batch`` (a batch of photos taken
+by the server's network thread, before the network runs).
 """
 
 import os
@@ -21,7 +22,8 @@ from pathlib import Path
 _POINT, _, _nth = os.environ.get("FURNITYPE_TEST_PAUSE_AT", "").partition(":")
 _NTH = int(_nth) if _nth.isdigit() else 1
 _arrivals = 0
-_HOLD, _, _hold_folder = os.environ.get("FURNITYPE_TEST_HOLD_AT", "").partition(":")
+_held, _, _hold_folder = os.environ.get("FURNITYPE_TEST_HOLD_AT", "").partition(":")
+_HOLD = set(_held.split(","))
 
 
 def pause_point(name: str) -> None:
@@ -36,7 +38,7 @@ def pause_point(name: str) -> None:
 
 def hold_point(name: str) -> None:
     """Hold this thread here when ``FURNITYPE_TEST_HOLD_AT`` names this point, until the test lets it go."""
-    if name != _HOLD or not _hold_folder:
+    if name not in _HOLD or not _hold_folder:
         return
     folder = Path(_hold_folder)
     (folder / f"{name}.held").touch()

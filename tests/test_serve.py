@@ -36,7 +36,7 @@ from furnitype.predict import predict
 from furnitype.similar import similar
 from furnitype.training import classify
 from tests.images import COLOURS, make_photo_folder, photo
-from tests.servers import Server, start_server
+from tests.servers import STARTING, Server, start_server
 from tests.test_docs import blocks
 
 SETTINGS = {"backbone": "vgg16", "image_size": 32, "batch_size": 8, "progress": False}
@@ -370,20 +370,30 @@ def _wait_for(condition, what: str) -> None:
         time.sleep(0.01)
 
 
-def test_token_batching_full_queue_and_ctrl_c_finishing_the_requests_in_flight(world, tmp_path):
-    """The network held at its first pass (one photo): two more requests (3 photos) wait for it, the queue of 4
-    photos is then full (503), Ctrl-C comes; once let go, the waiting photos go through in one pass, every
-    request is answered, and the server exits 130."""
-    env = {**os.environ, "FURNITYPE_TEST_HOLD_AT": f"serve-batch:{tmp_path}"}
+def test_starting_token_batching_full_queue_and_ctrl_c_finishing_the_requests_in_flight(world, tmp_path):
+    """Held before its network is built, the server answers 503 (starting). Then the network held at its first
+    pass (one photo): two more requests (3 photos) wait for it, the queue of 4 photos is then full (503), Ctrl-C
+    comes; once let go, the waiting photos go through in one pass, every request is answered, and the server
+    exits 130."""
+    env = {**os.environ, "FURNITYPE_TEST_HOLD_AT": f"serve-warm,serve-batch:{tmp_path}"}
     held: Server = start_server(world["run"], "--catalogue", world["base"] / "catalogue-kept.h5", "--token", "s3cret",
-                                "--max-queue", "4", env=env, timeout=600)
+                                "--max-queue", "4", env=env, timeout=600, until=STARTING)
     try:
         auth = {"Authorization": "Bearer s3cret"}
         with httpx.Client(base_url=held.url, timeout=GUARD_S, headers=auth) as http:
+            _wait_for((tmp_path / "serve-warm.held").exists, "the model loaded")  # the network not built yet
+            starting = http.get("/v1/health")
+            assert starting.status_code == 503 and starting.json() == {"status": "starting"}
+            assert starting.headers["Retry-After"] == "1"
+            assert "starting" in _one_line_error(http.post("/v1/predict", files={"photo": ("a.jpg", _any_photo())}),
+                                                 503)
+            _one_line_error(http.get("/v1/info"), 503)
+            (tmp_path / "serve-warm.go").touch()
+            _wait_for(lambda: any(f"ready on {held.url}" in line for line in held.lines), "the ready line")
+            assert http.get("/v1/health").json() == {"status": "ok"}
             for headers in ({"Authorization": ""}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
                 for path in ("/v1/health", "/v1/info", "/openapi.json"):
                     _one_line_error(http.get(path, headers=headers), 401)
-            assert http.get("/v1/health").json() == {"status": "ok"}
 
             answers: dict[str, httpx.Response] = {}
 

@@ -30,6 +30,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from furnitype.errors import FurnitypeError, InputError, first_line
+from furnitype.faults import hold_point
 from furnitype.serve.openapi import openapi
 from furnitype.serve.service import RETRY_AFTER_S, HTTPError, Service, Upload
 
@@ -42,6 +43,8 @@ MAX_JSON_BYTES = 64 << 10
 #: Photos one request may upload.
 MAX_PHOTOS = 64
 MAX_K = 1000
+#: Seconds a request's body may take to arrive.
+BODY_TIMEOUT_S = 60
 
 
 class _State:
@@ -127,6 +130,7 @@ def create_app(
                           max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, max_pixels=max_pixels,
                           decode_workers=decode_workers)
         try:
+            hold_point("serve-warm")
             service.warm()
         except BaseException:
             service.close()
@@ -347,17 +351,26 @@ def _content_type(request: Request) -> str:
 
 
 async def _body(request: Request, limit: int) -> bytes:
-    """The request's body; 413 when it is longer than ``limit`` bytes (before reading it, when it says so)."""
+    """The request's body; 413 when it is longer than ``limit`` bytes (before reading it, when it says so), 408
+    when it takes longer than ``BODY_TIMEOUT_S`` to arrive."""
     length = request.headers.get("content-length", "")
     too_large = HTTPError(413, f"the request is larger than the limit of {limit / (1 << 20):g} MB")
     if length.isdigit() and int(length) > limit:
         raise too_large
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise too_large
-        chunks.append(chunk)
+    chunks: list[bytes] = []
+
+    async def read() -> None:
+        total = 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise too_large
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), BODY_TIMEOUT_S)
+    except asyncio.TimeoutError as err:  # a slow client would hold its place in the queue
+        raise HTTPError(408, f"the request's body took longer than {BODY_TIMEOUT_S} s to arrive") from err
     return b"".join(chunks)
 
 

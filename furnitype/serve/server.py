@@ -34,7 +34,8 @@ def serve(
 ) -> None:
     """Serve ``create_app(run, catalogue, **options)`` on ``host:port`` until Ctrl-C or SIGTERM.
 
-    ``echo`` gets the lines for the user: a warning when ``host`` is not a loopback address, ``ready on
+    ``echo`` gets the lines for the user: a warning when ``host`` is not a loopback address, ``starting on
+    http://HOST:PORT`` once it listens (``/v1/health`` answers 503 until the model is warm), ``ready on
     http://HOST:PORT`` once the model is warm, and what happens on a stop. On a loopback address, requests
     must name a loopback host (``create_app``'s ``hosts``).
 
@@ -48,27 +49,28 @@ def serve(
         Stopped by Ctrl-C (after the requests in flight finished).
     """
     sock = _bind(host, port)
-    url = _url(host, sock.getsockname()[1])
-    hosts = None
-    if _loopback(sock):
-        hosts = {"127.0.0.1", "localhost", "::1", host}
-    else:
-        echo(f"warning: serving on {host}, reachable from other machines"
-             f"{'' if options.get('token') else '; give --token to require a token'}")
-    failures: list[BaseException] = []
-    server: _Server | None = None
-
-    def failed(err: BaseException) -> None:
-        failures.append(err)
-        if server is not None:
-            server.should_exit = True
-
-    app = create_app(run, catalogue, hosts=hosts, on_ready=lambda: echo(f"ready on {url}"), on_failure=failed,
-                     **options)
-    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", server_header=False,
-                            timeout_graceful_shutdown=drain_s)
-    server = _Server(config, echo)
     try:
+        url = _url(host, sock.getsockname()[1])
+        hosts = None
+        if _loopback(sock):
+            hosts = {"127.0.0.1", "localhost", "::1", host}
+        else:
+            echo(f"warning: serving on {host}, reachable from other machines"
+                 f"{'' if options.get('token') else '; give --token to require a token'}")
+        failures: list[BaseException] = []
+        server: _Server | None = None
+
+        def failed(err: BaseException) -> None:
+            failures.append(err)
+            if server is not None:
+                server.should_exit = True
+
+        app = create_app(run, catalogue, hosts=hosts, on_ready=lambda: echo(f"ready on {url}"), on_failure=failed,
+                         **options)
+        echo(f"starting on {url}: loading the model")
+        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", server_header=False,
+                                timeout_graceful_shutdown=drain_s)
+        server = _Server(config, echo)
         server.run(sockets=[sock])
     finally:
         sock.close()
