@@ -67,6 +67,7 @@ class FollowedStore:
         self._stamp = self._stat()
         self.snapshot = self._read()
         self._settings = self.snapshot.feature_set.settings
+        self._warned = ""
 
     @property
     def name(self) -> str:
@@ -80,16 +81,21 @@ class FollowedStore:
                 return False
             try:
                 snapshot = self._read()
-            except FurnitypeError as err:
-                log.warning("warning: keeping the rows of %s read before: %s", self.path, first_line(err))
+            except FurnitypeError as err:  # tried again at the next refresh
+                self._warn(first_line(err))
                 return False
             self._stamp = stamp
             if snapshot.feature_set.settings != self._settings:  # its rows are no longer the model's features
-                log.warning("warning: keeping the rows of %s read before: it was rebuilt with other settings; "
-                            "restart the server to use them", self.path)
+                self._warn("it was rebuilt with other settings; restart the server to use them")
                 return False
-            self.snapshot = snapshot
+            self.snapshot, self._warned = snapshot, ""
             return True
+
+    def _warn(self, problem: str) -> None:
+        """Say once (not at every refresh) that the rows read before are kept, and why."""
+        if problem != self._warned:
+            log.warning("warning: keeping the rows of %s read before: %s", self.path, problem)
+            self._warned = problem
 
     def thumbnail(self, sha256: str, size: int) -> bytes | None:
         """A JPEG of a row's photo fitting a ``size`` square; None when no row has this content, or its recorded
