@@ -307,6 +307,7 @@ def test_an_upload_over_the_cap_and_a_client_that_hangs_up(server, client):
     cut = head.replace(b"209715200", b"500000")
     _raw(server.url, cut, b"--xyz\r\n" + b"\0" * 1000, read=False)  # under the cap, gone mid-upload
     assert client.get("/v1/health").status_code == 200
+    _wait_for(lambda: client.get("/v1/info").json()["batching"]["admitted"] == 0, "its place in the queue freed")
     good = client.post("/v1/predict", files={"photo": ("a.jpg", _any_photo())})
     assert good.status_code == 200
 
