@@ -22,7 +22,7 @@ import numpy as np
 from furnitype.errors import InputError
 from furnitype.extract.backbones import weights_files
 from furnitype.extract.images import ImageDecodeError, list_images, sha256_file
-from furnitype.extract.pipeline import ExtractSpec, check_batching
+from furnitype.extract.pipeline import check_batching
 from furnitype.features.index import CosineIndex
 from furnitype.features.store import FeatureSet, load
 from furnitype.outputs import check_output, refuse_existing, refuse_inputs, refuse_photos, significant
@@ -128,15 +128,19 @@ class SimilarIndex:
         check_batching(batch_size, workers)
         items = self._resolve(queries)
         self._extract([q for q in items if q.row is None and not q.error], weights, batch_size, workers)
-        return self._matches(items, k, exclude_self)
+        found = self._found(items, k, exclude_self)
+        return [
+            Match(q.path, found.get(i, []), q.label, in_store=q.row is not None, error=q.error)
+            for i, q in enumerate(items)
+        ]
 
     def search_vectors(self, X: np.ndarray, *, k: int = 5) -> list[list[Neighbour]]:
         """The ``k`` nearest stored photos of each row of ``X``: features of new photos, made with the file's
-        settings (``spec``) and rounded to its dtype, as ``search`` makes them."""
+        settings and rounded to its dtype, as ``search`` makes them."""
         if k < 1:
             raise InputError(f"k must be at least 1. Received: k={k}")
-        items = [_Query("", vector=np.asarray(row, np.float32)) for row in X]
-        return [match.neighbours for match in self._matches(items, k, False)]
+        found = self._found([_Query("", vector=np.asarray(row, np.float32)) for row in X], k, False)
+        return [found[i] for i in range(len(X))]
 
     def search_sha256(self, sha256: str, *, k: int = 5, exclude_self: bool = True) -> Match:
         """The ``k`` nearest stored photos of the stored photo with this content (``query`` is its path).
@@ -147,28 +151,11 @@ class SimilarIndex:
             raise InputError(f"k must be at least 1. Received: k={k}")
         row = self._rows_by_sha[sha256][0]
         fs = self.feature_set
-        return self._matches([_Query(str(fs.paths[row]), str(fs.labels[row]), row)], k, exclude_self)[0]
+        query = _Query(str(fs.paths[row]), str(fs.labels[row]), row)
+        return Match(query.path, self._found([query], k, exclude_self)[0], query.label, in_store=True)
 
-    def row_of(self, sha256: str) -> int | None:
-        """The first stored row with this content (None when there is none)."""
-        rows = self._rows_by_sha.get(sha256)
-        return rows[0] if rows else None
-
-    def spec(self, weights: str | None = None) -> ExtractSpec:
-        """The ``ExtractSpec`` that made the file's rows (the weights checked), to extract new queries."""
-        from furnitype.extract.settings import spec_for
-
-        meta = self.feature_set.meta
-        return spec_for(
-            self.feature_set.settings,
-            weights=weights,
-            source=meta.get("weights_source"),
-            calibration_photos=meta.get("calibration_photos"),
-            what=f"the rows of {self.feature_set.file or 'the feature set'}",
-        )
-
-    def _matches(self, items: list[_Query], k: int, exclude_self: bool) -> list[Match]:
-        """A ``Match`` per query: its neighbours when it is usable (a stored row or a vector)."""
+    def _found(self, items: list[_Query], k: int, exclude_self: bool) -> dict[int, list[Neighbour]]:
+        """The neighbours of each usable query, by its position in ``items``."""
         usable = [i for i, q in enumerate(items) if not q.error]
         found: dict[int, list[Neighbour]] = {}
         if usable:
@@ -176,10 +163,7 @@ class SimilarIndex:
             distances, rows = self.index.kneighbors(X, k + 1)
             for i, d, r in zip(usable, distances, rows, strict=True):
                 found[i] = self._neighbours(items[i], d, r, k, exclude_self)
-        return [
-            Match(q.path, found.get(i, []), q.label, in_store=q.row is not None, error=q.error)
-            for i, q in enumerate(items)
-        ]
+        return found
 
     def _resolve(self, queries: Sequence[str | os.PathLike]) -> list[_Query]:
         """Each query file with its stored row when the store has its path or content."""
@@ -215,10 +199,16 @@ class SimilarIndex:
             return
         from furnitype.extract.backbones import check_memory, get_backbone
         from furnitype.extract.pipeline import feature_batches
-        from furnitype.extract.settings import as_stored
+        from furnitype.extract.settings import as_stored, spec_for
 
         meta = self.feature_set.meta
-        spec = self.spec(weights)
+        spec = spec_for(
+            self.feature_set.settings,
+            weights=weights,
+            source=meta.get("weights_source"),
+            calibration_photos=meta.get("calibration_photos"),
+            what=f"the rows of {self.feature_set.file or 'the feature set'}",
+        )
         check_memory(get_backbone(spec.backbone), spec.image_size, batch_size)
         by_path: dict[str, list[_Query]] = {}
         for query in todo:  # a file given twice is extracted once
