@@ -621,7 +621,7 @@ def serve(run, catalogue, queue, labels, host, port, token, model, top_k, weight
     Examples:
       furnitype serve runs/furniture --catalogue vgg.h5
       furnitype serve runs/furniture --catalogue vgg.h5 --queue new.h5 --labels labels.csv --port 8080
-      furnitype serve runs/furniture --catalogue vgg.h5 --host 0.0.0.0 --token "$(cat token.txt)"
+      FURNITYPE_TOKEN="$(cat token.txt)" furnitype serve runs/furniture --catalogue vgg.h5 --host 0.0.0.0
     """
     from furnitype.serve import serve as run_server
 

@@ -12,7 +12,8 @@ _PHOTOS_FORM = {
 }
 _TIMINGS = {
     "type": "object",
-    "properties": {name: {"type": "number"} for name in ("decode_ms", "network_ms", "total_ms")},
+    "properties": {**{name: {"type": "number"} for name in ("decode_ms", "network_ms", "total_ms")},
+                   "batch": {"type": "integer", "description": "photos in the network pass (0: none)"}},
 }
 _SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 
