@@ -77,9 +77,10 @@ def world(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def server(world):
-    """The main server: catalogue, queue, labels, small caps (1 MB bodies, 1 Mpx photos)."""
+    """The main server: catalogue, queue, labels, small caps (1 MB bodies, 1 Mpx photos, 5 s for a body)."""
     started = start_server(world["run"], "--catalogue", world["catalogue"], "--queue", world["queue"], "--labels",
-                           world["labels"], "--max-upload-mb", "1", "--max-pixels", "1000000", timeout=600)
+                           world["labels"], "--max-upload-mb", "1", "--max-pixels", "1000000", "--body-timeout-s", "5",
+                           timeout=600)
     yield started
     if started.process.poll() is None:
         started.process.kill()
@@ -308,6 +309,9 @@ def test_an_upload_over_the_cap_and_a_client_that_hangs_up(server, client):
     _raw(server.url, cut, b"--xyz\r\n" + b"\0" * 1000, read=False)  # under the cap, gone mid-upload
     assert client.get("/v1/health").status_code == 200
     _wait_for(lambda: client.get("/v1/info").json()["batching"]["admitted"] == 0, "its place in the queue freed")
+
+    slow = _raw(server.url, cut, b"--xyz\r\n", read=True)  # the rest never comes: 408 once --body-timeout-s passed
+    assert slow.startswith(b"HTTP/1.1 408") and b'"the request\'s body took longer than 5 s to arrive"' in slow
     good = client.post("/v1/predict", files={"photo": ("a.jpg", _any_photo())})
     assert good.status_code == 200
 

@@ -43,8 +43,8 @@ MAX_JSON_BYTES = 64 << 10
 #: Photos one request may upload.
 MAX_PHOTOS = 64
 MAX_K = 1000
-#: Seconds a request's body may take to arrive.
-BODY_TIMEOUT_S = 60
+#: Seconds a JSON body (a few hundred bytes) may take to arrive.
+JSON_TIMEOUT_S = 10
 
 
 class _State:
@@ -71,6 +71,7 @@ def create_app(
     max_upload_mb: float = 20,
     max_pixels: int = 40_000_000,
     decode_workers: int | None = None,
+    body_timeout_s: float = 60.0,
     refresh_s: float = 1.0,
     hosts: Collection[str] | None = None,
     on_ready: Callable[[], None] | None = None,
@@ -101,6 +102,8 @@ def create_app(
         The largest request body (413 above).
     max_pixels : int, default=40_000_000
         The largest photo, in pixels (422 above; checked from its header before decoding).
+    body_timeout_s : float, default=60.0
+        How long a request's body may take to arrive (408 after): a slow client holds a place in the queue.
     refresh_s : float, default=1.0
         How often the catalogue's and the queue's files are checked for new rows.
     hosts : collection of str, default=None
@@ -117,7 +120,8 @@ def create_app(
     """
     for name, value, least in (("top_k", top_k, 1), ("max_batch", max_batch, 1), ("max_wait_ms", max_wait_ms, 0),
                                ("max_queue", max_queue, 1), ("max_upload_mb", max_upload_mb, 0.001),
-                               ("max_pixels", max_pixels, 1), ("refresh_s", refresh_s, 0.01)):
+                               ("max_pixels", max_pixels, 1), ("body_timeout_s", body_timeout_s, 0.01),
+                               ("refresh_s", refresh_s, 0.01)):
         if value < least:
             raise InputError(f"{name.replace('_', '-')} must be at least {least}. Received: {value}")
     if labels is not None and queue is None:
@@ -194,7 +198,7 @@ def create_app(
         service = ready()
         top_k = _integer(request, "top_k", 1, MAX_K)
         with service.admitted(1):  # before reading the body: memory stays bounded
-            uploads = await _uploads(request, max_body)
+            uploads = await _uploads(request, max_body, body_timeout_s)
             with service.admitted(len(uploads) - 1):
                 return JSONResponse(await service.predict(uploads, top_k, started))
 
@@ -214,7 +218,7 @@ def create_app(
                 max_distance = _number(body["max_distance"], "max_distance")
             return JSONResponse(service.similar_sha256(sha256, k or 10, max_distance, started))
         with service.admitted(1):
-            uploads = await _uploads(request, max_body, json_too=True)
+            uploads = await _uploads(request, max_body, body_timeout_s, json_too=True)
             if len(uploads) != 1:
                 raise HTTPError(400, f"give one photo (a file field named photo); received {len(uploads)}")
             return JSONResponse(await service.similar_upload(uploads[0], k or 10, max_distance, started))
@@ -350,9 +354,9 @@ def _content_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def _body(request: Request, limit: int) -> bytes:
+async def _body(request: Request, limit: int, timeout: float) -> bytes:
     """The request's body; 413 when it is longer than ``limit`` bytes (before reading it, when it says so), 408
-    when it takes longer than ``BODY_TIMEOUT_S`` to arrive."""
+    when it takes longer than ``timeout`` seconds to arrive."""
     length = request.headers.get("content-length", "")
     too_large = HTTPError(413, f"the request is larger than the limit of {limit / (1 << 20):g} MB")
     if length.isdigit() and int(length) > limit:
@@ -368,14 +372,14 @@ async def _body(request: Request, limit: int) -> bytes:
             chunks.append(chunk)
 
     try:
-        await asyncio.wait_for(read(), BODY_TIMEOUT_S)
+        await asyncio.wait_for(read(), timeout)
     except asyncio.TimeoutError as err:  # a slow client would hold its place in the queue
-        raise HTTPError(408, f"the request's body took longer than {BODY_TIMEOUT_S} s to arrive") from err
+        raise HTTPError(408, f"the request's body took longer than {timeout:g} s to arrive") from err
     return b"".join(chunks)
 
 
 async def _json(request: Request) -> dict[str, Any]:
-    body = await _body(request, MAX_JSON_BYTES)
+    body = await _body(request, MAX_JSON_BYTES, JSON_TIMEOUT_S)
     try:
         value = json.loads(body)
     except (ValueError, UnicodeDecodeError) as err:
@@ -385,12 +389,12 @@ async def _json(request: Request) -> dict[str, Any]:
     return value
 
 
-async def _uploads(request: Request, limit: int, *, json_too: bool = False) -> list[Upload]:
+async def _uploads(request: Request, limit: int, timeout: float, *, json_too: bool = False) -> list[Upload]:
     """The files of the multipart form's ``photo`` fields."""
     if _content_type(request) != "multipart/form-data":
         expected = "multipart/form-data (or application/json with a sha256)" if json_too else "multipart/form-data"
         raise HTTPError(415, f"send the photo as {expected}; received {_content_type(request) or 'no content type'}")
-    body = await _body(request, limit)
+    body = await _body(request, limit, timeout)
 
     async def stream() -> AsyncGenerator[bytes, None]:
         yield body
