@@ -30,12 +30,13 @@ from furnitype.outputs import check_output, refuse_existing, refuse_inputs, refu
 
 @dataclass(frozen=True)
 class Neighbour:
-    """A stored photo near a query: its path, label ("" when it has none) and cosine distance (0 = same
-    direction, up to 2)."""
+    """A stored photo near a query: its path, label ("" when it has none), cosine distance (0 = same
+    direction, up to 2) and the sha256 of its content."""
 
     path: str
     label: str
     distance: float
+    sha256: str = ""
 
     def as_dict(self) -> dict:
         """``{"path", "label", "distance"}``: no label is None; the distance has 6 significant digits."""
@@ -127,6 +128,34 @@ class SimilarIndex:
         check_batching(batch_size, workers)
         items = self._resolve(queries)
         self._extract([q for q in items if q.row is None and not q.error], weights, batch_size, workers)
+        found = self._found(items, k, exclude_self)
+        return [
+            Match(q.path, found.get(i, []), q.label, in_store=q.row is not None, error=q.error)
+            for i, q in enumerate(items)
+        ]
+
+    def search_vectors(self, X: np.ndarray, *, k: int = 5) -> list[list[Neighbour]]:
+        """The ``k`` nearest stored photos of each row of ``X``: features of new photos, made with the file's
+        settings and rounded to its dtype, as ``search`` makes them."""
+        if k < 1:
+            raise InputError(f"k must be at least 1. Received: k={k}")
+        found = self._found([_Query("", vector=np.asarray(row, np.float32)) for row in X], k, False)
+        return [found[i] for i in range(len(X))]
+
+    def search_sha256(self, sha256: str, *, k: int = 5, exclude_self: bool = True) -> Match:
+        """The ``k`` nearest stored photos of the stored photo with this content (``query`` is its path).
+
+        Raises ``KeyError`` when no row has this content.
+        """
+        if k < 1:
+            raise InputError(f"k must be at least 1. Received: k={k}")
+        row = self._rows_by_sha[sha256][0]
+        fs = self.feature_set
+        query = _Query(str(fs.paths[row]), str(fs.labels[row]), row)
+        return Match(query.path, self._found([query], k, exclude_self)[0], query.label, in_store=True)
+
+    def _found(self, items: list[_Query], k: int, exclude_self: bool) -> dict[int, list[Neighbour]]:
+        """The neighbours of each usable query, by its position in ``items``."""
         usable = [i for i, q in enumerate(items) if not q.error]
         found: dict[int, list[Neighbour]] = {}
         if usable:
@@ -134,10 +163,7 @@ class SimilarIndex:
             distances, rows = self.index.kneighbors(X, k + 1)
             for i, d, r in zip(usable, distances, rows, strict=True):
                 found[i] = self._neighbours(items[i], d, r, k, exclude_self)
-        return [
-            Match(q.path, found.get(i, []), q.label, in_store=q.row is not None, error=q.error)
-            for i, q in enumerate(items)
-        ]
+        return found
 
     def _resolve(self, queries: Sequence[str | os.PathLike]) -> list[_Query]:
         """Each query file with its stored row when the store has its path or content."""
@@ -208,7 +234,7 @@ class SimilarIndex:
         if query.row is not None and not exclude_self:
             pairs.insert(0, (query.row, 0.0))
         fs = self.feature_set
-        return [Neighbour(str(fs.paths[r]), str(fs.labels[r]), d) for r, d in pairs[:k]]
+        return [Neighbour(str(fs.paths[r]), str(fs.labels[r]), d, str(fs.sha256[r])) for r, d in pairs[:k]]
 
 
 def similar(

@@ -15,6 +15,7 @@ import threading
 from dataclasses import dataclass, field
 
 READY = re.compile(r"ready on (http://\S+)")
+STARTING = re.compile(r"starting on (http://[^\s:]+:\d+)")
 
 
 @dataclass
@@ -32,8 +33,12 @@ class Server:
         return self.process.wait(timeout)
 
 
-def start_server(*args, env: dict | None = None, timeout: float = 300) -> Server:
-    """``furnitype serve ARGS... --port 0`` in a new process; returns once it is ready (raises if it ends first)."""
+def start_server(*args, env: dict | None = None, timeout: float = 300, until: re.Pattern = READY) -> Server:
+    """``furnitype serve ARGS... --port 0`` in a new process; returns once it is ready (raises if it ends first).
+
+    ``until``: the line to wait for instead, its group 1 the server's address (``STARTING``: it listens, its
+    model is still loading).
+    """
     process = subprocess.Popen(
         [sys.executable, "-m", "furnitype", "serve", *map(str, args), "--port", "0"],
         stdin=subprocess.DEVNULL,
@@ -50,7 +55,7 @@ def start_server(*args, env: dict | None = None, timeout: float = 300) -> Server
         assert process.stderr is not None
         for line in process.stderr:
             lines.append(line.rstrip("\n"))
-            match = READY.search(line)
+            match = until.search(line)
             if match and not address:
                 address.append(match.group(1))
                 found.set()
