@@ -129,10 +129,14 @@ async function searchPhoto(file) {
   setBusy(`Looking at ${file.name || "the photo"}…`);
   const topK = state.classes.length ? `?top_k=${state.classes.length}` : "";
   try {
-    const [predicted, similar] = await Promise.all([
+    // both at once (the server batches them); when both fail, predict's error is the one shown
+    const [predicted, similar] = (await Promise.allSettled([
       api(`v1/predict${topK}`, { method: "POST", body: photoForm(file) }),
       api(`v1/similar?k=${kValue()}`, { method: "POST", body: photoForm(file) }),
-    ]);
+    ])).map((settled) => {
+      if (settled.status === "rejected") throw settled.reason;
+      return settled.value;
+    });
     if (ticket !== state.ticket) return;
     if (state.upload) URL.revokeObjectURL(state.upload.url);
     state.upload = {
