@@ -14,6 +14,7 @@ const state = {
   upload: null, // {file, url, prediction, neighbours}: the last photo searched for, for "Back to your photo"
   ticket: 0, // the number of the latest search; an older search's answer is dropped
   labelsOn: false,
+  info: Promise.resolve(), // the server's description being read: a search waits for its classes
 };
 
 class ApiError extends Error {
@@ -127,6 +128,7 @@ async function searchPhoto(file) {
   clearError();
   selectTab($("tab-search"));
   setBusy(`Looking at ${file.name || "the photo"}…`);
+  await state.info;
   const topK = state.classes.length ? `?top_k=${state.classes.length}` : "";
   try {
     // both at once (the server batches them); when both fail, predict's error is the one shown
@@ -463,12 +465,12 @@ function setUp() {
     setToken($("token").value);
     $("token-box").open = false;
     state.labelsOn = false;
-    loadInfo();
+    state.info = loadInfo();
     if ($("tab-label").getAttribute("aria-selected") === "true") selectTab($("tab-label"));
   });
   setUpTabs();
   setUpSearch();
-  loadInfo();
+  state.info = loadInfo();
 }
 
 setUp();
