@@ -33,6 +33,8 @@ expect = sync_api.expect
 CLASSES = ("bed", "chair", "sofa")
 SETTINGS = {"backbone": "vgg16", "image_size": 32, "batch_size": 8, "progress": False}
 K = 8  # the page's default number of look-alikes
+TOKEN = "s3cret-token"  # the server requires it: every test goes through the page's token handling
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 GUARD_MS = 120_000  # a guard only: the machine running the tests may be busy
 PAGE = Path(__file__).resolve().parents[1] / "furnitype" / "serve" / "page"
 
@@ -44,7 +46,7 @@ def jpeg(seed: int, colour: str, path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> Iterator[dict]:
-    """A server of a run trained on 12 photos, with those photos as catalogue and 6 new ones as the queue."""
+    """A server (with a token) of a run trained on 12 photos, those photos as its catalogue, 6 new ones to label."""
     base = tmp_path_factory.mktemp("page")
     keras = import_keras()
     keras.utils.set_random_seed(7)
@@ -61,11 +63,13 @@ def served(tmp_path_factory) -> Iterator[dict]:
     labels = base / "labels.csv"
     queries = base / "queries"
     queries.mkdir()
-    server = start_server(run, "--catalogue", catalogue, "--queue", queue, "--labels", labels)
+    server = start_server(run, "--catalogue", catalogue, "--queue", queue, "--labels", labels, "--token", TOKEN)
+    url = server.url.rstrip("/")
+    api = httpx.Client(base_url=url, headers=AUTH, timeout=120)
     try:
         yield {
-            "server": server,
-            "url": server.url.rstrip("/"),
+            "url": url,
+            "api": api,
             "queue": queue,
             "labels": labels,
             "upload": jpeg(3000, "chair", queries / "query.jpg"),
@@ -73,6 +77,7 @@ def served(tmp_path_factory) -> Iterator[dict]:
             "third": jpeg(3002, "bed", queries / "third.jpg"),
         }
     finally:
+        api.close()
         server.stop(signal.SIGTERM)
 
 
@@ -87,7 +92,7 @@ def browser():
 
 
 class Watched:
-    """A page of a new browser context, with what it asked of other origins and the script errors it raised."""
+    """A page of a new browser context, with what it asked of other origins and the uncaught script errors."""
 
     def __init__(self, browser, origin: str, **context_options) -> None:
         self.context = browser.new_context(**context_options)
@@ -99,7 +104,6 @@ class Watched:
         self.page = self.context.new_page()
         self.page.set_default_timeout(GUARD_MS)
         self.page.on("pageerror", lambda error: self.script_errors.append(str(error)))
-        self.page.on("console", lambda m: m.type == "error" and self.script_errors.append(m.text))
 
     def _route(self, route) -> None:
         request = route.request
@@ -128,14 +132,12 @@ def watched(served, browser) -> Iterator[Watched]:
 
 def api_predict(served, path: Path) -> httpx.Response:
     with path.open("rb") as fh:
-        return httpx.post(f"{served['url']}/v1/predict", files={"photo": (path.name, fh, "image/jpeg")}, timeout=120)
+        return served["api"].post("/v1/predict", files={"photo": (path.name, fh, "image/jpeg")})
 
 
 def api_neighbours(served, path: Path, k: int = K) -> list[dict]:
     with path.open("rb") as fh:
-        answer = httpx.post(
-            f"{served['url']}/v1/similar", params={"k": k}, files={"photo": (path.name, fh, "image/jpeg")}, timeout=120
-        )
+        answer = served["api"].post("/v1/similar", params={"k": k}, files={"photo": (path.name, fh, "image/jpeg")})
     assert answer.status_code == 200, answer.text
     return answer.json()["neighbours"]
 
@@ -145,7 +147,7 @@ def api_similar_upload(served, path: Path, k: int = K) -> list[str]:
 
 
 def api_similar_row(served, sha256: str, k: int = K) -> dict:
-    answer = httpx.post(f"{served['url']}/v1/similar", json={"sha256": sha256, "k": k}, timeout=120)
+    answer = served["api"].post("/v1/similar", json={"sha256": sha256, "k": k})
     assert answer.status_code == 200, answer.text
     return answer.json()
 
@@ -173,6 +175,12 @@ def expect_grid(page, expected: list[str]) -> None:
         raise AssertionError(f"grid {grid(page)} (thumbnail widths {loaded}), expected {expected}") from None
 
 
+def open_page(page, served) -> None:
+    """Open the page with the server's token in its address, and wait until it has read the server's description."""
+    page.goto(f"{served['url']}/?token={TOKEN}")
+    expect(page.locator("#info")).to_have_text(re.compile(r"^12 photos in the catalogue · 3 categories · model "))
+
+
 def upload(page, path: Path) -> None:
     page.set_input_files("#photo-input", str(path))
     expect(page.locator("#result")).to_have_attribute("data-sha256", hashlib.sha256(path.read_bytes()).hexdigest())
@@ -192,7 +200,7 @@ def tab_to(page, selector: str, most: int = 20) -> None:
 
 def test_a_photo_shows_its_category_its_probabilities_and_its_look_alikes(served, watched):
     page = watched.page
-    page.goto(served["url"])
+    open_page(page, served)
     predicted = api_predict(served, served["upload"]).json()["predictions"][0]
     neighbours = api_neighbours(served, served["upload"])
     expected = [n["sha256"] for n in neighbours]
@@ -215,7 +223,7 @@ def test_a_photo_shows_its_category_its_probabilities_and_its_look_alikes(served
 
 def test_more_like_this_shows_the_neighbours_of_that_row_and_back_returns(served, watched):
     page = watched.page
-    page.goto(served["url"])
+    open_page(page, served)
     upload(page, served["upload"])
     of_upload = api_similar_upload(served, served["upload"])
     expect_grid(page, of_upload)
@@ -236,7 +244,7 @@ def test_more_like_this_shows_the_neighbours_of_that_row_and_back_returns(served
 
 def test_a_dropped_and_a_pasted_photo_are_searched(served, watched):
     page = watched.page
-    page.goto(served["url"])
+    open_page(page, served)
     make_transfer = """([data, name]) => {
         const bytes = Uint8Array.from(atob(data), c => c.charCodeAt(0));
         const transfer = new DataTransfer();
@@ -262,7 +270,7 @@ def test_a_dropped_and_a_pasted_photo_are_searched(served, watched):
 
 def test_a_file_that_is_not_a_photo_shows_the_servers_error(served, watched, tmp_path):
     page = watched.page
-    page.goto(served["url"])
+    open_page(page, served)
     notes = tmp_path / "notes.jpg"
     notes.write_text("not a photo")
     refused = api_predict(served, notes)
@@ -278,8 +286,8 @@ def test_a_file_that_is_not_a_photo_shows_the_servers_error(served, watched, tmp
 
 def test_labelling_a_suggested_photo_with_the_keyboard_writes_its_row(served, watched):
     page = watched.page
-    page.goto(served["url"])
-    suggested = httpx.get(f"{served['url']}/v1/suggest", params={"n": 12}, timeout=120).json()
+    open_page(page, served)
+    suggested = served["api"].get("/v1/suggest", params={"n": 12}).json()
     assert suggested["photos"], "the queue has photos to label"
     path_of = dict(zip(load(served["queue"]).sha256, load(served["queue"]).paths, strict=True))
     before = labelled_rows(served["labels"])
@@ -313,7 +321,7 @@ def labelled_rows(labels: Path) -> list[list[str]]:
 
 def test_the_file_input_is_reachable_and_shows_its_focus(served, watched):
     page = watched.page
-    page.goto(served["url"])
+    open_page(page, served)
     tab_to(page, "#photo-input")
     outline = page.eval_on_selector('label[for="photo-input"]', "l => getComputedStyle(l).outlineStyle")
     assert outline == "solid"
@@ -322,7 +330,7 @@ def test_the_file_input_is_reachable_and_shows_its_focus(served, watched):
 def test_at_phone_width_nothing_overflows(served, browser):
     watched = Watched(browser, served["url"], viewport={"width": 360, "height": 740}, is_mobile=True)
     page = watched.page
-    page.goto(served["url"])
+    open_page(page, served)
     upload(page, served["upload"])
     expect_grid(page, api_similar_upload(served, served["upload"]))
     assert page.evaluate("document.documentElement.scrollWidth") <= 360
@@ -337,16 +345,35 @@ def test_at_phone_width_nothing_overflows(served, browser):
     assert watched.foreign == [] and watched.script_errors == []
 
 
-def test_a_token_in_the_address_goes_with_every_request_and_leaves_the_address(served, watched):
+def test_the_token_from_the_address_goes_with_every_request_and_leaves_the_address(served, watched):
     page = watched.page
-    page.goto(f"{served['url']}/?token=s3cret")
+    open_page(page, served)
     upload(page, served["upload"])
     expect_grid(page, api_similar_upload(served, served["upload"]))
 
-    assert "token" not in page.url
+    assert urlsplit(page.url).query == ""
     api = [r for r in watched.requests if urlsplit(r.url).path.startswith("/v1/")]
-    assert {urlsplit(r.url).path.split("/")[2] for r in api} >= {"info", "predict", "similar", "photos"}
-    assert {r.headers.get("authorization") for r in api} == {"Bearer s3cret"}
+    assert {urlsplit(r.url).path.split("/")[2] for r in api} == {"info", "predict", "similar", "photos"}
+    assert {r.headers.get("authorization") for r in api} == {f"Bearer {TOKEN}"}
+    page.reload()  # the token is kept for the tab's session
+    expect(page.locator("#info")).to_have_text(re.compile(r"^12 photos in the catalogue"))
+
+
+def test_without_the_token_the_page_shows_the_servers_refusal_and_asks_for_it(served, watched):
+    page = watched.page
+    refused = httpx.get(f"{served['url']}/v1/info", timeout=120)
+    assert refused.status_code == 401
+
+    page.goto(served["url"])
+
+    expect(page.locator("#error")).to_have_text(refused.json()["error"])
+    expect(page.locator("#token")).to_be_focused()
+    page.keyboard.type(TOKEN)
+    page.keyboard.press("Enter")
+    expect(page.locator("#info")).to_have_text(re.compile(r"^12 photos in the catalogue"))
+    expect(page.locator("#error")).to_be_hidden()
+    upload(page, served["upload"])
+    expect_grid(page, api_similar_upload(served, served["upload"]))
 
 
 def test_the_page_names_no_other_origin():
