@@ -205,6 +205,7 @@ function showNeighbours(neighbours) {
       const button = element("button", { type: "button", className: "more-like-this button" }, "More like this");
       button.setAttribute("aria-label", `More like look-alike ${i + 1} (${label})`);
       button.addEventListener("click", () => moreLikeThis(n.sha256, n.label));
+      img.addEventListener("click", () => button.click()); // the picture too, for the mouse
       return element(
         "li",
         { className: "neighbour", dataset: { sha256: n.sha256 } },
