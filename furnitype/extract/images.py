@@ -210,16 +210,22 @@ def read_manifest(manifest: str | os.PathLike) -> list[ImageFile]:
     different labels are ``InputError`` naming the line; a path listed twice with one label is kept once.
     """
     manifest = Path(manifest)
-    base = manifest.parent
     try:
         with open_photo(str(manifest)) as (fd, _):
             data = _read(fd, MAX_FILE_BYTES)
-        text = data.decode("utf-8-sig")
-        rows = [(n, row) for n, row in _csv_rows(text) if row and any(cell.strip() for cell in row)]
     except ImageDecodeError as err:
         if str(err) == MISSING:
             raise InputError(f"manifest not found: {manifest}") from err
         raise InputError(f"cannot read manifest {manifest}: {err}") from err
+    return parse_manifest(data, manifest)
+
+
+def parse_manifest(data: bytes, manifest: Path) -> list[ImageFile]:
+    """The files listed by the bytes ``data`` of the manifest ``manifest``, as ``read_manifest`` reads them."""
+    base = manifest.parent
+    try:
+        text = data.decode("utf-8-sig")
+        rows = [(n, row) for n, row in _csv_rows(text) if row and any(cell.strip() for cell in row)]
     except (UnicodeDecodeError, csv.Error) as err:
         raise InputError(f"cannot read manifest {manifest}: {err}") from err
     if rows and _is_header(rows[0][1], manifest):
@@ -367,11 +373,14 @@ def _read(fd: int, size: int) -> bytes:
     return b"".join(chunks)
 
 
-def decode_image(data: bytes, size: int, interpolation: str = "bilinear", decode: str = "exact") -> np.ndarray:
+def decode_image(
+    data: bytes, size: int, interpolation: str = "bilinear", decode: str = "exact", *, max_pixels: int | None = None
+) -> np.ndarray:
     """Decode image bytes to a ``(size, size, 3)`` uint8 RGB array, as ``keras.utils.load_img`` would.
 
     EXIF orientation is applied; any mode becomes RGB (16-bit scaled to 8, transparency composited on white);
-    then the image is resized (squashed) to the square input with ``interpolation``.
+    then the image is resized (squashed) to the square input with ``interpolation``. An image of more than
+    ``max_pixels`` pixels is refused from its header, before any pixel is decoded.
 
     Raises
     ------
@@ -384,9 +393,15 @@ def decode_image(data: bytes, size: int, interpolation: str = "bilinear", decode
         raise ImageDecodeError(NOT_A_PHOTO_HDF5)
     try:
         img: Image.Image = Image.open(BytesIO(data))
+        if max_pixels is not None and img.width * img.height > max_pixels:
+            raise ImageDecodeError(
+                f"too large: {img.width} x {img.height} pixels (the limit is {max_pixels:,} pixels)"
+            )
         if decode == "draft" and img.format == "JPEG":
             img.draft(img.mode, (size, size))
         img.load()
+    except ImageDecodeError:
+        raise
     except UnidentifiedImageError as cause:
         raise ImageDecodeError("not an image (unrecognised format)") from cause
     except Image.DecompressionBombError as err:
