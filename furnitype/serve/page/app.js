@@ -103,7 +103,7 @@ function setBusy(text) {
 }
 
 const percent = (p) => `${(100 * p).toFixed(1)}%`;
-const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+const plural = (n, word) => `${n} ${word}${String(n) === "1" ? "" : "s"}`;
 
 function element(tag, props = {}, ...children) {
   const node = document.createElement(tag);
@@ -245,13 +245,18 @@ async function moreLikeThis(sha256, label) {
     $("back").hidden = state.upload === null;
     $("neighbours-title").textContent = "More like this";
     showNeighbours(similar.neighbours);
-    // the button pressed is gone with the old grid: keep the keyboard's place on the new one
-    $("neighbours-title").focus();
+    showTop();
   } catch (error) {
     if (ticket === state.ticket) showError(error);
   } finally {
     if (ticket === state.ticket) setBusy("");
   }
+}
+
+// The button pressed is gone with the old grid: show the new query and keep the keyboard's place before the grid.
+function showTop() {
+  $("result").scrollIntoView({ block: "start" });
+  $("neighbours-title").focus({ preventScroll: true });
 }
 
 function firstImage(files) {
@@ -302,7 +307,7 @@ function setUpSearch() {
     ++state.ticket;
     clearError();
     showUpload();
-    $("neighbours-title").focus();
+    showTop();
   });
 }
 
@@ -441,7 +446,7 @@ async function loadInfo() {
     clearError();
     state.classes = info.classes;
     const parts = [
-      `${plural(info.catalogue.rows, "photo")} in the catalogue`,
+      `${plural(info.catalogue.rows.toLocaleString("en"), "photo")} in the catalogue`,
       `${info.classes.length} categories`,
       `model ${info.model}`,
     ];
