@@ -242,7 +242,7 @@ def test_more_like_this_shows_the_neighbours_of_that_row_and_back_returns(served
     expect_grid(page, of_upload)
 
 
-def test_a_dropped_and_a_pasted_photo_are_searched(served, watched):
+def test_a_dropped_and_a_pasted_photo_are_searched_and_a_dropped_link_is_refused(served, watched):
     page = watched.page
     open_page(page, served)
     make_transfer = """([data, name]) => {
@@ -266,6 +266,13 @@ def test_a_dropped_and_a_pasted_photo_are_searched(served, watched):
         expect(page.locator("#result")).to_have_attribute("data-sha256", sha)
         expect(page.locator("#label")).to_have_text(api_predict(served, path).json()["predictions"][0]["label"])
         expect_grid(page, api_similar_upload(served, path))
+
+    link = page.evaluate_handle(
+        "() => { const t = new DataTransfer(); t.setData('text/uri-list', 'https://example.com/chair.jpg'); return t; }"
+    )
+    page.dispatch_event("#drop-zone", "drop", {"dataTransfer": link})
+    expect(page.locator("#error")).to_have_text(re.compile(r"^Drop a photo file"))
+    expect(page.locator("#result")).to_have_attribute("data-sha256", sha)  # the last photo's results stay
 
 
 def test_a_file_that_is_not_a_photo_shows_the_servers_error(served, watched, tmp_path):

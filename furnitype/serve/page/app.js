@@ -284,13 +284,16 @@ function setUpSearch() {
     depth = Math.max(0, depth - 1);
     if (!depth) zone.classList.remove("dragging");
   });
+  // A drop anywhere on the page is taken, not opened by the browser (which would leave the page); only text
+  // dropped into a field is left to the field.
+  const intoField = (event) => !hasFiles(event) && event.target instanceof HTMLInputElement;
   document.addEventListener("dragover", (event) => {
-    if (hasFiles(event)) event.preventDefault(); // a drop anywhere on the page is taken, not opened by the browser
+    if (!intoField(event)) event.preventDefault();
   });
   document.addEventListener("drop", (event) => {
     depth = 0;
     zone.classList.remove("dragging");
-    if (!event.dataTransfer) return;
+    if (!event.dataTransfer || intoField(event)) return;
     event.preventDefault();
     const file = firstImage(event.dataTransfer.files);
     if (file) searchPhoto(file);
