@@ -109,7 +109,7 @@ function element(tag, props = {}, ...children) {
   const node = document.createElement(tag);
   for (const [key, value] of Object.entries(props)) {
     if (key === "dataset") Object.assign(node.dataset, value);
-    else if (key in node) node[key] = value;
+    else if (key in node && key !== "role") node[key] = value; // role: not every browser reflects it
     else node.setAttribute(key, value);
   }
   node.append(...children);
