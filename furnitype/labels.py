@@ -54,6 +54,9 @@ def append_label(labels: str | os.PathLike, path: str, label: str) -> int:
     if bad_label(label):
         raise InputError(bad_label(label))
     photo = _recordable(path)
+    if parse_manifest(_row_bytes(b"", photo, label), target) != [ImageFile(photo, label)]:
+        raise InputError(f"cannot label {photo!r}: a labels file would not read its name back the same (blanks at its "
+                         "ends are dropped); rename it.")
     make_parents(target)
     with _locked(target):
         data = _read(target)
@@ -104,8 +107,6 @@ def _recordable(path: str) -> str:
     except UnicodeEncodeError as err:
         raise InputError(f"cannot label {shown_name(photo)}: its name is not UTF-8 text, which a labels file "
                          "holds; rename it.") from err
-    if photo != photo.strip():
-        raise InputError(f"cannot label {photo!r}: a labels file drops blanks around a path; rename it.")
     return photo
 
 
