@@ -582,6 +582,55 @@ def similar(features, queries, top_k, exclude_self, sheet, overwrite, weights, b
         click.echo(f"contact sheet: {sheet}")
 
 
+@cli.command()
+@click.argument("run", type=click.Path(file_okay=False, readable=False))
+@click.option("--catalogue", required=True, type=click.Path(dir_okay=False, readable=False),
+              help="Feature file of the catalogue /v1/similar searches (rows extract adds appear within seconds).")
+@click.option("--queue", type=click.Path(dir_okay=False, readable=False),
+              help="Feature file of new photos to label (/v1/suggest).")
+@click.option("--labels", type=click.Path(dir_okay=False, readable=False),
+              help="CSV of path,label rows the labels given on the page are appended to (needs --queue).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (another than a loopback address is reachable from other machines).")
+@click.option("--port", default=8000, show_default=True, type=int, help="Port (0: any free port).")
+@click.option("--token", envvar="FURNITYPE_TOKEN", help="Require Authorization: Bearer TOKEN on the API.  "
+              "[default: $FURNITYPE_TOKEN, else none]")
+@click.option("--model", "-m", default="best", show_default=True, type=click.Choice(["best", *MODEL_NAMES]),
+              help="best: the model of the run's best row on the catalogue's settings.")
+@top_k_option("Classes per prediction, unless a request asks for another number.", default=3)
+@weights_option("Backbone weights file.  [default: the one recorded with the run's features]")
+@click.option("--max-batch", default=32, show_default=True, type=int, help="Most photos per network pass.")
+@click.option("--max-wait-ms", default=5.0, show_default=True, type=float,
+              help="How long a batch waits for more photos after its first.")
+@click.option("--max-queue", default=256, show_default=True, type=int,
+              help="Photos admitted at a time; past it requests get 503 with Retry-After.")
+@click.option("--max-upload-mb", default=20.0, show_default=True, type=float, help="Largest request body (413).")
+@click.option("--max-pixels", default=40_000_000, show_default=True, type=int, help="Largest photo in pixels (422).")
+@click.option("--workers", type=int, help="Decoding threads.  [default: up to 4]")
+@quiet_option("No progress lines on stderr (the ready line and warnings are still shown).")
+@api_command
+def serve(run, catalogue, queue, labels, host, port, token, model, top_k, weights, max_batch, max_wait_ms, max_queue,
+          max_upload_mb, max_pixels, workers, quiet) -> None:
+    """Serve a run's model and a catalogue over HTTP: a web page at / and a JSON API under /v1 (docs/serve.md).
+
+    The model and the network are loaded once; "ready on http://HOST:PORT" is printed when they are warm.
+    Photos of concurrent requests go through the network together. Ctrl-C or SIGTERM stops taking requests
+    and finishes those in flight (Ctrl-C exits 130, SIGTERM 0).
+
+    \b
+    Examples:
+      furnitype serve runs/furniture --catalogue vgg.h5
+      furnitype serve runs/furniture --catalogue vgg.h5 --queue new.h5 --labels labels.csv --port 8080
+      furnitype serve runs/furniture --catalogue vgg.h5 --host 0.0.0.0 --token "$(cat token.txt)"
+    """
+    from furnitype.serve import serve as run_server
+
+    run_server(run, catalogue, host=host, port=port, echo=lambda line: click.echo(line, err=True), queue=queue,
+               labels=labels, token=token, model=None if model == "best" else model, top_k=top_k, weights=weights,
+               max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, max_upload_mb=max_upload_mb,
+               max_pixels=max_pixels, decode_workers=workers)
+
+
 def main() -> None:
     """The command line (``furnitype.__main__`` starts it, and catches Ctrl-C while this module is imported)."""
     cli(prog_name="furnitype")

@@ -6,14 +6,22 @@ writer) instead of racing it; the test sees the stop with ``waitid`` and resumes
 while it is stopped arrives when it resumes, as if at that point. Read once at import: unset, a point costs a
 comparison. The points: ``cli-start`` (the command line, before it imports anything else) and ``store-commit``
 (a transaction's pages are in the feature store, its undo file not removed yet).
+
+``FURNITYPE_TEST_HOLD_AT=POINT:FOLDER`` makes ``hold_point(POINT)`` hold only the thread that gets there, while
+the rest of the process goes on (a server keeps answering while a batch is held): on arrival it creates
+``FOLDER/POINT.held``, and it goes on once the test creates ``FOLDER/POINT.go``. Points: ``serve-batch`` (a batch
+of photos taken by the server's network thread, before the network runs).
 """
 
 import os
 import signal
+import time
+from pathlib import Path
 
 _POINT, _, _nth = os.environ.get("FURNITYPE_TEST_PAUSE_AT", "").partition(":")
 _NTH = int(_nth) if _nth.isdigit() else 1
 _arrivals = 0
+_HOLD, _, _hold_folder = os.environ.get("FURNITYPE_TEST_HOLD_AT", "").partition(":")
 
 
 def pause_point(name: str) -> None:
@@ -24,3 +32,13 @@ def pause_point(name: str) -> None:
     _arrivals += 1
     if _arrivals == _NTH:
         os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def hold_point(name: str) -> None:
+    """Hold this thread here when ``FURNITYPE_TEST_HOLD_AT`` names this point, until the test lets it go."""
+    if name != _HOLD or not _hold_folder:
+        return
+    folder = Path(_hold_folder)
+    (folder / f"{name}.held").touch()
+    while not (folder / f"{name}.go").exists():
+        time.sleep(0.01)

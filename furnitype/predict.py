@@ -16,7 +16,7 @@ import csv
 import io
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
@@ -28,7 +28,7 @@ from furnitype.classify.run import damaged, load_model, load_run, training_photo
 from furnitype.classify.runfiles import Damage
 from furnitype.errors import InputError, SettingsMismatchError
 from furnitype.extract.backbones import check_memory, get_backbone, weights_files
-from furnitype.extract.images import ImageDecodeError, ImageFile, list_images, sha256_file
+from furnitype.extract.images import ImageDecodeError, ImageFile, decode_image, list_images, sha256_file
 from furnitype.extract.pipeline import ExtractSpec, check_batching, feature_batches
 from furnitype.extract.settings import as_stored, spec_for
 from furnitype.features.store import SETTING_KEYS, read_meta, rows_by_sha256, short_ids
@@ -295,8 +295,7 @@ def predict(
         if X.shape[1] != loaded.model.n_features_in_:
             _wrong_dimension(run, loaded, spec, X.shape[1], store)
         for (path, sha), proba in zip(outcomes, loaded.model.predict_proba(X), strict=True):
-            order = np.argsort(-proba, kind="stable")[:top_k]
-            top = [(str(classes[j]), float(proba[j])) for j in order]
+            top = _ranked(proba, classes, top_k)
             by_path[path] = Prediction(path, top[0][0], top[0][1], top, labels[path], sha, in_training=sha in trained)
 
     held = _stored_rows(store, list(labels)) if store is not None else {}
@@ -329,6 +328,101 @@ def predict(
     if out is not None:
         result.write_csv(out, overwrite=overwrite)
     return result
+
+
+class Predictor:
+    """A run's model and the network that makes its features, loaded once, for photos that arrive one by one
+    (``furnitype serve``): ``decode`` bytes, ``features`` of a batch of decoded images, ``label`` them.
+
+    The results are ``predict``'s on the same files: the same decoding, network, rounding to the store's dtype
+    and model.
+
+    Parameters
+    ----------
+    run : path
+        A run folder written by ``furnitype classify``.
+    model, features, weights :
+        As for ``predict``.
+    store : path, default=None
+        A feature file the features must match (the catalogue the server searches): with ``features`` None, its
+        settings choose the feature set; a file of other settings than the feature set's is refused.
+    batch_size : int, default=32
+        The largest batch ``features`` will be given (checked to fit in memory).
+    max_pixels : int, default=None
+        ``decode`` refuses images of more pixels (from their header).
+
+    Raises
+    ------
+    InputError, SettingsMismatchError, StoreError
+        As ``predict``.
+    """
+
+    def __init__(
+        self,
+        run: str | os.PathLike,
+        *,
+        model: str | None = None,
+        features: str | None = None,
+        weights: str | None = None,
+        store: str | os.PathLike | None = None,
+        batch_size: int = 32,
+        max_pixels: int | None = None,
+    ):
+        model = None if model in (None, "best") else model
+        stored_meta = read_meta(store) if store is not None else None
+        if stored_meta is not None and features is None:
+            features = _feature_set_like(run, stored_meta, model)
+        self.loaded = load_model(run, model, features=features)
+        if store is not None and stored_meta is not None:
+            _check_store(run, self.loaded, store, stored_meta)
+        self.run = str(run)
+        check_batching(batch_size, None)
+        self.spec = _checked_spec(run, self.loaded, weights, batch_size, None)
+        self.trained = training_photos(run, self.loaded.features)
+        self.max_pixels = max_pixels
+        self._classes = np.array(self.loaded.classes)
+        self._infer: Callable[[np.ndarray], np.ndarray] | None = None
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.loaded.classes)
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """A photo's bytes as the network's input (``ImageDecodeError`` when they are not a usable image)."""
+        spec = self.spec
+        return decode_image(data, spec.image_size, spec.interpolation, spec.decode, max_pixels=self.max_pixels)
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """Features of a batch of decoded images, as the run's store holds them (the network is built once)."""
+        if self._infer is None:
+            self._infer = self.spec.build()
+        X = as_stored(np.asarray(self._infer(images)), self.loaded.settings["store_dtype"])
+        if X.shape[1] != self.loaded.model.n_features_in_:
+            _wrong_dimension(self.run, self.loaded, self.spec, X.shape[1], None)
+        return X
+
+    def warm(self) -> None:
+        """Build the network and run it once, so that the first photo does not pay for it."""
+        size = self.spec.image_size
+        self.label(self.features(np.zeros((1, size, size, 3), np.uint8)), [""])
+
+    def label(self, X: np.ndarray, sha256: Sequence[str], *, top_k: int = 3,
+              names: Sequence[str] | None = None) -> list[Prediction]:
+        """Predictions of feature rows (of photos with these ``sha256``; ``names`` their paths or file names)."""
+        if top_k < 1:
+            raise InputError(f"top_k must be at least 1. Received: top_k={top_k}")
+        names = names if names is not None else [""] * len(sha256)
+        predictions = []
+        for name, sha, proba in zip(names, sha256, self.loaded.model.predict_proba(X), strict=True):
+            top = _ranked(proba, self._classes, min(top_k, len(self._classes)))
+            predictions.append(Prediction(name, top[0][0], top[0][1], top, sha256=sha, in_training=sha in self.trained))
+        return predictions
+
+
+def _ranked(proba: np.ndarray, classes: np.ndarray, top_k: int) -> list[tuple[str, float]]:
+    """The ``top_k`` most probable classes with their probabilities, most probable first."""
+    order = np.argsort(-proba, kind="stable")[:top_k]
+    return [(str(classes[j]), float(proba[j])) for j in order]
 
 
 def _checked_spec(run, loaded, weights: str | None, batch_size: int, out) -> ExtractSpec:

@@ -22,7 +22,7 @@ import numpy as np
 from furnitype.errors import InputError
 from furnitype.extract.backbones import weights_files
 from furnitype.extract.images import ImageDecodeError, list_images, sha256_file
-from furnitype.extract.pipeline import check_batching
+from furnitype.extract.pipeline import ExtractSpec, check_batching
 from furnitype.features.index import CosineIndex
 from furnitype.features.store import FeatureSet, load
 from furnitype.outputs import check_output, refuse_existing, refuse_inputs, refuse_photos, significant
@@ -30,12 +30,13 @@ from furnitype.outputs import check_output, refuse_existing, refuse_inputs, refu
 
 @dataclass(frozen=True)
 class Neighbour:
-    """A stored photo near a query: its path, label ("" when it has none) and cosine distance (0 = same
-    direction, up to 2)."""
+    """A stored photo near a query: its path, label ("" when it has none), cosine distance (0 = same
+    direction, up to 2) and the sha256 of its content."""
 
     path: str
     label: str
     distance: float
+    sha256: str = ""
 
     def as_dict(self) -> dict:
         """``{"path", "label", "distance"}``: no label is None; the distance has 6 significant digits."""
@@ -127,6 +128,47 @@ class SimilarIndex:
         check_batching(batch_size, workers)
         items = self._resolve(queries)
         self._extract([q for q in items if q.row is None and not q.error], weights, batch_size, workers)
+        return self._matches(items, k, exclude_self)
+
+    def search_vectors(self, X: np.ndarray, *, k: int = 5) -> list[list[Neighbour]]:
+        """The ``k`` nearest stored photos of each row of ``X``: features of new photos, made with the file's
+        settings (``spec``) and rounded to its dtype, as ``search`` makes them."""
+        if k < 1:
+            raise InputError(f"k must be at least 1. Received: k={k}")
+        items = [_Query("", vector=np.asarray(row, np.float32)) for row in X]
+        return [match.neighbours for match in self._matches(items, k, False)]
+
+    def search_sha256(self, sha256: str, *, k: int = 5, exclude_self: bool = True) -> Match:
+        """The ``k`` nearest stored photos of the stored photo with this content (``query`` is its path).
+
+        Raises ``KeyError`` when no row has this content.
+        """
+        if k < 1:
+            raise InputError(f"k must be at least 1. Received: k={k}")
+        row = self._rows_by_sha[sha256][0]
+        fs = self.feature_set
+        return self._matches([_Query(str(fs.paths[row]), str(fs.labels[row]), row)], k, exclude_self)[0]
+
+    def row_of(self, sha256: str) -> int | None:
+        """The first stored row with this content (None when there is none)."""
+        rows = self._rows_by_sha.get(sha256)
+        return rows[0] if rows else None
+
+    def spec(self, weights: str | None = None) -> ExtractSpec:
+        """The ``ExtractSpec`` that made the file's rows (the weights checked), to extract new queries."""
+        from furnitype.extract.settings import spec_for
+
+        meta = self.feature_set.meta
+        return spec_for(
+            self.feature_set.settings,
+            weights=weights,
+            source=meta.get("weights_source"),
+            calibration_photos=meta.get("calibration_photos"),
+            what=f"the rows of {self.feature_set.file or 'the feature set'}",
+        )
+
+    def _matches(self, items: list[_Query], k: int, exclude_self: bool) -> list[Match]:
+        """A ``Match`` per query: its neighbours when it is usable (a stored row or a vector)."""
         usable = [i for i, q in enumerate(items) if not q.error]
         found: dict[int, list[Neighbour]] = {}
         if usable:
@@ -173,16 +215,10 @@ class SimilarIndex:
             return
         from furnitype.extract.backbones import check_memory, get_backbone
         from furnitype.extract.pipeline import feature_batches
-        from furnitype.extract.settings import as_stored, spec_for
+        from furnitype.extract.settings import as_stored
 
         meta = self.feature_set.meta
-        spec = spec_for(
-            self.feature_set.settings,
-            weights=weights,
-            source=meta.get("weights_source"),
-            calibration_photos=meta.get("calibration_photos"),
-            what=f"the rows of {self.feature_set.file or 'the feature set'}",
-        )
+        spec = self.spec(weights)
         check_memory(get_backbone(spec.backbone), spec.image_size, batch_size)
         by_path: dict[str, list[_Query]] = {}
         for query in todo:  # a file given twice is extracted once
@@ -208,7 +244,7 @@ class SimilarIndex:
         if query.row is not None and not exclude_self:
             pairs.insert(0, (query.row, 0.0))
         fs = self.feature_set
-        return [Neighbour(str(fs.paths[r]), str(fs.labels[r]), d) for r, d in pairs[:k]]
+        return [Neighbour(str(fs.paths[r]), str(fs.labels[r]), d, str(fs.sha256[r])) for r, d in pairs[:k]]
 
 
 def similar(

@@ -14,6 +14,7 @@ import csv
 import io
 import os
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,6 +160,7 @@ def suggest(
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
     sheet: str | os.PathLike | None = None,
+    leave_out: Collection[str] = (),
 ) -> SuggestResult:
     """Rank the photos of a feature file by how much labelling them would teach the run's model; keep ``n``.
 
@@ -180,6 +182,8 @@ def suggest(
         Also draw the suggested photos with the model's guesses there, as a PNG
         (``furnitype.reports.sheet.labelling_sheet``). ``out`` and ``sheet`` are checked before any work; neither
         is ever one of the photos of ``features``.
+    leave_out : collection of str, default=()
+        Paths of photos not to suggest (those already labelled); when they leave none, no photo is suggested.
 
     Returns
     -------
@@ -218,14 +222,15 @@ def suggest(
         )
     in_training = np.isin(fs.sha256, list(training_photos(run, loaded.features)))
     candidates, notes = _candidates(fs, in_training, run)
+    if leave_out:
+        candidates = candidates[~np.isin(fs.paths[candidates], list(leave_out))]
     if n > len(candidates):
         notes.append(f"only {len(candidates)} photos can be suggested (asked for {n}); suggesting all of them.")
         n = len(candidates)
-    X = fs.features[candidates]
-    proba = loaded.model.predict_proba(X)
-    picked = labelling_order(proba, n)
     classes = np.asarray(loaded.classes)
     suggestions = []
+    proba = loaded.model.predict_proba(fs.features[candidates]) if n else np.zeros((0, len(classes)))
+    picked = labelling_order(proba, n) if n else np.zeros(0, int)
     for row, p in zip(candidates[picked], proba[picked], strict=True):
         guess, runner_up = np.argsort(-p, kind="stable")[:2]
         suggestions.append(

@@ -37,9 +37,11 @@ NOT_RUN = {
     "--engine ray": "needs a Ray cluster (tests/test_ray_engine.py runs the Ray engine)",
     "--precision int8": "quantizes with NNCF (tests/test_int8.py runs int8)",
     "--like vgg-int8.h5": "takes the int8 store the command above (not run) makes",
+    "furnitype serve": "serves until stopped (tests/test_serve.py runs docs/serve.md's curl lines against a server)",
 }
 #: Python blocks that are not run, by a word of their fence's info string.
-NOT_RUN_PYTHON = {"signature": "a call signature, not a statement", "ray": "needs a Ray cluster"}
+NOT_RUN_PYTHON = {"signature": "a call signature, not a statement", "ray": "needs a Ray cluster",
+                  "serve": "serves until stopped"}
 
 
 @dataclass(frozen=True)

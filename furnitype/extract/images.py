@@ -373,11 +373,14 @@ def _read(fd: int, size: int) -> bytes:
     return b"".join(chunks)
 
 
-def decode_image(data: bytes, size: int, interpolation: str = "bilinear", decode: str = "exact") -> np.ndarray:
+def decode_image(
+    data: bytes, size: int, interpolation: str = "bilinear", decode: str = "exact", *, max_pixels: int | None = None
+) -> np.ndarray:
     """Decode image bytes to a ``(size, size, 3)`` uint8 RGB array, as ``keras.utils.load_img`` would.
 
     EXIF orientation is applied; any mode becomes RGB (16-bit scaled to 8, transparency composited on white);
-    then the image is resized (squashed) to the square input with ``interpolation``.
+    then the image is resized (squashed) to the square input with ``interpolation``. An image of more than
+    ``max_pixels`` pixels is refused from its header, before any pixel is decoded.
 
     Raises
     ------
@@ -390,9 +393,15 @@ def decode_image(data: bytes, size: int, interpolation: str = "bilinear", decode
         raise ImageDecodeError(NOT_A_PHOTO_HDF5)
     try:
         img: Image.Image = Image.open(BytesIO(data))
+        if max_pixels is not None and img.width * img.height > max_pixels:
+            raise ImageDecodeError(
+                f"too large: {img.width} x {img.height} pixels (the limit is {max_pixels:,} pixels)"
+            )
         if decode == "draft" and img.format == "JPEG":
             img.draft(img.mode, (size, size))
         img.load()
+    except ImageDecodeError:
+        raise
     except UnidentifiedImageError as cause:
         raise ImageDecodeError("not an image (unrecognised format)") from cause
     except Image.DecompressionBombError as err:
