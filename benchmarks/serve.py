@@ -3,7 +3,7 @@
 Run by hand, once per precision (a run trained on a store of that precision, the store as the catalogue)::
 
     .venv/bin/python benchmarks/serve.py PHOTOS/ --run RUN --catalogue STORE.h5 --weights vgg16_notop.weights.h5 \\
-        [--clients 1,8,32] [--pairs 3] [--soak-minutes 10] [--out results.json]
+        [--clients 1,8,32] [--pairs 3] [--soak-minutes 10] [--server-args "--max-wait-ms 0"] [--out results.json]
     .venv/bin/python benchmarks/serve.py --table RESULTS.json...     # the tables of saved results, as Markdown
 
 The server is ``furnitype serve RUN --catalogue STORE --weights W --port 0`` in a child process, on loopback; the
@@ -25,7 +25,7 @@ answered from its stored row, without the network.
   is already built, with the catalogue's settings, ``like=STORE``). Only one of the two runs at a time. photos/s
   of each and their ratio (median over pairs; goal >= 0.9), CPU ms per photo of each.
 - **more like this**: ``POST /v1/similar {"sha256": ...}`` of ``--similar-queries`` catalogue rows, one at a time
-  (p50 goal <= 5 ms).
+  (p50 goal <= 5 ms), with httpx, then again with ``http.client`` (a lighter client).
 - **soak** (``--soak-minutes``): ``/v1/predict`` at the largest client count for that long; failed requests
   (not 200, 503s counted apart) and the server's ``VmRSS`` every 5 s; growth from minute 2 to the end.
 
@@ -71,7 +71,7 @@ class Server:
 
     def __init__(self, args):
         cmd = [sys.executable, "-m", "furnitype.cli", "serve", args.run, "--catalogue", args.catalogue,
-               "--weights", args.weights, "--port", "0", "--quiet"]
+               "--weights", args.weights, "--port", "0", "--quiet", *args.server_args.split()]
         self.command = " ".join(cmd[1:])
         self.lines: list[str] = []
         started = time.perf_counter()
@@ -228,6 +228,28 @@ async def load(server: Server, photos: Photos, *, endpoint: str, clients: int, r
     }
 
 
+def plain_queries(server: Server, queries: list[dict]) -> dict:
+    """The same JSON queries one at a time over one kept-alive ``http.client`` connection (a lighter client than
+    httpx's: what is left is the server's and the network stack's time)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    where = urlsplit(server.url)
+    connection = http.client.HTTPConnection(where.hostname or "127.0.0.1", where.port, timeout=60)
+    latencies = []
+    for query in queries:
+        body = json.dumps(query).encode()
+        started = time.perf_counter()
+        connection.request("POST", "/v1/similar", body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        response.read()
+        latencies.append(1000 * (time.perf_counter() - started))
+        assert response.status == 200, response.status
+    connection.close()
+    return {"requests": len(latencies), "p50_ms": float(np.percentile(latencies, 50)),
+            "p95_ms": float(np.percentile(latencies, 95)), "p99_ms": float(np.percentile(latencies, 99))}
+
+
 def link_folder(files: list[str], folder: Path) -> Path:
     """A folder of symbolic links to ``files`` (unlabelled: ``extract`` lists them as they are)."""
     folder.mkdir(parents=True)
@@ -293,6 +315,7 @@ def benchmark(args) -> dict:
         asyncio.run(load(server, photos, endpoint="/v1/similar", clients=1, requests=10, json_bodies=queries))
         report["more_like_this"] = asyncio.run(load(server, photos, endpoint="/v1/similar", clients=1,
                                                     requests=len(queries), json_bodies=queries))
+        report["more_like_this_plain"] = plain_queries(server, queries)
 
         if args.soak_minutes:
             report["soak"] = soak(server, photos, most, args.soak_minutes)
@@ -356,6 +379,10 @@ def table(report: dict) -> str:
     lines.append(f"| 1 | /v1/similar by sha256 | {m['requests']} ({m['requests'] - m['ok']}) | {m['p50_ms']:.1f} | "
                  f"{m['p95_ms']:.1f} | {m['p99_ms']:.1f} | {m['queries_per_s']:.0f} q/s | "
                  f"{m['server_cpu_ms_per_request']:.1f} | {m['server_total_ms_p50']:.2f} |")
+    if "more_like_this_plain" in report:
+        m = report["more_like_this_plain"]
+        lines.append(f"| 1 | /v1/similar by sha256, http.client | {m['requests']} (0) | {m['p50_ms']:.1f} | "
+                     f"{m['p95_ms']:.1f} | {m['p99_ms']:.1f} | | | |")
     inter = report["interleaved"]
     lines += ["", f"Interleaved at {inter['clients']} clients: " + "; ".join(
         f"serve {q['serve_photos_per_s']:.2f} vs extract {q['extract_photos_per_s']:.2f} photos/s "
@@ -391,6 +418,7 @@ def main() -> None:
     parser.add_argument("--slice-images", type=int, default=96, help="photos per interleaved slice")
     parser.add_argument("--similar-queries", type=int, default=200, help='"more like this" queries')
     parser.add_argument("--soak-minutes", type=float, default=0)
+    parser.add_argument("--server-args", default="", help='more options for the server ("--max-wait-ms 0")')
     parser.add_argument("--out", help="write the results here as JSON")
     args = parser.parse_args()
     report = benchmark(args)
