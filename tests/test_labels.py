@@ -20,6 +20,7 @@ from furnitype.labels import append_label, count_labels, labelled_paths
 from tests.conftest import run_cli
 from tests.images import make_photo_folder
 from tests.processes import pause_env, signal_stopped, wait_stopped
+from tests.test_store import WITHOUT_ROOT_POWERS
 
 #: A child that waits for ``GO`` (a file), then adds ``ROWS`` labels ``PREFIX-i.jpg,LABEL`` to ``LABELS``.
 WRITER = """
@@ -245,3 +246,23 @@ def test_extract_reads_the_labels_file(tmp_path):
     store = load(out)
     assert sorted(zip((Path(p).name for p in store.paths), store.labels, strict=True)) == [
         ("bed_0.jpg", "tv"), ("bed_1.jpg", "sofa"), ("chair_0.jpg", "tv")]
+
+
+def test_a_folder_that_cannot_be_written_is_one_line_and_the_file_is_left_alone(tmp_path):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    labels = folder / "labels.csv"
+    append_label(labels, str(tmp_path / "a.jpg"), "bed")
+    before = labels.read_bytes()
+    os.chmod(folder, 0o555)
+    try:
+        done = subprocess.run([*WITHOUT_ROOT_POWERS, sys.executable, "-c", (
+            "import sys\nfrom furnitype.errors import InputError\nfrom furnitype.labels import append_label\n"
+            "try:\n    append_label(sys.argv[1], sys.argv[2], 'chair')\n"
+            "except InputError as err:\n    sys.exit(f'Error: {err}')\n"), str(labels), str(tmp_path / "b.jpg")],
+            capture_output=True, text=True, timeout=120)
+    finally:
+        os.chmod(folder, 0o755)
+    assert (done.returncode, done.stderr) == (1, f"Error: cannot write {labels}: Permission denied (cannot create "
+                                                 f"{labels}.lock).\n")
+    assert labels.read_bytes() == before and sorted(p.name for p in folder.iterdir()) == ["labels.csv"]
