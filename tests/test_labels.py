@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from furnitype.errors import InputError
+import furnitype.labels as labels_module
+from furnitype.errors import FurnitypeError, InputError
 from furnitype.extract.images import ImageFile, read_manifest
 from furnitype.features.store import load
 from furnitype.labels import append_label, count_labels, labelled_paths
@@ -166,6 +167,23 @@ def test_a_writer_waits_for_the_one_writing(tmp_path):
     for proc in (first, second):
         assert proc.wait(timeout=120) == 0, proc.stderr.read() if proc.stderr else ""
     assert sorted(read_manifest(labels)) == [ImageFile(f"{a}-0.jpg", "bed"), ImageFile(f"{b}-0.jpg", "chair")]
+
+
+def test_a_writer_held_up_too_long_is_one_line_not_a_wait_forever(tmp_path, monkeypatch):
+    labels, go = tmp_path / "labels.csv", tmp_path / "go"
+    go.touch()
+    holder = writer(labels, tmp_path / "a", 1, "bed", go, env=pause_env("labels-write"))
+    assert wait_stopped(holder)  # it holds the lock and will not let go while stopped
+    monkeypatch.setattr(labels_module, "WAIT_SECONDS", 0.2)
+    try:
+        with pytest.raises(FurnitypeError, match=r"^another process has been writing .*labels.csv for over 0.2 s; "
+                                                 r"try again.$") as refused:
+            append_label(labels, str(tmp_path / "b.jpg"), "chair")
+        assert not isinstance(refused.value, InputError)  # not the user's input: exit 1, a server's 500
+    finally:
+        signal_stopped(holder, signal.SIGCONT)
+    assert holder.wait(timeout=120) == 0
+    assert read_manifest(labels) == [ImageFile(f"{tmp_path / 'a'}-0.jpg", "bed")]
 
 
 def test_a_kill_9_while_writing_leaves_the_previous_rows_whole(tmp_path):
