@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from furnitype.errors import InputError
+from furnitype.errors import FurnitypeError, InputError
 from furnitype.extract.images import MAX_FILE_BYTES, ImageFile, bad_label, parse_manifest
 from furnitype.faults import pause_point
 from furnitype.features.locking import same_file
@@ -46,6 +46,8 @@ def append_label(labels: str | os.PathLike, path: str, label: str) -> int:
         ``label`` is empty or not one printable line; ``path`` cannot be written in a UTF-8 CSV so that it reads
         back the same; the path is listed with another label; the file is a symbolic link, not a regular file,
         or cannot be read as a manifest; the file cannot be written (the disk is full, ...).
+    FurnitypeError
+        Another writer has held the file for over ``WAIT_SECONDS``.
     """
     target = Path(os.path.abspath(labels))
     label = label.strip()
@@ -54,6 +56,9 @@ def append_label(labels: str | os.PathLike, path: str, label: str) -> int:
     if bad_label(label):
         raise InputError(bad_label(label))
     photo = _recordable(path)
+    if parse_manifest(_row_bytes(b"", photo, label), target) != [ImageFile(photo, label)]:
+        raise InputError(f"cannot label {photo!r}: a labels file would not read its name back the same (blanks at its "
+                         "ends are dropped); rename it.")
     make_parents(target)
     with _locked(target):
         data = _read(target)
@@ -104,8 +109,6 @@ def _recordable(path: str) -> str:
     except UnicodeEncodeError as err:
         raise InputError(f"cannot label {shown_name(photo)}: its name is not UTF-8 text, which a labels file "
                          "holds; rename it.") from err
-    if photo != photo.strip():
-        raise InputError(f"cannot label {photo!r}: a labels file drops blanks around a path; rename it.")
     return photo
 
 
@@ -171,8 +174,8 @@ def _locked(target: Path) -> Iterator[None]:
                         waited = True
                         pause_point("labels-wait")
                     if time.monotonic() > deadline:
-                        raise InputError(f"another process has been writing {target} for over {WAIT_SECONDS:g} s; "
-                                         "try again.") from None
+                        raise FurnitypeError(f"another process has been writing {target} for over {WAIT_SECONDS:g} "
+                                             "s; try again.") from None
                     time.sleep(0.005)
         except BaseException:
             os.close(fd)

@@ -7,18 +7,21 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from furnitype.errors import InputError
+import furnitype.labels as labels_module
+from furnitype.errors import FurnitypeError, InputError
 from furnitype.extract.images import ImageFile, read_manifest
 from furnitype.features.store import load
 from furnitype.labels import append_label, count_labels, labelled_paths
 from tests.conftest import run_cli
 from tests.images import make_photo_folder
 from tests.processes import pause_env, signal_stopped, wait_stopped
+from tests.test_store import WITHOUT_ROOT_POWERS
 
 #: A child that waits for ``GO`` (a file), then adds ``ROWS`` labels ``PREFIX-i.jpg,LABEL`` to ``LABELS``.
 WRITER = """
@@ -76,8 +79,8 @@ def test_labels_are_added_once_and_read_back_as_extract_reads_them(tmp_path, mon
 
 @pytest.mark.parametrize(("path", "label", "message"), [
     (os.fsdecode(b"caf\xe9.jpg"), "bed", r"cannot label .*caf\\xe9.jpg: its name is not UTF-8 text"),
-    ("spaced.jpg ", "bed", "a labels file drops blanks around a path"),
-    ("tab.jpg\t", "bed", "a labels file drops blanks around a path"),
+    ("spaced.jpg ", "bed", "a labels file would not read its name back the same"),
+    ("tab.jpg\t", "bed", "a labels file would not read its name back the same"),
     ("a.jpg", "  ", "a label must not be empty"),
     ("a.jpg", "two\nlines", "a label must be printable text on one line"),
 ], ids=["not utf-8", "trailing space", "trailing tab", "empty label", "two-line label"])
@@ -133,6 +136,24 @@ def test_two_processes_adding_labels_at_once_keep_every_row_once(tmp_path):
     assert labels.read_text().count("\n") == 121  # the header and one line per row: nothing torn, nothing twice
 
 
+def test_threads_adding_labels_at_once_keep_every_row_once(tmp_path):
+    labels = tmp_path / "labels.csv"  # as a server's request threads do: one process, a lock each
+    barrier = threading.Barrier(3)
+
+    def add(prefix: str) -> None:
+        barrier.wait()
+        for i in range(30):
+            append_label(labels, str(tmp_path / f"{prefix}-{i}.jpg"), prefix)
+
+    threads = [threading.Thread(target=add, args=(name,)) for name in ("bed", "chair", "sofa")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert sorted(read_manifest(labels)) == sorted(ImageFile(str(tmp_path / f"{name}-{i}.jpg"), name)
+                                                   for name in ("bed", "chair", "sofa") for i in range(30))
+
+
 def test_a_writer_waits_for_the_one_writing(tmp_path):
     labels, go = tmp_path / "labels.csv", tmp_path / "go"
     go.touch()
@@ -146,6 +167,23 @@ def test_a_writer_waits_for_the_one_writing(tmp_path):
     for proc in (first, second):
         assert proc.wait(timeout=120) == 0, proc.stderr.read() if proc.stderr else ""
     assert sorted(read_manifest(labels)) == [ImageFile(f"{a}-0.jpg", "bed"), ImageFile(f"{b}-0.jpg", "chair")]
+
+
+def test_a_writer_held_up_too_long_is_one_line_not_a_wait_forever(tmp_path, monkeypatch):
+    labels, go = tmp_path / "labels.csv", tmp_path / "go"
+    go.touch()
+    holder = writer(labels, tmp_path / "a", 1, "bed", go, env=pause_env("labels-write"))
+    assert wait_stopped(holder)  # it holds the lock and will not let go while stopped
+    monkeypatch.setattr(labels_module, "WAIT_SECONDS", 0.2)
+    try:
+        with pytest.raises(FurnitypeError, match=r"^another process has been writing .*labels.csv for over 0.2 s; "
+                                                 r"try again.$") as refused:
+            append_label(labels, str(tmp_path / "b.jpg"), "chair")
+        assert not isinstance(refused.value, InputError)  # not the user's input: exit 1, a server's 500
+    finally:
+        signal_stopped(holder, signal.SIGCONT)
+    assert holder.wait(timeout=120) == 0
+    assert read_manifest(labels) == [ImageFile(f"{tmp_path / 'a'}-0.jpg", "bed")]
 
 
 def test_a_kill_9_while_writing_leaves_the_previous_rows_whole(tmp_path):
@@ -226,3 +264,23 @@ def test_extract_reads_the_labels_file(tmp_path):
     store = load(out)
     assert sorted(zip((Path(p).name for p in store.paths), store.labels, strict=True)) == [
         ("bed_0.jpg", "tv"), ("bed_1.jpg", "sofa"), ("chair_0.jpg", "tv")]
+
+
+def test_a_folder_that_cannot_be_written_is_one_line_and_the_file_is_left_alone(tmp_path):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    labels = folder / "labels.csv"
+    append_label(labels, str(tmp_path / "a.jpg"), "bed")
+    before = labels.read_bytes()
+    os.chmod(folder, 0o555)
+    try:
+        done = subprocess.run([*WITHOUT_ROOT_POWERS, sys.executable, "-c", (
+            "import sys\nfrom furnitype.errors import InputError\nfrom furnitype.labels import append_label\n"
+            "try:\n    append_label(sys.argv[1], sys.argv[2], 'chair')\n"
+            "except InputError as err:\n    sys.exit(f'Error: {err}')\n"), str(labels), str(tmp_path / "b.jpg")],
+            capture_output=True, text=True, timeout=120)
+    finally:
+        os.chmod(folder, 0o755)
+    assert (done.returncode, done.stderr) == (1, f"Error: cannot write {labels}: Permission denied (cannot create "
+                                                 f"{labels}.lock).\n")
+    assert labels.read_bytes() == before and sorted(p.name for p in folder.iterdir()) == ["labels.csv"]
