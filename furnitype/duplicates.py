@@ -41,7 +41,7 @@ from furnitype.outputs import (
 MAX_DISTANCE = 0.05
 #: Cosine distance that float32 rounding gives rows with identical features (measured up to 7e-7 for 512 and
 #: 2,048 features): such rows are at distance 0, so that ``max_distance=0`` groups them.
-_ROUNDING = 1e-5
+_ROUNDING = 2e-6
 #: Nearest neighbours of each content searched for near-duplicates.
 NEIGHBOURS = 10
 #: Contents searched at once (bounds the neighbour arrays in memory).
@@ -313,20 +313,24 @@ def _group(fs: FeatureSet, rows: np.ndarray, node: np.ndarray) -> Group:
 def conflict_note(key: str, *parts: FeatureSet) -> list[str]:
     """A run's note on the labelled photos of one feature set (``parts``: its training and held-out test rows):
     how many groups of duplicates at ``MAX_DISTANCE`` carry different labels, and the command that lists them;
-    none when no group does."""
+    none when no group does. Features of random weights (``--weights none``) put nearly all photos within
+    ``MAX_DISTANCE``: for them only identical photos count."""
     def joined(name: str) -> np.ndarray:
         return np.concatenate([getattr(part, name) for part in parts])
 
     rows = replace(parts[0], features=joined("features"), paths=joined("paths"), labels=joined("labels"),
                    sha256=joined("sha256"))
-    conflicts = find_groups(rows).conflicts
+    random = str(rows.meta.get("weights", "")).startswith("none")
+    conflicts = find_groups(rows, max_distance=0 if random else MAX_DISTANCE).conflicts
     if not conflicts:
         return []
     verb = "carries" if conflicts == 1 else "carry"
-    command = f"furnitype duplicates {shlex.quote(parts[0].file)}"
+    photos = "identical photos" if random else (
+        f"identical or near-identical photos (cosine distance up to {MAX_DISTANCE:g})")
+    command = f"furnitype duplicates {shlex.quote(parts[0].file)}{' --max-distance 0' if random else ''}"
     return [
-        f"{key}: {_groups(conflicts)} of identical or near-identical photos (cosine distance up to "
-        f"{MAX_DISTANCE:g}) {verb} different labels, one product filed under two classes? `{command}` lists them first."
+        f"{key}: {_groups(conflicts)} of {photos} {verb} different labels, one product filed under two classes? "
+        f"`{command}` lists them first."
     ]
 
 

@@ -310,3 +310,22 @@ def test_the_note_quotes_the_command_for_a_shell(tmp_path):
     [note] = conflict_note("my feats (v2)", load(file))
     command = note.split("`")[1]
     assert shlex.split(command) == ["furnitype", "duplicates", str(file)]
+
+
+def test_the_note_counts_only_identical_photos_for_random_weights(tmp_path):
+    """Random weights put nearly all photos within 0.05 of each other (every classify of such a store noted one
+    conflicting group): for them the note counts identical photos only, and its command asks for 0."""
+    rng = np.random.default_rng(4)
+    X = 1 + 0.1 * rng.random((8, 16)).astype(np.float32)  # all within 0.05, as random weights give
+    labels = ["bed", "chair"] * 4
+    meta = {**STORE_META, "weights": "none(seed=0)"}
+    apart, same = tmp_path / "apart.h5", tmp_path / "same.h5"
+    save(apart, features=X, paths=[f"/p/{i}.jpg" for i in range(8)], labels=labels,
+         sha256=[f"{i:064x}" for i in range(8)], meta=meta)
+    assert find_groups(load(apart)).conflicts == 1 and conflict_note("apart", load(apart)) == []
+    save(same, features=np.concatenate([X, X[:1]]), paths=[f"/p/{i}.jpg" for i in range(9)], labels=[*labels, "sofa"],
+         sha256=[f"{i:064x}" for i in range(8)] + [f"{0:064x}"], meta=meta)
+    assert conflict_note("same", load(same)) == [
+        f"same: 1 group of identical photos carries different labels, one product filed under two classes? "
+        f"`furnitype duplicates {same} --max-distance 0` lists them first."
+    ]
