@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import shlex
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -329,3 +331,15 @@ def test_the_note_counts_only_identical_photos_for_random_weights(tmp_path):
         f"same: 1 group of identical photos carries different labels, one product filed under two classes? "
         f"`furnitype duplicates {same} --max-distance 0` lists them first."
     ]
+
+
+@pytest.mark.parametrize("option", ["--out", "--sheet"])
+def test_an_output_that_is_a_fifo_is_refused_not_replaced(store, tmp_path, option):
+    """``--out /dev/null --overwrite`` renamed a file over the device; a FIFO stands in for it (no root needed)."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    result = invoke("duplicates", store["file"], option, fifo, "--overwrite")
+    assert result.exit_code == 2 and result.output == (
+        f"Error: cannot write {fifo}: it is a device, FIFO or socket, not a file.\n"
+    )
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and sorted(tmp_path.iterdir()) == [fifo]
