@@ -191,8 +191,7 @@ class DuplicatesResult:
             record["conflict"] = str(record["conflict"]).lower()
             record["distance"] = significant(record["distance"])
             writer.writerow(record.values())
-        # a file name that is not UTF-8 is written as the bytes the file system has, so it still names the file
-        return replace_file(path, text.getvalue().encode("utf-8", errors="surrogateescape"))
+        return replace_file(path, text.getvalue().encode("utf-8"))  # a store's paths are UTF-8 (extract skips others)
 
 
 def duplicates(
