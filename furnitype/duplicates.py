@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import csv
 import io
+import numbers
 import os
+import shlex
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -24,7 +26,7 @@ from scipy.sparse.csgraph import connected_components
 
 from furnitype.errors import InputError
 from furnitype.features.index import CosineIndex
-from furnitype.features.store import FeatureSet, load
+from furnitype.features.store import FeatureSet, load, store_files
 from furnitype.outputs import (
     check_output,
     data_frame,
@@ -37,6 +39,9 @@ from furnitype.outputs import (
 
 #: The default ``max_distance``: measured on VGG16 features of 2,657 product photos (docs/cli.md, duplicates).
 MAX_DISTANCE = 0.05
+#: Cosine distance that float32 rounding gives rows with identical features (measured up to 7e-7 for 512 and
+#: 2,048 features): such rows are at distance 0, so that ``max_distance=0`` groups them.
+_ROUNDING = 2e-6
 #: Nearest neighbours of each content searched for near-duplicates.
 NEIGHBOURS = 10
 #: Contents searched at once (bounds the neighbour arrays in memory).
@@ -130,7 +135,7 @@ class DuplicatesResult:
         """One line: groups found (exact, near), how many carry different labels, photos in them."""
         photos = sum(len(group.photos) for group in self.groups)
         return (
-            f"{len(self.groups):,} groups of duplicate photos in {self.file} ({self.count('exact'):,} exact, "
+            f"{_groups(len(self.groups))} of duplicate photos in {self.file} ({self.count('exact'):,} exact, "
             f"{self.count('near'):,} near within {self.max_distance:g}), {self.conflicts:,} with different labels; "
             f"{photos:,} of {self.rows:,} photos in groups; {self.seconds:.1f} s"
         )
@@ -186,8 +191,7 @@ class DuplicatesResult:
             record["conflict"] = str(record["conflict"]).lower()
             record["distance"] = significant(record["distance"])
             writer.writerow(record.values())
-        # a file name that is not UTF-8 is written as the bytes the file system has, so it still names the file
-        return replace_file(path, text.getvalue().encode("utf-8", errors="surrogateescape"))
+        return replace_file(path, text.getvalue().encode("utf-8"))  # a store's paths are UTF-8 (extract skips others)
 
 
 def duplicates(
@@ -212,7 +216,7 @@ def duplicates(
         Also draw the groups, a row each, as a PNG there (``furnitype.reports.sheet.groups_sheet``).
     overwrite : bool, default=False
         Replace an existing ``out`` or ``sheet`` file. Both are checked before any work; neither is ever the
-        feature file or one of its photos.
+        feature file (nor its journal or lock file) or one of its photos.
 
     Returns
     -------
@@ -227,25 +231,25 @@ def duplicates(
         The feature file is damaged or not furnitype's.
     """
     started = time.perf_counter()
-    if not isinstance(max_distance, (int, float)) or not 0 <= max_distance <= 2:
+    if isinstance(max_distance, bool) or not isinstance(max_distance, numbers.Real) or not 0 <= max_distance <= 2:
         raise InputError(f"max_distance must be a cosine distance from 0 to 2. Received: max_distance={max_distance}")
     outputs = {"--out": out, "--sheet": sheet}
     for path in (out, sheet):
         if path is not None:
             check_output(path)
-    refuse_inputs(outputs, [features])
+    refuse_inputs(outputs, store_files(features))
     fs = load(features)
     refuse_photos(outputs, fs.paths)  # the photos listed and drawn
     refuse_existing(outputs, overwrite=overwrite)
     result = replace(find_groups(fs, max_distance=max_distance), seconds=time.perf_counter() - started)
-    if out is not None:
-        result.write_csv(out, overwrite=overwrite)
-    if sheet is not None:
+    if sheet is not None:  # first: drawing takes long, and Ctrl-C then leaves neither file written
         from furnitype.reports.sheet import groups_sheet
 
-        title = (f"{features}: {len(result.groups):,} groups of duplicate photos (cosine distance up to "
+        title = (f"{features}: {_groups(len(result.groups))} of duplicate photos (cosine distance up to "
                  f"{max_distance:g}), {result.conflicts:,} with different labels")
         groups_sheet(result.groups, sheet, title=title)
+    if out is not None:
+        result.write_csv(out, overwrite=overwrite)
     return result
 
 
@@ -254,7 +258,7 @@ def find_groups(feature_set: FeatureSet, *, max_distance: float = MAX_DISTANCE) 
     sha, first_row, node = np.unique(feature_set.sha256, return_index=True, return_inverse=True)
     node = node.reshape(-1)
     vectors = feature_set.features[first_row]  # rows of one content hold its features
-    a, b = _near_pairs(vectors, NEIGHBOURS, max_distance)
+    a, b = _near_pairs(vectors, NEIGHBOURS, max_distance + _ROUNDING)
     graph = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(len(sha), len(sha)))
     _, component = connected_components(graph, directed=False)
     row_component = component[node]
@@ -297,7 +301,7 @@ def _group(fs: FeatureSet, rows: np.ndarray, node: np.ndarray) -> Group:
     first = min(label, key=lambda r: (label_order(r), str(fs.paths[r])))
     members = list(label)
     distances, found = CosineIndex(fs.features[members]).kneighbors(fs.features[[first]], len(members))
-    to_first = {members[i]: 0.0 if node[members[i]] == node[first] else float(d)
+    to_first = {members[i]: 0.0 if d <= _ROUNDING else float(d)
                 for i, d in zip(found[0].tolist(), distances[0].tolist(), strict=True)}
     ordered = sorted(members, key=lambda r: (r != first, label_order(r), to_first[r], str(fs.paths[r])))
     photos = [GroupPhoto(str(fs.paths[r]), label[r], str(fs.sha256[r]), to_first[r]) for r in ordered]
@@ -308,18 +312,27 @@ def _group(fs: FeatureSet, rows: np.ndarray, node: np.ndarray) -> Group:
 def conflict_note(key: str, *parts: FeatureSet) -> list[str]:
     """A run's note on the labelled photos of one feature set (``parts``: its training and held-out test rows):
     how many groups of duplicates at ``MAX_DISTANCE`` carry different labels, and the command that lists them;
-    none when no group does."""
+    none when no group does. Features of random weights (``--weights none``) put nearly all photos within
+    ``MAX_DISTANCE``: for them only identical photos count."""
     def joined(name: str) -> np.ndarray:
         return np.concatenate([getattr(part, name) for part in parts])
 
     rows = replace(parts[0], features=joined("features"), paths=joined("paths"), labels=joined("labels"),
                    sha256=joined("sha256"))
-    conflicts = find_groups(rows).conflicts
+    random = str(rows.meta.get("weights", "")).startswith("none")
+    conflicts = find_groups(rows, max_distance=0 if random else MAX_DISTANCE).conflicts
     if not conflicts:
         return []
-    groups, verb = ("1 group", "carries") if conflicts == 1 else (f"{conflicts:,} groups", "carry")
+    verb = "carries" if conflicts == 1 else "carry"
+    photos = "identical photos" if random else (
+        f"identical or near-identical photos (cosine distance up to {MAX_DISTANCE:g})")
+    command = f"furnitype duplicates {shlex.quote(parts[0].file)}{' --max-distance 0' if random else ''}"
     return [
-        f"{key}: {groups} of identical or near-identical photos (cosine distance up to {MAX_DISTANCE:g}) {verb} "
-        f"different labels, one product filed under two classes? `furnitype duplicates {parts[0].file}` lists "
-        "them first."
+        f"{key}: {_groups(conflicts)} of {photos} {verb} different labels, one product filed under two classes? "
+        f"`{command}` lists them first."
     ]
+
+
+def _groups(n: int) -> str:
+    """``1 group``, ``2 groups``, ``1,000 groups``."""
+    return "1 group" if n == 1 else f"{n:,} groups"

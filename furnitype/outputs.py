@@ -2,8 +2,9 @@
 
 The rules (docs/cli.md, "Conventions"):
 
-- An output is checked before anything is computed (``check_output``): a file output must not be a folder, a
-  folder output must not be a file, and the nearest existing folder above it must be writable.
+- An output is checked before anything is computed (``check_output``): a file output must not be a folder nor
+  a device, FIFO or socket, a folder output must not be a file, and the nearest existing folder above it must
+  be writable.
 - An output never replaces what the command reads, nor another output of the same command
   (``refuse_inputs``): a feature file, a file of a run, a photo it lists, reads or draws (``refuse_photos``,
   compared by the file, links followed), even with ``--overwrite``.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -47,13 +49,15 @@ def check_output(path: str | os.PathLike, *, kind: Literal["file", "folder"] = "
     Raises
     ------
     InputError
-        ``path`` is a folder where a file is wanted (or the other way round), something above it is not a
-        folder, or the nearest existing folder above it is not writable.
+        ``path`` is a folder where a file is wanted (or the other way round), a device, FIFO or socket,
+        something above it is not a folder, or the nearest existing folder above it is not writable.
     """
     path = Path(path)
     _check_name_lengths(path)
     if kind == "file" and path.is_dir():
         raise InputError(f"cannot write {path}: it is a folder.")
+    if kind == "file" and _special(path):  # renamed over, /dev/null would become a file
+        raise InputError(f"cannot write {path}: it is a device, FIFO or socket, not a file.")
     if kind == "folder" and path.exists() and not path.is_dir():
         raise InputError(f"cannot write {path}: it is a file, not a folder.")
     above = path.absolute().parent
@@ -64,6 +68,15 @@ def check_output(path: str | os.PathLike, *, kind: Literal["file", "folder"] = "
     if not os.access(above, os.W_OK | os.X_OK):
         raise InputError(f"cannot write {path}: permission denied in {above}.")
     return path
+
+
+def _special(path: Path) -> bool:
+    """``path`` itself (not what a link leads to) is there and is neither a file, a folder nor a link."""
+    try:
+        mode = os.lstat(path).st_mode
+    except (OSError, ValueError):
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode))
 
 
 #: Bytes the longest file furnitype keeps beside an output adds to its name: ``.NAME.tmp-PID`` (a PID has at

@@ -6,14 +6,18 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
+import shlex
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from furnitype.duplicates import CSV_COLUMNS, duplicates, find_groups
+from furnitype.duplicates import CSV_COLUMNS, conflict_note, duplicates, find_groups
+from furnitype.errors import InputError
 from furnitype.extraction import extract
 from furnitype.features import load
 from furnitype.features.index import CosineIndex
@@ -163,6 +167,34 @@ def test_an_empty_or_single_row_store_has_no_groups(tmp_path):
     assert result.exit_code == 0 and result.output.startswith("0 groups of duplicate photos in ")
 
 
+def test_max_distance_0_groups_contents_with_identical_features(tmp_path):
+    """Two files with the same pixels (a JPEG saved again as PNG) have other bytes but identical features: float32
+    rounding puts them a little above 0 apart, and 0 must still group them."""
+    X = np.random.default_rng(3).normal(size=(40, 512)).astype(np.float32)
+    distances, _ = CosineIndex(X).kneighbors(X, 1)
+    assert (distances[:, 0] > 0).any(), "some rows must be found a little above 0 from themselves"
+    file = tmp_path / "same.h5"
+    paths = [f"/p/{i:03}.{ext}" for i in range(40) for ext in ("jpg", "png")]
+    save(file, features=np.repeat(X, 2, axis=0), paths=paths, labels=["sofa"] * 80,
+         sha256=[f"{i:064x}" for i in range(80)], meta=STORE_META)
+    result = duplicates(file, max_distance=0)
+    assert len(result.groups) == 40 and {g.kind for g in result.groups} == {"near"}
+    assert [[p.distance for p in g.photos] for g in result.groups] == [[0.0, 0.0]] * 40
+    one = invoke("duplicates", file, "--max-distance", "0")
+    assert one.exit_code == 0 and "40 groups of duplicate photos" in one.output.splitlines()[-1]
+
+
+def test_max_distance_is_any_real_number_but_a_bool(tmp_path):
+    """A distance computed with numpy's float32 (as CosineIndex gives them) is a distance; True is not."""
+    file = tmp_path / "pair.h5"
+    save(file, features=np.array([[1, 0, 0], [1, 0.01, 0]], np.float32), paths=["/p/a.jpg", "/p/b.jpg"],
+         labels=["bed", "bed"], sha256=["1" * 64, "2" * 64], meta=STORE_META)
+    result = duplicates(file, max_distance=np.float32(0.01))
+    assert len(result.groups) == 1 and result.summary().startswith("1 group of duplicate photos in ")
+    with pytest.raises(InputError, match="max_distance must be a cosine distance from 0 to 2"):
+        duplicates(file, max_distance=True)
+
+
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
@@ -177,6 +209,9 @@ def test_an_empty_or_single_row_store_has_no_groups(tmp_path):
         (["feats.h5", "--sheet", "photo.jpg", "--overwrite"], 2, "Error: --sheet photo.jpg is one of the photos"),
         (["feats.h5", "--out", "g.csv", "--sheet", "g.csv"], 2, "Error: --sheet g.csv is also --out"),
         (["feats.h5", "--out", "folder"], 2, "Error: cannot write folder: it is a folder."),
+        # the store's journal and lock file, beside its real path: a CSV over the journal made it unreadable
+        (["link.h5", "--out", "feats.h5.undo"], 2, "Error: --out feats.h5.undo is one of the inputs"),
+        (["feats.h5", "--sheet", "feats.h5.lock"], 2, "Error: --sheet feats.h5.lock is one of the inputs"),
     ],
 )
 def test_bad_inputs_are_one_line(store, tmp_path, monkeypatch, args, code, message):
@@ -184,6 +219,7 @@ def test_bad_inputs_are_one_line(store, tmp_path, monkeypatch, args, code, messa
     (tmp_path / "truncated.h5").write_bytes(Path(store["file"]).read_bytes()[:3000])  # a half-copied file
     _flip_a_features_byte(shutil.copyfile(store["file"], tmp_path / "flipped.h5"))
     (tmp_path / "folder").mkdir()
+    (tmp_path / "link.h5").symlink_to("feats.h5")
     photo_path = tmp_path / "photo.jpg"
     photo_path.hardlink_to(store["photos"] / "chair" / "chair_0.jpg")
     monkeypatch.chdir(tmp_path)
@@ -248,3 +284,62 @@ def test_many_copies_of_one_photo_do_not_hide_its_near_copy(tmp_path):
     [group] = duplicates(file).groups
     assert group.kind == "near" and len(group.photos) == n + 1 and group.photos[-1].path == "/p/near.jpg"
     assert [p.distance for p in group.photos[:n]] == [0.0] * n and 0 < group.photos[-1].distance < 0.01
+
+
+def test_ctrl_c_while_the_sheet_is_drawn_writes_no_csv(store, tmp_path, monkeypatch):
+    """Ctrl-C comes while the sheet reads the photos (the slow part): exit 130, the CSV is not replaced."""
+    import furnitype.reports.sheet
+
+    out = tmp_path / "groups.csv"
+    out.write_text("a list being checked\n", encoding="utf-8")
+
+    def interrupted(path, size):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(furnitype.reports.sheet, "thumbnail", interrupted)
+    result = invoke("duplicates", store["file"], "--max-distance", str(store["apart"] / 2), "--out", out,
+                    "--sheet", tmp_path / "groups.png", "--overwrite")
+    assert result.exit_code == 130 and result.stdout == ""
+    assert out.read_text(encoding="utf-8") == "a list being checked\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["groups.csv"]
+
+
+def test_the_note_quotes_the_command_for_a_shell(tmp_path):
+    """A feature file named with spaces and brackets: the note's command pastes into a shell as it is."""
+    file = tmp_path / "my feats (v2).h5"
+    save(file, features=np.array([[1, 0, 0], [1, 0.001, 0]], np.float32), paths=["/p/a.jpg", "/p/b.jpg"],
+         labels=["bed", "sofa"], sha256=["1" * 64, "2" * 64], meta=STORE_META)
+    [note] = conflict_note("my feats (v2)", load(file))
+    command = note.split("`")[1]
+    assert shlex.split(command) == ["furnitype", "duplicates", str(file)]
+
+
+def test_the_note_counts_only_identical_photos_for_random_weights(tmp_path):
+    """Random weights put nearly all photos within 0.05 of each other (every classify of such a store noted one
+    conflicting group): for them the note counts identical photos only, and its command asks for 0."""
+    rng = np.random.default_rng(4)
+    X = 1 + 0.1 * rng.random((8, 16)).astype(np.float32)  # all within 0.05, as random weights give
+    labels = ["bed", "chair"] * 4
+    meta = {**STORE_META, "weights": "none(seed=0)"}
+    apart, same = tmp_path / "apart.h5", tmp_path / "same.h5"
+    save(apart, features=X, paths=[f"/p/{i}.jpg" for i in range(8)], labels=labels,
+         sha256=[f"{i:064x}" for i in range(8)], meta=meta)
+    assert find_groups(load(apart)).conflicts == 1 and conflict_note("apart", load(apart)) == []
+    save(same, features=np.concatenate([X, X[:1]]), paths=[f"/p/{i}.jpg" for i in range(9)], labels=[*labels, "sofa"],
+         sha256=[f"{i:064x}" for i in range(8)] + [f"{0:064x}"], meta=meta)
+    assert conflict_note("same", load(same)) == [
+        f"same: 1 group of identical photos carries different labels, one product filed under two classes? "
+        f"`furnitype duplicates {same} --max-distance 0` lists them first."
+    ]
+
+
+@pytest.mark.parametrize("option", ["--out", "--sheet"])
+def test_an_output_that_is_a_fifo_is_refused_not_replaced(store, tmp_path, option):
+    """``--out /dev/null --overwrite`` renamed a file over the device; a FIFO stands in for it (no root needed)."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    result = invoke("duplicates", store["file"], option, fifo, "--overwrite")
+    assert result.exit_code == 2 and result.output == (
+        f"Error: cannot write {fifo}: it is a device, FIFO or socket, not a file.\n"
+    )
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and sorted(tmp_path.iterdir()) == [fifo]

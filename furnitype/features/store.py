@@ -27,6 +27,7 @@ from furnitype.features.layout import (
     Layout,
 )
 from furnitype.features.locking import WriterLock, real_path
+from furnitype.features.undo import undo_path
 from furnitype.features.view import StoreView, open_store, recover, remove_leftovers
 from furnitype.features.writing import StoreWriteError, copy_live, new_file, writable
 from furnitype.outputs import data_frame
@@ -44,6 +45,7 @@ __all__ = [
     "save",
     "short_id",
     "short_ids",
+    "store_files",
     "summary",
 ]
 
@@ -126,6 +128,14 @@ def load(path: str | os.PathLike) -> FeatureSet:
     labels = np.array(labels.tolist(), dtype=str)
     classes = sorted({label for label in labels.tolist() if label})
     return FeatureSet(features, paths, labels, sha256, classes, skipped, meta, str(path))
+
+
+def store_files(path: str | os.PathLike) -> list[Path]:
+    """The files of the store at ``path``: it, and beside its real path its journal and writer lock
+    (``FILE.undo``, ``FILE.lock``). An output must be none of them: a file written over the journal makes the
+    store unreadable (``refuse_inputs``)."""
+    real = real_path(path)
+    return [Path(path), undo_path(real), WriterLock(real).path]
 
 
 def rows_by_sha256(path: str | os.PathLike, sha256: Collection[str]) -> tuple[dict[str, np.ndarray], dict]:
