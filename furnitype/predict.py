@@ -31,7 +31,7 @@ from furnitype.extract.backbones import check_memory, get_backbone, weights_file
 from furnitype.extract.images import ImageDecodeError, ImageFile, decode_image, list_images, sha256_file
 from furnitype.extract.pipeline import ExtractSpec, check_batching, feature_batches
 from furnitype.extract.settings import as_stored, spec_for
-from furnitype.features.store import SETTING_KEYS, read_meta, rows_by_sha256, short_ids
+from furnitype.features.store import SETTING_KEYS, read_meta, rows_by_sha256, short_ids, store_files
 from furnitype.outputs import (
     check_output,
     data_frame,
@@ -273,7 +273,8 @@ def predict(
     check_batching(batch_size, workers)
     if out is not None:
         check_output(out)
-        refuse_inputs({"--out": out}, [*images, *weights_files(weights), *([store] if store else [])], kept=[run])
+        stores = store_files(store) if store is not None else []
+        refuse_inputs({"--out": out}, [*images, *weights_files(weights), *stores], kept=[run])
     files = _listing(images)
     refuse_photos({"--out": out}, (f.path for f in files))
     refuse_existing({"--out": out}, overwrite=overwrite)

@@ -24,7 +24,7 @@ from furnitype.extract.backbones import weights_files
 from furnitype.extract.images import ImageDecodeError, list_images, sha256_file
 from furnitype.extract.pipeline import check_batching
 from furnitype.features.index import CosineIndex
-from furnitype.features.store import FeatureSet, load
+from furnitype.features.store import FeatureSet, load, store_files
 from furnitype.outputs import check_output, refuse_existing, refuse_inputs, refuse_photos, significant
 
 
@@ -282,7 +282,7 @@ def similar(
     """
     if sheet is not None:
         check_output(sheet)
-        refuse_inputs({"--sheet": sheet}, [features, *queries])
+        refuse_inputs({"--sheet": sheet}, [*store_files(features), *queries])
     index = SimilarIndex.open(features)
     refuse_inputs({"--sheet": sheet}, weights_files(weights, index.feature_set.meta.get("weights_source")))
     # Every photo the sheet may draw: the queries and the stored photos (their neighbours).

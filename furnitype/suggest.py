@@ -23,7 +23,7 @@ import numpy as np
 from furnitype.classify.run import LoadedModel, load_model, load_run, training_photos
 from furnitype.classify.selection import labelling_order
 from furnitype.errors import InputError, SettingsMismatchError
-from furnitype.features.store import SETTING_KEYS, FeatureSet, load
+from furnitype.features.store import SETTING_KEYS, FeatureSet, load, store_files
 from furnitype.outputs import (
     check_output,
     data_frame,
@@ -206,7 +206,7 @@ def suggest(
     for path in (out, sheet):
         if path is not None:
             check_output(path)
-    refuse_inputs(outputs, [features], kept=[run])
+    refuse_inputs(outputs, store_files(features), kept=[run])
     fs = load(features)
     refuse_photos(outputs, fs.paths)  # the photos suggested, listed and drawn, are among them
     if out is not None:

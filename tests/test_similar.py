@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -155,3 +156,12 @@ def test_contact_sheet_is_a_valid_png(store, tmp_path):
     fewer = contact_sheet(index.search(queries[:1], k=2), tmp_path / "small.png", thumb=80)
     with Image.open(fewer) as img:
         assert img.size[0] < wide / 2 and img.size[1] < tall / 2
+
+
+def test_a_sheet_over_the_feature_files_journal_or_lock_is_refused(store):
+    query = store["photos"] / "chair" / "chair_2.jpg"
+    for beside in (".undo", ".lock"):
+        target = f"{store['file']}{beside}"
+        result = invoke("similar", store["file"], query, "--sheet", target)
+        assert result.exit_code == 2 and result.output.startswith(f"Error: --sheet {target} is one of the inputs")
+        assert not os.path.exists(target)

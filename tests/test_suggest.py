@@ -402,3 +402,11 @@ def test_a_store_of_nan_rows_is_one_line(setup, tmp_path):
 
     assert result.exit_code == 1 and result.output.count("\n") == 1
     assert result.output.startswith(f"Error: {broken} is damaged (/features row 0 holds numbers that are not finite")
+
+
+def test_an_output_over_the_feature_files_journal_or_lock_is_refused(setup, tmp_path):
+    for beside in (".undo", ".lock"):
+        target = f"{setup['new']}{beside}"
+        result = invoke("suggest", setup["run"], setup["new"], "--out", target)
+        assert result.exit_code == 2 and result.output.startswith(f"Error: --out {target} is one of the inputs")
+        assert not os.path.exists(target)
