@@ -240,21 +240,22 @@ def _hot_undo(store: Path, saves: list[list[int]], changed: int) -> bytes:
     append(str(store), 0, 40, 8)
     before = store.read_bytes()
     fd = os.open(store, os.O_RDWR)
-    log = undo_module.UndoLog.create(undo_module.undo_path(store), len(before))
+    log = undo_module.UndoLog.create(undo_module.undo_path(store), fd)  # saves page 0 and marks the store
     for pages in saves:
         log.save(fd, pages)
-    os.pwrite(fd, b"\0" * (changed * undo_module.PAGE), 0)
+    os.pwrite(fd, log.mark + bytes(changed * undo_module.PAGE - len(log.mark)), 0)  # under the mark, as a writer
     log.close()
     os.close(fd)
     return before
 
 
-# Offsets in an undo file saving pages 0-2: header 0-19, slots 20-39 and 40-59 (sequence 1 in the second), records.
-RECORD_START = 60
+# Offsets in an undo file saving pages 0-2: header 0-35 (magic, old size, inode, mark, crc), slots 36-55 (sequence
+# 2: pages 1-2) and 56-75 (sequence 1: page 0, saved with the header), records.
+RECORD_START = 76
 
 
 @pytest.mark.parametrize(("field", "offset"), [
-    ("magic", 0), ("old size", 8), ("header crc", 16),
+    ("magic", 0), ("old size", 8), ("inode", 16), ("mark", 24), ("header crc", 32),
     ("page number", RECORD_START), ("length", RECORD_START + 8), ("record crc", RECORD_START + 12),
     ("page bytes", RECORD_START + 16 + 100), ("second record bytes", RECORD_START + 16 + 4096 + 16 + 7),
 ])
@@ -274,7 +275,7 @@ def test_an_undo_file_damaged_in_any_field_is_refused_never_half_rolled_back(tmp
     assert store.read_bytes() == written and undo.read_bytes() == damaged
 
 
-@pytest.mark.parametrize("length", [0, 1, 8, 20, 59, 60])
+@pytest.mark.parametrize("length", [0, 1, 8, 36, 75, 76])
 def test_an_undo_file_cut_into_its_header_beside_a_changed_store_is_damage(tmp_path, length):
     """The header is written before the undo file has its name: one cut short of it (or with a wrong header
     checksum) was damaged, and the pages it saved may have changed; never deleted as "nothing to undo"."""
@@ -282,11 +283,11 @@ def test_an_undo_file_cut_into_its_header_beside_a_changed_store_is_damage(tmp_p
     _hot_undo(store, [[0, 1, 2]], changed=3)
     undo = Path(f"{store}.undo")
     cut = undo.read_bytes()[:length]
-    if length == 60:  # whole, its header's checksum wrong
+    if length == RECORD_START:  # whole, its header's checksum wrong
         cut = cut[:9] + bytes([cut[9] ^ 1]) + cut[10:]
     undo.write_bytes(cut)
     written = store.read_bytes()
-    why = "its header checksum is wrong" if length == 60 else rf"cut short \({length} bytes"
+    why = "its header checksum is wrong" if length == RECORD_START else rf"cut short \({length} bytes"
     with pytest.raises(StoreError, match=rf"s.h5 is damaged \(s.h5.undo is {why}"):
         load(store)
     with pytest.raises(StoreError, match="s.h5.undo is"):
@@ -324,7 +325,7 @@ def test_an_undo_file_whose_count_is_damaged_still_puts_back_every_valid_record(
     before = _hot_undo(store, [[0, 1, 2]], changed=3)
     undo = Path(f"{store}.undo")
     damaged = bytearray(undo.read_bytes())
-    damaged[40] ^= 0x5A  # the only slot written: no count is left, the three whole records are still used
+    damaged[40] ^= 0x5A  # the newest slot: the other counts only page 0, yet the three whole records are still used
     undo.write_bytes(damaged)
     assert len(load(store)) == 40 and store.read_bytes() == before and not undo.exists()
 
@@ -853,5 +854,5 @@ def test_without_hard_links_the_undo_file_is_renamed_in_whole(tmp_path, monkeypa
     monkeypatch.setattr(os, "link", no_link)
     monkeypatch.setattr(os, "rename", rename)
     append(str(store), 100, 4, 4)
-    assert seen == [60]  # the whole header, never a shorter file under the undo name
+    assert seen == [RECORD_START + 16 + undo_module.PAGE]  # the whole header and page 0, never a shorter file
     assert _leftovers(tmp_path) == [] and _consistent(store) == 12
