@@ -614,6 +614,85 @@ def test_a_reader_that_cannot_write_gets_one_line_about_the_unfinished_write(tmp
     assert Path(f"{store}.undo").exists() and _consistent(store) > 0  # as that user (root here)
 
 
+def _killed_in_a_transaction(store: Path, point: str, link: Path | None = None) -> int:
+    """Rows committed by a writer of ``store`` (made with 8 rows if it has none, then hard-linked as ``link``)
+    killed -9 at ``point`` of its third transaction (of 4 rows)."""
+    append(str(store), 0, 8, 8)
+    if link is not None:
+        os.link(store, link)
+    rows = _consistent(store)
+    writer = store_writer.start(store, 20, 4, env=pause_env(point, 3))
+    assert wait_stopped(writer), writer.communicate()
+    signal_stopped(writer, signal.SIGKILL)
+    assert writer.wait() == -signal.SIGKILL and Path(f"{store}.undo").exists()
+    return rows + 4 * (3 if point == "store-committed" else 2)
+
+
+def test_an_unfinished_write_is_rolled_back_through_a_hard_link_never_read_or_written_over(tmp_path):
+    """The undo file is found by name (shop.h5.undo), but the store itself carries the transaction's mark: through
+    link.h5 the torn transaction is rolled back with shop.h5.undo, never read as committed or committed on top of
+    (and then undone over the link's rows by a stale shop.h5.undo)."""
+    store, link = tmp_path / "shop.h5", tmp_path / "link.h5"
+    committed = _killed_in_a_transaction(store, "store-commit", link)
+    assert _consistent(link) == committed and _leftovers(tmp_path) == []
+    append(str(link), 1000, 8, 8)
+    assert _consistent(store) == committed + 8 and os.path.samefile(store, link)
+
+
+def test_an_unfinished_write_beside_a_hard_link_in_another_folder_is_refused_through_the_link(tmp_path):
+    """The undo file of another folder cannot be found: the link refuses to read or write (one line) until the
+    name beside the undo file rolls it back; --overwrite rebuilds the link's store as a new file."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    store, link = tmp_path / "a" / "shop.h5", tmp_path / "b" / "link.h5"
+    committed = _killed_in_a_transaction(store, "store-commit", link)
+    info = subprocess.run([sys.executable, "-m", "furnitype.cli", "info", str(link)], capture_output=True, text=True)
+    assert info.returncode == 1 and info.stderr.strip() == (
+        f"Error: {link} has an unfinished write whose undo file is beside another name of this file, in another "
+        f"folder (a hard link; find -samefile {link} lists its names): run furnitype info on that name to roll it "
+        "back."
+    )
+    with pytest.raises(StoreError, match="unfinished write whose undo file is beside another name"):
+        append(str(link), 1000, 8, 8)
+    assert _consistent(store) == committed and _leftovers(tmp_path / "a") == []
+    append(str(link), 1000, 8, 8)
+    assert _consistent(link) == committed + 8
+
+    committed = _killed_in_a_transaction(store, "store-commit")
+    append(str(link), 2000, 4, 4, overwrite=True)  # a new file renamed over link.h5; shop.h5 keeps the old one
+    assert _consistent(link) == 4 and not os.path.samefile(store, link)
+    assert _consistent(store) == committed and _leftovers(tmp_path / "a") == []
+
+
+def test_an_undo_file_left_after_the_commit_point_is_never_replayed_over_later_commits(tmp_path):
+    """Killed after the mark came off (committed) but before its undo file was removed: writers through another
+    name commit on top, and the stale undo file is then removed unused, never replayed over their rows."""
+    store, link = tmp_path / "shop.h5", tmp_path / "link.h5"
+    committed = _killed_in_a_transaction(store, "store-committed", link)
+    append(str(link), 1000, 8, 8)
+    assert _consistent(store) == committed + 8 and _leftovers(tmp_path) == []
+
+
+def test_an_undo_file_of_the_previous_version_is_still_rolled_back(tmp_path):
+    """``FTUNDO2`` (no mark, no inode), left hot by furnitype before this version: its pages are put back."""
+    store = tmp_path / "s.h5"
+    append(str(store), 0, 40, 8)
+    before = store.read_bytes()
+    head = b"FTUNDO2\n" + len(before).to_bytes(8, "little")
+    counted = (1).to_bytes(8, "little") + (3).to_bytes(8, "little")
+    records = b""
+    for page in range(3):
+        old = before[page * undo_module.PAGE : (page + 1) * undo_module.PAGE]
+        crc = zlib.crc32(old, zlib.crc32(page.to_bytes(8, "little")))
+        records += page.to_bytes(8, "little") + len(old).to_bytes(4, "little") + crc.to_bytes(4, "little") + old
+    Path(f"{store}.undo").write_bytes(head + zlib.crc32(head).to_bytes(4, "little") + bytes(20) + counted
+                                      + zlib.crc32(counted).to_bytes(4, "little") + records)
+    with open(store, "r+b") as torn:
+        torn.write(bytes(3 * undo_module.PAGE))
+        torn.truncate(len(before) + 5000)
+    assert len(load(store)) == 40 and store.read_bytes() == before and _leftovers(tmp_path) == []
+
+
 def test_settings_mismatch_and_the_summary(tmp_path):
     store = tmp_path / "s.h5"
     append(str(store), 0, 8, 8)
