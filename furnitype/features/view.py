@@ -372,9 +372,9 @@ def recover(real: Path, given: str | os.PathLike, *, discard_damaged: bool = Fal
     """Roll back an unfinished transaction (caller holds the writer lock); True when the undo was unusable.
 
     Its undo file is ``NAME.undo`` beside ``real``, or, when the file carries the mark of another one, the undo file
-    of another name of the file in its folder (a hard link); one elsewhere is a one-line error. A damaged undo file
-    raises ``damaged`` unless ``discard_damaged`` (``--overwrite``: the store is rebuilt, by a rename, so the other
-    names keep the file and its undo file).
+    of another name of the file in its folder (a hard link); one elsewhere is a one-line error. A damaged undo file,
+    or one elsewhere, raises unless ``discard_damaged`` (``--overwrite``: the store is rebuilt as a new file renamed
+    in, so the other names keep the old file and its undo file).
     """
     log = undo.undo_path(real)
     try:
