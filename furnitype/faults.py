@@ -4,8 +4,9 @@
 with SIGSTOP, so that a test acts on a process held at a known moment (kills it, sends it Ctrl-C, runs a second
 writer) instead of racing it; the test sees the stop with ``waitid`` and resumes it with SIGCONT. A signal sent
 while it is stopped arrives when it resumes, as if at that point. Read once at import: unset, a point costs a
-comparison. The points: ``cli-start`` (the command line, before it imports anything else) and ``store-commit``
-(a transaction's pages are in the feature store, its undo file not removed yet).
+comparison. The points: ``cli-start`` (the command line, before it imports anything else), ``store-commit``
+(a transaction's pages are in the feature store, which still carries its mark: not committed) and
+``store-committed`` (the mark is off: committed, its undo file not removed yet).
 
 ``FURNITYPE_TEST_HOLD_AT=POINT[,POINT...]:FOLDER`` makes ``hold_point(POINT)`` hold only the thread that gets
 there, while the rest of the process goes on (a server keeps answering while a batch is held): on arrival it

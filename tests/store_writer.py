@@ -57,10 +57,10 @@ class Outcome:
     reason: str = ""
 
 
-def append(store: str, start: int, count: int, batch: int, folder: str = "/photos/a") -> None:
+def append(store: str, start: int, count: int, batch: int, folder: str = "/photos/a", overwrite: bool = False) -> None:
     paths = [f"{folder}/{i:06d}.jpg" for i in range(start, start + count)]
     listing = FakeListing(paths, ["a"] * count)
-    with FeatureCache(store, SETTINGS, meta=SETTINGS) as cache:
+    with FeatureCache(store, SETTINGS, meta=SETTINGS, overwrite=overwrite) as cache:
         cache.compare(listing)
         cache.hashed({i: Hashed(digest(p), (1, 1, 1, 1)) for i, p in enumerate(paths)})
         todo = cache.todo()

@@ -240,21 +240,22 @@ def _hot_undo(store: Path, saves: list[list[int]], changed: int) -> bytes:
     append(str(store), 0, 40, 8)
     before = store.read_bytes()
     fd = os.open(store, os.O_RDWR)
-    log = undo_module.UndoLog.create(undo_module.undo_path(store), len(before))
+    log = undo_module.UndoLog.create(undo_module.undo_path(store), fd)  # saves page 0 and marks the store
     for pages in saves:
         log.save(fd, pages)
-    os.pwrite(fd, b"\0" * (changed * undo_module.PAGE), 0)
+    os.pwrite(fd, log.mark + bytes(changed * undo_module.PAGE - len(log.mark)), 0)  # under the mark, as a writer
     log.close()
     os.close(fd)
     return before
 
 
-# Offsets in an undo file saving pages 0-2: header 0-19, slots 20-39 and 40-59 (sequence 1 in the second), records.
-RECORD_START = 60
+# Offsets in an undo file saving pages 0-2: header 0-35 (magic, old size, inode, mark, crc), slots 36-55 (sequence
+# 2: pages 1-2) and 56-75 (sequence 1: page 0, saved with the header), records.
+RECORD_START = 76
 
 
 @pytest.mark.parametrize(("field", "offset"), [
-    ("magic", 0), ("old size", 8), ("header crc", 16),
+    ("magic", 0), ("old size", 8), ("inode", 16), ("mark", 24), ("header crc", 32),
     ("page number", RECORD_START), ("length", RECORD_START + 8), ("record crc", RECORD_START + 12),
     ("page bytes", RECORD_START + 16 + 100), ("second record bytes", RECORD_START + 16 + 4096 + 16 + 7),
 ])
@@ -274,7 +275,7 @@ def test_an_undo_file_damaged_in_any_field_is_refused_never_half_rolled_back(tmp
     assert store.read_bytes() == written and undo.read_bytes() == damaged
 
 
-@pytest.mark.parametrize("length", [0, 1, 8, 20, 59, 60])
+@pytest.mark.parametrize("length", [0, 1, 8, 36, 75, 76])
 def test_an_undo_file_cut_into_its_header_beside_a_changed_store_is_damage(tmp_path, length):
     """The header is written before the undo file has its name: one cut short of it (or with a wrong header
     checksum) was damaged, and the pages it saved may have changed; never deleted as "nothing to undo"."""
@@ -282,11 +283,11 @@ def test_an_undo_file_cut_into_its_header_beside_a_changed_store_is_damage(tmp_p
     _hot_undo(store, [[0, 1, 2]], changed=3)
     undo = Path(f"{store}.undo")
     cut = undo.read_bytes()[:length]
-    if length == 60:  # whole, its header's checksum wrong
+    if length == RECORD_START:  # whole, its header's checksum wrong
         cut = cut[:9] + bytes([cut[9] ^ 1]) + cut[10:]
     undo.write_bytes(cut)
     written = store.read_bytes()
-    why = "its header checksum is wrong" if length == 60 else rf"cut short \({length} bytes"
+    why = "its header checksum is wrong" if length == RECORD_START else rf"cut short \({length} bytes"
     with pytest.raises(StoreError, match=rf"s.h5 is damaged \(s.h5.undo is {why}"):
         load(store)
     with pytest.raises(StoreError, match="s.h5.undo is"):
@@ -324,7 +325,7 @@ def test_an_undo_file_whose_count_is_damaged_still_puts_back_every_valid_record(
     before = _hot_undo(store, [[0, 1, 2]], changed=3)
     undo = Path(f"{store}.undo")
     damaged = bytearray(undo.read_bytes())
-    damaged[40] ^= 0x5A  # the only slot written: no count is left, the three whole records are still used
+    damaged[40] ^= 0x5A  # the newest slot: the other counts only page 0, yet the three whole records are still used
     undo.write_bytes(damaged)
     assert len(load(store)) == 40 and store.read_bytes() == before and not undo.exists()
 
@@ -613,6 +614,85 @@ def test_a_reader_that_cannot_write_gets_one_line_about_the_unfinished_write(tmp
     assert Path(f"{store}.undo").exists() and _consistent(store) > 0  # as that user (root here)
 
 
+def _killed_in_a_transaction(store: Path, point: str, link: Path | None = None) -> int:
+    """Rows committed by a writer of ``store`` (made with 8 rows if it has none, then hard-linked as ``link``)
+    killed -9 at ``point`` of its third transaction (of 4 rows)."""
+    append(str(store), 0, 8, 8)
+    if link is not None:
+        os.link(store, link)
+    rows = _consistent(store)
+    writer = store_writer.start(store, 20, 4, env=pause_env(point, 3))
+    assert wait_stopped(writer), writer.communicate()
+    signal_stopped(writer, signal.SIGKILL)
+    assert writer.wait() == -signal.SIGKILL and Path(f"{store}.undo").exists()
+    return rows + 4 * (3 if point == "store-committed" else 2)
+
+
+def test_an_unfinished_write_is_rolled_back_through_a_hard_link_never_read_or_written_over(tmp_path):
+    """The undo file is found by name (shop.h5.undo), but the store itself carries the transaction's mark: through
+    link.h5 the torn transaction is rolled back with shop.h5.undo, never read as committed or committed on top of
+    (and then undone over the link's rows by a stale shop.h5.undo)."""
+    store, link = tmp_path / "shop.h5", tmp_path / "link.h5"
+    committed = _killed_in_a_transaction(store, "store-commit", link)
+    assert _consistent(link) == committed and _leftovers(tmp_path) == []
+    append(str(link), 1000, 8, 8)
+    assert _consistent(store) == committed + 8 and os.path.samefile(store, link)
+
+
+def test_an_unfinished_write_beside_a_hard_link_in_another_folder_is_refused_through_the_link(tmp_path):
+    """The undo file of another folder cannot be found: the link refuses to read or write (one line) until the
+    name beside the undo file rolls it back; --overwrite rebuilds the link's store as a new file."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    store, link = tmp_path / "a" / "shop.h5", tmp_path / "b" / "link.h5"
+    committed = _killed_in_a_transaction(store, "store-commit", link)
+    info = subprocess.run([sys.executable, "-m", "furnitype.cli", "info", str(link)], capture_output=True, text=True)
+    assert info.returncode == 1 and info.stderr.strip() == (
+        f"Error: {link} has an unfinished write whose undo file is beside another name of this file, in another "
+        f"folder (a hard link; find -samefile {link} lists its names): run furnitype info on that name to roll it "
+        "back."
+    )
+    with pytest.raises(StoreError, match="unfinished write whose undo file is beside another name"):
+        append(str(link), 1000, 8, 8)
+    assert _consistent(store) == committed and _leftovers(tmp_path / "a") == []
+    append(str(link), 1000, 8, 8)
+    assert _consistent(link) == committed + 8
+
+    committed = _killed_in_a_transaction(store, "store-commit")
+    append(str(link), 2000, 4, 4, overwrite=True)  # a new file renamed over link.h5; shop.h5 keeps the old one
+    assert _consistent(link) == 4 and not os.path.samefile(store, link)
+    assert _consistent(store) == committed and _leftovers(tmp_path / "a") == []
+
+
+def test_an_undo_file_left_after_the_commit_point_is_never_replayed_over_later_commits(tmp_path):
+    """Killed after the mark came off (committed) but before its undo file was removed: writers through another
+    name commit on top, and the stale undo file is then removed unused, never replayed over their rows."""
+    store, link = tmp_path / "shop.h5", tmp_path / "link.h5"
+    committed = _killed_in_a_transaction(store, "store-committed", link)
+    append(str(link), 1000, 8, 8)
+    assert _consistent(store) == committed + 8 and _leftovers(tmp_path) == []
+
+
+def test_an_undo_file_of_the_previous_version_is_still_rolled_back(tmp_path):
+    """``FTUNDO2`` (no mark, no inode), left hot by furnitype before this version: its pages are put back."""
+    store = tmp_path / "s.h5"
+    append(str(store), 0, 40, 8)
+    before = store.read_bytes()
+    head = b"FTUNDO2\n" + len(before).to_bytes(8, "little")
+    counted = (1).to_bytes(8, "little") + (3).to_bytes(8, "little")
+    records = b""
+    for page in range(3):
+        old = before[page * undo_module.PAGE : (page + 1) * undo_module.PAGE]
+        crc = zlib.crc32(old, zlib.crc32(page.to_bytes(8, "little")))
+        records += page.to_bytes(8, "little") + len(old).to_bytes(4, "little") + crc.to_bytes(4, "little") + old
+    Path(f"{store}.undo").write_bytes(head + zlib.crc32(head).to_bytes(4, "little") + bytes(20) + counted
+                                      + zlib.crc32(counted).to_bytes(4, "little") + records)
+    with open(store, "r+b") as torn:
+        torn.write(bytes(3 * undo_module.PAGE))
+        torn.truncate(len(before) + 5000)
+    assert len(load(store)) == 40 and store.read_bytes() == before and _leftovers(tmp_path) == []
+
+
 def test_settings_mismatch_and_the_summary(tmp_path):
     store = tmp_path / "s.h5"
     append(str(store), 0, 8, 8)
@@ -853,5 +933,5 @@ def test_without_hard_links_the_undo_file_is_renamed_in_whole(tmp_path, monkeypa
     monkeypatch.setattr(os, "link", no_link)
     monkeypatch.setattr(os, "rename", rename)
     append(str(store), 100, 4, 4)
-    assert seen == [60]  # the whole header, never a shorter file under the undo name
+    assert seen == [RECORD_START + 16 + undo_module.PAGE]  # the whole header and page 0, never a shorter file
     assert _leftovers(tmp_path) == [] and _consistent(store) == 12

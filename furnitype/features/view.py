@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 
 from furnitype.errors import InputError, StoreError, first_line
+from furnitype.features import undo
 from furnitype.features.layout import (
     BLOCK_ROWS,
     BOOKKEEPING,
@@ -33,7 +34,6 @@ from furnitype.features.layout import (
     read_strings,
 )
 from furnitype.features.locking import WriterLock, real_path, same_file, wait_for_lock
-from furnitype.features.undo import UndoDamaged, rollback, undo_path
 
 #: What h5py raises when the file's bytes are not what furnitype wrote (HDF5's own errors arrive as OSError,
 #: KeyError, ValueError or RuntimeError); stored bytes that do not decode raise UnicodeDecodeError, a ValueError.
@@ -297,8 +297,8 @@ def open_store(
 ) -> Iterator[StoreView]:
     """Open a feature file for reading under the shared store lock (see ``locking``).
 
-    A transaction a writer left unfinished (it was killed) is rolled back first, when this process can take
-    the writer lock; the file is read with HDF5's own driver (its fastest).
+    A transaction a writer left unfinished (it was killed; the file carries its mark, whatever its name) is rolled
+    back first, when this process can take the writer lock; the file is read with HDF5's own driver (its fastest).
     """
     given = path if given is None else given
     real = real_path(path)
@@ -310,7 +310,7 @@ def open_store(
             wait_for_lock(fd, exclusive=False, what=str(given))
             if not same_file(fd, real):
                 continue  # replaced (compacted) while we waited: read the new file
-            if check_undo and os.path.lexists(undo_path(real)):
+            if check_undo and (os.path.lexists(undo.undo_path(real)) or undo.marked(fd)):
                 os.close(fd)
                 open_fd = None
                 _recover_for_reader(real, given, deadline)
@@ -363,7 +363,7 @@ def _recover_for_reader(real: Path, given, deadline: float) -> None:
 
 def _cannot_roll_back(real: Path, given) -> StoreError:
     return StoreError(
-        f"{given} has an unfinished write ({undo_path(real).name}) that only a user who can write its folder "
+        f"{given} has an unfinished write ({undo.undo_path(real).name}) that only a user who can write its folder "
         f"can roll back: run furnitype info {given} as that user."
     )
 
@@ -371,25 +371,41 @@ def _cannot_roll_back(real: Path, given) -> StoreError:
 def recover(real: Path, given: str | os.PathLike, *, discard_damaged: bool = False) -> bool:
     """Roll back an unfinished transaction (caller holds the writer lock); True when the undo was unusable.
 
-    A damaged undo file raises ``damaged`` unless ``discard_damaged`` (``--overwrite``: the store is rebuilt).
+    Its undo file is ``NAME.undo`` beside ``real``, or, when the file carries the mark of another one, the undo file
+    of another name of the file in its folder (a hard link); one elsewhere is a one-line error. A damaged undo file,
+    or one elsewhere, raises unless ``discard_damaged`` (``--overwrite``: the store is rebuilt as a new file renamed
+    in, so the other names keep the old file and its undo file).
     """
-    log = undo_path(real)
-    if not os.path.lexists(log):
-        return False
+    log = undo.undo_path(real)
     try:
-        fd = os.open(real, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(real, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         fd = None
     except OSError as err:
+        if not os.path.lexists(log):
+            return False  # said when it is read or written
         raise _cannot_roll_back(real, given) from err
     try:
+        if not os.path.lexists(log) and not (fd is not None and _regular(fd) and undo.marked(fd)):
+            return False
         if fd is not None:
             wait_for_lock(fd, exclusive=True, what=str(given))
         try:
             if fd is None:
-                raise UndoDamaged("its store file is gone")
-            rollback(real)
-        except UndoDamaged as err:
+                raise undo.UndoDamaged("its store file is gone")
+            if not undo.rollback(log, fd) and undo.marked(fd):
+                found = undo.find(fd, real.parent)
+                if found is None:
+                    if discard_damaged:
+                        return True
+                    raise StoreError(
+                        f"{given} has an unfinished write whose undo file is beside another name of this file, in "
+                        f"another folder (a hard link; find -samefile {given} lists its names): run furnitype info "
+                        "on that name to roll it back."
+                    )
+                log = found
+                undo.rollback(log, fd)
+        except undo.UndoDamaged as err:
             if not discard_damaged:
                 raise damaged(given, f"{log.name} is {err}") from err
             try:

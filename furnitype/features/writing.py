@@ -96,7 +96,7 @@ def transaction(real: Path, given) -> Iterator[h5py.File]:
     try:
         wait_for_lock(fd, exclusive=True, what=str(given))
         try:
-            log = UndoLog.create(undo_path(real), os.fstat(fd).st_size)
+            log = UndoLog.create(undo_path(real), fd)
         except OSError as err:
             raise WriteFailed(err) from err
         raw = PagedFile(fd, log)
@@ -108,12 +108,12 @@ def transaction(real: Path, given) -> Iterator[h5py.File]:
                 finally:
                     h5.close()
                 raw.commit()
-                pause_point("store-commit")
+                pause_point("store-committed")
                 log.remove()
             except BaseException:
                 log.close()
                 try:
-                    rollback(real)
+                    rollback(log.path, fd, ours=True)
                 except (OSError, UndoDamaged) as err:
                     raise StoreError(
                         f"a write to {given} failed and could not be rolled back yet ({first_line(err)}); "
