@@ -365,14 +365,16 @@ def compact(file, quiet, as_json) -> None:
 @click.option("--class-weight", default="none", show_default=True,
               type=click.Choice([str(weight).lower() for weight in CLASS_WEIGHTS]),
               help="Weigh classes inversely to their size.")
+@click.option("--fuse", is_flag=True, help="Train on one feature set: the FEATURES files' rows of the same photos "
+              "side by side (named vgg+inc); predict extracts new photos with each file's settings.")
 @engine_options(what="cross-validate", workers=False)
 @out_option("Run folder.  [default: runs/<date-time>]")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run at --out (swapped in when complete).")
 @quiet_option("No progress lines (warnings are still shown).")
 @json_option("Print the result as JSON on stdout (progress stays on stderr).")
 @api_command
-def classify(features, models, test_files, test_size, val_size, cv, seed, previous, class_weight, engine, address,
-             out, overwrite, quiet, as_json) -> None:
+def classify(features, models, test_files, test_size, val_size, cv, seed, previous, class_weight, fuse, engine,
+             address, out, overwrite, quiet, as_json) -> None:
     """Train dense, logreg and svm on feature files and compare them in one report.
 
     A row per FEATURES file x model, best first, scored on held-out photos (split by image content) or on
@@ -383,6 +385,7 @@ def classify(features, models, test_files, test_size, val_size, cv, seed, previo
     \b
     Examples:
       furnitype classify feats/vgg16.h5 feats/inception.h5 --out runs/furniture
+      furnitype classify feats/vgg16.h5 feats/inception.h5 --fuse --out runs/fused
       furnitype classify feats/vgg16.h5 --models logreg,svm --test-size 0.25 --cv 3
       furnitype classify feats/train.h5 --test feats/test.h5 --json
       furnitype classify shop.h5 --test new.h5 --previous runs/shop --out runs/shop-2
@@ -404,6 +407,7 @@ def classify(features, models, test_files, test_size, val_size, cv, seed, previo
             overwrite=overwrite,
             previous=previous,
             progress=None if quiet else (lambda line: click.echo(line, err=True)),
+            fuse=fuse,
         )
     if quiet:
         for warning in run.warnings:

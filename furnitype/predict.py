@@ -282,6 +282,8 @@ def predict(
     if stored_meta is not None and features is None:
         features = _feature_set_like(run, stored_meta, model)
     loaded = load_model(run, model, features=features)
+    if loaded.parts is not None:
+        _refuse_for_fused(run, loaded, store=store, weights=weights)
     trained = training_photos(run, loaded.features)
     if store is not None and stored_meta is not None:
         _check_store(run, loaded, store, stored_meta)
@@ -303,7 +305,17 @@ def predict(
     if held:
         predicted([(path, sha) for path, (sha, _) in held.items()], np.stack([r for _, r in held.values()]), None)
     todo = [path for path in labels if path not in held]  # each file once; a missing one: "file not found"
-    spec = _checked_spec(run, loaded, weights, batch_size, out) if todo or weights is not None else None
+    if loaded.parts is not None:
+        specs = [_checked_spec(run, loaded, part.settings, part.meta, None, batch_size, out) for part in loaded.parts]
+        with progress_bar(enabled=progress, total=len(todo) * len(specs), unit="img", desc="predict") as bar:
+            made, failed = _fused_rows(run, loaded, specs, todo, batch_size, workers, bar.update)
+        if made:
+            predicted([(path, sha) for path, sha, _ in made], np.stack([row for _, _, row in made]), None)
+        for path, reason in failed.items():
+            by_path[path] = Prediction(path, None, None, given_label=labels[path], error=reason)
+    spec = None
+    if loaded.parts is None and (todo or weights is not None):
+        spec = _checked_spec(run, loaded, loaded.settings, loaded.meta, weights, batch_size, out)
     if spec is not None and todo:
         with progress_bar(enabled=progress, total=len(todo), unit="img", desc="predict") as bar:
             for batch in feature_batches(spec, todo, batch_size=batch_size, workers=workers):
@@ -320,7 +332,7 @@ def predict(
         run=str(run),
         model=loaded.name,
         features=loaded.features,
-        weights=spec.weights if spec else str(loaded.meta.get("weights_source") or loaded.settings["weights"]),
+        weights=spec.weights if spec else _recorded_weights(loaded),
         classes=list(loaded.classes),
         top_k=top_k,
         seconds=time.perf_counter() - started,
@@ -331,18 +343,64 @@ def predict(
     return result
 
 
-def _checked_spec(run, loaded, weights: str | None, batch_size: int, out) -> ExtractSpec:
-    """The spec the run's features were made with (the weights checked), when a batch fits in memory."""
+def _checked_spec(run, loaded, settings: dict, meta: dict, weights: str | None, batch_size: int, out) -> ExtractSpec:
+    """The spec features with ``settings`` (the run's, or a fused part's) were made with (the weights checked),
+    when a batch fits in memory."""
     spec = spec_for(
-        loaded.settings,
+        settings,
         weights=weights,
-        source=loaded.meta.get("weights_source"),
-        calibration_photos=loaded.meta.get("calibration_photos"),
+        source=meta.get("weights_source"),
+        calibration_photos=meta.get("calibration_photos"),
         what=f"run {run}'s {loaded.features} features",
     )
     refuse_inputs({"--out": out}, weights_files(spec.weights))  # the weights file the run records
     check_memory(get_backbone(spec.backbone), spec.image_size, batch_size)
     return spec
+
+
+def _recorded_weights(loaded) -> str:
+    """The weights the run records for the model's features (each part's, joined by ``+``, when fused)."""
+    records = [(p.settings, p.meta) for p in loaded.parts] if loaded.parts else [(loaded.settings, loaded.meta)]
+    return "+".join(str(meta.get("weights_source") or settings["weights"]) for settings, meta in records)
+
+
+def _refuse_for_fused(run, loaded, *, store, weights) -> None:
+    """Refuse the options that name one feature file's features for a fused feature set (several)."""
+    option = "--features FILE.h5" if store is not None else "--weights" if weights is not None else None
+    if option is None:
+        return
+    files = " and ".join(part.file for part in loaded.parts)
+    raise InputError(
+        f"run {run}'s {loaded.features} features are fused from {files}, each extracted with its own recorded "
+        f"settings and weights; {option} names one feature file's: leave it out, or use --features to choose a "
+        "feature set of one file."
+    )
+
+
+def _fused_rows(run, loaded, specs: list[ExtractSpec], paths: list[str], batch_size: int, workers: int | None,
+                advance) -> tuple[list[tuple[str, str, np.ndarray]], dict[str, str]]:
+    """``(path, sha256, row)`` of each photo, its parts' features (as stored) side by side in the parts' order,
+    and ``path -> reason`` of the files that could not be used; a file one part cannot use is not tried by the
+    next."""
+    rows: dict[str, list[np.ndarray]] = {path: [] for path in paths}
+    digests: dict[str, str] = {}
+    failed: dict[str, str] = {}
+    for i, (part, spec) in enumerate(zip(loaded.parts, specs, strict=True)):
+        todo = [path for path in paths if path not in failed]
+        for batch in feature_batches(spec, todo, batch_size=batch_size, workers=workers):
+            for o in batch:
+                if o.features is None:
+                    failed[o.path] = o.reason
+                    continue
+                if len(o.features) != part.feature_dim:
+                    where = f"{METRICS_FILE} feature_sets.{loaded.features}.parts[{i}].settings"
+                    raise damaged(run, Damage(where, f"they make {len(o.features)} features, not {part.feature_dim}"))
+                rows[o.path].append(as_stored(o.features[None], part.settings["store_dtype"])[0])
+                digests[o.path] = o.sha256
+            advance(len(batch))
+        advance(len(paths) - len(todo))
+    done = [(path, digests[path], np.concatenate(rows[path])) for path in paths if path not in failed]
+    return done, failed
 
 
 def _wrong_dimension(run, loaded, spec, n_features: int, store) -> NoReturn:
@@ -370,8 +428,10 @@ def _feature_set_like(run, meta: dict, model: str | None) -> str | None:
     """The run's feature set (of the best row with ``model``) made with the store's settings; None: none is."""
     document = load_run(run).document
     for row in document.rows:  # best first
-        if (model is None or row.model == model) and not _differences(document.feature_sets[row.features].settings,
-                                                                       meta):
+        feature_set = document.feature_sets[row.features]
+        if (model is None or row.model == model) and feature_set.parts is None and not _differences(
+            feature_set.settings, meta
+        ):
             return row.features
     return None
 

@@ -279,9 +279,16 @@ def _model_for(run: str | os.PathLike, fs: FeatureSet) -> LoadedModel:
     """The run's best model on features with ``fs``'s settings; refuse a file whose settings no feature set has."""
     document = load_run(run).document
     for row in document.rows:  # best first
-        if not _differences(document.feature_sets[row.features].settings, fs.settings):
+        feature_set = document.feature_sets[row.features]
+        if feature_set.parts is None and not _differences(feature_set.settings, fs.settings):
             return load_model(run, row.model, features=row.features)
     key = document.rows[0].features
+    parts = document.feature_sets[key].parts
+    if parts is not None:
+        raise InputError(
+            f"run {run}'s {key} features are fused from {' and '.join(p.file for p in parts)}; suggest takes one "
+            "feature file: use a run trained on one feature file (without --fuse)."
+        )
     wanted = document.feature_sets[key].settings
     differing = _differences(wanted, fs.settings)
     had = ", ".join(f"{k}={fs.settings.get(k)}" for k in differing)
