@@ -495,6 +495,12 @@ class RunDocument:
             raise Damage(_child(where, "merged_from"), f"missing (a {REPORT_KIND} names the runs it merges)")
         if not self.rows:
             raise Damage(_child(where, "rows"), "empty")
+        if self.options is not None:
+            for key, fs in self.feature_sets.items():
+                if (fs.parts is not None) != self.options.fuse:
+                    found = "missing" if self.options.fuse else "set"
+                    fuse = str(self.options.fuse).lower()
+                    raise Damage(_child(where, f"feature_sets.{key}.parts"), f"{found}, but options.fuse is {fuse}")
         seen = set()
         for i, row in enumerate(self.rows):
             at = f"{_child(where, 'rows')}[{i}]"
