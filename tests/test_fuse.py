@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -174,3 +175,24 @@ def test_a_fused_test_file_pair_is_matched_part_by_part(setup, tmp_path):
     assert fs.n_test == 6 and fs.n_train == 18 and fs.test_file == f"{test_a}+{test_b}"
     assert [part.test_file for part in fs.parts] == [str(test_a), str(test_b)]
     assert Path(fs.parts[0].test_file).name == "test-a.h5"
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda fs: fs.pop("parts"), r"feature_sets\.a\+b\.parts: missing, but options\.fuse is true"),
+    (lambda fs: fs["parts"][1].update(feature_dim=100), r"feature_sets\.a\+b\.parts: their feature_dim do not add "
+                                                         r"up to 1024"),
+    (lambda fs: fs.update(parts=fs["parts"][:1]), r"feature_sets\.a\+b\.parts: 1 parts; a fused feature set has"),
+])
+def test_a_fused_record_that_does_not_add_up_is_damage(setup, tmp_path, change, message):
+    run = tmp_path / "run"
+    shutil.copytree(setup["run"], run)
+    for file in (run / "metrics.json", run / "models" / "a+b" / "settings.json"):
+        data = json.loads(file.read_text())
+        change(data["feature_sets"]["a+b"] if "feature_sets" in data else data)
+        file.write_text(json.dumps(data))
+
+    result = invoke("predict", run, setup["new"])
+
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert result.output.startswith(f"Error: run {run} is damaged: metrics.json ")
+    assert re.search(message, result.output), result.output
