@@ -507,7 +507,7 @@ def predict(run, images, model, feature_set, top_k, weights, batch_size, workers
 
 @cli.command()
 @click.argument("run", type=click.Path(file_okay=False, readable=False))
-@click.argument("features", type=click.Path(dir_okay=False, readable=False))
+@click.argument("features", nargs=-1, required=True, type=click.Path(dir_okay=False, readable=False))
 @click.option("--n", "-n", "n", default=40, show_default=True, type=int, help="Photos to suggest.")
 @out_option("The CSV to correct: path,label,probability,label_2,probability_2,sha256.", default="to-label.csv")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out or --sheet file.")
@@ -518,9 +518,10 @@ def predict(run, images, model, feature_set, top_k, weights, batch_size, workers
 def suggest(run, features, n, out, overwrite, sheet, quiet, as_json) -> None:
     """Pick the new photos most worth labelling to adapt a run's model to their source.
 
-    FEATURES holds new photos (from extract, with the run's feature settings; its labels are ignored). The
-    CSV lists the chosen photos, most worth labelling first, with the model's guess in the label column:
-    correct it, then add the photos to the training store and retrain:
+    FEATURES holds new photos (from extract, with the run's feature settings; its labels are ignored); a run
+    trained with --fuse takes one feature file per part, in the parts' order. The CSV lists the chosen photos,
+    most worth labelling first, with the model's guess in the label column: correct it, then add the photos to
+    the training store and retrain:
 
     \b
       furnitype extract --manifest to-label.csv --out train.h5 [--weights ...]
@@ -530,10 +531,11 @@ def suggest(run, features, n, out, overwrite, sheet, quiet, as_json) -> None:
     Examples:
       furnitype suggest runs/furniture new.h5
       furnitype suggest runs/furniture new.h5 --n 20 --sheet to-label.png
+      furnitype suggest runs/fused new-vgg.h5 new-inc.h5
     """
     from furnitype.suggest import suggest as run_suggest
 
-    result = run_suggest(run, features, n=n, out=out, overwrite=overwrite, sheet=sheet)
+    result = run_suggest(run, list(features), n=n, out=out, overwrite=overwrite, sheet=sheet)
     if as_json:
         _print_json({**result.as_dict(), "out": out, "sheet": sheet})
         return

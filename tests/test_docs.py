@@ -110,9 +110,10 @@ def _draw(path: Path, seed: int, colour=COLOURS["bed"]) -> None:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     """What the examples name: ``photos/`` (bed, chair, sofa) in ``vgg.h5`` and ``inc.h5``; a new source ``new/``
-    in ``new.h5``; the training store ``shop.h5`` with its run ``runs/shop``; runs ``runs/vgg16``,
-    ``runs/inception`` and ``runs/fused`` (the two stores fused); single photos and small folders. Photos that
-    only stand for "a photo" repeat a stored photo's content, so that they cost no network pass."""
+    in ``new.h5`` and ``new-inc.h5``; the training store ``shop.h5`` with its run ``runs/shop``; runs
+    ``runs/vgg16``, ``runs/inception`` and ``runs/fused`` (the two stores fused); single photos and small
+    folders. Photos that only stand for "a photo" repeat a stored photo's content, so that they cost no network
+    pass."""
     root = tmp_path_factory.mktemp("docs") / "world"
     seed = 0
     for name in ("bed", "chair", "sofa"):
@@ -135,6 +136,7 @@ def world(tmp_path_factory) -> Path:
         ("extract", "photos/", "--out", "vgg.h5"),
         ("extract", "photos/", "-b", "inception", "--out", "inc.h5"),
         ("extract", "new/", "--out", "new.h5"),
+        ("extract", "new/", "-b", "inception", "--out", "new-inc.h5"),
         ("classify", "vgg.h5", "--models", "logreg", "--out", "runs/vgg16"),
         ("classify", "inc.h5", "--models", "logreg", "--out", "runs/inception"),
         ("classify", "vgg.h5", "inc.h5", "--models", "logreg,svm", "--out", "runs/furniture"),

@@ -18,6 +18,7 @@ from furnitype.extraction import extract
 from furnitype.features import load
 from furnitype.predict import predict
 from furnitype.reports.table import format_table
+from furnitype.suggest import suggest
 from furnitype.training import classify
 from tests.conftest import run_cli as invoke
 from tests.images import COLOURS, make_photo_folder, photo
@@ -140,9 +141,6 @@ def test_options_that_name_one_feature_file_are_refused_for_a_fused_run(setup):
         assert result.exit_code == 2, result.output
         assert result.output.startswith(f"Error: run {setup['run']}'s a+b features are fused from ")
         assert len(result.output.strip().splitlines()) == 1
-    result = invoke("suggest", setup["run"], setup["a"], "--out", setup["base"] / "to-label.csv")
-    assert result.exit_code == 2 and "are fused from" in result.output
-    assert len(result.output.strip().splitlines()) == 1
     one = invoke("classify", setup["a"], "--fuse", "--out", setup["base"] / "one")
     assert one.exit_code == 2 and one.output.startswith("Error: fusing needs at least 2 feature files")
     twice = invoke("classify", setup["a"], setup["a"], "--fuse", "--out", setup["base"] / "twice")
@@ -196,3 +194,29 @@ def test_a_fused_record_that_does_not_add_up_is_damage(setup, tmp_path, change, 
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
     assert result.output.startswith(f"Error: run {run} is damaged: metrics.json ")
     assert re.search(message, result.output), result.output
+
+
+def test_suggest_takes_one_store_per_part_and_scores_their_rows_side_by_side(setup, tmp_path):
+    new_a = extract([setup["new"]], like=setup["a"], out=tmp_path / "new-a.h5", batch_size=8).out
+    new_b = tmp_path / "new-b.h5"
+    extract([setup["new"] / "bed", setup["new"] / "chair"], like=setup["b"], out=new_b, batch_size=8)
+    loaded = load_model(setup["run"])
+    a, b = load(new_a), load(new_b)
+    rows_b = {sha: i for i, sha in enumerate(b.sha256)}
+    both = [i for i, sha in enumerate(a.sha256) if sha in rows_b]
+    X = np.hstack([a.features[both], b.features[[rows_b[a.sha256[i]] for i in both]]])
+    expected = loaded.model.predict_proba(X)
+    by_path = {a.paths[i]: p for i, p in zip(both, expected, strict=True)}
+
+    result = suggest(setup["run"], [new_a, new_b], n=10, out=tmp_path / "to-label.csv")
+
+    assert sorted(s.path for s in result.suggestions) == sorted(by_path)  # the sofas are not in new-b.h5
+    assert result.notes[0] == f"a+b: 2 photos that not every fused feature file holds (2 not in {new_b}) are left out."
+    for s in result.suggestions:
+        proba = by_path[s.path]
+        assert s.label == loaded.classes[int(np.argmax(proba))] and abs(s.probability - proba.max()) < 1e-6
+    wrong = invoke("suggest", setup["run"], new_a, "--out", tmp_path / "x.csv")
+    assert wrong.exit_code == 2 and len(wrong.output.strip().splitlines()) == 1
+    assert "give one feature file of the new photos per part, in that order, not 1." in wrong.output
+    swapped = invoke("suggest", setup["run"], new_b, new_a, "--out", tmp_path / "y.csv")
+    assert swapped.exit_code == 1 and swapped.output.startswith(f"Error: {new_b} was made with ")

@@ -86,17 +86,18 @@ def fuse(parts: Sequence[store.FeatureSet]) -> tuple[store.FeatureSet, list[Miss
     return fused, missing
 
 
-def missing_warning(key: str, missing: Sequence[Missing], where: str) -> str:
-    """One line: how many photos of which parts are left out, and where they are listed."""
+def missing_warning(key: str, missing: Sequence[Missing], where: str | None = None) -> str:
+    """One line: how many photos of which parts are left out, and where they are listed (when they are)."""
     lacking: dict[str, int] = {}
     for m in missing:
         for file in m.missing_from:
             lacking[file] = lacking.get(file, 0) + 1
     counts = ", ".join(f"{n:,} not in {file}" for file, n in lacking.items())
     photos = len({m.sha256 for m in missing})
+    listed = f"; listed in {where}" if where else ""
     return (
         f"{key}: {photos:,} photo{'s' if photos != 1 else ''} that not every fused feature file holds "
-        f"({counts}) {'are' if photos != 1 else 'is'} left out; listed in {where}."
+        f"({counts}) {'are' if photos != 1 else 'is'} left out{listed}."
     )
 
 
