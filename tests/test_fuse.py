@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from furnitype.classify import load_model
+from furnitype.classify.fused import joined
 from furnitype.classify.run import load_run
 from furnitype.errors import InputError
 from furnitype.extraction import extract
@@ -220,3 +221,8 @@ def test_suggest_takes_one_store_per_part_and_scores_their_rows_side_by_side(set
     assert "give one feature file of the new photos per part, in that order, not 1." in wrong.output
     swapped = invoke("suggest", setup["run"], new_b, new_a, "--out", tmp_path / "y.csv")
     assert swapped.exit_code == 1 and swapped.output.startswith(f"Error: {new_b} was made with ")
+
+
+def test_a_setting_the_parts_agree_on_keeps_its_value():
+    assert joined([224, 224]) == 224 and joined([224, 299]) == "224+299"
+    assert joined(["vgg16", "inception"]) == "vgg16+inception" and joined(["avg", "avg"]) == "avg"

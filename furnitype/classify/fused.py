@@ -15,6 +15,7 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -23,6 +24,7 @@ from furnitype.errors import InputError
 from furnitype.features.store import SETTING_KEYS
 from furnitype.outputs import replace_file
 
+T = TypeVar("T")
 #: The file, in a fused feature set's models folder, that lists the photos some parts lack.
 MISSING_FILE = "missing.csv"
 MISSING_COLUMNS = ("file", "path", "sha256", "label", "missing_from")
@@ -39,11 +41,11 @@ class Missing:
     missing_from: tuple[str, ...]
 
 
-def joined(values: Sequence[object]) -> str:
-    """The parts' values as one name: the common value when they agree, else joined by ``+`` in the parts'
-    order (``vgg16+inception_v3``)."""
+def joined(values: Sequence[T]) -> T | str:
+    """The parts' values as one name: the common value when they agree (``224``), else their texts joined by
+    ``+`` in the parts' order (``vgg16+inception``)."""
     texts = [str(v) for v in values]
-    return texts[0] if len(set(texts)) == 1 else "+".join(texts)
+    return values[0] if len(set(texts)) == 1 else "+".join(texts)
 
 
 def fuse(parts: Sequence[store.FeatureSet]) -> tuple[store.FeatureSet, list[Missing]]:
