@@ -27,11 +27,11 @@ from furnitype.classify.metadata import METRICS_FILE
 from furnitype.classify.run import damaged, load_model, load_run, training_photos
 from furnitype.classify.runfiles import Damage
 from furnitype.errors import InputError, SettingsMismatchError
-from furnitype.extract.backbones import check_memory, get_backbone, weights_files
+from furnitype.extract.backbones import check_memory, get_backbone, weights_files, weights_identity
 from furnitype.extract.images import ImageDecodeError, ImageFile, list_images, sha256_file
 from furnitype.extract.pipeline import ExtractSpec, check_batching, feature_batches
 from furnitype.extract.settings import as_stored, spec_for
-from furnitype.features.store import SETTING_KEYS, read_meta, rows_by_sha256, short_ids
+from furnitype.features.store import SETTING_KEYS, read_meta, rows_by_sha256, short_id, short_ids
 from furnitype.outputs import (
     check_output,
     data_frame,
@@ -282,8 +282,8 @@ def predict(
     if stored_meta is not None and features is None:
         features = _feature_set_like(run, stored_meta, model)
     loaded = load_model(run, model, features=features)
-    if loaded.parts is not None:
-        _refuse_for_fused(run, loaded, store=store, weights=weights)
+    if loaded.parts is not None and store is not None:
+        _refuse_store_for_fused(run, loaded)
     trained = training_photos(run, loaded.features)
     if store is not None and stored_meta is not None:
         _check_store(run, loaded, store, stored_meta)
@@ -305,8 +305,13 @@ def predict(
     if held:
         predicted([(path, sha) for path, (sha, _) in held.items()], np.stack([r for _, r in held.values()]), None)
     todo = [path for path in labels if path not in held]  # each file once; a missing one: "file not found"
+    weights_used = None
     if loaded.parts is not None:
-        specs = [_checked_spec(run, loaded, part.settings, part.meta, None, batch_size, out) for part in loaded.parts]
+        specs = [
+            _checked_spec(run, loaded, part.settings, part.meta, part_weights, batch_size, out)
+            for part, part_weights in zip(loaded.parts, _weights_of_parts(run, loaded, weights), strict=True)
+        ]
+        weights_used = "+".join(spec.weights for spec in specs)
         with progress_bar(enabled=progress, total=len(todo) * len(specs), unit="img", desc="predict") as bar:
             made, failed = _fused_rows(run, loaded, specs, todo, batch_size, workers, bar.update)
         if made:
@@ -332,7 +337,8 @@ def predict(
         run=str(run),
         model=loaded.name,
         features=loaded.features,
-        weights=spec.weights if spec else _recorded_weights(loaded),
+        weights=(spec.weights if spec else weights_used
+                 or str(loaded.meta.get("weights_source") or loaded.settings["weights"])),
         classes=list(loaded.classes),
         top_k=top_k,
         seconds=time.perf_counter() - started,
@@ -358,23 +364,36 @@ def _checked_spec(run, loaded, settings: dict, meta: dict, weights: str | None, 
     return spec
 
 
-def _recorded_weights(loaded) -> str:
-    """The weights the run records for the model's features (each part's, joined by ``+``, when fused)."""
-    records = [(p.settings, p.meta) for p in loaded.parts] if loaded.parts else [(loaded.settings, loaded.meta)]
-    return "+".join(str(meta.get("weights_source") or settings["weights"]) for settings, meta in records)
-
-
-def _refuse_for_fused(run, loaded, *, store, weights) -> None:
-    """Refuse the options that name one feature file's features for a fused feature set (several)."""
-    option = "--features FILE.h5" if store is not None else "--weights" if weights is not None else None
-    if option is None:
-        return
+def _refuse_store_for_fused(run, loaded) -> None:
+    """Refuse a feature file's rows for a fused feature set: they are one part's, and it takes several."""
     files = " and ".join(part.file for part in loaded.parts)
     raise InputError(
         f"run {run}'s {loaded.features} features are fused from {files}, each extracted with its own recorded "
-        f"settings and weights; {option} names one feature file's: leave it out, or use --features to choose a "
-        "feature set of one file."
+        "settings; --features FILE.h5 holds one feature file's rows: leave it out (the photos are extracted "
+        "for every part), or name a feature set of one file."
     )
+
+
+def _weights_of_parts(run, loaded, weights: str | None) -> list[str | None]:
+    """The weights to build each part of a fused set with: ``weights`` for the parts made with weights of its
+    identity (a moved weights file), the recorded ones (None) for the others.
+
+    Raises
+    ------
+    SettingsMismatchError
+        No part was made with weights of ``weights``' identity.
+    """
+    if weights is None:
+        return [None] * len(loaded.parts)
+    identity = weights_identity(weights)
+    chosen = [weights if part.settings.get("weights") == identity else None for part in loaded.parts]
+    if not any(chosen):
+        made = ", ".join(f"{part.file}: {short_id(str(part.settings.get('weights')))}" for part in loaded.parts)
+        raise SettingsMismatchError(
+            f"weights {weights} are {short_id(identity)}, but no part of run {run}'s {loaded.features} features "
+            f"was made with them ({made}); pass --weights with the weights of the part whose file has moved."
+        )
+    return chosen
 
 
 def _fused_rows(run, loaded, specs: list[ExtractSpec], paths: list[str], batch_size: int, workers: int | None,

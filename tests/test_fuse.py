@@ -17,6 +17,7 @@ from furnitype.classify.run import load_run
 from furnitype.errors import InputError
 from furnitype.extraction import extract
 from furnitype.features import load
+from furnitype.keras_loader import import_keras
 from furnitype.predict import predict
 from furnitype.reports.table import format_table
 from furnitype.suggest import suggest
@@ -136,12 +137,18 @@ def test_a_photo_labelled_differently_by_two_parts_is_refused(setup, tmp_path):
     assert result.output.startswith("Error: ") and not (tmp_path / "run").exists()
 
 
-def test_options_that_name_one_feature_file_are_refused_for_a_fused_run(setup):
-    for option in (["--features", setup["a"]], ["--weights", "none"]):
-        result = invoke("predict", setup["run"], setup["new"], *option)
-        assert result.exit_code == 2, result.output
-        assert result.output.startswith(f"Error: run {setup['run']}'s a+b features are fused from ")
-        assert len(result.output.strip().splitlines()) == 1
+def test_options_that_name_one_feature_file_are_refused_for_a_fused_run(setup, tmp_path):
+    result = invoke("predict", setup["run"], setup["new"], "--features", setup["a"])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"Error: run {setup['run']}'s a+b features are fused from ")
+    assert "--features FILE.h5 holds one feature file's rows" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    other = tmp_path / "other.weights.h5"
+    other.write_bytes(b"weights no part was made with")
+    result = invoke("predict", setup["run"], setup["new"], "--weights", other)
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert result.output.startswith(f"Error: weights {other} are sha256:")
+    assert f"but no part of run {setup['run']}'s a+b features was made with them" in result.output
     one = invoke("classify", setup["a"], "--fuse", "--out", setup["base"] / "one")
     assert one.exit_code == 2 and one.output.startswith("Error: fusing needs at least 2 feature files")
     twice = invoke("classify", setup["a"], setup["a"], "--fuse", "--out", setup["base"] / "twice")
@@ -226,3 +233,23 @@ def test_suggest_takes_one_store_per_part_and_scores_their_rows_side_by_side(set
 def test_a_setting_the_parts_agree_on_keeps_its_value():
     assert joined([224, 224]) == 224 and joined([224, 299]) == "224+299"
     assert joined(["vgg16", "inception"]) == "vgg16+inception" and joined(["avg", "avg"]) == "avg"
+
+
+def test_a_moved_weights_file_of_one_part_is_given_with_weights(setup, tmp_path):
+    keras = import_keras()
+    keras.utils.set_random_seed(3)
+    weights = tmp_path / "vgg16.weights.h5"
+    keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(weights)
+    c = extract([setup["photos"]], out=tmp_path / "c.h5", batch_size=8, **{**PART_A, "weights": str(weights)})
+    run = classify([c.out, setup["b"]], fuse=True, models=["logreg"], cv=3, out=tmp_path / "run")
+    before = predict(run.path, [setup["new"]])
+    assert before.weights == f"{weights}+none"
+    moved = tmp_path / "moved.weights.h5"
+    weights.rename(moved)
+
+    with pytest.raises(InputError, match=r"which is not there any more; pass --weights PATH to a copy of it"):
+        predict(run.path, [setup["new"]])
+    after = predict(run.path, [setup["new"]], weights=str(moved))  # for part c only: b keeps its random weights
+
+    assert after.weights == f"{moved}+none"
+    assert [p.top for p in after.predictions] == [p.top for p in before.predictions]
