@@ -26,7 +26,7 @@ from tqdm import tqdm
 from furnitype.classify.metadata import MAX_SEED
 from furnitype.classify.models import CLASS_WEIGHTS, MODEL_NAMES
 from furnitype.engines import ENGINES
-from furnitype.errors import FurnitypeError
+from furnitype.errors import FurnitypeError, InputError
 
 #: The exit code of a command stopped by Ctrl-C (128 + SIGINT, as shells report it).
 EXIT_INTERRUPTED = 130
@@ -461,9 +461,9 @@ def _print_run(run, as_json: bool) -> None:
 @click.argument("images", nargs=-1, required=True, type=click.Path(readable=False))
 @click.option("--model", "-m", default="best", show_default=True, type=click.Choice(["best", *MODEL_NAMES]),
               help="best: the model of the run's best row.")
-@click.option("--features", "feature_set", help="The run's feature set (training file name without .h5), or a "
-              "feature file (FILE.h5) of the run's settings whose rows the photos it holds take, instead of being "
-              "extracted.  [default: the best row's]")
+@click.option("--features", "feature_set", multiple=True, help="The run's feature set (training file name without "
+              ".h5), or a feature file (FILE.h5) of the run's settings whose rows the photos it holds take, instead of "
+              "being extracted (a fused set: repeat it, one per part).  [default: the best row's]")
 @top_k_option("Classes kept per photo.", default=3)
 @weights_option("Backbone weights file.  [default: the one recorded with the run's features]")
 @batch_options()
@@ -490,9 +490,10 @@ def predict(run, images, model, feature_set, top_k, weights, batch_size, workers
     """
     from furnitype.predict import predict as run_predict
 
-    store = None
-    if feature_set is not None and (feature_set.lower().endswith((".h5", ".hdf5")) or os.sep in feature_set):
-        store, feature_set = feature_set, None  # a feature file, not a feature set's name
+    files = [f for f in feature_set if f.lower().endswith((".h5", ".hdf5")) or os.sep in f]  # not a set's name
+    if len(feature_set) > 1 and len(files) < len(feature_set):
+        raise InputError("--features is given more than once only with feature files (one per part of a fused set).")
+    store, feature_set = (files or None), (None if files or not feature_set else feature_set[0])
     result = run_predict(run, images, model=model, features=feature_set, top_k=top_k, weights=weights,
                          batch_size=batch_size, workers=workers, out=out, overwrite=overwrite, progress=not quiet,
                          store=store)

@@ -4,9 +4,9 @@ The photos go through the same code path as ``extract`` (``ExtractSpec`` + ``fea
 settings the run records for the model's feature set; the network's features are rounded to the store's dtype,
 as the model saw them in training, then the model gives class probabilities. Given a feature file of the same
 settings (``store``), the photos whose content it holds take their stored rows instead: only the others are
-extracted. A file that cannot be used gets
-a row with the reason instead of a label. Rows come in the order the photos were given (a folder's photos
-sorted by path).
+extracted. A fused feature set (``classify --fuse``) is made part by part, each with its part's settings, and
+the parts' rows put side by side. A file that cannot be used gets a row with the reason instead of a label.
+Rows come in the order the photos were given (a folder's photos sorted by path).
 """
 
 from __future__ import annotations
@@ -216,7 +216,7 @@ def predict(
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = False,
-    store: str | os.PathLike | None = None,
+    store: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
 ) -> PredictResult:
     """Label photos with a model of a run, extracting their features exactly as the run's features were made.
 
@@ -247,10 +247,12 @@ def predict(
         Replace an existing ``out`` file.
     progress : bool, default=False
         Show a progress bar on stderr.
-    store : path, default=None
+    store : path, or sequence of paths, default=None
         A feature file made with the settings of the run's feature set (checked): a photo whose content it
         holds (by sha256) takes its stored row instead of being extracted. With ``features`` None, its settings
-        choose the feature set (the best row's among those with the same settings).
+        choose the feature set (the best row's among those with the same settings). For a fused feature set
+        (``classify --fuse``), one feature file per part, in the parts' order, each with its part's settings: a
+        photo every one of them holds takes their rows side by side.
 
     Returns
     -------
@@ -266,6 +268,7 @@ def predict(
         ``weights``), an ``out`` that cannot be written, a batch that does not fit in memory.
     """
     started = time.perf_counter()
+    stores = [] if store is None else [store] if isinstance(store, (str, os.PathLike)) else list(store)
     if not images:
         raise InputError("give at least one image file or folder.")
     if top_k < 1:
@@ -273,20 +276,18 @@ def predict(
     check_batching(batch_size, workers)
     if out is not None:
         check_output(out)
-        refuse_inputs({"--out": out}, [*images, *weights_files(weights), *([store] if store else [])], kept=[run])
+        refuse_inputs({"--out": out}, [*images, *weights_files(weights), *stores], kept=[run])
     files = _listing(images)
     refuse_photos({"--out": out}, (f.path for f in files))
     refuse_existing({"--out": out}, overwrite=overwrite)
     model = None if model in (None, "best") else model
-    stored_meta = read_meta(store) if store is not None else None
-    if stored_meta is not None and features is None:
-        features = _feature_set_like(run, stored_meta, model)
+    metas = [read_meta(file) for file in stores]
+    if metas and features is None:
+        features = _feature_set_like(run, metas, model)
     loaded = load_model(run, model, features=features)
-    if loaded.parts is not None and store is not None:
-        _refuse_store_for_fused(run, loaded)
     trained = training_photos(run, loaded.features)
-    if store is not None and stored_meta is not None:
-        _check_store(run, loaded, store, stored_meta)
+    if stores:
+        _check_stores(run, loaded, stores, metas)
     top_k = min(top_k, len(loaded.classes))
     classes = np.array(loaded.classes)
     labels = {f.path: f.label for f in files}
@@ -295,18 +296,18 @@ def predict(
     def predicted(outcomes: list[tuple[str, str]], X: np.ndarray, spec: ExtractSpec | None) -> None:
         """Predictions of ``(path, sha256)`` pairs from their features (made with ``spec``, else stored)."""
         if X.shape[1] != loaded.model.n_features_in_:
-            _wrong_dimension(run, loaded, spec, X.shape[1], store)
+            _wrong_dimension(run, loaded, spec, X.shape[1], "+".join(map(str, stores)))
         for (path, sha), proba in zip(outcomes, loaded.model.predict_proba(X), strict=True):
             order = np.argsort(-proba, kind="stable")[:top_k]
             top = [(str(classes[j]), float(proba[j])) for j in order]
             by_path[path] = Prediction(path, top[0][0], top[0][1], top, labels[path], sha, in_training=sha in trained)
 
-    held = _stored_rows(store, list(labels)) if store is not None else {}
+    held = _stored_rows(stores, list(labels)) if stores else {}
     if held:
         predicted([(path, sha) for path, (sha, _) in held.items()], np.stack([r for _, r in held.values()]), None)
     todo = [path for path in labels if path not in held]  # each file once; a missing one: "file not found"
     weights_used = None
-    if loaded.parts is not None:
+    if loaded.parts is not None and (todo or weights is not None):
         specs = [
             _checked_spec(run, loaded, part.settings, part.meta, part_weights, batch_size, out)
             for part, part_weights in zip(loaded.parts, _weights_of_parts(run, loaded, weights), strict=True)
@@ -362,16 +363,6 @@ def _checked_spec(run, loaded, settings: dict, meta: dict, weights: str | None, 
     refuse_inputs({"--out": out}, weights_files(spec.weights))  # the weights file the run records
     check_memory(get_backbone(spec.backbone), spec.image_size, batch_size)
     return spec
-
-
-def _refuse_store_for_fused(run, loaded) -> None:
-    """Refuse a feature file's rows for a fused feature set: they are one part's, and it takes several."""
-    files = " and ".join(part.file for part in loaded.parts)
-    raise InputError(
-        f"run {run}'s {loaded.features} features are fused from {files}, each extracted with its own recorded "
-        "settings; --features FILE.h5 holds one feature file's rows: leave it out (the photos are extracted "
-        "for every part), or name a feature set of one file."
-    )
 
 
 def _weights_of_parts(run, loaded, weights: str | None) -> list[str | None]:
@@ -443,40 +434,61 @@ def _differences(a: dict, b: dict) -> list[str]:
     return [key for key in SETTING_KEYS if str(a.get(key)) != str(b.get(key))]
 
 
-def _feature_set_like(run, meta: dict, model: str | None) -> str | None:
-    """The run's feature set (of the best row with ``model``) made with the store's settings; None: none is."""
+def _part_settings(settings: dict, parts) -> list[dict]:
+    """The settings of each part of a feature set (one part, its own, when it is not fused)."""
+    return [part.settings for part in parts] if parts is not None else [settings]
+
+
+def _feature_set_like(run, metas: list[dict], model: str | None) -> str | None:
+    """The run's feature set (of the best row with ``model``) made with the stores' settings, one store per part
+    in order; None: none is."""
     document = load_run(run).document
     for row in document.rows:  # best first
         feature_set = document.feature_sets[row.features]
-        if (model is None or row.model == model) and feature_set.parts is None and not _differences(
-            feature_set.settings, meta
+        parts = _part_settings(feature_set.settings, feature_set.parts)
+        if (model is None or row.model == model) and len(parts) == len(metas) and not any(
+            _differences(part, meta) for part, meta in zip(parts, metas, strict=True)
         ):
             return row.features
     return None
 
 
-def _check_store(run, loaded, store, meta: dict) -> None:
-    """Refuse a feature file made with other settings than the model's feature set."""
-    differing = _differences(loaded.settings, meta)
-    if differing:
-        had = ", ".join(f"{k}={meta.get(k)}" for k in differing)
-        want = ", ".join(f"{k}={loaded.settings.get(k)}" for k in differing)
-        raise SettingsMismatchError(
-            f"{store} was made with {short_ids(had)}, but run {run}'s {loaded.features} features with "
-            f"{short_ids(want)}; give a feature file of the run's settings, or leave --features out."
+def _check_stores(run, loaded, stores: list, metas: list[dict]) -> None:
+    """Refuse feature files that are not one per part of the model's feature set, each of its part's settings."""
+    parts = _part_settings(loaded.settings, loaded.parts)
+    if len(stores) != len(parts):
+        made = f"fused from {len(parts)} feature files" if loaded.parts is not None else "from one feature file"
+        raise InputError(
+            f"run {run}'s {loaded.features} features are {made}; give one feature file (--features FILE.h5) per "
+            f"part, in the parts' order, not {len(stores)}, or leave --features out."
         )
+    for i, (store, meta, settings) in enumerate(zip(stores, metas, parts, strict=True)):
+        differing = _differences(settings, meta)
+        if differing:
+            had = ", ".join(f"{k}={meta.get(k)}" for k in differing)
+            want = ", ".join(f"{k}={settings.get(k)}" for k in differing)
+            part = f" (part {i + 1})" if loaded.parts is not None else ""
+            raise SettingsMismatchError(
+                f"{store} was made with {short_ids(had)}, but run {run}'s {loaded.features} features{part} with "
+                f"{short_ids(want)}; give a feature file of the run's settings, or leave --features out."
+            )
 
 
-def _stored_rows(store, paths: list[str]) -> dict[str, tuple[str, np.ndarray]]:
-    """``path -> (sha256, stored features)`` for the files whose content ``store`` holds."""
+def _stored_rows(stores: list, paths: list[str]) -> dict[str, tuple[str, np.ndarray]]:
+    """``path -> (sha256, stored features)`` for the files whose content every store holds: their rows side by
+    side, in the stores' order."""
     digests = {}
     for path in paths:
         try:
             digests[path] = sha256_file(path)
         except ImageDecodeError:
             continue  # extracting it says why it cannot be used
-    rows, _ = rows_by_sha256(store, digests.values())
-    return {path: (sha, rows[sha]) for path, sha in digests.items() if sha in rows}
+    found = [rows_by_sha256(store, digests.values())[0] for store in stores]
+    return {
+        path: (sha, np.concatenate([rows[sha] for rows in found]))
+        for path, sha in digests.items()
+        if all(sha in rows for rows in found)
+    }
 
 
 def _listing(images: Sequence[str | os.PathLike]) -> list[ImageFile]:

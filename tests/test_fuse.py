@@ -137,12 +137,37 @@ def test_a_photo_labelled_differently_by_two_parts_is_refused(setup, tmp_path):
     assert result.output.startswith("Error: ") and not (tmp_path / "run").exists()
 
 
+def test_predict_takes_one_store_per_part_and_extracts_only_what_not_every_store_holds(setup, tmp_path):
+    new_a = extract([setup["new"]], like=setup["a"], out=tmp_path / "new-a.h5", batch_size=8).out
+    new_b = tmp_path / "new-b.h5"
+    extract([setup["new"] / "bed"], like=setup["b"], out=new_b, batch_size=8)
+    extracted = predict(setup["run"], [setup["new"]])
+
+    result = invoke("predict", setup["run"], setup["new"], "--features", new_a, "--features", new_b, "--json")
+
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.stdout)
+    assert [p["path"] for p in got] == [p.path for p in extracted.predictions]
+    for p, q in zip(got, extracted.predictions, strict=True):  # JSON has 6 significant digits
+        assert p["label"] == q.label and abs(p["probability"] - q.probability) < 1e-5
+    api = predict(setup["run"], [setup["new"]], store=[new_a, new_b])
+    assert api.stored == 2 and api.features == "a+b"  # the two beds are in both stores
+    for p, q in zip(api.predictions, extracted.predictions, strict=True):
+        np.testing.assert_allclose([x for _, x in p.top], [x for _, x in q.top], rtol=0, atol=1e-6)
+
+
 def test_options_that_name_one_feature_file_are_refused_for_a_fused_run(setup, tmp_path):
     result = invoke("predict", setup["run"], setup["new"], "--features", setup["a"])
     assert result.exit_code == 2, result.output
-    assert result.output.startswith(f"Error: run {setup['run']}'s a+b features are fused from ")
-    assert "--features FILE.h5 holds one feature file's rows" in result.output
+    assert result.output.startswith(f"Error: run {setup['run']}'s a+b features are fused from 2 feature files; give "
+                                    "one feature file (--features FILE.h5) per part, in the parts' order, not 1")
     assert len(result.output.strip().splitlines()) == 1
+    swapped = invoke("predict", setup["run"], setup["new"], "--features", setup["b"], "--features", setup["a"])
+    assert swapped.exit_code == 1 and len(swapped.output.strip().splitlines()) == 1
+    assert swapped.output.startswith(f"Error: {setup['b']} was made with pooling=max, image_size=40, but run "
+                                     f"{setup['run']}'s a+b features (part 1) with pooling=avg, image_size=32; ")
+    names = invoke("predict", setup["run"], setup["new"], "--features", "a+b", "--features", setup["a"])
+    assert names.exit_code == 2 and "--features is given more than once only with feature files" in names.output
     other = tmp_path / "other.weights.h5"
     other.write_bytes(b"weights no part was made with")
     result = invoke("predict", setup["run"], setup["new"], "--weights", other)
