@@ -26,7 +26,7 @@ from tqdm import tqdm
 from furnitype.classify.metadata import MAX_SEED
 from furnitype.classify.models import CLASS_WEIGHTS, MODEL_NAMES
 from furnitype.engines import ENGINES
-from furnitype.errors import FurnitypeError
+from furnitype.errors import FurnitypeError, InputError
 
 #: The exit code of a command stopped by Ctrl-C (128 + SIGINT, as shells report it).
 EXIT_INTERRUPTED = 130
@@ -365,14 +365,16 @@ def compact(file, quiet, as_json) -> None:
 @click.option("--class-weight", default="none", show_default=True,
               type=click.Choice([str(weight).lower() for weight in CLASS_WEIGHTS]),
               help="Weigh classes inversely to their size.")
+@click.option("--fuse", is_flag=True, help="Train on one feature set: the FEATURES files' rows of the same photos "
+              "side by side (named vgg+inc); predict extracts new photos with each file's settings.")
 @engine_options(what="cross-validate", workers=False)
 @out_option("Run folder.  [default: runs/<date-time>]")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run at --out (swapped in when complete).")
 @quiet_option("No progress lines (warnings are still shown).")
 @json_option("Print the result as JSON on stdout (progress stays on stderr).")
 @api_command
-def classify(features, models, test_files, test_size, val_size, cv, seed, previous, class_weight, engine, address,
-             out, overwrite, quiet, as_json) -> None:
+def classify(features, models, test_files, test_size, val_size, cv, seed, previous, class_weight, fuse, engine,
+             address, out, overwrite, quiet, as_json) -> None:
     """Train dense, logreg and svm on feature files and compare them in one report.
 
     A row per FEATURES file x model, best first, scored on held-out photos (split by image content) or on
@@ -383,6 +385,7 @@ def classify(features, models, test_files, test_size, val_size, cv, seed, previo
     \b
     Examples:
       furnitype classify feats/vgg16.h5 feats/inception.h5 --out runs/furniture
+      furnitype classify feats/vgg16.h5 feats/inception.h5 --fuse --out runs/fused
       furnitype classify feats/vgg16.h5 --models logreg,svm --test-size 0.25 --cv 3
       furnitype classify feats/train.h5 --test feats/test.h5 --json
       furnitype classify shop.h5 --test new.h5 --previous runs/shop --out runs/shop-2
@@ -404,6 +407,7 @@ def classify(features, models, test_files, test_size, val_size, cv, seed, previo
             overwrite=overwrite,
             previous=previous,
             progress=None if quiet else (lambda line: click.echo(line, err=True)),
+            fuse=fuse,
         )
     if quiet:
         for warning in run.warnings:
@@ -457,9 +461,9 @@ def _print_run(run, as_json: bool) -> None:
 @click.argument("images", nargs=-1, required=True, type=click.Path(readable=False))
 @click.option("--model", "-m", default="best", show_default=True, type=click.Choice(["best", *MODEL_NAMES]),
               help="best: the model of the run's best row.")
-@click.option("--features", "feature_set", help="The run's feature set (training file name without .h5), or a "
-              "feature file (FILE.h5) of the run's settings whose rows the photos it holds take, instead of being "
-              "extracted.  [default: the best row's]")
+@click.option("--features", "feature_set", multiple=True, help="The run's feature set (training file name without "
+              ".h5), or a feature file (FILE.h5) of the run's settings whose rows the photos it holds take, instead of "
+              "being extracted (a fused set: repeat it, one per part).  [default: the best row's]")
 @top_k_option("Classes kept per photo.", default=3)
 @weights_option("Backbone weights file.  [default: the one recorded with the run's features]")
 @batch_options()
@@ -486,9 +490,10 @@ def predict(run, images, model, feature_set, top_k, weights, batch_size, workers
     """
     from furnitype.predict import predict as run_predict
 
-    store = None
-    if feature_set is not None and (feature_set.lower().endswith((".h5", ".hdf5")) or os.sep in feature_set):
-        store, feature_set = feature_set, None  # a feature file, not a feature set's name
+    files = [f for f in feature_set if f.lower().endswith((".h5", ".hdf5")) or os.sep in f]  # not a set's name
+    if len(feature_set) > 1 and len(files) < len(feature_set):
+        raise InputError("--features is given more than once only with feature files (one per part of a fused set).")
+    store, feature_set = (files or None), (None if files or not feature_set else feature_set[0])
     result = run_predict(run, images, model=model, features=feature_set, top_k=top_k, weights=weights,
                          batch_size=batch_size, workers=workers, out=out, overwrite=overwrite, progress=not quiet,
                          store=store)
@@ -503,7 +508,7 @@ def predict(run, images, model, feature_set, top_k, weights, batch_size, workers
 
 @cli.command()
 @click.argument("run", type=click.Path(file_okay=False, readable=False))
-@click.argument("features", type=click.Path(dir_okay=False, readable=False))
+@click.argument("features", nargs=-1, required=True, type=click.Path(dir_okay=False, readable=False))
 @click.option("--n", "-n", "n", default=40, show_default=True, type=int, help="Photos to suggest.")
 @out_option("The CSV to correct: path,label,probability,label_2,probability_2,sha256.", default="to-label.csv")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out or --sheet file.")
@@ -514,9 +519,10 @@ def predict(run, images, model, feature_set, top_k, weights, batch_size, workers
 def suggest(run, features, n, out, overwrite, sheet, quiet, as_json) -> None:
     """Pick the new photos most worth labelling to adapt a run's model to their source.
 
-    FEATURES holds new photos (from extract, with the run's feature settings; its labels are ignored). The
-    CSV lists the chosen photos, most worth labelling first, with the model's guess in the label column:
-    correct it, then add the photos to the training store and retrain:
+    FEATURES holds new photos (from extract, with the run's feature settings; its labels are ignored); a run
+    trained with --fuse takes one feature file per part, in the parts' order. The CSV lists the chosen photos,
+    most worth labelling first, with the model's guess in the label column: correct it, then add the photos to
+    the training store and retrain:
 
     \b
       furnitype extract --manifest to-label.csv --out train.h5 [--weights ...]
@@ -526,10 +532,11 @@ def suggest(run, features, n, out, overwrite, sheet, quiet, as_json) -> None:
     Examples:
       furnitype suggest runs/furniture new.h5
       furnitype suggest runs/furniture new.h5 --n 20 --sheet to-label.png
+      furnitype suggest runs/fused new-vgg.h5 new-inc.h5
     """
     from furnitype.suggest import suggest as run_suggest
 
-    result = run_suggest(run, features, n=n, out=out, overwrite=overwrite, sheet=sheet)
+    result = run_suggest(run, list(features), n=n, out=out, overwrite=overwrite, sheet=sheet)
     if as_json:
         _print_json({**result.as_dict(), "out": out, "sheet": sheet})
         return

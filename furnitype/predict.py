@@ -4,9 +4,9 @@ The photos go through the same code path as ``extract`` (``ExtractSpec`` + ``fea
 settings the run records for the model's feature set; the network's features are rounded to the store's dtype,
 as the model saw them in training, then the model gives class probabilities. Given a feature file of the same
 settings (``store``), the photos whose content it holds take their stored rows instead: only the others are
-extracted. A file that cannot be used gets
-a row with the reason instead of a label. Rows come in the order the photos were given (a folder's photos
-sorted by path).
+extracted. A fused feature set (``classify --fuse``) is made part by part, each with its part's settings, and
+the parts' rows put side by side. A file that cannot be used gets a row with the reason instead of a label.
+Rows come in the order the photos were given (a folder's photos sorted by path).
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from furnitype.classify.metadata import METRICS_FILE
 from furnitype.classify.run import damaged, load_model, load_run, training_photos
 from furnitype.classify.runfiles import Damage
 from furnitype.errors import InputError, SettingsMismatchError
-from furnitype.extract.backbones import check_memory, get_backbone, weights_files
+from furnitype.extract.backbones import check_memory, get_backbone, weights_files, weights_identity
 from furnitype.extract.images import ImageDecodeError, ImageFile, decode_image, list_images, sha256_file
 from furnitype.extract.pipeline import ExtractSpec, check_batching, feature_batches
 from furnitype.extract.settings import as_stored, spec_for
-from furnitype.features.store import SETTING_KEYS, read_meta, rows_by_sha256, short_ids, store_files
+from furnitype.features.store import SETTING_KEYS, read_meta, rows_by_sha256, short_id, short_ids, store_files
 from furnitype.outputs import (
     check_output,
     data_frame,
@@ -216,7 +216,7 @@ def predict(
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = False,
-    store: str | os.PathLike | None = None,
+    store: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
 ) -> PredictResult:
     """Label photos with a model of a run, extracting their features exactly as the run's features were made.
 
@@ -247,10 +247,12 @@ def predict(
         Replace an existing ``out`` file.
     progress : bool, default=False
         Show a progress bar on stderr.
-    store : path, default=None
+    store : path, or sequence of paths, default=None
         A feature file made with the settings of the run's feature set (checked): a photo whose content it
         holds (by sha256) takes its stored row instead of being extracted. With ``features`` None, its settings
-        choose the feature set (the best row's among those with the same settings).
+        choose the feature set (the best row's among those with the same settings). For a fused feature set
+        (``classify --fuse``), one feature file per part, in the parts' order, each with its part's settings: a
+        photo every one of them holds takes their rows side by side.
 
     Returns
     -------
@@ -266,6 +268,7 @@ def predict(
         ``weights``), an ``out`` that cannot be written, a batch that does not fit in memory.
     """
     started = time.perf_counter()
+    stores = [] if store is None else [store] if isinstance(store, (str, os.PathLike)) else list(store)
     if not images:
         raise InputError("give at least one image file or folder.")
     if top_k < 1:
@@ -273,19 +276,19 @@ def predict(
     check_batching(batch_size, workers)
     if out is not None:
         check_output(out)
-        stores = store_files(store) if store is not None else []
-        refuse_inputs({"--out": out}, [*images, *weights_files(weights), *stores], kept=[run])
+        beside = [file for store in stores for file in store_files(store)]
+        refuse_inputs({"--out": out}, [*images, *weights_files(weights), *beside], kept=[run])
     files = _listing(images)
     refuse_photos({"--out": out}, (f.path for f in files))
     refuse_existing({"--out": out}, overwrite=overwrite)
     model = None if model in (None, "best") else model
-    stored_meta = read_meta(store) if store is not None else None
-    if stored_meta is not None and features is None:
-        features = _feature_set_like(run, stored_meta, model)
+    metas = [read_meta(file) for file in stores]
+    if metas and features is None:
+        features = _feature_set_like(run, metas, model)
     loaded = load_model(run, model, features=features)
     trained = training_photos(run, loaded.features)
-    if store is not None and stored_meta is not None:
-        _check_store(run, loaded, store, stored_meta)
+    if stores:
+        _check_stores(run, loaded, stores, metas)
     top_k = min(top_k, len(loaded.classes))
     classes = np.array(loaded.classes)
     labels = {f.path: f.label for f in files}
@@ -294,16 +297,31 @@ def predict(
     def predicted(outcomes: list[tuple[str, str]], X: np.ndarray, spec: ExtractSpec | None) -> None:
         """Predictions of ``(path, sha256)`` pairs from their features (made with ``spec``, else stored)."""
         if X.shape[1] != loaded.model.n_features_in_:
-            _wrong_dimension(run, loaded, spec, X.shape[1], store)
+            _wrong_dimension(run, loaded, spec, X.shape[1], "+".join(map(str, stores)))
         for (path, sha), proba in zip(outcomes, loaded.model.predict_proba(X), strict=True):
             top = _ranked(proba, classes, top_k)
             by_path[path] = Prediction(path, top[0][0], top[0][1], top, labels[path], sha, in_training=sha in trained)
 
-    held = _stored_rows(store, list(labels)) if store is not None else {}
+    held = _stored_rows(stores, list(labels)) if stores else {}
     if held:
         predicted([(path, sha) for path, (sha, _) in held.items()], np.stack([r for _, r in held.values()]), None)
     todo = [path for path in labels if path not in held]  # each file once; a missing one: "file not found"
-    spec = _checked_spec(run, loaded, weights, batch_size, out) if todo or weights is not None else None
+    weights_used = None
+    if loaded.parts is not None and (todo or weights is not None):
+        specs = [
+            _checked_spec(run, loaded, part.settings, part.meta, part_weights, batch_size, out)
+            for part, part_weights in zip(loaded.parts, _weights_of_parts(run, loaded, weights), strict=True)
+        ]
+        weights_used = "+".join(spec.weights for spec in specs)
+        with progress_bar(enabled=progress, total=len(todo) * len(specs), unit="img", desc="predict") as bar:
+            made, failed = _fused_rows(run, loaded, specs, todo, batch_size, workers, bar.update)
+        if made:
+            predicted([(path, sha) for path, sha, _ in made], np.stack([row for _, _, row in made]), None)
+        for path, reason in failed.items():
+            by_path[path] = Prediction(path, None, None, given_label=labels[path], error=reason)
+    spec = None
+    if loaded.parts is None and (todo or weights is not None):
+        spec = _checked_spec(run, loaded, loaded.settings, loaded.meta, weights, batch_size, out)
     if spec is not None and todo:
         with progress_bar(enabled=progress, total=len(todo), unit="img", desc="predict") as bar:
             for batch in feature_batches(spec, todo, batch_size=batch_size, workers=workers):
@@ -320,7 +338,8 @@ def predict(
         run=str(run),
         model=loaded.name,
         features=loaded.features,
-        weights=spec.weights if spec else str(loaded.meta.get("weights_source") or loaded.settings["weights"]),
+        weights=(spec.weights if spec else weights_used
+                 or str(loaded.meta.get("weights_source") or loaded.settings["weights"])),
         classes=list(loaded.classes),
         top_k=top_k,
         seconds=time.perf_counter() - started,
@@ -370,15 +389,21 @@ class Predictor:
         max_pixels: int | None = None,
     ):
         model = None if model in (None, "best") else model
-        stored_meta = read_meta(store) if store is not None else None
-        if stored_meta is not None and features is None:
-            features = _feature_set_like(run, stored_meta, model)
+        metas = [read_meta(store)] if store is not None else []
+        if metas and features is None:
+            features = _feature_set_like(run, metas, model)
         self.loaded = load_model(run, model, features=features)
-        if store is not None and stored_meta is not None:
-            _check_store(run, self.loaded, store, stored_meta)
+        if self.loaded.parts is not None:
+            raise InputError(
+                f"run {run}'s {self.loaded.name} model was trained on a fused feature set ({self.loaded.features}), "
+                "which furnitype serve does not take yet; serve a model of one feature set (--model, or a run of "
+                "one feature file)."
+            )
+        if store is not None:
+            _check_stores(run, self.loaded, [store], metas)
         self.run = str(run)
         check_batching(batch_size, None)
-        self.spec = _checked_spec(run, self.loaded, weights, batch_size, None)
+        self.spec = _checked_spec(run, self.loaded, self.loaded.settings, self.loaded.meta, weights, batch_size, None)
         self.trained = training_photos(run, self.loaded.features)
         self.max_pixels = max_pixels
         self._classes = np.array(self.loaded.classes)
@@ -426,18 +451,67 @@ def _ranked(proba: np.ndarray, classes: np.ndarray, top_k: int) -> list[tuple[st
     return [(str(classes[j]), float(proba[j])) for j in order]
 
 
-def _checked_spec(run, loaded, weights: str | None, batch_size: int, out) -> ExtractSpec:
-    """The spec the run's features were made with (the weights checked), when a batch fits in memory."""
+def _checked_spec(run, loaded, settings: dict, meta: dict, weights: str | None, batch_size: int, out) -> ExtractSpec:
+    """The spec features with ``settings`` (the run's, or a fused part's) were made with (the weights checked),
+    when a batch fits in memory."""
     spec = spec_for(
-        loaded.settings,
+        settings,
         weights=weights,
-        source=loaded.meta.get("weights_source"),
-        calibration_photos=loaded.meta.get("calibration_photos"),
+        source=meta.get("weights_source"),
+        calibration_photos=meta.get("calibration_photos"),
         what=f"run {run}'s {loaded.features} features",
     )
     refuse_inputs({"--out": out}, weights_files(spec.weights))  # the weights file the run records
     check_memory(get_backbone(spec.backbone), spec.image_size, batch_size)
     return spec
+
+
+def _weights_of_parts(run, loaded, weights: str | None) -> list[str | None]:
+    """The weights to build each part of a fused set with: ``weights`` for the parts made with weights of its
+    identity (a moved weights file), the recorded ones (None) for the others.
+
+    Raises
+    ------
+    SettingsMismatchError
+        No part was made with weights of ``weights``' identity.
+    """
+    if weights is None:
+        return [None] * len(loaded.parts)
+    identity = weights_identity(weights)
+    chosen = [weights if part.settings.get("weights") == identity else None for part in loaded.parts]
+    if not any(chosen):
+        made = ", ".join(f"{part.file}: {short_id(str(part.settings.get('weights')))}" for part in loaded.parts)
+        raise SettingsMismatchError(
+            f"weights {weights} are {short_id(identity)}, but no part of run {run}'s {loaded.features} features "
+            f"was made with them ({made}); pass --weights with the weights of the part whose file has moved."
+        )
+    return chosen
+
+
+def _fused_rows(run, loaded, specs: list[ExtractSpec], paths: list[str], batch_size: int, workers: int | None,
+                advance) -> tuple[list[tuple[str, str, np.ndarray]], dict[str, str]]:
+    """``(path, sha256, row)`` of each photo, its parts' features (as stored) side by side in the parts' order,
+    and ``path -> reason`` of the files that could not be used; a file one part cannot use is not tried by the
+    next."""
+    rows: dict[str, list[np.ndarray]] = {path: [] for path in paths}
+    digests: dict[str, str] = {}
+    failed: dict[str, str] = {}
+    for i, (part, spec) in enumerate(zip(loaded.parts, specs, strict=True)):
+        todo = [path for path in paths if path not in failed]
+        for batch in feature_batches(spec, todo, batch_size=batch_size, workers=workers):
+            for o in batch:
+                if o.features is None:
+                    failed[o.path] = o.reason
+                    continue
+                if len(o.features) != part.feature_dim:
+                    where = f"{METRICS_FILE} feature_sets.{loaded.features}.parts[{i}].settings"
+                    raise damaged(run, Damage(where, f"they make {len(o.features)} features, not {part.feature_dim}"))
+                rows[o.path].append(as_stored(o.features[None], part.settings["store_dtype"])[0])
+                digests[o.path] = o.sha256
+            advance(len(batch))
+        advance(len(paths) - len(todo))
+    done = [(path, digests[path], np.concatenate(rows[path])) for path in paths if path not in failed]
+    return done, failed
 
 
 def _wrong_dimension(run, loaded, spec, n_features: int, store) -> NoReturn:
@@ -461,38 +535,61 @@ def _differences(a: dict, b: dict) -> list[str]:
     return [key for key in SETTING_KEYS if str(a.get(key)) != str(b.get(key))]
 
 
-def _feature_set_like(run, meta: dict, model: str | None) -> str | None:
-    """The run's feature set (of the best row with ``model``) made with the store's settings; None: none is."""
+def _part_settings(settings: dict, parts) -> list[dict]:
+    """The settings of each part of a feature set (one part, its own, when it is not fused)."""
+    return [part.settings for part in parts] if parts is not None else [settings]
+
+
+def _feature_set_like(run, metas: list[dict], model: str | None) -> str | None:
+    """The run's feature set (of the best row with ``model``) made with the stores' settings, one store per part
+    in order; None: none is."""
     document = load_run(run).document
     for row in document.rows:  # best first
-        if (model is None or row.model == model) and not _differences(document.feature_sets[row.features].settings,
-                                                                       meta):
+        feature_set = document.feature_sets[row.features]
+        parts = _part_settings(feature_set.settings, feature_set.parts)
+        if (model is None or row.model == model) and len(parts) == len(metas) and not any(
+            _differences(part, meta) for part, meta in zip(parts, metas, strict=True)
+        ):
             return row.features
     return None
 
 
-def _check_store(run, loaded, store, meta: dict) -> None:
-    """Refuse a feature file made with other settings than the model's feature set."""
-    differing = _differences(loaded.settings, meta)
-    if differing:
-        had = ", ".join(f"{k}={meta.get(k)}" for k in differing)
-        want = ", ".join(f"{k}={loaded.settings.get(k)}" for k in differing)
-        raise SettingsMismatchError(
-            f"{store} was made with {short_ids(had)}, but run {run}'s {loaded.features} features with "
-            f"{short_ids(want)}; give a feature file of the run's settings, or leave --features out."
+def _check_stores(run, loaded, stores: list, metas: list[dict]) -> None:
+    """Refuse feature files that are not one per part of the model's feature set, each of its part's settings."""
+    parts = _part_settings(loaded.settings, loaded.parts)
+    if len(stores) != len(parts):
+        made = f"fused from {len(parts)} feature files" if loaded.parts is not None else "from one feature file"
+        raise InputError(
+            f"run {run}'s {loaded.features} features are {made}; give one feature file (--features FILE.h5) per "
+            f"part, in the parts' order, not {len(stores)}, or leave --features out."
         )
+    for i, (store, meta, settings) in enumerate(zip(stores, metas, parts, strict=True)):
+        differing = _differences(settings, meta)
+        if differing:
+            had = ", ".join(f"{k}={meta.get(k)}" for k in differing)
+            want = ", ".join(f"{k}={settings.get(k)}" for k in differing)
+            part = f" (part {i + 1})" if loaded.parts is not None else ""
+            raise SettingsMismatchError(
+                f"{store} was made with {short_ids(had)}, but run {run}'s {loaded.features} features{part} with "
+                f"{short_ids(want)}; give a feature file of the run's settings, or leave --features out."
+            )
 
 
-def _stored_rows(store, paths: list[str]) -> dict[str, tuple[str, np.ndarray]]:
-    """``path -> (sha256, stored features)`` for the files whose content ``store`` holds."""
+def _stored_rows(stores: list, paths: list[str]) -> dict[str, tuple[str, np.ndarray]]:
+    """``path -> (sha256, stored features)`` for the files whose content every store holds: their rows side by
+    side, in the stores' order."""
     digests = {}
     for path in paths:
         try:
             digests[path] = sha256_file(path)
         except ImageDecodeError:
             continue  # extracting it says why it cannot be used
-    rows, _ = rows_by_sha256(store, digests.values())
-    return {path: (sha, rows[sha]) for path, sha in digests.items() if sha in rows}
+    found = [rows_by_sha256(store, digests.values())[0] for store in stores]
+    return {
+        path: (sha, np.concatenate([rows[sha] for rows in found]))
+        for path, sha in digests.items()
+        if all(sha in rows for rows in found)
+    }
 
 
 def _listing(images: Sequence[str | os.PathLike]) -> list[ImageFile]:

@@ -11,15 +11,17 @@ store, and ``classify`` retrains.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import os
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from furnitype.classify.fused import fuse, missing_warning
 from furnitype.classify.run import LoadedModel, load_model, load_run, training_photos
 from furnitype.classify.selection import labelling_order
 from furnitype.errors import InputError, SettingsMismatchError
@@ -154,7 +156,7 @@ class SuggestResult:
 
 def suggest(
     run: str | os.PathLike,
-    features: str | os.PathLike,
+    features: str | os.PathLike | Sequence[str | os.PathLike],
     *,
     n: int = 40,
     out: str | os.PathLike | None = None,
@@ -168,9 +170,11 @@ def suggest(
     ----------
     run : path
         A run folder written by ``furnitype classify``.
-    features : path
+    features : path, or sequence of paths
         A feature file of new photos (``furnitype extract``), made with the settings of one of the run's
-        feature sets; its labels, if any, are ignored.
+        feature sets; its labels, if any, are ignored. For a fused feature set (``classify --fuse``), one
+        feature file per part, in the parts' order, each with its part's settings: their rows of the same
+        photos are put side by side (photos that not every file holds are left out, with a note).
     n : int, default=40
         Photos to suggest; capped (with a note) at the photos that can be suggested.
     out : path, default=None
@@ -206,22 +210,36 @@ def suggest(
     for path in (out, sheet):
         if path is not None:
             check_output(path)
-    refuse_inputs(outputs, store_files(features), kept=[run])
-    fs = load(features)
-    refuse_photos(outputs, fs.paths)  # the photos suggested, listed and drawn, are among them
+    files = [features] if isinstance(features, (str, os.PathLike)) else list(features)
+    if not files:
+        raise InputError("give at least one feature file.")
+    refuse_inputs(outputs, [beside for file in files for beside in store_files(file)], kept=[run])
+    stores = [load(file) for file in files]
+    for store in stores:
+        refuse_photos(outputs, store.paths)  # the photos suggested, listed and drawn, are among them
     if out is not None:
         _check_csv(out, overwrite)
     refuse_existing({"--sheet": sheet}, overwrite=overwrite)
-    if len(fs) == 0:
-        raise InputError(f"{features} is empty: it holds no photos.")
-    loaded = _model_for(run, fs)
+    for file, store in zip(files, stores, strict=True):
+        if len(store) == 0:
+            raise InputError(f"{file} is empty: it holds no photos.")
+    loaded = _model_for(run, stores)
+    notes: list[str] = []
+    fs = stores[0]
+    if loaded.parts is not None:
+        fs, missing = fuse([dataclasses.replace(s, labels=np.full(len(s), "", dtype=object)) for s in stores])
+        if missing:
+            notes.append(missing_warning(loaded.features, missing))
+        if len(fs) == 0:
+            raise InputError(f"no photo is in every one of {', '.join(map(str, files))}; nothing to suggest.")
     if fs.features.shape[1] != loaded.model.n_features_in_:
         raise SettingsMismatchError(
             f"{features} has {fs.features.shape[1]} features per photo, but run {run}'s {loaded.name} model was "
             f"trained on {loaded.model.n_features_in_}."
         )
     in_training = np.isin(fs.sha256, list(training_photos(run, loaded.features)))
-    candidates, notes = _candidates(fs, in_training, run)
+    candidates, found = _candidates(fs, in_training, run)
+    notes += found
     if leave_out:
         candidates = candidates[~np.isin(fs.paths[candidates], list(leave_out))]
     if n > len(candidates):
@@ -240,7 +258,7 @@ def suggest(
     result = SuggestResult(
         suggestions=suggestions,
         run=str(run),
-        file=str(features),
+        file="+".join(map(str, files)),
         model=loaded.name,
         features=loaded.features,
         rows=len(fs),
@@ -280,19 +298,35 @@ def _candidates(fs: FeatureSet, in_training: np.ndarray, run: str | os.PathLike)
     return candidates, notes
 
 
-def _model_for(run: str | os.PathLike, fs: FeatureSet) -> LoadedModel:
-    """The run's best model on features with ``fs``'s settings; refuse a file whose settings no feature set has."""
+def _model_for(run: str | os.PathLike, stores: Sequence[FeatureSet]) -> LoadedModel:
+    """The run's best model on features with the stores' settings (a fused set's parts', in order, for several);
+    refuse stores whose settings no feature set has."""
     document = load_run(run).document
     for row in document.rows:  # best first
-        if not _differences(document.feature_sets[row.features].settings, fs.settings):
+        feature_set = document.feature_sets[row.features]
+        parts = [p.settings for p in feature_set.parts] if feature_set.parts is not None else [feature_set.settings]
+        if len(parts) == len(stores) and not any(
+            _differences(part, store.settings) for part, store in zip(parts, stores, strict=True)
+        ):
             return load_model(run, row.model, features=row.features)
     key = document.rows[0].features
-    wanted = document.feature_sets[key].settings
-    differing = _differences(wanted, fs.settings)
-    had = ", ".join(f"{k}={fs.settings.get(k)}" for k in differing)
-    want = ", ".join(f"{k}={wanted.get(k)}" for k in differing)
+    feature_set = document.feature_sets[key]
+    if feature_set.parts is not None and len(feature_set.parts) != len(stores):
+        raise InputError(
+            f"run {run}'s {key} features are fused from {len(feature_set.parts)} feature files "
+            f"({' and '.join(p.file for p in feature_set.parts)}); give one feature file of the new photos per part, "
+            f"in that order, not {len(stores)}."
+        )
+    if feature_set.parts is None and len(stores) > 1:
+        raise InputError(f"run {run}'s {key} features come from one feature file; give one, not {len(stores)}.")
+    wanted = [p.settings for p in feature_set.parts] if feature_set.parts is not None else [feature_set.settings]
+    store, want = next(((s, w) for s, w in zip(stores, wanted, strict=True) if _differences(w, s.settings)),
+                       (stores[0], wanted[0]))
+    differing = _differences(want, store.settings)
+    had = ", ".join(f"{k}={store.settings.get(k)}" for k in differing)
+    want_text = ", ".join(f"{k}={want.get(k)}" for k in differing)
     raise SettingsMismatchError(
-        f"{fs.file} was made with {had}, but run {run}'s {key} features with {want}; "
+        f"{store.file} was made with {had}, but run {run}'s {key} features with {want_text}; "
         "extract the photos with the run's settings."
     )
 

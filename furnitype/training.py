@@ -19,8 +19,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import furnitype
-from furnitype.classify.data import MIN_PHOTOS_PER_CLASS, TrainTestSet, load_train_test_sets, weights_label
+from furnitype.classify.data import MIN_PHOTOS_PER_CLASS, TrainTestSet, load_train_test_sets
 from furnitype.classify.evaluation import BASELINE, Baseline, fit_and_score, fit_baseline
+from furnitype.classify.fused import MISSING_FILE, write_missing
 from furnitype.classify.metadata import (
     MAX_SEED,
     REPORT_KIND,
@@ -78,6 +79,7 @@ def classify(
     model_params: Mapping[str, Mapping] | None = None,
     previous: str | os.PathLike | None = None,
     progress: Callable[[str], None] | None = None,
+    fuse: bool = False,
 ) -> Run:
     """Fit each model on each feature file, score it on held-out photos and write a run folder.
 
@@ -112,6 +114,12 @@ def classify(
         labelled, say; their leaving the test set would otherwise make the comparison one of different photos).
     progress : callable taking a str, default=None
         Called with a line of progress (and each warning) as the run goes.
+    fuse : bool, default=False
+        Train on one feature set made of all the feature files' rows of the same photos (matched by sha256),
+        side by side: VGG16 and InceptionV3 features in one model, say. The set is named by the files joined
+        with ``+`` (``vgg+inc``) and records each part's settings, so ``predict`` extracts new photos with each.
+        Photos that not every file holds are left out, with a warning and a list in the run
+        (``models/<key>/missing.csv``); each test file is paired with the part of its settings.
 
     Returns
     -------
@@ -122,7 +130,8 @@ def classify(
     ------
     InputError
         Bad options or model parameters, a missing, empty or unlabelled file, too few photos or classes, a test
-        class unknown to training; ``out`` holds something that may not be replaced, or cannot be written
+        class unknown to training, fused files that label a photo differently;
+        ``out`` holds something that may not be replaced, or cannot be written
         (a full disk or a read-only folder, also while writing).
     SettingsMismatchError
         A test file whose settings match no feature file.
@@ -130,7 +139,7 @@ def classify(
         Another process is writing ``out``.
     """
     say = progress or (lambda _line: None)
-    options = _check_options(feature_files, models, test_files, test_size, val_size, cv, seed, class_weight)
+    options = _check_options(feature_files, models, test_files, test_size, val_size, cv, seed, class_weight, fuse)
     for name in options.models:
         _new_model(name, options, model_params)  # every model's parameters checked before anything is trained
     if previous is not None:
@@ -148,7 +157,8 @@ def classify(
     with building(out, kind=RUN_KIND, overwrite=overwrite) as folder, epoch_progress(progress is not None):
         run_name = folder.target.name
         sets = load_train_test_sets(
-            feature_files, test_files, test_size=options.test_size or DEFAULT_TEST_SIZE, seed=seed, warn=warn
+            feature_files, test_files, test_size=options.test_size or DEFAULT_TEST_SIZE, seed=seed, warn=warn,
+            fuse_files=fuse,
         )
         rows, feature_sets, notes, mistakes = [], {}, [], []
         for data in sets:
@@ -305,9 +315,12 @@ def _recorded_mistakes(folders: Sequence[Path], names: Sequence[str]) -> list[Mi
     return found
 
 
-def _check_options(feature_files, models, test_files, test_size, val_size, cv, seed, class_weight) -> RunOptions:
+def _check_options(feature_files, models, test_files, test_size, val_size, cv, seed, class_weight,
+                   fuse) -> RunOptions:
     if not feature_files:
         raise InputError("give at least one feature file.")
+    if fuse and len(feature_files) < 2:
+        raise InputError("fusing needs at least 2 feature files (the same photos, by other networks or settings).")
     names = [m.strip() for m in (models.split(",") if isinstance(models, str) else models) if m.strip()]
     unknown = [m for m in names if m not in MODEL_NAMES]
     if unknown or not names:
@@ -334,6 +347,7 @@ def _check_options(feature_files, models, test_files, test_size, val_size, cv, s
         seed=seed,
         class_weight=class_weight,
         min_photos_per_class=MIN_PHOTOS_PER_CLASS,
+        fuse=bool(fuse),
     )
 
 
@@ -369,7 +383,7 @@ def _feature_set_record(data: TrainTestSet, baseline: Baseline) -> FeatureSetRec
         file=data.train.file,
         test_file=data.test_file,
         backbone=meta.get("backbone"),
-        weights=weights_label(meta.get("weights")),
+        weights=data.weights,
         settings=data.train.settings,
         meta={k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool, type(None)))},
         feature_dim=int(data.train.features.shape[1]),
@@ -378,6 +392,7 @@ def _feature_set_record(data: TrainTestSet, baseline: Baseline) -> FeatureSetRec
         n_train=len(data.train),
         n_test=len(data.test),
         baseline=baseline.summary(),
+        parts=data.parts,
     )
 
 
@@ -386,6 +401,8 @@ def _write_run(run_dir: Path, document: RunDocument, sets: Sequence[TrainTestSet
     split = []
     for data in sets:
         write_feature_set(run_dir / "models" / data.key, document.feature_sets[data.key])
+        if data.missing:
+            write_missing(run_dir / "models" / data.key / MISSING_FILE, data.missing)
         for part, rows in (("train", data.train), ("test", data.test)):
             split += [(data.key, g, p, y, part) for g, p, y in zip(rows.sha256, rows.paths, rows.labels, strict=True)]
     write_split(run_dir / SPLIT_FILE, split)

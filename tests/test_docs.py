@@ -112,9 +112,10 @@ def _draw(path: Path, seed: int, colour=COLOURS["bed"]) -> None:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     """What the examples name: ``photos/`` (bed, chair, sofa) in ``vgg.h5`` and ``inc.h5``; a new source ``new/``
-    in ``new.h5``; the training store ``shop.h5`` with its run ``runs/shop``; runs ``runs/vgg16`` and
-    ``runs/inception``; single photos and small folders. Photos that only stand for "a photo" repeat a stored
-    photo's content, so that they cost no network pass."""
+    in ``new.h5`` and ``new-inc.h5``; the training store ``shop.h5`` with its run ``runs/shop``; runs
+    ``runs/vgg16``, ``runs/inception`` and ``runs/fused`` (the two stores fused); single photos and small
+    folders. Photos that only stand for "a photo" repeat a stored photo's content, so that they cost no network
+    pass."""
     root = tmp_path_factory.mktemp("docs") / "world"
     seed = 0
     for name in ("bed", "chair", "sofa"):
@@ -137,9 +138,11 @@ def world(tmp_path_factory) -> Path:
         ("extract", "photos/", "--out", "vgg.h5"),
         ("extract", "photos/", "-b", "inception", "--out", "inc.h5"),
         ("extract", "new/", "--out", "new.h5"),
+        ("extract", "new/", "-b", "inception", "--out", "new-inc.h5"),
         ("classify", "vgg.h5", "--models", "logreg", "--out", "runs/vgg16"),
         ("classify", "inc.h5", "--models", "logreg", "--out", "runs/inception"),
         ("classify", "vgg.h5", "inc.h5", "--models", "logreg,svm", "--out", "runs/furniture"),
+        ("classify", "vgg.h5", "inc.h5", "--fuse", "--models", "logreg", "--out", "runs/fused"),
     ):
         _run(root, list(args) + (["--weights", "none"] if args[0] == "extract" else []))
     for name in ("shop.h5", "train-vgg.h5", "features-vgg16.h5"):

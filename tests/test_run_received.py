@@ -150,6 +150,7 @@ ACCEPTABLE = [
     (r"range", r"(.*\.)?log_loss"),
     (r"missing", r"versions"),  # model.json's versions are optional
     (r"missing|null", r"rows\.\d+\.weights_identity"),  # shown only, and absent from runs made before it
+    (r"missing", r"options\.fuse"),  # absent from runs made before --fuse: false
 ]
 
 

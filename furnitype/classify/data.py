@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from furnitype import features as store
+from furnitype.classify.fused import MISSING_FILE, Missing, fuse, joined, missing_warning
+from furnitype.classify.metadata import FeaturePart
 from furnitype.classify.runfiles import CONTROL_CHARACTERS
 from furnitype.classify.split import ContentSplit, max_splits
 from furnitype.errors import InputError, SettingsMismatchError
@@ -42,6 +44,10 @@ class TrainTestSet:
         The separate test file ("" when the test rows were held out).
     dropped : list of str
         Classes left out for having fewer than ``MIN_PHOTOS_PER_CLASS`` distinct photos.
+    parts : list of FeaturePart or None
+        A fused set's feature files, in column order (None for one feature file).
+    missing : list of Missing
+        Photos of a fused set that not every part holds (left out).
     """
 
     key: str
@@ -49,6 +55,24 @@ class TrainTestSet:
     test: store.FeatureSet
     test_file: str
     dropped: list[str]
+    parts: list[FeaturePart] | None = None
+    missing: list[Missing] = dataclasses.field(default_factory=list)
+
+    @property
+    def backbone(self) -> str:
+        return str(self.train.meta.get("backbone", "?"))
+
+    @property
+    def weights(self) -> str:
+        """Short name of the weights (``file a9f13754``; a fused set's parts' joined: ``file a9f13754+random``)."""
+        if self.parts is not None:
+            return joined([part.weights for part in self.parts])
+        return weights_label(self.train.meta.get("weights"))
+
+    @property
+    def weights_identity(self) -> str | None:
+        """The weights' full identity as the feature file records it; None for a fused set (one per part)."""
+        return None if self.parts is not None else self.train.meta.get("weights")
 
     @property
     def classes(self) -> np.ndarray:
@@ -80,6 +104,7 @@ def load_train_test_sets(
     test_size: float,
     seed: int,
     warn: Callable[[str], None],
+    fuse_files: bool = False,
 ) -> list[TrainTestSet]:
     """Load feature files (and test files) and split each into training and test rows.
 
@@ -93,12 +118,17 @@ def load_train_test_sets(
     seed : int
         Seeds the split.
     warn : callable taking a str
-        Called with each problem worked around (unlabelled rows, a dropped class, test photos seen in training).
+        Called with each problem worked around (unlabelled rows, a dropped class, test photos seen in training,
+        photos that not every fused file holds).
+    fuse_files : bool, default=False
+        One feature set of all the feature files' rows of the same photos, side by side (``furnitype.classify.
+        fused``), instead of one set per file; each test file is paired with the part of its settings.
 
     Raises
     ------
     InputError
-        A missing, empty or unlabelled file, too few photos, a test class unknown to training.
+        A missing, empty or unlabelled file, too few photos, a test class unknown to training, a fused photo
+        whose labels differ between parts.
     SettingsMismatchError
         A test file whose settings match no feature file.
     """
@@ -106,6 +136,22 @@ def load_train_test_sets(
     tests = [_load_labelled(f, warn) for f in test_files]
     test_for = _match_tests(trains, tests)
     keys = _unique_keys([Path(fs.file).stem for fs in trains])
+    parts: list[FeaturePart] | None = None
+    missing: list[Missing] = []
+    if fuse_files:
+        parts = [_part(fs, test_for.get(fs.file)) for fs in trains]
+        key = "+".join(keys)
+        fused, missing = fuse(trains)
+        fused_test = None
+        if tests:
+            fused_test, missing_tests = fuse([test_for[fs.file] for fs in trains])
+            missing += missing_tests
+            test_for = {fused.file: fused_test}
+        if missing:
+            warn(missing_warning(key, missing, f"models/{key}/{MISSING_FILE} of the run"))
+        if len(fused) == 0:
+            raise InputError(f"{fused.file}: no photo is in every fused feature file; nothing to train on.")
+        keys, trains = [key], [fused]
     sets = []
     for key, labelled in zip(keys, trains, strict=True):
         labelled, dropped = _drop_small_classes(labelled, warn)
@@ -120,7 +166,8 @@ def load_train_test_sets(
             raise InputError(
                 f"{train.file}: too few photos to cross-validate; every class has a single training photo."
             )
-        sets.append(TrainTestSet(key, train, test, test_file.file if test_file is not None else "", dropped))
+        test_name = test_file.file if test_file is not None else ""
+        sets.append(TrainTestSet(key, train, test, test_name, dropped, parts, missing))
     return sets
 
 
@@ -133,6 +180,19 @@ def weights_label(weights: str | None) -> str:
     if weights.startswith("sha256:"):
         return f"file {weights[len('sha256:') :][:8]}"
     return weights
+
+
+def _part(fs: store.FeatureSet, test: store.FeatureSet | None) -> FeaturePart:
+    """A fused set's record of one of its feature files."""
+    return FeaturePart(
+        file=fs.file,
+        test_file=test.file if test is not None else "",
+        backbone=fs.meta.get("backbone"),
+        weights=weights_label(fs.meta.get("weights")),
+        settings=fs.settings,
+        meta={k: v for k, v in fs.meta.items() if isinstance(v, (str, int, float, bool, type(None)))},
+        feature_dim=int(fs.features.shape[1]),
+    )
 
 
 def _load_labelled(path, warn) -> store.FeatureSet:

@@ -17,7 +17,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from furnitype.classify.data import TrainTestSet, weights_label
+from furnitype.classify.data import TrainTestSet
 from furnitype.classify.metadata import Row, model_dir
 from furnitype.classify.metrics import Scores, score
 from furnitype.classify.models import FeatureClassifier
@@ -110,14 +110,13 @@ def fit_and_score(
     proba = model.predict_proba(data.test.features)
     predict_ms = 1000 * (time.perf_counter() - start) / len(data.test)
     scores = score(data.y_test, proba)
-    meta = data.train.meta
     baseline_accuracy = baseline.summary()["accuracy"]
     summary = scores.summary()
     row = Row(
         features=data.key,
-        backbone=meta.get("backbone", "?"),
-        weights=weights_label(meta.get("weights")),
-        weights_identity=meta.get("weights"),
+        backbone=data.backbone,
+        weights=data.weights,
+        weights_identity=data.weights_identity,
         model=model.name,
         accuracy=summary["accuracy"],
         balanced_accuracy=summary["balanced_accuracy"],

@@ -297,6 +297,34 @@ PER_CLASS_WORDS = {"precision": "in [0, 1]", "recall": "in [0, 1]", "f1": "in [0
 
 
 @dataclass(frozen=True)
+class FeaturePart:
+    """One feature file of a fused feature set: new photos are extracted with its settings, in the parts' order.
+
+    Attributes
+    ----------
+    file, test_file : str
+        The part's training feature file, and its separate test file ("" when the test photos were held out).
+    backbone : str or None
+    weights : str
+        Short name of the weights (see ``Row.weights``).
+    settings : dict
+        The feature settings of this part's columns (``furnitype.features.SETTING_KEYS``).
+    meta : dict
+        The part's feature file's scalar metadata.
+    feature_dim : int
+        Its columns: the fused rows are the parts' rows side by side, in this order.
+    """
+
+    file: str
+    test_file: str
+    backbone: str | None
+    weights: str = field(metadata=rule(label))
+    settings: dict[str, Scalar]
+    meta: dict[str, Scalar]
+    feature_dim: int = field(metadata=rule(COUNT))
+
+
+@dataclass(frozen=True)
 class FeatureSetRecord:
     """A feature file as a run used it: where it came from, its settings, its split and its baseline.
 
@@ -317,6 +345,10 @@ class FeatureSetRecord:
     n_train, n_test : int
     baseline : dict
         The reference model's test scores and ``fit_seconds``.
+    parts : list of FeaturePart or None
+        A fused feature set's feature files, in column order (``classify --fuse``); None for one feature file.
+        Then ``file``, ``backbone``, ``weights`` and each setting join the parts' values with ``+`` (one value
+        when they agree): names for the report, while new photos are extracted part by part.
     """
 
     file: str
@@ -331,8 +363,21 @@ class FeatureSetRecord:
     n_train: int = field(metadata=rule(COUNT))
     n_test: int = field(metadata=rule(COUNT))
     baseline: dict[str, float]
+    parts: list[FeaturePart] | None = None
+
+    def as_dict(self) -> dict:
+        """The JSON form; ``parts`` only when fused, so a run of single feature files reads as before."""
+        data = dataclasses.asdict(self)
+        if self.parts is None:
+            del data["parts"]
+        return data
 
     def _check_consistency(self, where: str) -> None:
+        if self.parts is not None:
+            if len(self.parts) < 2:
+                raise Damage(_child(where, "parts"), f"{len(self.parts)} parts; a fused feature set has at least 2")
+            if sum(part.feature_dim for part in self.parts) != self.feature_dim:
+                raise Damage(_child(where, "parts"), f"their feature_dim do not add up to {self.feature_dim}")
         if set(self.dropped_classes) & set(self.classes) or len(set(self.dropped_classes)) < len(self.dropped_classes):
             raise Damage(_child(where, "dropped_classes"), "a class is listed twice, or also trained on")
         recorded_dim = self.meta.get("feature_dim", self.feature_dim)
@@ -363,6 +408,7 @@ class RunOptions:
     seed: int = field(metadata=rule(between(0, MAX_SEED)))
     class_weight: str | None = field(metadata=rule(one_of("balanced")))
     min_photos_per_class: int = field(metadata=rule(COUNT))
+    fuse: bool = False
 
     def _check_consistency(self, where: str) -> None:
         if not self.feature_files:
@@ -425,7 +471,7 @@ class RunDocument:
             "options": dataclasses.asdict(self.options) if self.options is not None else None,
             "merged_from": self.merged_from,
             "baseline": self.baseline,
-            "feature_sets": {key: dataclasses.asdict(fs) for key, fs in self.feature_sets.items()},
+            "feature_sets": {key: fs.as_dict() for key, fs in self.feature_sets.items()},
             "rows": [dataclasses.asdict(row) for row in self.rows],
             "notes": self.notes,
             "warnings": self.warnings,
@@ -449,6 +495,12 @@ class RunDocument:
             raise Damage(_child(where, "merged_from"), f"missing (a {REPORT_KIND} names the runs it merges)")
         if not self.rows:
             raise Damage(_child(where, "rows"), "empty")
+        if self.options is not None:
+            for key, fs in self.feature_sets.items():
+                if (fs.parts is not None) != self.options.fuse:
+                    found = "missing" if self.options.fuse else "set"
+                    fuse = str(self.options.fuse).lower()
+                    raise Damage(_child(where, f"feature_sets.{key}.parts"), f"{found}, but options.fuse is {fuse}")
         seen = set()
         for i, row in enumerate(self.rows):
             at = f"{_child(where, 'rows')}[{i}]"
@@ -549,7 +601,7 @@ def read_feature_set(run_dir: str | os.PathLike, features: str) -> FeatureSetRec
 def write_feature_set(model_dir: str | os.PathLike, record: FeatureSetRecord) -> Path:
     """Write ``settings.json`` (the feature set's record) beside a feature set's models; returns its path."""
     Path(model_dir).mkdir(parents=True, exist_ok=True)
-    return _write_json(Path(model_dir) / SETTINGS_FILE, dataclasses.asdict(record))
+    return _write_json(Path(model_dir) / SETTINGS_FILE, record.as_dict())
 
 
 def read_model_record(model_dir: str | os.PathLike) -> ModelRecord:

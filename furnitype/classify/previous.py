@@ -58,7 +58,14 @@ def score_previous(run_dir: str | os.PathLike, data: TrainTestSet) -> list[Previ
     """
     document = load_run(run_dir).document
     settings = data.train.settings
-    keys = [key for key, fs in document.feature_sets.items() if _same(fs.settings, settings)]
+    parts = [part.settings for part in data.parts] if data.parts is not None else None
+    keys = [
+        key
+        for key, fs in document.feature_sets.items()
+        if _same(fs.settings, settings)
+        and (parts is None) == (fs.parts is None)
+        and (parts is None or [part.settings for part in fs.parts or []] == parts)
+    ]
     if not keys:
         raise SettingsMismatchError(
             f"--previous {run_dir} has no features made with the settings of {data.train.file}; "

@@ -35,6 +35,7 @@ from furnitype.classify.metadata import (
     ROW_SCALARS,
     RUN_KIND,
     SETTINGS_FILE,
+    FeaturePart,
     FeatureSetRecord,
     Row,
     RunDocument,
@@ -125,6 +126,9 @@ class LoadedModel:
     classes : list of str
     row : Row
         The model's row of the report (its test metrics).
+    parts : list of FeaturePart or None
+        A fused feature set's parts, in column order: new photos are extracted with each part's settings and
+        their features put side by side (``settings`` then only names them). None for one feature file.
     """
 
     model: FeatureClassifier
@@ -134,6 +138,7 @@ class LoadedModel:
     meta: dict
     classes: list[str]
     row: Row
+    parts: list[FeaturePart] | None = None
 
 
 def load_run(run_dir: str | os.PathLike) -> Run:
@@ -217,6 +222,7 @@ def load_model(run_dir: str | os.PathLike, model: str | None = None, *, features
         meta=dict(feature_set.meta),
         classes=fitted.classes_.tolist(),
         row=row,
+        parts=feature_set.parts,
     )
 
 

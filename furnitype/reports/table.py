@@ -269,7 +269,8 @@ def _set_rows(document: RunDocument) -> list[list[str]]:
 
 def _random_weights_note(document: RunDocument) -> str:
     """A warning naming the feature sets made with random weights, or ""."""
-    random = [key for key, fs in document.feature_sets.items() if str(fs.settings.get("weights")).startswith("none")]
+    random = [key for key, fs in document.feature_sets.items()
+              if any(w.startswith("none") for w in str(fs.settings.get("weights")).split("+"))]  # fused: joined
     if not random:
         return ""
     return (
