@@ -387,6 +387,11 @@ class Predictor:
     def classes(self) -> list[str]:
         return list(self.loaded.classes)
 
+    def check_store(self, store: str | os.PathLike) -> None:
+        """``SettingsMismatchError`` when the feature file ``store`` was made with other settings than the
+        model's features (its rows could not be labelled by the model)."""
+        _check_store(self.run, self.loaded, store, read_meta(store))
+
     def decode(self, data: bytes) -> np.ndarray:
         """A photo's bytes as the network's input (``ImageDecodeError`` when they are not a usable image)."""
         spec = self.spec

@@ -80,6 +80,8 @@ class Service:
         self.catalogue = FollowedStore(catalogue)
         self.predictor = Predictor(run, model=model, weights=weights, store=catalogue, batch_size=max_batch,
                                    max_pixels=max_pixels)
+        if queue is not None:  # refused at the start, not at every /v1/suggest
+            self.predictor.check_store(queue)
         self.queue = FollowedStore(queue, index=False) if queue is not None else None
         self.labels = os.fspath(labels) if labels is not None else None
         self.top_k = top_k
