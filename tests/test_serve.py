@@ -326,6 +326,24 @@ def test_an_upload_over_the_cap_and_a_client_that_hangs_up(server, client):
     assert good.status_code == 200
 
 
+def test_a_request_head_that_does_not_arrive_whole_is_closed(server, client):
+    """100 connections that send nothing, and one that sends part of its head (slowloris), are closed once
+    uvicorn's keep-alive timeout (5 s) passes without a whole request head: none holds a socket for good, and
+    the server answers others meanwhile."""
+    address = urlsplit(server.url)
+    silent = [socket.create_connection((address.hostname, address.port), timeout=GUARD_S) for _ in range(100)]
+    slow = socket.create_connection((address.hostname, address.port), timeout=GUARD_S)
+    try:
+        slow.sendall(b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        assert client.get("/v1/health").status_code == 200
+        for sock in (slow, *silent):
+            assert sock.recv(1024) == b"", "the server answered a request it never received whole"
+    finally:
+        for sock in (slow, *silent):
+            sock.close()
+    assert client.get("/v1/health").status_code == 200
+
+
 def test_an_upload_is_not_copied_whole_in_memory():
     """An upload is parsed as it arrives (its file part spooled to a temporary file), so a request holds about one
     copy of its photo: 50 concurrent uploads of 19 MB peaked at 3.7 GB of RSS when the body was first gathered
@@ -477,7 +495,7 @@ def test_starting_token_batching_full_queue_and_ctrl_c_finishing_the_requests_in
 
 def test_start_problems_are_one_line(world, tmp_path):
     """A non-loopback address is warned about; a run that is not there is one line and exit 2; so is a port in
-    use, and a labels file that cannot be written (a folder, a symbolic link). A queue made with other settings
+    use, and a labels file that cannot be read or written (not UTF-8, a symbolic link). A queue made with other settings
     than the run is one line and exit 1 (as a catalogue of other settings), not an error at every suggestion."""
     def serve(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "furnitype", "serve", *args], capture_output=True, text=True,
@@ -498,9 +516,9 @@ def test_start_problems_are_one_line(world, tmp_path):
     done = serve(str(world["run"]), "--catalogue", str(world["catalogue"]), "--labels", "l.csv", "--port", "0")
     assert done.returncode == 2 and done.stderr == "Error: --labels needs --queue: the photos to label are the " \
                                                    "queue's.\n", done.stderr
-    (tmp_path / "folder.csv").mkdir()
+    (tmp_path / "latin-1.csv").write_bytes("path,label\n/photos/café.jpg,bed\n".encode("latin-1"))
     (tmp_path / "link.csv").symlink_to(tmp_path / "elsewhere.csv")
-    for labels, problem in (("folder.csv", "is not a regular file"), ("link.csv", "is a symbolic link")):
+    for labels, problem in (("latin-1.csv", "codec can't decode"), ("link.csv", "is a symbolic link")):
         done = serve(str(world["run"]), "--catalogue", str(world["catalogue"]), "--queue", str(world["queue"]),
                      "--labels", str(tmp_path / labels), "--port", "0")
         assert done.returncode == 2 and re.fullmatch(rf"Error: .*{problem}.*\n", done.stderr), done.stderr
