@@ -203,6 +203,16 @@ def test_thumbnails_only_of_rows_whose_file_still_has_their_content(client, worl
         queued.unlink()
         os.mkfifo(queued)  # a reader would wait forever: never opened as a photo
         _one_line_error(client.get(f"/v1/photos/{sha}"), 404)
+        queued.unlink()
+        os.mkfifo(tmp_path / "fifo")
+        queued.symlink_to(tmp_path / "fifo")  # nor through a link
+        _one_line_error(client.get(f"/v1/photos/{sha}"), 404)
+        queued.unlink()
+        queued.symlink_to("/etc/passwd")  # another file's content is never sent
+        _one_line_error(client.get(f"/v1/photos/{sha}"), 404)
+        queued.unlink()
+        queued.symlink_to(kept)  # extract follows links to photos: a link to the same content still serves
+        assert client.get(f"/v1/photos/{sha}").headers["content-type"] == "image/jpeg"
     finally:
         queued.unlink()
         shutil.copy(kept, queued)
@@ -230,8 +240,12 @@ def test_suggest_and_labels(client, world):
                                                                                         "label": "lamp"}), 400)
     stored = _sha(sorted(world["photos"].rglob("*.jpg"))[0])  # a catalogue photo is not one to label
     _one_line_error(client.post("/v1/labels", json={"sha256": stored, "label": "bed"}), 400)
-    _one_line_error(client.post("/v1/labels", json={"sha256": other, "label": "bed"},
+    for origin in ("http://evil.example", "null", client.base_url.scheme + "://evil.example"):  # "null": a sandbox
+        _one_line_error(client.post("/v1/labels", json={"sha256": other, "label": "bed"},
+                                    headers={"Origin": origin}), 403)
+    _one_line_error(client.post("/v1/labels", data={"sha256": other, "label": "bed"},  # a form another site posts
                                 headers={"Origin": "http://evil.example"}), 403)
+    _one_line_error(client.post("/v1/labels", data={"sha256": other, "label": "bed"}), 415)
     _one_line_error(client.post("/v1/labels", content=b"sha256=x", headers={"Content-Type": "text/plain"}), 415)
     _one_line_error(client.post("/v1/labels", content=b"{not json", headers={"Content-Type": "application/json"}),
                     400)
@@ -455,9 +469,13 @@ def test_starting_token_batching_full_queue_and_ctrl_c_finishing_the_requests_in
             (tmp_path / "serve-warm.go").touch()
             _wait_for(lambda: any(f"ready on {held.url}" in line for line in held.lines), "the ready line")
             assert http.get("/v1/health").json() == {"status": "ok"}
-            for headers in ({"Authorization": ""}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            for headers in ({"Authorization": ""}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
+                            {"Authorization": "Bearer s3cret2"}, {"Authorization": "Bearer  s3cret"}):
                 for path in ("/v1/health", "/v1/info", "/openapi.json"):
                     _one_line_error(http.get(path, headers=headers), 401)
+            assert http.get("/v1/health", headers={"Authorization": "bearer s3cret"}).status_code == 200  # RFC 9110
+            for query in ({"token": "s3cret"}, {"access_token": "s3cret"}):  # never from a URL (logs, history)
+                _one_line_error(http.get("/v1/info", params=query, headers={"Authorization": ""}), 401)
 
             answers: dict[str, httpx.Response] = {}
 
@@ -531,3 +549,23 @@ def test_start_problems_are_one_line(world, tmp_path):
     last = done.stderr.splitlines()[-1]
     assert last.startswith("Error: ") and "queue-float16.h5 was made with store_dtype=float16" in last, last
     assert "Traceback" not in done.stderr
+
+
+def test_ctrl_c_twice_stops_at_once(world, tmp_path):
+    """Held while its model loads, the server is sent Ctrl-C (it would wait for the load), then Ctrl-C again: it
+    ends at once, exit 130, saying so."""
+    env = {**os.environ, "FURNITYPE_TEST_HOLD_AT": f"serve-warm:{tmp_path}"}
+    held = start_server(world["run"], "--catalogue", world["base"] / "catalogue-kept.h5", env=env, timeout=600,
+                        until=STARTING)
+    try:
+        _wait_for((tmp_path / "serve-warm.held").exists, "the model loaded")
+        held.process.send_signal(signal.SIGINT)
+        _wait_for(lambda: any("Ctrl-C: stopping" in line for line in held.lines), "the stop")
+        held.process.send_signal(signal.SIGINT)
+        assert held.process.wait(GUARD_S) == 130
+        _wait_for(lambda: any("Ctrl-C again: stopped at once" in line for line in held.lines), "the last line")
+        assert not [line for line in held.lines if "Traceback" in line]
+    finally:
+        if held.process.poll() is None:
+            held.process.kill()
+            held.process.wait()

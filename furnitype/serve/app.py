@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import json
 import logging
@@ -309,12 +310,17 @@ class BearerToken:
         if not token:
             raise InputError("--token must not be empty.")
         self.app = app
-        self.expected = f"Bearer {token}".encode()
+        self.expected = hashlib.sha256(token.encode()).digest()
+
+    def _allows(self, authorization: bytes) -> bool:
+        """Whether the header gives the token; in constant time, its length too (digests of equal length are
+        compared); the scheme in any case (RFC 9110)."""
+        scheme, _, given = authorization.partition(b" ")
+        return hmac.compare_digest(hashlib.sha256(given).digest(), self.expected) and scheme.lower() == b"bearer"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and (scope["path"].startswith("/v1/") or scope["path"] == "/openapi.json"):
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
+            if not self._allows(dict(scope["headers"]).get(b"authorization", b"")):
                 response = JSONResponse({"error": "give the server's token: Authorization: Bearer TOKEN"},
                                         status_code=401, headers={"WWW-Authenticate": "Bearer"})
                 await response(scope, receive, send)

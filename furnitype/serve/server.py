@@ -2,7 +2,7 @@
 
 Ctrl-C or SIGTERM stops taking connections and lets the requests in flight finish (at most ``drain_s``
 seconds), then ``serve`` returns (SIGTERM) or raises ``KeyboardInterrupt`` (Ctrl-C: the CLI exits 130). A second
-Ctrl-C stops at once.
+Ctrl-C ends the process at once, with exit status 130.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import os
 import signal
 import socket
 import threading
@@ -20,7 +21,7 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from furnitype.errors import InputError
+from furnitype.errors import InputError, Interrupted
 from furnitype.serve.app import create_app
 
 
@@ -104,6 +105,11 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig == signal.SIGINT and signal.SIGINT in self.signals:
+            # uvicorn would still wait for the model to load or a network pass to end; the server writes nothing
+            # a kill could leave half-written (a label is written whole by a rename)
+            self.echo("Ctrl-C again: stopped at once; the requests in flight were not answered")
+            os._exit(Interrupted.exit_code)
         if not self.should_exit:
             name = "Ctrl-C" if sig == signal.SIGINT else signal.Signals(sig).name
             self.echo(f"{name}: stopping; finishing the requests in flight (Ctrl-C again stops at once)")
