@@ -389,9 +389,8 @@ class Predictor:
         max_pixels: int | None = None,
     ):
         model = None if model in (None, "best") else model
-        metas = [read_meta(store)] if store is not None else []
-        if metas and features is None:
-            features = _feature_set_like(run, metas, model)
+        if store is not None and features is None:
+            features = _feature_set_like(run, [read_meta(store)], model)
         self.loaded = load_model(run, model, features=features)
         if self.loaded.parts is not None:
             raise InputError(
@@ -399,9 +398,9 @@ class Predictor:
                 "which furnitype serve does not take yet; serve a model of one feature set (--model, or a run of "
                 "one feature file)."
             )
-        if store is not None:
-            _check_stores(run, self.loaded, [store], metas)
         self.run = str(run)
+        if store is not None:
+            self.check_store(store)
         check_batching(batch_size, None)
         self.spec = _checked_spec(run, self.loaded, self.loaded.settings, self.loaded.meta, weights, batch_size, None)
         self.trained = training_photos(run, self.loaded.features)
@@ -412,6 +411,11 @@ class Predictor:
     @property
     def classes(self) -> list[str]:
         return list(self.loaded.classes)
+
+    def check_store(self, store: str | os.PathLike) -> None:
+        """``SettingsMismatchError`` when the feature file ``store`` was made with other settings than the
+        model's features (its rows could not be labelled by the model)."""
+        _check_stores(self.run, self.loaded, [store], [read_meta(store)])
 
     def decode(self, data: bytes) -> np.ndarray:
         """A photo's bytes as the network's input (``ImageDecodeError`` when they are not a usable image)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import json
 import logging
@@ -17,7 +18,7 @@ import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
@@ -31,10 +32,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from furnitype.errors import FurnitypeError, InputError, first_line
 from furnitype.faults import hold_point
+from furnitype.labels import count_labels
 from furnitype.serve.openapi import openapi
 from furnitype.serve.service import RETRY_AFTER_S, HTTPError, Service, Upload
 
 log = logging.getLogger("furnitype")
+T = TypeVar("T")
 
 PAGE = Path(__file__).parent / "page"
 SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -126,6 +129,8 @@ def create_app(
             raise InputError(f"{name.replace('_', '-')} must be at least {least}. Received: {value}")
     if labels is not None and queue is None:
         raise InputError("--labels needs --queue: the photos to label are the queue's.")
+    if labels is not None:  # a labels file that cannot be read is refused at the start, not at the first label
+        count_labels(labels)
     state = _State()
     max_body = int(max_upload_mb * (1 << 20))
 
@@ -305,12 +310,17 @@ class BearerToken:
         if not token:
             raise InputError("--token must not be empty.")
         self.app = app
-        self.expected = f"Bearer {token}".encode()
+        self.expected = hashlib.sha256(token.encode()).digest()
+
+    def _allows(self, authorization: bytes) -> bool:
+        """Whether the header gives the token; in constant time, its length too (digests of equal length are
+        compared); the scheme in any case (RFC 9110)."""
+        scheme, _, given = authorization.partition(b" ")
+        return hmac.compare_digest(hashlib.sha256(given).digest(), self.expected) and scheme.lower() == b"bearer"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and (scope["path"].startswith("/v1/") or scope["path"] == "/openapi.json"):
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
+            if not self._allows(dict(scope["headers"]).get(b"authorization", b"")):
                 response = JSONResponse({"error": "give the server's token: Authorization: Bearer TOKEN"},
                                         status_code=401, headers={"WWW-Authenticate": "Bearer"})
                 await response(scope, receive, send)
@@ -354,36 +364,47 @@ def _content_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def _body(request: Request, limit: int, timeout: float) -> bytes:
-    """The request's body; 413 when it is longer than ``limit`` bytes (before reading it, when it says so), 408
-    when it takes longer than ``timeout`` seconds to arrive."""
-    length = request.headers.get("content-length", "")
+def _chunks(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
+    """The request's body, chunk by chunk; 413 when it is longer than ``limit`` bytes (before reading it, when
+    its Content-Length says so)."""
     too_large = HTTPError(413, f"the request is larger than the limit of {limit / (1 << 20):g} MB")
+    length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise too_large
-    chunks: list[bytes] = []
 
-    async def read() -> None:
+    async def chunks() -> AsyncGenerator[bytes, None]:
         total = 0
         async for chunk in request.stream():
             total += len(chunk)
             if total > limit:
                 raise too_large
-            chunks.append(chunk)
+            yield chunk
 
+    return chunks()
+
+
+async def _in_time(reading: Awaitable[T], timeout: float) -> T:
+    """What ``reading`` returns; 408 when the body takes longer than ``timeout`` seconds to arrive (a slow
+    client would hold its place in the queue)."""
     try:
-        await asyncio.wait_for(read(), timeout)
-    except asyncio.TimeoutError as err:  # a slow client would hold its place in the queue
+        return await asyncio.wait_for(reading, timeout)
+    except asyncio.TimeoutError as err:
         raise HTTPError(408, f"the request's body took longer than {timeout:g} s to arrive") from err
-    return b"".join(chunks)
+
+
+async def _body(request: Request, limit: int, timeout: float) -> bytes:
+    async def read() -> bytes:
+        return b"".join([chunk async for chunk in _chunks(request, limit)])
+
+    return await _in_time(read(), timeout)
 
 
 async def _json(request: Request) -> dict[str, Any]:
     body = await _body(request, MAX_JSON_BYTES, JSON_TIMEOUT_S)
     try:
         value = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise HTTPError(400, f"the body is not JSON: {err}") from err
+    except (ValueError, RecursionError) as err:  # RecursionError: arrays nested thousands deep
+        raise HTTPError(400, f"the body is not JSON: {first_line(err)}") from err
     if not isinstance(value, dict):
         raise HTTPError(400, "the body must be a JSON object")
     return value
@@ -394,14 +415,11 @@ async def _uploads(request: Request, limit: int, timeout: float, *, json_too: bo
     if _content_type(request) != "multipart/form-data":
         expected = "multipart/form-data (or application/json with a sha256)" if json_too else "multipart/form-data"
         raise HTTPError(415, f"send the photo as {expected}; received {_content_type(request) or 'no content type'}")
-    body = await _body(request, limit, timeout)
-
-    async def stream() -> AsyncGenerator[bytes, None]:
-        yield body
-
+    # parsed as it arrives: a file part goes to a temporary file past 1 MB, not to a copy of the whole body
+    parser = MultiPartParser(request.headers, _chunks(request, limit), max_files=MAX_PHOTOS,
+                             max_fields=MAX_PHOTOS, max_part_size=MAX_JSON_BYTES)
     try:
-        form = await MultiPartParser(request.headers, stream(), max_files=MAX_PHOTOS, max_fields=MAX_PHOTOS,
-                                     max_part_size=MAX_JSON_BYTES).parse()
+        form = await _in_time(parser.parse(), timeout)
     except MultiPartException as err:
         raise HTTPError(400, f"the multipart body cannot be read: {err.message}") from err
     try:

@@ -2,13 +2,15 @@
 
 Ctrl-C or SIGTERM stops taking connections and lets the requests in flight finish (at most ``drain_s``
 seconds), then ``serve`` returns (SIGTERM) or raises ``KeyboardInterrupt`` (Ctrl-C: the CLI exits 130). A second
-Ctrl-C stops at once.
+Ctrl-C ends the process at once, with exit status 130.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
+import os
 import signal
 import socket
 import threading
@@ -17,8 +19,9 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from furnitype.errors import InputError
+from furnitype.errors import InputError, Interrupted
 from furnitype.serve.app import create_app
 
 
@@ -68,8 +71,8 @@ def serve(
         app = create_app(run, catalogue, hosts=hosts, on_ready=lambda: echo(f"ready on {url}"), on_failure=failed,
                          **options)
         echo(f"starting on {url}: loading the model")
-        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", server_header=False,
-                                timeout_graceful_shutdown=drain_s)
+        config = uvicorn.Config(app, http=_Protocol, log_config=None, access_log=False, lifespan="on",
+                                server_header=False, timeout_graceful_shutdown=drain_s)
         server = _Server(config, echo)
         server.run(sockets=[sock])
     finally:
@@ -102,11 +105,32 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig == signal.SIGINT and signal.SIGINT in self.signals:
+            # uvicorn would still wait for the model to load or a network pass to end; the server writes nothing
+            # a kill could leave half-written (a label is written whole by a rename)
+            self.echo("Ctrl-C again: stopped at once; the requests in flight were not answered")
+            os._exit(Interrupted.exit_code)
         if not self.should_exit:
             name = "Ctrl-C" if sig == signal.SIGINT else signal.Signals(sig).name
             self.echo(f"{name}: stopping; finishing the requests in flight (Ctrl-C again stops at once)")
         self.signals.append(sig)
         super().handle_exit(sig, frame)
+
+
+class _Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 connection, closed when a request's head (its line and headers) has not arrived whole
+    ``timeout_keep_alive`` seconds after the connection opened or its previous response was sent. uvicorn waits
+    for a head forever, so silent connections, or a client sending a header a byte at a time, would each hold a
+    socket for good, until the server has none left."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+
+    def data_received(self, data: bytes) -> None:
+        # unlike uvicorn's, bytes do not stop the timer: a whole request head does (handle_events)
+        self.conn.receive_data(data)
+        self.handle_events()
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -20,10 +20,12 @@ import numpy as np
 
 import furnitype
 from furnitype.extract.images import ImageDecodeError
+from furnitype.labels import append_label, count_labels, labelled_paths
 from furnitype.predict import Predictor
 from furnitype.serve.batcher import Batcher, QueueFull
 from furnitype.serve.catalogue import FollowedStore, Snapshot
 from furnitype.similar import Neighbour
+from furnitype.suggest import suggest
 
 #: Seconds a client is asked to wait (Retry-After) when the queue is full or the server is starting.
 RETRY_AFTER_S = 1
@@ -80,6 +82,8 @@ class Service:
         self.catalogue = FollowedStore(catalogue)
         self.predictor = Predictor(run, model=model, weights=weights, store=catalogue, batch_size=max_batch,
                                    max_pixels=max_pixels)
+        if queue is not None:  # refused at the start, not at every /v1/suggest
+            self.predictor.check_store(queue)
         self.queue = FollowedStore(queue, index=False) if queue is not None else None
         self.labels = os.fspath(labels) if labels is not None else None
         self.top_k = top_k
@@ -104,8 +108,6 @@ class Service:
         loaded = self.predictor.loaded
         labels = None
         if self.labels is not None:
-            from furnitype.labels import count_labels
-
             labels = {"count": count_labels(self.labels)}
         return {
             "version": furnitype.__version__,
@@ -187,12 +189,8 @@ class Service:
         """The queue's photos most worth labelling (as ``furnitype suggest``), those already labelled left out."""
         if self.queue is None:
             raise HTTPError(404, "no queue of photos to label: start the server with --queue NEW.h5")
-        from furnitype.suggest import suggest
-
         labelled: set[str] = set()
         if self.labels is not None:
-            from furnitype.labels import labelled_paths
-
             labelled = labelled_paths(self.labels)
         result = suggest(self.run, self.queue.path, n=n, leave_out=labelled)
         return {
@@ -213,8 +211,6 @@ class Service:
         path = self.queue.snapshot.path_of(sha256)
         if path is None:
             raise HTTPError(400, f"no photo of the queue has sha256 {sha256}")
-        from furnitype.labels import append_label
-
         count = append_label(self.labels, path, label)
         return {"sha256": sha256, "label": label, "count": count}
 
@@ -245,7 +241,6 @@ class Service:
         started = time.perf_counter()
         image = self.predictor.decode(data)
         return _Decoded(hashlib.sha256(data).hexdigest(), image, (time.perf_counter() - started) * 1000)
-
 
 
 def _by_row(snapshot: Snapshot, sha256: str, k: int, max_distance: float | None, *, exclude_self: bool,
