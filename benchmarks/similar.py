@@ -127,6 +127,47 @@ def growth(index, k: int) -> dict:
     return found
 
 
+class TiledFeatures:
+    """``rows`` x ``dim`` float32 rows made block by block from the real rows: row i is real row ``i % n``
+    (``dim`` 2,048: that row and three other real rows side by side), each value times ``1 + 0.05 N(0, 1)``,
+    with the real row's zeros kept (ReLU outputs); rows below ``n`` are the real rows as they are."""
+
+    def __init__(self, real: np.ndarray, rows: int, dim: int):
+        self.real, self.shape = real, (rows, dim)
+        n = len(real)
+        self.parts = [np.arange(n)] + [np.random.default_rng(p).permutation(n) for p in range(1, dim // real.shape[1])]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, _ = rows.indices(self.shape[0])
+        i = np.arange(start, stop) % len(self.real)
+        block = np.concatenate([self.real[part[i]] for part in self.parts], axis=1)
+        noise = np.random.default_rng(start + 1).standard_normal(block.shape, np.float32)
+        noisy = block * (1 + 0.05 * noise)
+        real = np.arange(start, stop) < len(self.real)
+        noisy[real] = block[real]
+        return noisy
+
+
+def build_store(real_file: str, out: str, rows: int, dim: int) -> str:
+    """A store of ``rows`` x ``dim`` tiled from ``real_file``'s rows (``TiledFeatures``) with the bulk writer:
+    its first rows are the real photos (paths, sha256, labels), the others made-up paths under ``out``'s folder."""
+    from furnitype.features import load, save
+
+    real = load(real_file)
+    n = len(real)
+    tiles = np.arange(rows) // n
+    paths = [str(real.paths[i]) if t == 0 else f"/catalogue/t{t:04d}/{Path(real.paths[i]).name}"
+             for i, t in zip(np.arange(rows) % n, tiles, strict=True)]
+    labels = [str(real.labels[i]) for i in np.arange(rows) % n]
+    sha = [str(real.sha256[i]) if t == 0 else f"{t:08x}{str(real.sha256[i])[8:]}"
+           for i, t in zip(np.arange(rows) % n, tiles, strict=True)]
+    meta = dict(real.meta)
+    if dim != real.features.shape[1]:
+        meta.update(backbone="inception", weights="none(seed=0)", weights_source="none")
+    save(out, features=TiledFeatures(real.features, rows, dim), paths=paths, labels=labels, sha256=sha, meta=meta)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("features", help="feature file of labelled photos (from extract)")
