@@ -109,12 +109,18 @@ class AnnIndex:
     def __len__(self) -> int:
         return len(self._index)
 
+    def rows(self) -> np.ndarray:
+        """The row numbers the index holds, ascending."""
+        return np.sort(np.asarray(self._index.keys, np.int64))
+
     def candidates(self, X: np.ndarray, count: int, *, threads: int = 1) -> list[np.ndarray]:
         """The row numbers of (up to) ``count`` approximate nearest rows of each row of ``X``."""
         count = max(1, min(count, len(self._index)))
-        found = self._index.search(np.asarray(X, np.float32), count, threads=threads)
-        keys, counts = np.atleast_2d(found.keys), np.atleast_1d(found.counts)
-        return [keys[i, : counts[i]].astype(np.int64) for i in range(len(keys))]
+        X = np.asarray(X, np.float32)
+        found = self._index.search(X, count, threads=threads)
+        if X.ndim == 2 and len(X) > 1:  # BatchMatches: keys past each query's count are not matches
+            return [found.keys[i, : found.counts[i]].astype(np.int64) for i in range(len(X))]
+        return [np.asarray(found.keys, np.int64).ravel()]
 
 
 def read_covered(path: Path) -> tuple[Covered, int]:
@@ -366,3 +372,54 @@ def usable_index(view: StoreView, given: str | os.PathLike) -> AnnIndex | None:
             log.warning(f"warning: the index of {given} cannot be updated now ({err}); searching every row.")
         return found
     return open_index(path)
+
+
+@dataclass(frozen=True)
+class Neighbourhoods:
+    """The ``k`` nearest other live rows of every live row of a store (``all_neighbours``).
+
+    Attributes
+    ----------
+    paths, labels, sha256 : ndarray of str, shape (n,)
+        The live rows, in the store's row order.
+    neighbours : ndarray of int, shape (n, k)
+        Positions (into ``paths``) of each row's nearest other rows, nearest first; equal distances in row order.
+    distances : ndarray of float32, shape (n, k)
+        Their exact cosine distances (0 = same direction, up to 2).
+    """
+
+    paths: np.ndarray
+    labels: np.ndarray
+    sha256: np.ndarray
+    neighbours: np.ndarray
+    distances: np.ndarray
+
+
+def all_neighbours(store: str | os.PathLike, k: int, *, exact: bool | None = None) -> Neighbourhoods:
+    """The ``k`` nearest other live rows of every live row of ``store`` (batch k-NN, for near-duplicates).
+
+    ``exact`` as in ``furnitype.similar.similar``: None compares with every row below ``THRESHOLD`` live rows and
+    goes through the store's index above it (made or brought up to date first when possible); the distances
+    are exact either way. Memory: the paths, labels and digests of all rows, and one block of features at a time.
+    """
+    if k < 1:
+        raise InputError(f"k must be at least 1. Received: k={k}")
+    with open_store(store) as view:
+        live = view.live("rows")
+        k = min(k, max(len(live) - 1, 0))
+        index = None if exact or (exact is None and len(live) < THRESHOLD) else usable_index(view, store)
+        neighbours = np.zeros((len(live), k), np.int64)
+        distances = np.zeros((len(live), k), np.float32)
+        for start in range(0, len(live) if k else 0, BLOCK_ROWS * 16):
+            rows = live[start : start + BLOCK_ROWS * 16]
+            d, r = kneighbors(view, index, view.column("rows", "features", rows), k + 1)
+            for i, own in enumerate(rows):
+                keep = np.flatnonzero(r[i] != own)[:k]
+                neighbours[start + i], distances[start + i] = np.searchsorted(live, r[i][keep]), d[i][keep]
+        return Neighbourhoods(
+            np.array(view.column("rows", "path", live).tolist(), dtype=str),
+            np.array(view.column("rows", "label", live).tolist(), dtype=str),
+            view.column("rows", "sha256", live).astype(str),
+            neighbours,
+            distances,
+        )
