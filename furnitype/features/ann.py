@@ -21,8 +21,8 @@ import contextlib
 import json
 import logging
 import os
+import stat
 import struct
-import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,10 +88,6 @@ def store_identity(view: StoreView) -> str:
     return f"sha256-column:{digest.hexdigest()}"
 
 
-def new_file_id() -> str:
-    return uuid.uuid4().hex
-
-
 def dead_among(view: StoreView, rows: int) -> int:
     """Dead rows among the store's first ``rows``."""
     live = view.live("rows")
@@ -126,11 +122,14 @@ class AnnIndex:
 def read_covered(path: Path) -> tuple[Covered, int]:
     """The trailer of an index file and the length of its usearch part; ``IndexDamaged`` when not whole."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as err:
         raise IndexDamaged(f"cannot be read: {err.strerror or err}") from err
     try:
-        size = os.fstat(fd).st_size
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode):
+            raise IndexDamaged("not a regular file")
+        size = found.st_size
         if size < _TAIL.size:
             raise IndexDamaged("cut short")
         length, crc, magic = _TAIL.unpack(os.pread(fd, _TAIL.size, size - _TAIL.size))
@@ -151,6 +150,8 @@ def read_covered(path: Path) -> tuple[Covered, int]:
         return covered, body
     except (ValueError, KeyError, TypeError) as err:
         raise IndexDamaged("its trailer is damaged") from err
+    except OSError as err:
+        raise IndexDamaged(f"cannot be read: {err.strerror or err}") from err
     finally:
         os.close(fd)
 
