@@ -266,12 +266,20 @@ class _StoredSimilarIndex(SimilarIndex):
         with open_store(self.path) as view:
             self._view = view
             self._meta = view.meta
-            self._sha = view.column("rows", "sha256", view.live("rows"))
             try:
                 return super().search(queries, k=k, exclude_self=exclude_self, weights=weights,
                                       batch_size=batch_size, workers=workers)
             finally:
-                del self._view, self._sha
+                del self._view
+
+    def _live_sha256(self) -> np.ndarray:
+        """The digests of the live rows (read once while the file, its rows and its dead rows are the same: rows
+        are only appended or killed in place; a file without a ``file_id`` is read each time)."""
+        view = self._view
+        key = (view.h5.attrs.get("file_id"), view.n["rows"], len(view.live("rows")))
+        if key[0] is None or getattr(self, "_sha_key", None) != key:
+            self._sha, self._sha_key = view.column("rows", "sha256", view.live("rows")), key
+        return self._sha
 
     def _found(self, items: list[_Query], k: int, exclude_self: bool) -> dict[int, list[Neighbour]]:
         usable = [i for i, q in enumerate(items) if not q.error]
@@ -303,7 +311,7 @@ class _StoredSimilarIndex(SimilarIndex):
         except ImageDecodeError as err:
             return _Query(path, folder_label, error=str(err))
         live = self._view.live("rows")
-        rows = live[self._sha == sha.encode()]
+        rows = live[self._live_sha256() == sha.encode()]
         if not len(rows):
             return _Query(path, folder_label)
         paths = self._view.column("rows", "path", rows).tolist()
