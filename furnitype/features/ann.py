@@ -223,7 +223,8 @@ def kneighbors(view: StoreView, index: AnnIndex | None, X: np.ndarray, k: int) -
         return _exact_blocks(view, live, X, k)
     covered = index.covered
     tail = live[np.searchsorted(live, covered.rows) :]
-    count = max(MIN_CANDIDATES, CANDIDATES_PER_NEIGHBOUR * k) + dead_among(view, covered.rows) - covered.dead
+    base = max(MIN_CANDIDATES, CANDIDATES_PER_NEIGHBOUR * k)
+    count = base + min(dead_among(view, covered.rows) - covered.dead, base)  # killed since: not answers
     found = index.candidates(X, count)
     rows = np.union1d(np.concatenate([tail, *found]), np.zeros(0, np.int64))
     rows = rows[np.isin(rows, live, assume_unique=True)]
@@ -243,13 +244,13 @@ def kneighbors(view: StoreView, index: AnnIndex | None, X: np.ndarray, k: int) -
 
 
 def _exact_blocks(view: StoreView, live: np.ndarray, X: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact search over all live rows, read ``BLOCK_ROWS * 16`` at a time (bounded memory)."""
+    """Exact search over all live rows, read ``BLOCK_ROWS`` at a time (bounded memory)."""
     from furnitype.features.index import CosineIndex
 
     best_d = np.full((len(X), 0), np.inf, np.float32)
     best_r = np.zeros((len(X), 0), np.int64)
-    for start in range(0, len(live), BLOCK_ROWS * 16):
-        rows = live[start : start + BLOCK_ROWS * 16]
+    for start in range(0, len(live), BLOCK_ROWS):
+        rows = live[start : start + BLOCK_ROWS]
         d, r = CosineIndex(view.column("rows", "features", rows)).kneighbors(X, k)
         best_d, best_r = np.concatenate([best_d, d], axis=1), np.concatenate([best_r, rows[r]], axis=1)
         order = np.lexsort((best_r, best_d), axis=1)[:, :k]
@@ -298,8 +299,8 @@ def update(view: StoreView, given: str | os.PathLike, *, path: Path | None = Non
         if len(present):
             index.remove(present.astype(np.uint64))
     added = live[np.searchsorted(live, start) :]
-    for first in range(0, len(added), BLOCK_ROWS * 16):
-        rows = added[first : first + BLOCK_ROWS * 16]
+    for first in range(0, len(added), BLOCK_ROWS):
+        rows = added[first : first + BLOCK_ROWS]
         # One thread: usearch then builds the same graph from the same rows (a rebuild answers as the index it
         # replaces); the build is CPU-bound either way (about 4 minutes of CPU for 10^6 rows of 512).
         index.add(rows.astype(np.uint64), view.column("rows", "features", rows), threads=1)
@@ -413,8 +414,9 @@ def all_neighbours(store: str | os.PathLike, k: int, *, exact: bool | None = Non
         index = None if exact or (exact is None and len(live) < THRESHOLD) else usable_index(view, store)
         neighbours = np.zeros((len(live), k), np.int64)
         distances = np.zeros((len(live), k), np.float32)
-        for start in range(0, len(live) if k else 0, BLOCK_ROWS * 16):
-            rows = live[start : start + BLOCK_ROWS * 16]
+        block = BLOCK_ROWS if index is None else 1024  # with the index: the block's candidates are read
+        for start in range(0, len(live) if k else 0, block):
+            rows = live[start : start + block]
             d, r = kneighbors(view, index, view.column("rows", "features", rows), k + 1)
             for i, own in enumerate(rows):
                 keep = np.flatnonzero(r[i] != own)[:k]
