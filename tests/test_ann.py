@@ -218,3 +218,31 @@ def test_all_neighbours_through_the_index_equal_exact(tmp_path):
     agree = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(found.neighbours, exact.neighbours, strict=True)])
     assert agree >= 0.98
     np.testing.assert_allclose(np.sort(found.distances, axis=1)[:, 0], exact.distances[:, 0], atol=1e-5)
+
+
+def test_extract_makes_the_index_from_the_threshold_and_keeps_it(tmp_path, monkeypatch):
+    store = tmp_path / "s.h5"
+    monkeypatch.setattr(ann, "THRESHOLD", 100)
+    store_writer.append(str(store), 0, 96, 32)
+    assert not ann.index_path(store).exists()  # below the threshold: none
+    store_writer.append(str(store), 96, 8, 8)
+    assert ann.open_index(ann.index_path(store)).covered.rows == 104
+
+
+def test_a_search_while_another_process_writes_the_store_answers_exactly(tmp_path, caplog):
+    store = tmp_path / "s.h5"
+    writer = store_writer.start(store, 40, 8, compact=True, env={**pause_env("compacted"), "PYTHONPATH": str(ROOT)},
+                                cwd=ROOT)
+    try:
+        assert wait_stopped(writer), writer.communicate()  # it holds the writer lock
+        queries = load(store).paths.tolist()[::9]
+        with caplog.at_level("WARNING", logger="furnitype"):
+            answers = _answers(store, queries, exact=False)
+        assert [r.getMessage() for r in caplog.records] == [
+            f"warning: the index of {store} cannot be made now (another furnitype process is writing {store}; "
+            "wait for it to finish); searching every row."
+        ]
+        assert answers == _answers(store, queries, exact=True) and not ann.index_path(store).exists()
+    finally:
+        writer.kill()
+        writer.wait()

@@ -373,7 +373,8 @@ def usable_index(view: StoreView, given: str | os.PathLike) -> AnnIndex | None:
             update(view, given, path=path)
     except (StoreError, InputError) as err:
         if found is None:
-            log.warning(f"warning: the index of {given} cannot be updated now ({err}); searching every row.")
+            why = str(err).rstrip(".")
+            log.warning(f"warning: the index of {given} cannot be made now ({why}); searching every row.")
         return found
     return open_index(path)
 
