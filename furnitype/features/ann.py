@@ -1,6 +1,6 @@
 """An approximate nearest-neighbour index of a feature store's live rows, kept beside it (``NAME.h5.usearch``).
 
-The index is usearch's HNSW graph over the rows' directions (cosine metric, int8 vectors), keyed by row number
+The index is usearch's HNSW graph over the rows' directions (cosine metric, float16 vectors), keyed by row number
 in the store, followed by a trailer that says what it covers: the store's identity (its ``file_id``, a new one
 for every file written whole: a new store, ``--overwrite``, ``compact``, ``save``), how many rows (the first
 ``rows`` of the file, dead ones left out) and how many of those were dead. Rows are never changed in place,
@@ -290,7 +290,7 @@ def update(view: StoreView, given: str | os.PathLike, *, path: Path | None = Non
             index, covered = None, None
     live = view.live("rows")
     if index is None or covered is None:
-        index = Index(ndim=view.dim, metric="cos", dtype="i8")
+        index = Index(ndim=view.dim, metric="cos", dtype="f16")
         start = 0
     else:
         start = covered.rows
