@@ -246,3 +246,20 @@ def test_a_search_while_another_process_writes_the_store_answers_exactly(tmp_pat
     finally:
         writer.kill()
         writer.wait()
+
+
+def test_new_photos_and_folders_through_the_index_answer_as_exact(tmp_path):
+    from furnitype.extraction import extract
+    from tests.images import COLOURS, make_photo_folder, photo
+
+    photos = make_photo_folder(tmp_path / "photos", per_class=4, classes=("bed", "chair", "sofa"))
+    out = extract([photos], out=tmp_path / "feats.h5", backbone="vgg16", weights="none", image_size=32,
+                  batch_size=8, progress=False).out
+    new = tmp_path / "new"
+    new.mkdir()
+    photo(321, COLOURS["sofa"], (60, 50)).save(new / "new-sofa.png")
+    queries = [new / "new-sofa.png", photos / "chair", tmp_path / "gone.jpg"]
+    approximate = [m.as_dict() for m in similar(out, queries, k=5, exact=False)]
+    assert approximate == [m.as_dict() for m in similar(out, queries, k=5, exact=True)]
+    assert not approximate[0]["in_store"] and approximate[1]["in_store"] and approximate[-1]["error"]
+    assert ann.index_path(out).exists()
