@@ -34,7 +34,7 @@ by ``os.wait4`` (CPU = user + system, all threads; peak RSS):
 - **query, one thread**: median over those queries of the index's own search (40 candidates, ``threads=1``)
   and of the whole ``ann.kneighbors`` (candidates' rows read from the store and re-ranked);
 - **CLI**: ``furnitype similar STORE PHOTO --top-k 10 --json`` (a stored photo) under ``/usr/bin/time -v``:
-  wall and peak RSS, median of 3, and once with ``--exact`` (10^5 rows only; at 10^6 see docs/benchmarks.md);
+  wall, CPU and peak RSS, median of 3, and once with ``--exact`` (10^5 rows only; at 10^6 see docs/benchmarks.md);
 - **+1,000 rows**: 1,000 rows appended in one transaction, then ``ann.keep_up`` (what ``extract`` runs at its
   end: the index is left as it is, the rows it lacks are searched exactly), the CLI again, and ``ann.update``
   forced (the index rewritten with the 1,000 rows added).
@@ -208,9 +208,15 @@ def _time_v(command: list[str]) -> dict:
     done = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True, check=True)
     wall = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", done.stderr)
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
-    assert wall and rss, done.stderr
+    cpu = re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", done.stderr)
+    assert wall and rss and cpu, done.stderr
     hours, minutes, seconds = wall.groups()
-    return {"wall_s": int(hours or 0) * 3600 + int(minutes) * 60 + float(seconds), "rss_mb": int(rss.group(1)) / 1024}
+    return {"wall_s": int(hours or 0) * 3600 + int(minutes) * 60 + float(seconds), "rss_mb": int(rss.group(1)) / 1024,
+            "cpu_s": sum(float(c) for c in cpu)}
+
+
+def _medians(runs: list[dict]) -> dict:
+    return {key: float(np.median([r[key] for r in runs])) for key in runs[0]}
 
 
 _UPDATE = """
@@ -298,13 +304,13 @@ def scale(real_file: str, work: Path, stores: list[str], queries: int) -> dict:
         photo = str(_load(real_file).paths[0])
         cli = [exe, "similar", str(store), photo, "--top-k", "10", "--json"]
         runs = [_time_v(cli) for _ in range(3)]
-        report["cli"] = {key: float(np.median([r[key] for r in runs])) for key in ("wall_s", "rss_mb")}
+        report["cli"] = _medians(runs)
         if rows <= 100_000:
             report["cli_exact"] = _time_v([*cli, "--exact"])
         report["append_1000"] = _child(_APPEND.format(store=str(store)))
         report["keep_up_after_1000"] = _child(_KEEP_UP.format(store=str(store)))
         runs = [_time_v(cli) for _ in range(3)]
-        report["cli_after_1000"] = {key: float(np.median([r[key] for r in runs])) for key in ("wall_s", "rss_mb")}
+        report["cli_after_1000"] = _medians(runs)
         report["update_after_1000"] = _child(_UPDATE.format(store=str(store)))
         print(json.dumps({name: report}), file=sys.stderr, flush=True)
         found[name] = report
