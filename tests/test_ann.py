@@ -263,3 +263,34 @@ def test_new_photos_and_folders_through_the_index_answer_as_exact(tmp_path):
     assert approximate == [m.as_dict() for m in similar(out, queries, k=5, exact=True)]
     assert not approximate[0]["in_store"] and approximate[1]["in_store"] and approximate[-1]["error"]
     assert ann.index_path(out).exists()
+
+
+def test_a_full_disk_while_the_index_is_written_keeps_the_old_one_and_answers(tmp_path, monkeypatch, caplog):
+    import errno
+
+    store = tmp_path / "s.h5"
+    store_writer.append(str(store), 0, 300, 100)
+    _update(store)
+    old = ann.index_path(store).read_bytes()
+    monkeypatch.setattr(ann, "TAIL_ROWS", 0)
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ann, "write_all", full)
+    with store_writer.FeatureCache(str(store), META, meta=META) as cache:  # extract's end: a warning, rows kept
+        paths = [f"/photos/b/{i:06d}.jpg" for i in range(50)]
+        cache.compare(store_writer.FakeListing(paths, ["b"] * 50))
+        cache.hashed({i: store_writer.Hashed(store_writer.digest(p), (1, 1, 1, 1)) for i, p in enumerate(paths)})
+        cache.add([store_writer.Outcome(p, store_writer.digest(p), store_writer.features_of(p)) for p in cache.todo()])
+        counts = cache.finish()
+    assert counts.rows == 350 and counts.warnings == [
+        f"cannot write the index of {store} (No space left on device). (the similarity index; the next similar "
+        "tries again)"
+    ]
+    queries = [f"/photos/a/{i:06d}.jpg" for i in range(0, 300, 29)]
+    with caplog.at_level("WARNING", logger="furnitype"):
+        answers = _answers(store, queries, exact=False)
+    assert answers == _answers(store, queries, exact=True) and not caplog.records  # the old index, and the rest
+    assert ann.index_path(store).read_bytes() == old
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []

@@ -33,6 +33,7 @@ from furnitype.errors import InputError, StoreError
 from furnitype.faults import pause_point
 from furnitype.features.layout import BLOCK_ROWS
 from furnitype.features.locking import WriterLock, real_path
+from furnitype.features.undo import write_all
 from furnitype.features.view import StoreView, open_store
 from furnitype.outputs import fsync_folder
 
@@ -272,11 +273,13 @@ def update(view: StoreView, given: str | os.PathLike, *, path: Path | None = Non
             covered, body = read_covered(path)
             why = problem(covered, view, identity)
             if not why:
-                with open(path, "rb") as f:
-                    data = f.read(body)
-                if zlib.crc32(data) != covered_crc(path):
-                    raise IndexDamaged("its checksum is wrong")
-                index = Index.restore(data)
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:
+                    if _crcs(fd, body)[1] != covered_crc(path):
+                        raise IndexDamaged("its checksum is wrong")
+                finally:
+                    os.close(fd)
+                index = Index.restore(str(path))
                 if index is None or index.ndim != view.dim:
                     raise IndexDamaged("usearch cannot read it")
         except IndexDamaged as err:
@@ -312,35 +315,46 @@ def update(view: StoreView, given: str | os.PathLike, *, path: Path | None = Non
 
 def write_index(path: Path, index, covered: Covered, given: str | os.PathLike) -> None:
     """The index and its trailer into ``.NAME.usearch.tmp-PID``, fsync'ed, renamed over ``path``."""
-    body = bytes(index.save())
-    info = {"format": FORMAT, "store": covered.store, "rows": covered.rows, "dead": covered.dead,
-            "dim": covered.dim, "bytes": len(body), "head_crc": zlib.crc32(body[:_HEAD_BYTES]), "crc": zlib.crc32(body)}
-    trailer = json.dumps(info).encode()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
     except OSError as err:
         raise StoreError(f"cannot write the index of {given} ({err.strerror or err}).") from err
     try:
+        index.save(str(tmp))  # into the file made above (usearch writes it in place, no copy in memory)
+        pause_point("index-write")
+        fd = os.open(tmp, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            view = memoryview(body)
-            for start in range(0, len(view), 1 << 24):
-                os.write(fd, view[start : start + (1 << 24)])
-                pause_point("index-write")
-            os.write(fd, trailer + _TAIL.pack(len(trailer), zlib.crc32(trailer), _MAGIC))
+            body = os.fstat(fd).st_size
+            head_crc, crc = _crcs(fd, body)
+            info = {"format": FORMAT, "store": covered.store, "rows": covered.rows, "dead": covered.dead,
+                    "dim": covered.dim, "bytes": body, "head_crc": head_crc, "crc": crc}
+            trailer = json.dumps(info).encode()
+            write_all(fd, trailer + _TAIL.pack(len(trailer), zlib.crc32(trailer), _MAGIC), body)
             os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
         fsync_folder(path.parent)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:  # usearch says a failed write with a RuntimeError
         tmp.unlink(missing_ok=True)
-        raise StoreError(f"cannot write the index of {given} ({err.strerror or err}).") from err
+        raise StoreError(f"cannot write the index of {given} ({getattr(err, 'strerror', None) or err}).") from err
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _crcs(fd: int, length: int) -> tuple[int, int]:
+    """The crc32 of the first ``_HEAD_BYTES`` of the file open as ``fd`` and of its first ``length`` bytes."""
+    head = crc = 0
+    for start in range(0, length, _HEAD_BYTES):
+        chunk = os.pread(fd, min(_HEAD_BYTES, length - start), start)
+        if start == 0:
+            head = zlib.crc32(chunk)
+        crc = zlib.crc32(chunk, crc)
+    return head, crc
 
 
 def remove_leftovers(path: Path) -> None:
