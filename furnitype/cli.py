@@ -553,12 +553,14 @@ def suggest(run, features, n, out, overwrite, sheet, quiet, as_json) -> None:
 @click.option("--exclude-self", is_flag=True, help="Leave a stored query's own row out of its neighbours.")
 @click.option("--sheet", type=click.Path(readable=False), help="Draw a contact sheet PNG of the results.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --sheet file.")
+@click.option("--exact", is_flag=True, default=None,
+              help="Compare with every stored row (default below 50,000 rows; above, the store's index).")
 @weights_option("Weights for new photos.  [default: the one recorded in FEATURES]")
 @batch_options()
 @quiet_option("No progress lines on stderr.")
 @json_option("Print the results as a JSON list.")
 @api_command
-def similar(features, queries, top_k, exclude_self, sheet, overwrite, weights, batch_size, workers, quiet,
+def similar(features, queries, top_k, exclude_self, sheet, overwrite, exact, weights, batch_size, workers, quiet,
             as_json) -> None:
     """Find the stored photos that look most like each query photo (cosine distance of their features).
 
@@ -574,7 +576,8 @@ def similar(features, queries, top_k, exclude_self, sheet, overwrite, weights, b
     from furnitype.similar import similar as run_similar
 
     matches = run_similar(features, queries, k=top_k, exclude_self=exclude_self, weights=weights,
-                          batch_size=batch_size, workers=workers, sheet=sheet, overwrite=overwrite)
+                          batch_size=batch_size, workers=workers, sheet=sheet, overwrite=overwrite,
+                          exact=exact or None)
     if as_json:
         _print_json([m.as_dict() for m in matches])
         return

@@ -2,8 +2,10 @@
 
 A query is either a photo already in the feature file (the same path, or a file with the same content: its
 stored row is used and no network is built) or a new photo, extracted exactly as the file's rows were made
-(``furnitype.extract.settings.spec_for``). The search is exact, over every row
-(``furnitype.features.index.CosineIndex``).
+(``furnitype.extract.settings.spec_for``). Below ``furnitype.features.ann.THRESHOLD`` live rows (or with
+``exact=True``) the rows are loaded and the search is exact, over every row (``furnitype.features.index.CosineIndex``);
+above it, the store's approximate index (``furnitype.features.ann``) proposes candidates, which are re-ranked by
+exact cosine from their stored rows: distances are exact, and only the candidates' rows are read.
 
 A stored query finds itself first, at distance 0 (``exclude_self`` leaves it out); other rows with the same
 content, stored under other paths, are ordinary neighbours at distance 0.
@@ -23,8 +25,11 @@ from furnitype.errors import InputError
 from furnitype.extract.backbones import weights_files
 from furnitype.extract.images import ImageDecodeError, list_images, sha256_file
 from furnitype.extract.pipeline import check_batching
+from furnitype.features import ann
 from furnitype.features.index import CosineIndex
-from furnitype.features.store import FeatureSet, load, store_files
+from furnitype.features.layout import OPTIONAL_SETTING_KEYS, SETTING_KEYS
+from furnitype.features.store import FeatureSet, load, read_meta, store_files
+from furnitype.features.view import open_store
 from furnitype.outputs import check_output, refuse_existing, refuse_inputs, refuse_photos, significant
 
 
@@ -107,10 +112,18 @@ class SimilarIndex:
         for i, sha in enumerate(feature_set.sha256):
             self._rows_by_sha.setdefault(sha, []).append(i)
 
+    @property
+    def meta(self) -> dict:
+        """The store's settings and provenance (``n_rows``: its live rows)."""
+        return self.feature_set.meta
+
     @classmethod
-    def open(cls, path: str | os.PathLike) -> SimilarIndex:
-        """Load a feature file and index its rows."""
-        return cls(load(path))
+    def open(cls, path: str | os.PathLike, *, exact: bool | None = None) -> SimilarIndex:
+        """Index a feature file's rows: loaded, for exact search, below ``ann.THRESHOLD`` live rows or with
+        ``exact=True``; else searched through the store's approximate index (``exact=False`` forces it)."""
+        if exact or (exact is None and read_meta(path)["n_rows"] < ann.THRESHOLD):
+            return cls(load(path))
+        return _StoredSimilarIndex(path)
 
     def search(
         self,
@@ -126,9 +139,10 @@ class SimilarIndex:
         if k < 1:
             raise InputError(f"k must be at least 1. Received: k={k}")
         check_batching(batch_size, workers)
-        items = self._resolve(queries)
-        self._extract([q for q in items if q.row is None and not q.error], weights, batch_size, workers)
-        found = self._found(items, k, exclude_self)
+        with self._reading():
+            items = self._resolve(queries)
+            self._extract([q for q in items if q.row is None and not q.error], weights, batch_size, workers)
+            found = self._found(items, k, exclude_self)
         return [
             Match(q.path, found.get(i, []), q.label, in_store=q.row is not None, error=q.error)
             for i, q in enumerate(items)
@@ -139,7 +153,8 @@ class SimilarIndex:
         settings and rounded to its dtype, as ``search`` makes them."""
         if k < 1:
             raise InputError(f"k must be at least 1. Received: k={k}")
-        found = self._found([_Query("", vector=np.asarray(row, np.float32)) for row in X], k, False)
+        with self._reading():
+            found = self._found([_Query("", vector=np.asarray(row, np.float32)) for row in X], k, False)
         return [found[i] for i in range(len(X))]
 
     def search_sha256(self, sha256: str, *, k: int = 5, exclude_self: bool = True) -> Match:
@@ -149,10 +164,20 @@ class SimilarIndex:
         """
         if k < 1:
             raise InputError(f"k must be at least 1. Received: k={k}")
+        with self._reading():
+            query = self._stored_content(sha256)
+            return Match(query.path, self._found([query], k, exclude_self)[0], query.label, in_store=True)
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """While searching (the rows are in memory: nothing to open)."""
+        yield
+
+    def _stored_content(self, sha256: str) -> _Query:
+        """The query of the stored row with this content (``KeyError`` when none has it)."""
         row = self._rows_by_sha[sha256][0]
         fs = self.feature_set
-        query = _Query(str(fs.paths[row]), str(fs.labels[row]), row)
-        return Match(query.path, self._found([query], k, exclude_self)[0], query.label, in_store=True)
+        return _Query(str(fs.paths[row]), str(fs.labels[row]), row)
 
     def _found(self, items: list[_Query], k: int, exclude_self: bool) -> dict[int, list[Neighbour]]:
         """The neighbours of each usable query, by its position in ``items``."""
@@ -174,12 +199,18 @@ class SimilarIndex:
                 items += [self._lookup(f.path, f.label) for f in list_images([path]).files]
             elif os.path.exists(path):
                 items.append(self._lookup(path, ""))
-            elif path in self._row_by_path:  # a stored photo no longer on disk: its row still answers
-                row = self._row_by_path[path]
-                items.append(_Query(path, str(self.feature_set.labels[row]), row))
-            else:
-                items.append(_Query(path, error="file not found"))
+            else:  # a stored photo no longer on disk: its row still answers
+                items.append(self._stored_path(path) or _Query(path, error="file not found"))
         return items
+
+    def _stored_path(self, path: str) -> _Query | None:
+        row = self._row_by_path.get(path)
+        return None if row is None else _Query(path, str(self.feature_set.labels[row]), row)
+
+    def _extract_meta(self) -> tuple[dict, dict, str]:
+        """The store's meta, settings and name (what new queries are extracted with)."""
+        fs = self.feature_set
+        return fs.meta, fs.settings, fs.file or "the feature set"
 
     def _lookup(self, path: str, folder_label: str) -> _Query:
         try:
@@ -201,13 +232,13 @@ class SimilarIndex:
         from furnitype.extract.pipeline import feature_batches
         from furnitype.extract.settings import as_stored, spec_for
 
-        meta = self.feature_set.meta
+        meta, settings, name = self._extract_meta()
         spec = spec_for(
-            self.feature_set.settings,
+            settings,
             weights=weights,
             source=meta.get("weights_source"),
             calibration_photos=meta.get("calibration_photos"),
-            what=f"the rows of {self.feature_set.file or 'the feature set'}",
+            what=f"the rows of {name}",
         )
         check_memory(get_backbone(spec.backbone), spec.image_size, batch_size)
         by_path: dict[str, list[_Query]] = {}
@@ -237,6 +268,115 @@ class SimilarIndex:
         return [Neighbour(str(fs.paths[r]), str(fs.labels[r]), d, str(fs.sha256[r])) for r, d in pairs[:k]]
 
 
+class _StoredSimilarIndex(SimilarIndex):
+    """``SimilarIndex`` over a store too large to load: the store's approximate index proposes, the stored rows
+    decide (``furnitype.features.ann``). Each search reads the store under its shared lock, once."""
+
+    def __init__(self, path: str | os.PathLike):  # not super().__init__: it loads every row
+        self.path = path
+        meta = read_meta(path)
+        if not meta["n_rows"]:
+            raise InputError(f"{path} has no rows to search.")
+        self._meta = meta
+        self._loaded: FeatureSet | None = None
+
+    @property
+    def feature_set(self) -> FeatureSet:  # type: ignore[override]
+        """All the rows, loaded on first use (a search does not need them)."""
+        if self._loaded is None:
+            self._loaded = load(self.path)
+        return self._loaded
+
+    @property
+    def meta(self) -> dict:
+        return self._meta
+
+    @property
+    def index(self) -> CosineIndex:  # type: ignore[override]
+        return CosineIndex(self.feature_set.features)
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """The store open under its shared lock for one search: its rows, dead rows and index agree."""
+        with open_store(self.path) as view:
+            self._view = view
+            self._meta = view.meta
+            try:
+                yield
+            finally:
+                del self._view
+
+    def _stored_content(self, sha256: str) -> _Query:
+        live = self._view.live("rows")
+        rows = live[self._live_sha256() == sha256.encode()]
+        if not len(rows):
+            raise KeyError(sha256)
+        row = rows[:1]
+        return _Query(str(self._view.column("rows", "path", row)[0]), str(self._view.column("rows", "label", row)[0]),
+                      int(row[0]))
+
+    def _live_sha256(self) -> np.ndarray:
+        """The digests of the live rows (read once while the file, its rows and its dead rows are the same: rows
+        are only appended or killed in place; a file without a ``file_id`` is read each time)."""
+        view = self._view
+        key = (view.h5.attrs.get("file_id"), view.n["rows"], len(view.live("rows")))
+        if key[0] is None or getattr(self, "_sha_key", None) != key:
+            self._sha, self._sha_key = view.column("rows", "sha256", view.live("rows")), key
+        return self._sha
+
+    def _found(self, items: list[_Query], k: int, exclude_self: bool) -> dict[int, list[Neighbour]]:
+        usable = [i for i, q in enumerate(items) if not q.error]
+        if not usable:
+            return {}
+        view = self._view
+        stored = sorted({row for i in usable if (row := items[i].row) is not None})
+        vectors = dict(zip(stored, view.column("rows", "features", np.array(stored, np.int64)), strict=True))
+        X = np.stack([self._vector(items[i]) if (row := items[i].row) is None else vectors[row] for i in usable])
+        distances, rows = ann.kneighbors(view, ann.usable_index(view, self.path), X, k + 1)
+        wanted = np.unique(np.concatenate([rows.ravel(), np.array(stored, np.int64)]))
+        self._strings = {
+            int(r): (p, label, sha.decode())
+            for r, p, label, sha in zip(wanted.tolist(), view.column("rows", "path", wanted).tolist(),
+                                        view.column("rows", "label", wanted).tolist(),
+                                        view.column("rows", "sha256", wanted).tolist(), strict=True)
+        }
+        return {i: self._neighbours(items[i], d, r, k, exclude_self)
+                for i, d, r in zip(usable, distances, rows, strict=True)}
+
+    def _neighbours(self, query: _Query, distances, rows, k: int, exclude_self: bool) -> list[Neighbour]:
+        pairs = [(int(r), float(d)) for d, r in zip(distances, rows, strict=True) if r != query.row]
+        if query.row is not None and not exclude_self:
+            pairs.insert(0, (query.row, 0.0))
+        return [Neighbour(*self._strings[r][:2], d, self._strings[r][2]) for r, d in pairs[:k]]
+
+    def _lookup(self, path: str, folder_label: str) -> _Query:
+        try:
+            sha = sha256_file(path)
+        except ImageDecodeError as err:
+            return _Query(path, folder_label, error=str(err))
+        live = self._view.live("rows")
+        rows = live[self._live_sha256() == sha.encode()]
+        if not len(rows):
+            return _Query(path, folder_label)
+        paths = self._view.column("rows", "path", rows).tolist()
+        row = int(rows[paths.index(path)] if path in paths else rows[0])
+        return _Query(path, str(self._view.column("rows", "label", np.array([row]))[0]) or folder_label, row)
+
+    def _stored_path(self, path: str) -> _Query | None:
+        live = self._view.live("rows")
+        paths = self._view.column("rows", "path", live)
+        at = np.flatnonzero(paths == path)
+        if not len(at):
+            return None
+        row = int(live[at[0]])
+        return _Query(path, str(self._view.column("rows", "label", np.array([row]))[0]), row)
+
+    def _extract_meta(self) -> tuple[dict, dict, str]:
+        meta = self._meta
+        return meta, {k: meta.get(k) for k in SETTING_KEYS if k in meta or k not in OPTIONAL_SETTING_KEYS}, str(
+            self.path)
+
+
 def similar(
     features: str | os.PathLike,
     queries: Sequence[str | os.PathLike],
@@ -248,6 +388,7 @@ def similar(
     workers: int | None = None,
     sheet: str | os.PathLike | None = None,
     overwrite: bool = False,
+    exact: bool | None = None,
 ) -> list[Match]:
     """The ``k`` stored photos nearest to each query photo, by cosine distance of their features.
 
@@ -274,6 +415,11 @@ def similar(
         work. Never one of the photos (a query, a stored photo).
     overwrite : bool, default=False
         Replace an existing ``sheet`` file.
+    exact : bool, default=None
+        True: load every row and compare the queries with all of them (the reference). None: so below
+        ``furnitype.features.ann.THRESHOLD`` live rows (50,000), else through the store's approximate index, kept
+        beside it as ``NAME.h5.usearch`` (made or brought up to date first when this process can write there),
+        its candidates re-ranked by exact cosine (distances are exact). False: the index whatever the size.
 
     Returns
     -------
@@ -283,10 +429,11 @@ def similar(
     if sheet is not None:
         check_output(sheet)
         refuse_inputs({"--sheet": sheet}, [*store_files(features), *queries])
-    index = SimilarIndex.open(features)
-    refuse_inputs({"--sheet": sheet}, weights_files(weights, index.feature_set.meta.get("weights_source")))
-    # Every photo the sheet may draw: the queries and the stored photos (their neighbours).
-    refuse_photos({"--sheet": sheet}, itertools.chain(_query_files(queries), index.feature_set.paths))
+    index = SimilarIndex.open(features, exact=exact)
+    refuse_inputs({"--sheet": sheet}, weights_files(weights, index.meta.get("weights_source")))
+    # Every photo the sheet may draw: the queries and the stored photos (their neighbours), listed only when the
+    # sheet's file exists.
+    refuse_photos({"--sheet": sheet}, itertools.chain(_query_files(queries), _stored_paths(index)))
     refuse_existing({"--sheet": sheet}, overwrite=overwrite)
     matches = index.search(
         queries, k=k, exclude_self=exclude_self, weights=weights, batch_size=batch_size, workers=workers
@@ -294,10 +441,14 @@ def similar(
     if sheet is not None:
         from furnitype.reports.sheet import contact_sheet
 
-        meta = index.feature_set.meta
-        title = f"{features}: {len(index.feature_set):,} photos, {meta.get('backbone')} {meta.get('pooling')}"
+        meta = index.meta
+        title = f"{features}: {meta['n_rows']:,} photos, {meta.get('backbone')} {meta.get('pooling')}"
         contact_sheet(matches, sheet, title=title)
     return matches
+
+
+def _stored_paths(index: SimilarIndex) -> Iterator[str]:
+    yield from index.feature_set.paths
 
 
 def _query_files(queries: Sequence[str | os.PathLike]) -> Iterator[str]:

@@ -26,6 +26,7 @@ import h5py
 import numpy as np
 
 from furnitype.errors import SettingsMismatchError, StoreError, deferred_interrupts
+from furnitype.features import ann
 from furnitype.features.layout import STAT_UNKNOWN, Folders, Layout, read_at, read_strings, write_at
 from furnitype.features.locking import WriterLock
 from furnitype.features.store import CompactResult, check_settings, compact_locked
@@ -359,6 +360,11 @@ class FeatureCache:
                 self.compacted = compact_locked(self.real, self.given)
             except StoreError as err:
                 self.counts.warnings.append(f"{err} (compaction; furnitype compact {self.given} tries again)")
+        if not self.fresh:
+            try:
+                ann.keep_up(self.real, self.given)
+            except StoreError as err:
+                self.counts.warnings.append(f"{err} (the similarity index; the next similar tries again)")
         return self.counts
 
     # -- planning helpers ------------------------------------------------------------------------------------
@@ -491,6 +497,7 @@ class FeatureCache:
                 with transaction(self.real, self.given) as h5:
                     layout = Layout(h5)
                     layout.add_checksums()  # a store written before furnitype kept them gets them now
+                    layout.add_file_id()
                     state = self._apply(h5, layout, changes)
         except WriteFailed as err:
             self._failed = True

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 import zlib
 from collections.abc import Mapping, Sequence
 
@@ -44,8 +45,8 @@ SETTING_KEYS = (
 )
 #: Settings that only some files record (int8 stores: their quantized network); absent from ``settings`` else.
 OPTIONAL_SETTING_KEYS = ("quantization",)
-#: Attributes the store keeps for itself (counts), left out of ``meta``.
-BOOKKEEPING = ("live_rows", "dead_rows", "live_skipped", "dead_skipped", "label_counts")
+#: Attributes the store keeps for itself (counts; the file's identity), left out of ``meta``.
+BOOKKEEPING = ("live_rows", "dead_rows", "live_skipped", "dead_skipped", "label_counts", "file_id")
 #: Version 1.10 of the HDF5 format: checksummed metadata, so damaged bytes are found, not misread.
 LIBVER = ("v110", "v110")
 STAT_UNKNOWN = (-1, 0, 0, 0)
@@ -174,6 +175,7 @@ class Layout:
         h5.create_dataset("folders", shape=(0,), maxshape=(None,), dtype=STR, chunks=(256,))
         h5.create_dataset("classes", data=[], dtype=STR)
         self.add_checksums()
+        self.h5.attrs["file_id"] = uuid.uuid4().hex
         for key, value in meta.items():
             if key not in BOOKKEEPING and key != "n_rows":
                 h5.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
@@ -230,6 +232,11 @@ class Layout:
         write_at(group[name], index, values)
         for block, crc in crcs.items():
             group[f"{name}_crc"][block] = crc
+
+    def add_file_id(self) -> None:
+        """Give a file written before furnitype recorded one a ``file_id`` (what its similarity index records)."""
+        if "file_id" not in self.h5.attrs:
+            self.h5.attrs["file_id"] = uuid.uuid4().hex
 
     def add_checksums(self) -> None:
         """Give a file without string checksums (written before furnitype kept them) its ``NAME_crc`` datasets,
