@@ -197,7 +197,8 @@ def spec_for(
     ----------
     settings : mapping
         ``backbone``, ``weights`` (the identity), ``pooling``, ``image_size``, ``interpolation``, ``precision``,
-        ``decode`` and ``store_dtype``, as a feature file records them.
+        ``decode`` and ``store_dtype``, and ``layers`` and ``mirror`` when not the default, as a feature file
+        records them.
     weights : str, default=None
         The weights to build the network with (a file, ``imagenet`` or ``none``); None: ``source`` when the
         identity is a file's sha256, else the identity's own name.
