@@ -5,6 +5,7 @@ Run by hand, in three steps::
     .venv/bin/python benchmarks/features.py rows PHOTOS/ --weights vgg16_notop.weights.h5 --work WORK
     .venv/bin/python benchmarks/features.py accuracy --work WORK [--seeds 5]
     .venv/bin/python benchmarks/features.py cpu PHOTOS/ --weights vgg16_notop.weights.h5 --work WORK [--photos 200]
+    .venv/bin/python benchmarks/features.py check PHOTOS/ --weights vgg16_notop.weights.h5 --work WORK --photos 16
 
 ``rows``: one pass of every photo and its left-right mirror through VGG16 (float32, 224 px, furnitype's own
 decoding), keeping each block's average-pooled output (``block3_pool`` .. ``block5_pool``) of both: every
@@ -14,6 +15,8 @@ interrupted pass goes on where it stopped).
 ``accuracy``: for each combination a feature store (the rows as ``extract --layers ... [--mirror]`` makes them:
 each block L2-normalised, concatenated, averaged with the mirror's) and ``classify`` (dense, logreg, svm) on it
 with ``--seeds`` held-out content-grouped splits (seed 0 ..; 20 % of each class's photos).
+
+``check``: the rows ``accuracy`` derives equal those ``extract`` makes, on ``--photos`` photos.
 
 ``cpu``: the real ``extract`` command path (``furnitype.extraction.extract``, a fresh child process per
 combination, interleaved, CPU = user + system of all its threads) on ``--photos`` evenly spaced photos; the CPU
@@ -42,6 +45,7 @@ COMBINATIONS = {
     "block4,block5 + mirror": (("block4", "block5"), True),
     "block3,block4,block5": (("block3", "block4", "block5"), False),
 }
+CHANNELS = {"block3": 256, "block4": 512, "block5": 512}
 BLOCKS = ("block3", "block4", "block5")
 
 
@@ -131,7 +135,7 @@ def accuracy(args) -> None:
     data = dict(np.load(work / "rows.npz"))
     results_file = work / "accuracy.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
-    for name, (blocks, mirror) in COMBINATIONS.items():
+    for name, (blocks, mirror) in _chosen(args).items():
         path = work / f"{name.replace(' ', '').replace(',', '-').replace('(today)', '')}.h5"
         if not path.exists():
             store.save(path, features=combined(data, blocks, mirror), paths=list(data["path"]),
@@ -155,7 +159,7 @@ def accuracy_table(results: dict, seeds: int) -> str:
     lines = ["| features | dims | model | accuracy (mean of splits) | min - max | macro-F1 |",
              "|---|---:|---|---:|---|---:|"]
     for name, (blocks, _) in COMBINATIONS.items():
-        dims = 512 * len(blocks or ("block5",))
+        dims = sum(CHANNELS[b] for b in blocks or ("block5",))
         for model in ("logreg", "svm", "dense"):
             got = [results[f"{name}/{s}"][model] for s in range(seeds) if f"{name}/{s}" in results]
             if not got:
@@ -178,7 +182,7 @@ def cpu(args) -> None:
         listing = Path(tmp, "photos.csv")
         listing.write_text("".join(f"{f.path},{f.label}\n" for f in files))
         for rep in range(args.repeats):
-            for name, (blocks, mirror) in COMBINATIONS.items():
+            for name, (blocks, mirror) in _chosen(args).items():
                 out = Path(tmp, f"{rep}-{len(results)}.h5")
                 code = (
                     "import sys; from furnitype.extraction import extract; from furnitype.features import read_meta;"
@@ -197,9 +201,41 @@ def cpu(args) -> None:
         print(f"| {name} | {np.median(values):.1f} | {np.median(values) / today:.2f}x |")
 
 
+def check(args) -> None:
+    """The rows ``accuracy`` derives equal ``extract``'s own for ``--photos`` evenly spaced photos, every
+    combination: the largest difference relative to the row's largest value."""
+    from furnitype.extract.images import list_images
+    from furnitype.extraction import extract
+    from furnitype.features import load
+
+    work = Path(args.work)
+    data = dict(np.load(work / "rows.npz"))
+    where = {path: i for i, path in enumerate(data["path"].tolist())}
+    files = evenly_spaced(list_images([args.folder]).files, args.photos)
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        listing = Path(tmp, "photos.csv")
+        listing.write_text("".join(f"{f.path},{f.label}\n" for f in files))
+        for name, (blocks, mirror) in _chosen(args).items():
+            out = Path(tmp, f"{len(blocks or ())}-{mirror}.h5")
+            extract(manifest=listing, out=out, weights=args.weights, layers=",".join(blocks) if blocks else None,
+                    mirror=mirror, progress=False)
+            rows = load(out)
+            derived = combined(data, blocks, mirror)[[where[p] for p in rows.paths]]
+            worst = np.abs(rows.features - derived).max(axis=1) / np.abs(derived).max(axis=1)
+            print(f"{name}: {len(rows)} photos, largest relative difference {worst.max():.2e}")
+
+
+def _chosen(args) -> dict:
+    """The combinations ``--only`` names (their numbers in ``COMBINATIONS``, from 1), else all of them."""
+    if not args.only:
+        return COMBINATIONS
+    names = list(COMBINATIONS)
+    return {names[int(k) - 1]: COMBINATIONS[names[int(k) - 1]] for k in args.only.split(",")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=("rows", "accuracy", "cpu"))
+    parser.add_argument("step", choices=("rows", "accuracy", "cpu", "check"))
     parser.add_argument("folder", nargs="?")
     parser.add_argument("--weights")
     parser.add_argument("--work", required=True)
@@ -207,8 +243,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--photos", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--only", help="combinations to run, by number from 1 (e.g. 1,3)")
     args = parser.parse_args()
-    {"rows": rows, "accuracy": accuracy, "cpu": cpu}[args.step](args)
+    {"rows": rows, "accuracy": accuracy, "cpu": cpu, "check": check}[args.step](args)
 
 
 if __name__ == "__main__":
