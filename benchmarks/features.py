@@ -65,8 +65,13 @@ def rows(args) -> None:
     keras = import_keras()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    target = work / "rows.npz"
     files = list_images([args.folder]).files
+    target = work / "rows.npz"
+    if args.part:  # part K of N of the photos rows.npz does not hold, into rows-K.npz (for N processes)
+        k, n = (int(x) for x in args.part.split("/"))
+        with np.load(target) as held:
+            files = files[len(held["path"]) :][k::n]
+        target = work / f"rows-{k}.npz"
     done: dict = {}
     if target.exists():
         with np.load(target) as held:
@@ -114,6 +119,13 @@ def rows(args) -> None:
     print(f"done: {len(held['path'])} rows in {target}", file=sys.stderr)
 
 
+def load_rows(work: Path) -> dict:
+    """rows.npz and the parts ``rows --part`` wrote, as one set of arrays."""
+    parts = [work / "rows.npz", *sorted(work.glob("rows-*.npz"))]
+    loaded = [dict(np.load(p)) for p in parts if not p.name.endswith(".partial.npz")]
+    return {key: np.concatenate([d[key] for d in loaded]) for key in loaded[0]}
+
+
 def combined(data, blocks: tuple[str, ...] | None, mirror: bool) -> np.ndarray:
     """The rows ``extract --layers BLOCKS [--mirror]`` gives, from the pooled outputs (None: no --layers)."""
 
@@ -132,7 +144,7 @@ def accuracy(args) -> None:
     from furnitype.training import classify
 
     work = Path(args.work)
-    data = dict(np.load(work / "rows.npz"))
+    data = load_rows(work)
     results_file = work / "accuracy.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     for name, (blocks, mirror) in _chosen(args).items():
@@ -209,7 +221,7 @@ def check(args) -> None:
     from furnitype.features import load
 
     work = Path(args.work)
-    data = dict(np.load(work / "rows.npz"))
+    data = load_rows(work)
     where = {path: i for i, path in enumerate(data["path"].tolist())}
     files = evenly_spaced(list_images([args.folder]).files, args.photos)
     with tempfile.TemporaryDirectory(dir=work) as tmp:
@@ -243,6 +255,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--photos", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--part", help="rows: part K/N of the photos rows.npz does not hold")
     parser.add_argument("--only", help="combinations to run, by number from 1 (e.g. 1,3)")
     args = parser.parse_args()
     {"rows": rows, "accuracy": accuracy, "cpu": cpu, "check": check}[args.step](args)
