@@ -145,7 +145,8 @@ def accuracy(args) -> None:
 
     work = Path(args.work)
     data = load_rows(work)
-    results_file = work / "accuracy.json"
+    # One file per --only choice, so that several processes can share the combinations.
+    results_file = work / f"accuracy{'-' + args.only if args.only else ''}.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     for name, (blocks, mirror) in _chosen(args).items():
         path = work / f"{name.replace(' ', '').replace(',', '-').replace('(today)', '')}.h5"
@@ -163,7 +164,10 @@ def accuracy(args) -> None:
             results[key] = {r.model: {"accuracy": r.accuracy, "macro_f1": r.macro_f1} for r in run.rows}
             write_results(results_file, results)
             print(key, {m: round(v["accuracy"], 4) for m, v in results[key].items()}, file=sys.stderr, flush=True)
-    print(accuracy_table(results, args.seeds))
+    every = {}
+    for found in sorted(work.glob("accuracy*.json")):
+        every.update(json.loads(found.read_text()))
+    print(accuracy_table(every, args.seeds))
 
 
 def accuracy_table(results: dict, seeds: int) -> str:
