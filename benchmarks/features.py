@@ -154,7 +154,8 @@ def accuracy(args) -> None:
             store.save(path, features=combined(data, blocks, mirror), paths=list(data["path"]),
                        labels=list(data["label"]), sha256=list(data["sha256"]),
                        meta={"backbone": "vgg16", "weights": "vgg16_notop", "pooling": "avg",
-                             "layers": ",".join(blocks or ()), "mirror": int(mirror)})
+                             **({"layers": ",".join(blocks)} if blocks else {}),
+                             **({"mirror": "yes"} if mirror else {})})
         for seed in range(args.seeds):
             key = f"{name}/{seed}"
             if key in results:
