@@ -233,6 +233,13 @@ def cli() -> None:
               help="[default: bilinear]")
 @click.option("--decode", type=APIChoice("furnitype.extract.images", "DECODE_MODES"),
               help="draft: let the JPEG decoder downscale first (faster on big photos).  [default: exact]")
+@click.option("--layers", metavar="NAMES",
+              help="Blocks to pool, comma-separated (vgg16: block1 .. block5; inception: mixed0 .. mixed10), each "
+              "L2-normalised, concatenated; one network pass for all.  [default: last, the network's output, not "
+              "normalised]")
+@click.option("--mirror/--no-mirror", default=None,
+              help="Average each photo's features with its left-right mirror's: twice the network work per photo.  "
+              "[default: no]")
 @click.option("--like", type=click.Path(dir_okay=False, readable=False),
               help="Take every setting not given from this feature file (int8: its quantized network too).  "
               "[default: the --out file's, when it exists]")
@@ -251,7 +258,8 @@ def cli() -> None:
 @json_option("Print a JSON summary on stdout (progress stays on stderr).")
 @api_command
 def extract(images, backbone, weights, pooling, image_size, precision, store_dtype, interpolation, decode,
-            like, calibrate, batch_size, workers, engine, address, ray_workers, gpus_per_worker, cpus_per_worker, out,
+            layers, mirror, like, calibrate, batch_size, workers, engine, address, ray_workers, gpus_per_worker,
+            cpus_per_worker, out,
             manifest, label, rehash, overwrite, quiet, as_json) -> None:
     """Extract pooled CNN features of photos into an HDF5 feature store (the cache).
 
@@ -264,6 +272,7 @@ def extract(images, backbone, weights, pooling, image_size, precision, store_dty
     Examples:
       furnitype extract photos/ --backbone inception
       furnitype extract photos/ --weights vgg16_notop.weights.h5 --precision bfloat16 --out vgg.h5
+      furnitype extract photos/ --weights vgg16_notop.weights.h5 --layers block4,block5 --out vgg45.h5
       furnitype extract photos/ --weights vgg16_notop.weights.h5 --precision int8 --out vgg-int8.h5
       furnitype extract new-sofas/ --label sofa --out vgg.h5
       furnitype extract test-photos/ --like vgg-int8.h5 --out test-int8.h5
@@ -276,7 +285,8 @@ def extract(images, backbone, weights, pooling, image_size, precision, store_dty
 
     result = run_extract(
         images, backbone=backbone, weights=weights, pooling=pooling, image_size=image_size, precision=precision,
-        interpolation=interpolation, decode=decode, store_dtype=store_dtype, calibrate=calibrate, like=like, out=out,
+        interpolation=interpolation, decode=decode, layers=layers, mirror=mirror, store_dtype=store_dtype,
+        calibrate=calibrate, like=like, out=out,
         manifest=manifest, label=label, rehash=rehash, overwrite=overwrite, batch_size=batch_size, workers=workers,
         engine=engine, ray_address=address, ray_workers=ray_workers, gpus_per_worker=gpus_per_worker,
         cpus_per_worker=cpus_per_worker, progress=not quiet,

@@ -30,7 +30,7 @@ from furnitype.extract.images import (
     hash_file,
     list_images,
 )
-from furnitype.extract.pipeline import ExtractSpec, check_batching
+from furnitype.extract.pipeline import ExtractSpec, check_batching, cpu_seconds
 from furnitype.extract.settings import calibrated, recorded_settings, resolve_settings, stored_options
 from furnitype.features.cache import NOT_UTF8, FeatureCache, Hashed
 from furnitype.features.locking import WriterLock, real_path
@@ -47,6 +47,8 @@ SPEC_OPTIONS = {
     "precision": "float32",
     "interpolation": "bilinear",
     "decode": "exact",
+    "layers": None,
+    "mirror": None,
 }
 ENGINE_OPTIONS = ("ray_address", "ray_workers", "gpus_per_worker", "cpus_per_worker")
 
@@ -143,11 +145,13 @@ def extract(
     inputs : sequence of path
         Folders (one subfolder per class, or unlabelled photos) and/or image files.
     spec : ExtractSpec, default=None
-        What to compute (backbone, weights, pooling, image size, interpolation, precision, decoding). None: made
-        from the keyword form ``backbone="vgg16", weights="imagenet", pooling="avg", image_size=None (Keras'
-        size), precision="float32", interpolation="bilinear", decode="exact"`` given in ``options``; a
-        setting not given (or None) is the one ``like`` records, else the one the existing ``out`` records,
-        else the default.
+        What to compute (backbone, weights, pooling, image size, interpolation, precision, decoding, layers,
+        mirror). None: made from the keyword form ``backbone="vgg16", weights="imagenet", pooling="avg",
+        image_size=None (Keras' size), precision="float32", interpolation="bilinear", decode="exact",
+        layers=None (the network's output; or ``"block4,block5"``: those blocks pooled, each L2-normalised,
+        concatenated), mirror=None (False; True: each row the mean of the photo's and its left-right mirror's,
+        twice the network work)`` given in ``options``; a setting not given (or None) is the one ``like``
+        records, else the one the existing ``out`` records, else the default.
     engine : {"local", "ray"} or callable, default="local"
         Where the network runs: this process, Ray actors (``furnitype.engines.ray``, needs ``furnitype[ray]``;
         its keyword form ``ray_address``, ``ray_workers``, ``gpus_per_worker``, ``cpus_per_worker`` in
@@ -236,8 +240,13 @@ def extract(
                 dynamic_ncols=True,
             )
             with bar:
+                # This process's CPU from one batch to the next (the first carries the network's start-up); the
+                # Ray engine's network runs in other processes.
+                clock = None
                 for batch in batches(spec, todo, batch_size=batch_size, workers=workers):
-                    cache.add(batch)
+                    now = cpu_seconds() if engine == "local" else None
+                    cache.add(batch, cpu_seconds=None if clock is None or now is None else now - clock)
+                    clock = now
                     bar.update(len(batch))
             counts = cache.finish()
     except KeyboardInterrupt as cause:

@@ -6,7 +6,6 @@ on the same training rows: a model that cannot beat it is not worth its tuning.
 
 from __future__ import annotations
 
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from furnitype.classify.data import TrainTestSet
 from furnitype.classify.metadata import Row, model_dir
 from furnitype.classify.metrics import Scores, score
 from furnitype.classify.models import FeatureClassifier
+from furnitype.extract.pipeline import cpu_seconds
 
 #: The fixed reference every row is compared with.
 BASELINE = "StandardScaler + LogisticRegression(C=0.1)"
@@ -102,9 +102,9 @@ def fit_and_score(
     """
     model.prepare()
     say(f"{data.key}: fitting {model.name} ...")
-    wall, cpu = time.perf_counter(), _cpu_seconds()
+    wall, cpu = time.perf_counter(), cpu_seconds()
     model.fit(data.train.features, data.train.labels, groups=data.train.sha256)
-    fit_seconds, fit_cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
+    fit_seconds, fit_cpu = time.perf_counter() - wall, cpu_seconds() - cpu
     model.predict_proba(data.test.features[:1])  # warm-up: the first call of a Keras model traces it
     start = time.perf_counter()
     proba = model.predict_proba(data.test.features)
@@ -146,10 +146,3 @@ def fit_and_score(
         f"{predict_ms:.3f} ms/image"
     )
     return Fit(model, row, scores.predicted, proba)
-
-
-def _cpu_seconds() -> float:
-    """CPU seconds (user + system, all threads) this process has used: steadier than wall time where the
-    usable cores vary."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime

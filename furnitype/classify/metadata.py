@@ -372,6 +372,16 @@ class FeatureSetRecord:
             del data["parts"]
         return data
 
+    @property
+    def extract_cpu_ms(self) -> float | None:
+        """CPU milliseconds ``extract`` spent per row of the feature file (``meta``'s ``extract_cpu_seconds`` over
+        ``extract_cpu_rows``); None when the file records none."""
+        seconds, rows = self.meta.get("extract_cpu_seconds"), self.meta.get("extract_cpu_rows")
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (seconds, rows))
+        if not numbers or not rows > 0 or not 0 <= seconds < float("inf"):  # type: ignore[operator]
+            return None
+        return 1000.0 * seconds / rows  # type: ignore[operator]
+
     def _check_consistency(self, where: str) -> None:
         if self.parts is not None:
             if len(self.parts) < 2:

@@ -13,7 +13,7 @@ import os
 import stat
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +57,10 @@ class Backbone:
     bytes_per_pixel : int
         Peak memory of inference per input pixel of one photo (float32, CPU; measured by
         ``benchmarks/memory.py``): it bounds the image size and the batch that fit in memory.
+    blocks : tuple of str
+        The blocks ``extract --layers`` can pool, in network order.
+    block_layer : str
+        The Keras layer whose output is a block's (``{}``: the block's name).
     """
 
     name: str
@@ -68,6 +72,8 @@ class Backbone:
     weight_arrays: int
     weight_parameters: int
     bytes_per_pixel: int
+    blocks: tuple[str, ...] = ()
+    block_layer: str = "{}"
 
     def preprocess(self, batch: np.ndarray) -> np.ndarray:
         """Apply the backbone's own ``keras.applications.<module>.preprocess_input`` to float32 RGB 0-255."""
@@ -112,6 +118,8 @@ register_backbone(
         weight_arrays=26,
         weight_parameters=14_714_688,
         bytes_per_pixel=700,
+        blocks=tuple(f"block{i}" for i in range(1, 6)),
+        block_layer="{}_pool",  # the max-pooling that ends the block
     ),
 )
 register_backbone(
@@ -125,10 +133,30 @@ register_backbone(
         weight_arrays=376,
         weight_parameters=21_802_784,
         bytes_per_pixel=250,
+        blocks=tuple(f"mixed{i}" for i in range(11)),
     ),
     "inception_v3",
     "inceptionv3",
 )
+
+
+#: ``--layers`` for the default: the backbone's own output, not normalised.
+LAST_LAYER = "last"
+
+
+def layer_names(backbone: Backbone, layers: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The blocks of ``layers`` (comma-separated, or a sequence) in network order, each once; () for the
+    default (none, or ``last``). ``InputError`` naming the valid names for a name the backbone lacks."""
+    names = [n.strip() for n in layers.split(",")] if isinstance(layers, str) else list(layers or ())
+    if names in ([], [LAST_LAYER]):
+        return ()
+    unknown = [n for n in names if n not in backbone.blocks]
+    if unknown:
+        raise InputError(
+            f"{backbone.name} has no layer {unknown[0]!r}; choose from {', '.join(backbone.blocks)} "
+            f"(comma-separated), or {LAST_LAYER} (its output, the default). Received: layers={','.join(names)!r}"
+        )
+    return tuple(n for n in backbone.blocks if n in names)
 
 
 def weights_files(*weights: str | None) -> list[str]:
@@ -273,24 +301,43 @@ def _size(n: float) -> str:
 
 
 def build_model(
-    backbone: Backbone, *, weights: str, pooling: str, image_size: int, precision: str = "float32"
+    backbone: Backbone,
+    *,
+    weights: str,
+    pooling: str,
+    image_size: int,
+    precision: str = "float32",
+    layers: Sequence[str] = (),
 ) -> Callable[[np.ndarray], np.ndarray]:
     """Build the frozen convolutional base and return ``infer(preprocessed_batch) -> float32 features``.
 
     ``infer`` takes float32 batches of any size (one traced graph).
 
     ``weights`` is ``"imagenet"`` (Keras' own download and cache), ``"none"`` (random, seeded) or a file path.
-    ``precision`` ``bfloat16``/``float16`` builds the network under Keras' ``mixed_*`` dtype policy.
+    ``precision`` ``bfloat16``/``float16`` builds the network under Keras' ``mixed_*`` dtype policy. ``layers``
+    (``layer_names``): those blocks' outputs, each pooled and L2-normalised, concatenated (one pass for all).
     """
     return _traced(
-        keras_model(backbone, weights=weights, pooling=pooling, image_size=image_size, precision=precision),
+        keras_model(
+            backbone, weights=weights, pooling=pooling, image_size=image_size, precision=precision, layers=layers
+        ),
         image_size,
     )
 
 
-def keras_model(backbone: Backbone, *, weights: str, pooling: str, image_size: int, precision: str = "float32"):
-    """The frozen Keras convolutional base with its pooling (``flatten``: a ``Flatten`` layer), not traced."""
+def keras_model(
+    backbone: Backbone,
+    *,
+    weights: str,
+    pooling: str,
+    image_size: int,
+    precision: str = "float32",
+    layers: Sequence[str] = (),
+):
+    """The frozen Keras convolutional base with its pooling (``flatten``: a ``Flatten`` layer), not traced; with
+    ``layers``, one output: those blocks pooled, each L2-normalised (in float32), concatenated."""
     check_options(backbone, weights=weights, pooling=pooling, image_size=image_size, precision=precision)
+    layers = layer_names(backbone, layers)
     if precision not in KERAS_PRECISIONS:
         raise FurnitypeError(f"{precision} networks are built by furnitype.extract.int8, not Keras.")
     check_memory(backbone, image_size)
@@ -312,9 +359,12 @@ def keras_model(backbone: Backbone, *, weights: str, pooling: str, image_size: i
                     include_top=False,
                     weights=keras_weights,
                     input_shape=(image_size, image_size, 3),
-                    pooling=None if pooling == "flatten" else pooling,
+                    pooling=None if pooling == "flatten" or layers else pooling,
                 )
-            outputs = keras.layers.Flatten()(base.output) if pooling == "flatten" else base.output
+            if layers:
+                outputs = _pooled_blocks(keras, base, backbone, layers, pooling)
+            else:
+                outputs = keras.layers.Flatten()(base.output) if pooling == "flatten" else base.output
             model = keras.Model(base.input, outputs, name=f"{backbone.name}_{pooling}")
         except Exception as err:  # noqa: BLE001 - Keras raises many types for a download or a bad file
             raise _weights_error(backbone, weights, err) from err
@@ -322,6 +372,20 @@ def keras_model(backbone: Backbone, *, weights: str, pooling: str, image_size: i
             keras.config.set_dtype_policy(previous_policy)
     model.trainable = False
     return model
+
+
+def _pooled_blocks(keras, base, backbone: Backbone, layers: Sequence[str], pooling: str):
+    """The named blocks' outputs of ``base``, each pooled and L2-normalised, concatenated (float32)."""
+    pool = {
+        "avg": keras.layers.GlobalAveragePooling2D,
+        "max": keras.layers.GlobalMaxPooling2D,
+        "flatten": keras.layers.Flatten,
+    }[pooling]
+    parts = [
+        keras.layers.UnitNormalization(dtype="float32")(pool()(base.get_layer(backbone.block_layer.format(name)).output))
+        for name in layers
+    ]
+    return parts[0] if len(parts) == 1 else keras.layers.Concatenate(dtype="float32")(parts)
 
 
 def _weights_name(weights: str) -> str:

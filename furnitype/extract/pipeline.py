@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import resource
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,8 @@ class ExtractSpec:
     """Everything that decides a feature row's value (picklable: Ray workers get one).
 
     ``quantization`` names the quantized network of ``precision="int8"`` (None for the Keras precisions).
+    ``layers``: the blocks pooled, each L2-normalised, concatenated (``backbones.layer_names``; (): the network's
+    output, not normalised). ``mirror``: each row is the mean of the photo's and its left-right mirror's.
     """
 
     backbone: str
@@ -36,6 +39,8 @@ class ExtractSpec:
     precision: str = "float32"
     decode: str = "exact"
     quantization: int8.Quantization | None = None
+    layers: tuple[str, ...] = ()
+    mirror: bool = False
 
     def build(self) -> Callable[[np.ndarray], np.ndarray]:
         """Build the network: ``infer(uint8 batch (n, s, s, 3)) -> float32 features (n, d)``.
@@ -61,9 +66,23 @@ def _network(spec: ExtractSpec, stamp: tuple | None) -> Callable[[np.ndarray], n
         return int8.build(spec)
     backbone = get_backbone(spec.backbone)
     model = build_model(
-        backbone, weights=spec.weights, pooling=spec.pooling, image_size=spec.image_size, precision=spec.precision
+        backbone,
+        weights=spec.weights,
+        pooling=spec.pooling,
+        image_size=spec.image_size,
+        precision=spec.precision,
+        layers=spec.layers,
     )
+    if spec.mirror:  # two passes of the batch's size, not one of twice its size: the memory check holds
+        return lambda batch: (model(backbone.preprocess(batch)) + model(backbone.preprocess(batch[:, :, ::-1]))) / 2
     return lambda batch: model(backbone.preprocess(batch))
+
+
+def cpu_seconds() -> float:
+    """CPU seconds (user + system, all threads) this process has used: steadier than wall time where the
+    usable cores vary."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 @dataclass(frozen=True)

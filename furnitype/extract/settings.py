@@ -21,7 +21,7 @@ import numpy as np
 
 from furnitype.errors import FurnitypeError, InputError, SettingsMismatchError, StoreError
 from furnitype.extract import int8
-from furnitype.extract.backbones import check_options, get_backbone, weights_identity
+from furnitype.extract.backbones import LAST_LAYER, check_options, get_backbone, layer_names, weights_identity
 from furnitype.extract.images import DECODE_MODES, check_interpolation, list_images
 from furnitype.extract.pipeline import ExtractSpec
 from furnitype.features.layout import OPTIONAL_SETTING_KEYS, SETTING_KEYS
@@ -29,7 +29,20 @@ from furnitype.features.store import read_meta, short_id
 
 STORE_DTYPES = ("float32", "float16")
 #: The settings an ``extract`` option gives (the int8 quantization comes from the calibration photos).
-STORED_OPTIONS = ("backbone", "weights", "pooling", "image_size", "precision", "interpolation", "decode", "store_dtype")
+STORED_OPTIONS = (
+    "backbone",
+    "weights",
+    "pooling",
+    "image_size",
+    "precision",
+    "interpolation",
+    "decode",
+    "store_dtype",
+    "layers",
+    "mirror",
+)
+#: How a feature file records ``mirror=True`` (a file made without mirror averaging records no ``mirror``).
+MIRRORED = "yes"
 
 
 def resolve_settings(
@@ -41,11 +54,25 @@ def resolve_settings(
     store_dtype: str,
     interpolation: str,
     decode: str,
+    layers: str | Sequence[str] | None = None,
+    mirror: bool | str | None = None,
 ) -> tuple[ExtractSpec, dict]:
-    """Check extraction options; return the ``ExtractSpec`` and the settings a feature file records."""
+    """Check extraction options; return the ``ExtractSpec`` and the settings a feature file records.
+
+    ``layers``: comma-separated block names (or a sequence; None or ``last``: the network's output); ``mirror``:
+    True (or the recorded ``yes``) averages each photo's features with its left-right mirror's.
+    """
     entry = get_backbone(backbone)
     spec = ExtractSpec(
-        entry.name, str(weights), pooling, image_size or entry.default_size, interpolation, precision, decode
+        entry.name,
+        str(weights),
+        pooling,
+        image_size or entry.default_size,
+        interpolation,
+        precision,
+        decode,
+        layers=layer_names(entry, layers),
+        mirror=mirror in (True, MIRRORED),
     )
     return spec, recorded_settings(spec, store_dtype)
 
@@ -61,6 +88,10 @@ def recorded_settings(spec: ExtractSpec, store_dtype: str) -> dict:
         raise InputError(f"decode must be one of {', '.join(DECODE_MODES)}. Received: decode={spec.decode!r}")
     if store_dtype not in STORE_DTYPES:
         raise InputError(f"store dtype must be one of {', '.join(STORE_DTYPES)}. Received: {store_dtype!r}")
+    layers = layer_names(entry, spec.layers)
+    if layers != tuple(spec.layers):
+        raise InputError(f"layers must be in network order, each once: {', '.join(layers)}. Received: {spec.layers}")
+    check_layers_precision(spec)
     if spec.precision == "int8":  # before listing and hashing: fail fast on a CPU or an install that cannot run it
         int8.check_cpu(int8.cpu_flags())
         int8.import_runtime()
@@ -74,7 +105,18 @@ def recorded_settings(spec: ExtractSpec, store_dtype: str) -> dict:
         "precision": spec.precision,
         "decode": spec.decode,
         "store_dtype": store_dtype,
+        **({"layers": ",".join(layers)} if layers else {}),
+        **({"mirror": MIRRORED} if spec.mirror else {}),
     }
+
+
+def check_layers_precision(spec: ExtractSpec) -> None:
+    """Refuse ``layers`` or ``mirror`` with int8: its quantized network has the backbone's one output."""
+    if spec.precision == "int8" and (spec.layers or spec.mirror):
+        raise InputError(
+            "--layers and --mirror are for the Keras precisions (float32, bfloat16, float16), not int8. "
+            f"Received: layers={','.join(spec.layers) or LAST_LAYER}, mirror={spec.mirror}"
+        )
 
 
 def stored_options(meta: Mapping, given: Mapping, *, what: str) -> dict:
@@ -86,7 +128,8 @@ def stored_options(meta: Mapping, given: Mapping, *, what: str) -> dict:
     """
     options = {key: meta[key] for key in STORED_OPTIONS if key not in given and meta.get(key) not in (None, "")}
     if "backbone" in given and get_backbone(str(given["backbone"])).name != meta.get("backbone"):
-        options.pop("image_size", None)  # another backbone: its own default size, not the other one's,
+        options.pop("image_size", None)  # another backbone: its own default size and layers, not the other one's,
+        options.pop("layers", None)
         if str(options.get("weights", "")).startswith("sha256:"):  # nor the other one's weights file
             del options["weights"]
     if "image_size" in options:
@@ -154,7 +197,8 @@ def spec_for(
     ----------
     settings : mapping
         ``backbone``, ``weights`` (the identity), ``pooling``, ``image_size``, ``interpolation``, ``precision``,
-        ``decode`` and ``store_dtype``, as a feature file records them.
+        ``decode`` and ``store_dtype``, and ``layers`` and ``mirror`` when not the default, as a feature file
+        records them.
     weights : str, default=None
         The weights to build the network with (a file, ``imagenet`` or ``none``); None: ``source`` when the
         identity is a file's sha256, else the identity's own name.
@@ -173,7 +217,7 @@ def spec_for(
     InputError
         The recorded weights file is gone and no ``weights`` were given, or ``weights`` is not a file.
     """
-    optional = () if settings.get("precision") == "int8" else OPTIONAL_SETTING_KEYS
+    optional = [k for k in OPTIONAL_SETTING_KEYS if not (k == "quantization" and settings.get("precision") == "int8")]
     missing = [key for key in SETTING_KEYS if key not in optional and settings.get(key) in (None, "")]
     if missing:
         raise SettingsMismatchError(f"{what} record no {', '.join(missing)}; cannot extract new photos the same way.")
@@ -195,6 +239,14 @@ def spec_for(
         check_interpolation(str(settings["interpolation"]))
         if settings["decode"] not in DECODE_MODES or settings["store_dtype"] not in STORE_DTYPES:
             raise FurnitypeError(f"decode={settings['decode']}, store_dtype={settings['store_dtype']}")
+        recorded_layers = settings.get("layers")
+        layers = layer_names(backbone, recorded_layers) if recorded_layers is not None else ()
+        if recorded_layers is not None and ",".join(layers) != recorded_layers:
+            raise ValueError(f"layers={recorded_layers!r} is not a list of {backbone.name} blocks in network order")
+        if settings.get("mirror") not in (None, MIRRORED):
+            raise ValueError(f"mirror={settings['mirror']!r} is not {MIRRORED}")
+        if str(settings["precision"]) == "int8" and (layers or settings.get("mirror")):
+            raise ValueError("int8 features with layers or mirror")
     except (FurnitypeError, ValueError) as err:
         raise SettingsMismatchError(f"{what} were made with settings this furnitype cannot reproduce: {err}") from err
     got = weights_identity(chosen)
@@ -221,6 +273,8 @@ def spec_for(
         str(settings["precision"]),
         str(settings["decode"]),
         quantization,
+        layers,
+        settings.get("mirror") == MIRRORED,
     )
 
 

@@ -317,10 +317,11 @@ class FeatureCache:
             self._sent[paths[-1]] = sha
         return paths
 
-    def add(self, outcomes: Iterable) -> None:
+    def add(self, outcomes: Iterable, *, cpu_seconds: float | None = None) -> None:
         """Commit one batch of network results (objects with ``path``, ``sha256``, ``features``, ``reason``).
 
         The first commit also carries the changes that need no network (removals, labels, reused rows).
+        ``cpu_seconds``: the CPU time the batch took, added to the store's running total (``Layout.add_cpu``).
         """
         extracted = 0
         for outcome in outcomes:
@@ -346,7 +347,7 @@ class FeatureCache:
                 continue
             self._changes.skips += [(path, label, sha, reason, stat) for path, label, stat in members]
             self.counts.skipped_files += [(path, reason) for path, _, _ in members]
-        self._commit(extracted)
+        self._commit(extracted, cpu_seconds)
 
     def finish(self) -> RunCounts:
         """Commit what is left, compact when dead entries pass ``COMPACT_FRACTION``; return the counts."""
@@ -467,7 +468,7 @@ class FeatureCache:
 
     # -- committing ------------------------------------------------------------------------------------------
 
-    def _commit(self, extracted: int = 0) -> None:
+    def _commit(self, extracted: int = 0, cpu_seconds: float | None = None) -> None:
         """Write the pending changes in one transaction; Ctrl-C waits until the run's counts know of them."""
         changes, self._changes = self._changes, _Changes()
         if not changes:
@@ -475,10 +476,10 @@ class FeatureCache:
         if self._failed:
             raise StoreError(f"{self.given}: an earlier write failed; rerun to go on.")
         with deferred_interrupts():
-            self._write(changes)
+            self._write(changes, (cpu_seconds, extracted) if cpu_seconds is not None and extracted else None)
             self.counts.extracted += extracted
 
-    def _write(self, changes: _Changes) -> None:
+    def _write(self, changes: _Changes, cpu: tuple[float, int] | None = None) -> None:
         rows_before = self.live_rows
         try:
             if self.upgrade:
@@ -488,7 +489,7 @@ class FeatureCache:
                 with new_file(self.real, self.given, rows_before=0) as (h5, _):
                     layout = Layout(h5)
                     layout.create(dim=self.dim, store_dtype=self.settings.get("store_dtype", "float32"), meta=self.meta)
-                    state = self._apply(h5, layout, changes)
+                    state = self._apply(h5, layout, changes, cpu)
                 self.fresh = False
             else:
                 if self.label_counts is None:
@@ -498,7 +499,7 @@ class FeatureCache:
                     layout = Layout(h5)
                     layout.add_checksums()  # a store written before furnitype kept them gets them now
                     layout.add_file_id()
-                    state = self._apply(h5, layout, changes)
+                    state = self._apply(h5, layout, changes, cpu)
         except WriteFailed as err:
             self._failed = True
             kept = f"{self.counts.extracted:,} rows extracted by this run are kept; " if self.counts.extracted else ""
@@ -513,8 +514,9 @@ class FeatureCache:
             raise
         self._adopt(state)
 
-    def _apply(self, h5: h5py.File, layout: Layout, changes: _Changes) -> dict:
-        """Write ``changes`` into the open store; return the new in-memory state (adopted after the commit)."""
+    def _apply(self, h5: h5py.File, layout: Layout, changes: _Changes, cpu: tuple[float, int] | None) -> dict:
+        """Write ``changes`` (and ``cpu``: CPU seconds and the rows they made) into the open store; return the new
+        in-memory state (adopted after the commit)."""
         n = dict(self.n)
         dead = dict(self.dead)
         labels = Counter(self.label_counts)
@@ -582,6 +584,8 @@ class FeatureCache:
             dead_skipped=dead["skipped"],
             label_counts=labels,
         )
+        if cpu is not None:
+            layout.add_cpu(*cpu)
         return {
             "n": n,
             "dead": dead,

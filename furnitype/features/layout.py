@@ -42,9 +42,19 @@ SETTING_KEYS = (
     "decode",
     "store_dtype",
     "quantization",
+    "layers",
+    "mirror",
 )
-#: Settings that only some files record (int8 stores: their quantized network); absent from ``settings`` else.
-OPTIONAL_SETTING_KEYS = ("quantization",)
+#: Settings recorded only when not the default, so that files written before they existed have the default:
+#: ``layers`` (absent: the backbone's output, not normalised) and ``mirror`` (absent: no mirror averaging).
+DEFAULTED_SETTING_KEYS = ("layers", "mirror")
+#: Settings that only some files record (int8 stores: their quantized network; the defaulted ones); absent from
+#: ``settings`` else.
+OPTIONAL_SETTING_KEYS = ("quantization", *DEFAULTED_SETTING_KEYS)
+#: The CPU seconds ``extract`` spent making the store's rows (decoding and the network, all threads, each run's
+#: first batch left out: it carries the network's start-up), and how many rows they made.
+CPU_SECONDS = "extract_cpu_seconds"
+CPU_ROWS = "extract_cpu_rows"
 #: Attributes the store keeps for itself (counts; the file's identity), left out of ``meta``.
 BOOKKEEPING = ("live_rows", "dead_rows", "live_skipped", "dead_skipped", "label_counts", "file_id")
 #: Version 1.10 of the HDF5 format: checksummed metadata, so damaged bytes are found, not misread.
@@ -293,6 +303,16 @@ class Layout:
             self.h5.create_dataset("classes", data=classes, dtype=STR)
         attrs["feature_dim"] = int(self.h5["features"].shape[1])
 
+    def add_cpu(self, seconds: float, rows: int) -> None:
+        """Add to the CPU time ``extract`` spent making rows and to the rows it was measured on (``CPU_SECONDS``,
+        ``CPU_ROWS``); a total that is not a number starts again."""
+        attrs = self.h5.attrs
+        total, counted = _plain_number(attrs.get(CPU_SECONDS)), _plain_number(attrs.get(CPU_ROWS))
+        if total is None or counted is None or counted != int(counted):
+            total, counted = 0.0, 0
+        attrs[CPU_SECONDS] = float(total) + float(seconds)
+        attrs[CPU_ROWS] = int(counted) + int(rows)
+
     def _create_features(self, dim: int, dtype) -> None:
         rows_per_chunk = int(np.clip(_FEATURE_CHUNK_BYTES // max(4 * dim, 1), 1, 64))
         self.h5.create_dataset(
@@ -340,3 +360,13 @@ def write_at(dataset: h5py.Dataset, index: np.ndarray, values) -> None:
         chunk = values[s:e]
         dataset[index[s] : index[e - 1] + 1] = chunk.tolist() if chunk.dtype == object else chunk
 
+
+
+def _plain_number(value) -> float | None:
+    """A finite, non-negative number attribute as a float (0 when absent); None for anything else."""
+    if value is None:
+        return 0.0
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return None
+    value = float(value)
+    return value if np.isfinite(value) and value >= 0 else None

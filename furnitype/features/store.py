@@ -20,6 +20,7 @@ import numpy as np
 from furnitype.errors import InputError, SettingsMismatchError, StoreError
 from furnitype.features.layout import (
     BLOCK_ROWS,
+    DEFAULTED_SETTING_KEYS,
     OPTIONAL_SETTING_KEYS,
     SETTING_KEYS,
     STAT_UNKNOWN,
@@ -314,7 +315,11 @@ def check_settings(existing: Mapping, wanted: Mapping, file: str | os.PathLike) 
     The message names the options (``--weights PATH``) that make rows like ``existing``'s, and what
     ``--overwrite`` would throw away. ``wanted`` may carry ``weights_source`` (the weights file given).
     """
-    differing = [k for k in SETTING_KEYS if k in wanted and str(existing.get(k)) != str(wanted[k])]
+    differing = [
+        k
+        for k in SETTING_KEYS
+        if (k in wanted or k in DEFAULTED_SETTING_KEYS) and str(existing.get(k)) != str(wanted.get(k))
+    ]
     if not differing:
         return
     had = ", ".join(_as_option(k, existing) for k in differing)
@@ -339,6 +344,8 @@ def _as_option(key: str, settings: Mapping) -> str:
         photos = value.partition(" (")[2].partition(")")[0]
         return f"the int8 calibration {short_id(calibration)} ({photos})"
     option = f"--{key.replace('_', '-')}"
+    if key in DEFAULTED_SETTING_KEYS:
+        return f"no {option}" if key not in settings else option if key == "mirror" else f"{option} {value}"
     if key == "weights" and value.startswith("sha256:"):
         source = settings.get("weights_source")
         named = source if source and source not in ("imagenet", "none") else "PATH"

@@ -34,6 +34,7 @@ DISPLAY_COLUMNS = (
     ("model", "model", "{}"),
     ("accuracy", "accuracy", "{:.3f}"),
     ("accuracy_interval", "95% interval", "{0[0]:.3f}-{0[1]:.3f}"),
+    ("extract_cpu_ms", "CPU ms/photo", "{:.1f}"),
     ("balanced_accuracy", "bal. acc.", "{:.3f}"),
     ("macro_f1", "macro-F1", "{:.3f}"),
     ("top3_accuracy", "top-3", "{:.3f}"),
@@ -154,10 +155,13 @@ def _display_columns(feature_sets: Mapping[str, FeatureSetRecord]) -> list[tuple
 
 
 def _cell(row: Row, key: str, fmt: str, feature_sets: Mapping[str, FeatureSetRecord]) -> str:
+    fs = feature_sets.get(row.features)
+    if key == "extract_cpu_ms":  # the feature set's extraction cost; "-" where its file records none
+        cost = fs.extract_cpu_ms if fs is not None else None
+        return "-" if cost is None else fmt.format(cost)
     if hasattr(row, key):
         value = getattr(row, key)
     else:
-        fs = feature_sets.get(row.features)
         value = fs.settings.get(key) if fs is not None else None
     return "" if value is None else short_ids(fmt.format(value))
 
