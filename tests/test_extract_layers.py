@@ -171,10 +171,11 @@ def test_cpu_per_photo_is_recorded_and_shown_by_classify(setup, tmp_path, capsys
     extract([setup["photos"] / "bed", setup["photos"] / "chair"], **common)
     meta = read_meta(store)
     assert meta["extract_cpu_rows"] == 6  # the first batch (the network's start-up) is left out
-    assert 0 < meta["extract_cpu_seconds"] < 600
+    first = meta["extract_cpu_seconds"]
+    assert first > 0
     extract([setup["photos"]], **common)  # a run adding the sofas adds to the totals
     meta = read_meta(store)
-    assert meta["extract_cpu_rows"] == 8
+    assert meta["extract_cpu_rows"] == 8 and meta["extract_cpu_seconds"] > first
 
     # A store that records no figure (written before, or by save) shows "-".
     features = load(store)
