@@ -44,6 +44,7 @@ __all__ = [
     "read_meta",
     "rows_by_sha256",
     "save",
+    "settings_of",
     "short_id",
     "short_ids",
     "store_files",
@@ -85,7 +86,7 @@ class FeatureSet:
     @property
     def settings(self) -> dict:
         """The subset of ``meta`` that decides feature values."""
-        return {key: self.meta.get(key) for key in SETTING_KEYS if key in self.meta or key not in OPTIONAL_SETTING_KEYS}
+        return settings_of(self.meta)
 
     def to_frame(self, *, features: bool = False):
         """The rows as a pandas DataFrame: ``path``, ``label``, ``sha256`` (and with ``features``, one column per
@@ -160,6 +161,11 @@ def _skipped(view: StoreView) -> list[tuple[str, str]]:
     skips = view.live("skipped")
     paths = view.column("skipped", "path", skips).tolist()
     return sorted(zip(paths, view.column("skipped", "reason", skips).tolist(), strict=True))
+
+
+def settings_of(meta: Mapping) -> dict:
+    """The subset of a store's ``meta`` that decides feature values (``FeatureSet.settings``)."""
+    return {key: meta.get(key) for key in SETTING_KEYS if key in meta or key not in OPTIONAL_SETTING_KEYS}
 
 
 def read_meta(path: str | os.PathLike) -> dict:

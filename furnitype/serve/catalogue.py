@@ -3,8 +3,11 @@
 
 The file is read with the store's own reader (``furnitype.features.load``), under its shared lock, so a reload
 sees only committed rows; a reload happens when the file's size, times or inode change, and a reload that
-fails (the file damaged or gone a moment) keeps the rows read before. Thumbnails are made only of rows of the
-file, from the recorded path, when it is a regular file that still has the row's content.
+fails (the file damaged or gone a moment) keeps the rows read before. From ``furnitype.features.ann.THRESHOLD``
+live rows on, only the rows' paths, labels and digests are held, and the look-alikes go through the store's
+approximate index (``SimilarIndex.open``), which reads the candidates' rows under the lock at each search.
+Thumbnails are made only of rows of the file, from the recorded path, when it is a regular file that still has
+the row's content.
 """
 
 from __future__ import annotations
@@ -15,34 +18,46 @@ import os
 import threading
 from dataclasses import dataclass
 
+import numpy as np
+
 from furnitype.errors import FurnitypeError, first_line
 from furnitype.extract.images import ImageDecodeError, read_file
-from furnitype.features.store import FeatureSet, load
+from furnitype.features.store import load, settings_of
+from furnitype.features.view import open_store
 from furnitype.reports.sheet import fit
-from furnitype.similar import SimilarIndex
+from furnitype.similar import SimilarIndex, _StoredSimilarIndex
 
 log = logging.getLogger("furnitype")
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """The rows of the file at one moment: the feature set, its search index (None when not indexed), and the
-    first row of each content."""
+    """The rows of the file at one moment: the settings of its features, its search index (None when not indexed),
+    the path and label of each row, and the first row of each content."""
 
-    feature_set: FeatureSet
+    settings: dict
     index: SimilarIndex | None
+    paths: np.ndarray
+    labels: np.ndarray
     rows: dict[str, int]
 
+    @classmethod
+    def of(cls, settings: dict, index: SimilarIndex | None, paths, labels, sha256) -> Snapshot:
+        rows: dict[str, int] = {}
+        for i, sha in enumerate(sha256):
+            rows.setdefault(sha, i)
+        return cls(settings, index, paths, labels, rows)
+
     def __len__(self) -> int:
-        return len(self.feature_set)
+        return len(self.paths)
 
     def path_of(self, sha256: str) -> str | None:
         row = self.rows.get(sha256)
-        return None if row is None else str(self.feature_set.paths[row])
+        return None if row is None else str(self.paths[row])
 
     def label_of(self, sha256: str) -> str:
         row = self.rows.get(sha256)
-        return "" if row is None else str(self.feature_set.labels[row])
+        return "" if row is None else str(self.labels[row])
 
 
 class FollowedStore:
@@ -66,7 +81,7 @@ class FollowedStore:
         self._lock = threading.Lock()
         self._stamp = self._stat()
         self.snapshot = self._read()
-        self._settings = self.snapshot.feature_set.settings
+        self._settings = self.snapshot.settings
         self._warned = ""
 
     @property
@@ -85,7 +100,7 @@ class FollowedStore:
                 self._warn(first_line(err))
                 return False
             self._stamp = stamp
-            if snapshot.feature_set.settings != self._settings:  # its rows are no longer the model's features
+            if snapshot.settings != self._settings:  # its rows are no longer the model's features
                 self._warn("it was rebuilt with other settings; restart the server to use them")
                 return False
             self.snapshot, self._warned = snapshot, ""
@@ -124,8 +139,11 @@ class FollowedStore:
         return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def _read(self) -> Snapshot:
-        fs = load(self.path)
-        rows: dict[str, int] = {}
-        for i, sha in enumerate(fs.sha256.tolist()):
-            rows.setdefault(sha, i)
-        return Snapshot(fs, SimilarIndex(fs) if self.indexed else None, rows)
+        index = SimilarIndex.open(self.path) if self.indexed else None
+        if isinstance(index, _StoredSimilarIndex):  # too many rows to hold: read all but their features
+            with open_store(self.path) as view:
+                live = view.live("rows")
+                return Snapshot.of(settings_of(view.meta), index, view.column("rows", "path", live),
+                                   view.column("rows", "label", live), view.column("rows", "sha256", live).astype(str))
+        fs = load(self.path) if index is None else index.feature_set
+        return Snapshot.of(fs.settings, index, fs.paths, fs.labels, fs.sha256.tolist())
