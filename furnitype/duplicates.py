@@ -30,7 +30,7 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from furnitype.errors import InputError
+from furnitype.errors import InputError, StoreError
 from furnitype.features import ann
 from furnitype.features.index import CosineIndex
 from furnitype.features.store import FeatureSet, load, read_meta, store_files
@@ -295,9 +295,9 @@ def _index_groups(features: str | os.PathLike, nb: ann.Neighbourhoods, max_dista
     grouped = np.unique(np.concatenate(members)) if members else np.zeros(0, np.intp)
     with open_store(features) as view:
         live = view.live("rows")
-        rows = live[grouped] if len(live) == len(nb.paths) else None
+        rows = live[grouped] if len(live) >= len(nb.paths) else None  # rows appended since: the same positions
         if rows is None or not np.array_equal(view.column("rows", "sha256", rows).astype(str), nb.sha256[grouped]):
-            raise InputError(f"{features} changed while it was read (another process is writing it); run again.")
+            raise StoreError(f"{features} changed while it was read (another process rewrote it); run again.")
         vectors = view.column("rows", "features", rows)
     part = FeatureSet(vectors, nb.paths[grouped], nb.labels[grouped], nb.sha256[grouped], file=str(features))
     groups = [_group(part, np.searchsorted(grouped, rows), node[grouped]) for rows in members]
