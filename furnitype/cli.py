@@ -609,10 +609,12 @@ def similar(features, queries, top_k, exclude_self, sheet, overwrite, exact, wei
 @out_option("Write the groups as CSV: group,kind,conflict,path,label,sha256,distance.")
 @click.option("--sheet", type=click.Path(readable=False), help="Draw the groups, a row each, as a PNG.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out or --sheet file.")
+@click.option("--exact", is_flag=True, default=None,
+              help="Compare every content with every other (default below 50,000 rows; above, the store's index).")
 @quiet_option("No progress lines on stderr.")
 @json_option("Print the groups as JSON.")
 @api_command
-def duplicates(features, max_distance, out, sheet, overwrite, quiet, as_json) -> None:
+def duplicates(features, max_distance, out, sheet, overwrite, exact, quiet, as_json) -> None:
     """Find groups of identical photos (one content under several paths) and of near-duplicates.
 
     Near-duplicates are photos whose features are within --max-distance of each other, directly or through
@@ -628,7 +630,7 @@ def duplicates(features, max_distance, out, sheet, overwrite, quiet, as_json) ->
     from furnitype.duplicates import duplicates as run_duplicates
 
     result = run_duplicates(features, max_distance=MAX_DISTANCE if max_distance is None else max_distance, out=out,
-                            sheet=sheet, overwrite=overwrite)
+                            sheet=sheet, overwrite=overwrite, exact=exact or None)
     if as_json:
         _print_json({**result.as_dict(), "out": out, "sheet": sheet})
         return

@@ -6,6 +6,12 @@ neighbours (``NEIGHBOURS``) within ``max_distance`` (cosine distance of their fe
 component of more than one row. A group of one content is ``exact`` (the same bytes under several paths), one of
 several contents is ``near``. Groups whose photos carry different labels come first (one product filed under two
 categories: a label to fix), then larger groups first.
+
+Below ``ann.THRESHOLD`` live rows (or with ``exact=True``) the rows are loaded and each content's neighbours are
+found by exact search over the contents. Above it the store's approximate index gives each row's ``NEIGHBOURS``
+nearest other rows (exact distances, ``ann.all_neighbours``); rows are mapped to contents, pairs within one
+content dropped, and only the features of the rows in groups are read. There a content stored under more than
+``NEIGHBOURS`` paths can fill a row's neighbours with its own copies and hide a near copy.
 """
 
 from __future__ import annotations
@@ -24,9 +30,11 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from furnitype.errors import InputError
+from furnitype.errors import InputError, StoreError
+from furnitype.features import ann
 from furnitype.features.index import CosineIndex
-from furnitype.features.store import FeatureSet, load, store_files
+from furnitype.features.store import FeatureSet, load, read_meta, store_files
+from furnitype.features.view import open_store
 from furnitype.outputs import (
     check_output,
     data_frame,
@@ -201,6 +209,7 @@ def duplicates(
     out: str | os.PathLike | None = None,
     sheet: str | os.PathLike | None = None,
     overwrite: bool = False,
+    exact: bool | None = None,
 ) -> DuplicatesResult:
     """Groups of identical and of near-identical photos in a feature file, those with different labels first.
 
@@ -217,6 +226,10 @@ def duplicates(
     overwrite : bool, default=False
         Replace an existing ``out`` or ``sheet`` file. Both are checked before any work; neither is ever the
         feature file (nor its journal or lock file) or one of its photos.
+    exact : bool, default=None
+        True: load every row and search exactly (the default below ``ann.THRESHOLD`` rows). None above it, or
+        False: each row's ``NEIGHBOURS`` nearest rows through the store's approximate index (exact distances;
+        only the rows in groups are loaded); a content under more than ``NEIGHBOURS`` paths can hide a near copy.
 
     Returns
     -------
@@ -238,10 +251,17 @@ def duplicates(
         if path is not None:
             check_output(path)
     refuse_inputs(outputs, store_files(features))
-    fs = load(features)
-    refuse_photos(outputs, fs.paths)  # the photos listed and drawn
-    refuse_existing(outputs, overwrite=overwrite)
-    result = replace(find_groups(fs, max_distance=max_distance), seconds=time.perf_counter() - started)
+    if exact or (exact is None and read_meta(features)["n_rows"] < ann.THRESHOLD):
+        fs = load(features)
+        refuse_photos(outputs, fs.paths)  # the photos listed and drawn
+        refuse_existing(outputs, overwrite=overwrite)
+        found = find_groups(fs, max_distance=max_distance)
+    else:
+        neighbourhoods = ann.all_neighbours(features, NEIGHBOURS, exact=False)
+        refuse_photos(outputs, neighbourhoods.paths)
+        refuse_existing(outputs, overwrite=overwrite)
+        found = _index_groups(features, neighbourhoods, max_distance)
+    result = replace(found, seconds=time.perf_counter() - started)
     if sheet is not None:  # first: drawing takes long, and Ctrl-C then leaves neither file written
         from furnitype.reports.sheet import groups_sheet
 
@@ -259,12 +279,44 @@ def find_groups(feature_set: FeatureSet, *, max_distance: float = MAX_DISTANCE) 
     node = node.reshape(-1)
     vectors = feature_set.features[first_row]  # rows of one content hold its features
     a, b = _near_pairs(vectors, NEIGHBOURS, max_distance + _ROUNDING)
-    graph = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(len(sha), len(sha)))
+    groups = [_group(feature_set, rows, node) for rows in _components(a, b, node, len(sha))]
+    return _result(groups, feature_set.file, len(feature_set), len(sha), max_distance)
+
+
+def _index_groups(features: str | os.PathLike, nb: ann.Neighbourhoods, max_distance: float) -> DuplicatesResult:
+    """The groups from each live row's nearest rows (``ann.all_neighbours``): rows joined through their
+    contents; only the features of the rows in groups are read."""
+    sha, node = np.unique(nb.sha256, return_inverse=True)
+    node = node.reshape(-1)
+    a = np.repeat(np.arange(len(nb.paths)), nb.neighbours.shape[1])
+    b = nb.neighbours.reshape(-1)
+    near = (nb.distances.reshape(-1) <= max_distance + _ROUNDING) & (node[a] != node[b])
+    members = _components(node[a[near]], node[b[near]], node, len(sha))
+    grouped = np.unique(np.concatenate(members)) if members else np.zeros(0, np.intp)
+    with open_store(features) as view:
+        live = view.live("rows")
+        rows = live[grouped] if len(live) >= len(nb.paths) else None  # rows appended since: the same positions
+        if rows is None or not np.array_equal(view.column("rows", "sha256", rows).astype(str), nb.sha256[grouped]):
+            raise StoreError(f"{features} changed while it was read (another process rewrote it); run again.")
+        vectors = view.column("rows", "features", rows)
+    part = FeatureSet(vectors, nb.paths[grouped], nb.labels[grouped], nb.sha256[grouped], file=str(features))
+    groups = [_group(part, np.searchsorted(grouped, rows), node[grouped]) for rows in members]
+    return _result(groups, str(features), len(nb.paths), len(sha), max_distance)
+
+
+def _components(a: np.ndarray, b: np.ndarray, node: np.ndarray, nodes: int) -> list[np.ndarray]:
+    """The rows of each group: contents joined by the pairs (``a[i]``, ``b[i]``), rows by their content
+    (``node``), components of more than one row."""
+    graph = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(nodes, nodes))
     _, component = connected_components(graph, directed=False)
     row_component = component[node]
-    groups = [_group(feature_set, rows, node) for rows in _members(row_component, np.bincount(row_component))]
+    return _members(row_component, np.bincount(row_component, minlength=1))
+
+
+def _result(groups: list[Group], file: str, rows: int, contents: int, max_distance: float) -> DuplicatesResult:
+    """The groups in order: label conflicts first, then larger, exact before near, then by first path."""
     groups.sort(key=lambda g: (not g.conflict, -len(g.photos), g.kind != "exact", g.photos[0].path))
-    return DuplicatesResult(groups, feature_set.file, len(feature_set), len(sha), float(max_distance))
+    return DuplicatesResult(groups, file, rows, contents, float(max_distance))
 
 
 def _near_pairs(vectors: np.ndarray, k: int, max_distance: float) -> tuple[np.ndarray, np.ndarray]:

@@ -343,3 +343,41 @@ def test_an_output_that_is_a_fifo_is_refused_not_replaced(store, tmp_path, optio
         f"Error: cannot write {fifo}: it is a device, FIFO or socket, not a file.\n"
     )
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and sorted(tmp_path.iterdir()) == [fifo]
+
+
+def test_above_the_threshold_the_index_finds_the_exact_groups_reading_only_the_grouped_rows(tmp_path, monkeypatch):
+    """Threshold lowered to 10 rows: a store of 200 rows of 8 features with planted near copies (pairs and a
+    chain of three) and exact copies is searched through its index; the groups equal exact search's, and only
+    the rows in groups have their features read."""
+    from furnitype.features import ann
+    from furnitype.features.view import StoreView
+
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(200, 8)).astype(np.float32)
+    for i in range(0, 40, 4):  # near copies: 1 of 0, 5 of 4, ...
+        X[i + 1] = X[i] + 0.01 * rng.normal(size=8).astype(np.float32)
+    X[42], X[43] = X[41] + 0.02, X[41] + 0.04  # a chain of three
+    sha = [f"{i:064x}" for i in range(200)]
+    sha[61], X[61] = sha[60], X[60]  # one content under two paths
+    sha[62], X[62] = sha[60], X[60]
+    file = tmp_path / "s.h5"
+    save(file, features=X, paths=[f"/p/{i:03}.jpg" for i in range(200)],
+         labels=["bed" if i % 3 else "sofa" for i in range(200)], sha256=sha, meta=STORE_META)
+    exact = duplicates(file)
+    monkeypatch.setattr(ann, "THRESHOLD", 10)
+    read = []
+    column = StoreView.column
+
+    def counted(self, table, name, index=None):
+        if name == "features":
+            read.append(len(self.live(table)) if index is None else len(index))
+        return column(self, table, name, index)
+
+    monkeypatch.setattr(StoreView, "column", counted)
+    found = duplicates(file)
+    assert ann.index_path(file).exists()  # the index path ran
+    assert [g.as_dict() for g in found.groups] == [g.as_dict() for g in exact.groups]
+    assert (exact.count("exact"), exact.count("near")) == (1, 11) and found.contents == exact.contents == 198
+    grouped = sum(len(g.photos) for g in found.groups)
+    assert read[-1] == grouped == 26  # the last read: the grouped rows' features only
+    assert duplicates(file, exact=True).as_dict() | {"seconds": 0} == exact.as_dict() | {"seconds": 0}
