@@ -37,6 +37,7 @@ NOT_RUN = {
     "--engine ray": "needs a Ray cluster (tests/test_ray_engine.py runs the Ray engine)",
     "--precision int8": "quantizes with NNCF (tests/test_int8.py runs int8)",
     "--like vgg-int8.h5": "takes the int8 store the command above (not run) makes",
+    "classify vgg16-int8.h5": "takes the int8 store the command above (not run) makes",
     "furnitype serve": "serves until stopped (tests/test_serve.py runs docs/serve.md's curl lines against a server)",
 }
 #: Python blocks that are not run, by a word of their fence's info string.

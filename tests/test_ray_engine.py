@@ -215,7 +215,7 @@ def _ended(proc: subprocess.Popen, tag: str) -> tuple[int, str, dict[int, str], 
     """The exit status and stderr of ``proc`` (killed if it hangs), the processes running as it ended, and those
     it left running."""
     try:
-        _, stderr = proc.communicate(timeout=60)
+        _, stderr = proc.communicate(timeout=600)  # a guard: a replaced worker imports TensorFlow again
     except subprocess.TimeoutExpired:
         proc.kill()
         _, stderr = proc.communicate()
