@@ -38,18 +38,8 @@ class ToLabel(Protocol):
 
 
 class Neighbour(Protocol):
-    """What a tile of a neighbour shows (``furnitype.similar.Neighbour`` is one)."""
-
-    @property
-    def path(self) -> str: ...
-    @property
-    def label(self) -> str: ...
-    @property
-    def distance(self) -> float: ...
-
-
-class Photo(Protocol):
-    """What a tile of a group shows (``furnitype.duplicates.GroupPhoto`` is one)."""
+    """What a tile of a neighbour or of a group's photo shows (``furnitype.similar.Neighbour`` and
+    ``furnitype.duplicates.GroupPhoto`` are ones)."""
 
     @property
     def path(self) -> str: ...
@@ -65,7 +55,7 @@ class Group(Protocol):
     @property
     def kind(self) -> str: ...
     @property
-    def photos(self) -> Sequence[Photo]: ...
+    def photos(self) -> Sequence[Neighbour]: ...
 
 
 class Match(Protocol):
