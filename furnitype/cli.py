@@ -165,6 +165,8 @@ def batch_options(*, ray: bool = False) -> Callable:
     return _options(
         click.option("--batch-size", default=32, show_default=True, type=int, help="Photos per batch."),
         click.option("--workers", type=int, help=f"Decoding threads{where}.  [default: up to 4]"),
+        click.option("--device", default="auto", show_default=True, metavar="auto|cpu|gpu|gpu:N",
+                     help="Where the network runs: auto is the first GPU the Keras backend sees, else the CPU."),
     )
 
 
@@ -258,7 +260,7 @@ def cli() -> None:
 @json_option("Print a JSON summary on stdout (progress stays on stderr).")
 @api_command
 def extract(images, backbone, weights, pooling, image_size, precision, store_dtype, interpolation, decode,
-            layers, mirror, like, calibrate, batch_size, workers, engine, address, ray_workers, gpus_per_worker,
+            layers, mirror, like, calibrate, batch_size, workers, device, engine, address, ray_workers, gpus_per_worker,
             cpus_per_worker, out,
             manifest, label, rehash, overwrite, quiet, as_json) -> None:
     """Extract pooled CNN features of photos into an HDF5 feature store (the cache).
@@ -288,7 +290,7 @@ def extract(images, backbone, weights, pooling, image_size, precision, store_dty
         interpolation=interpolation, decode=decode, layers=layers, mirror=mirror, store_dtype=store_dtype,
         calibrate=calibrate, like=like, out=out,
         manifest=manifest, label=label, rehash=rehash, overwrite=overwrite, batch_size=batch_size, workers=workers,
-        engine=engine, ray_address=address, ray_workers=ray_workers, gpus_per_worker=gpus_per_worker,
+        device=device, engine=engine, ray_address=address, ray_workers=ray_workers, gpus_per_worker=gpus_per_worker,
         cpus_per_worker=cpus_per_worker, progress=not quiet,
     )
     for warning in result.warnings:
@@ -482,7 +484,7 @@ def _print_run(run, as_json: bool) -> None:
 @quiet_option("No progress bar, progress lines or summary line.")
 @json_option("Print the predictions as a JSON list (progress stays on stderr).")
 @api_command
-def predict(run, images, model, feature_set, top_k, weights, batch_size, workers, out, overwrite, quiet,
+def predict(run, images, model, feature_set, top_k, weights, batch_size, workers, device, out, overwrite, quiet,
             as_json) -> None:
     """Label new photos with a model of a run, extracting them exactly as the run's features were made.
 
@@ -505,7 +507,8 @@ def predict(run, images, model, feature_set, top_k, weights, batch_size, workers
         raise InputError("--features is given more than once only with feature files (one per part of a fused set).")
     store, feature_set = (files or None), (None if files or not feature_set else feature_set[0])
     result = run_predict(run, images, model=model, features=feature_set, top_k=top_k, weights=weights,
-                         batch_size=batch_size, workers=workers, out=out, overwrite=overwrite, progress=not quiet,
+                         batch_size=batch_size, workers=workers, device=device, out=out, overwrite=overwrite,
+                         progress=not quiet,
                          store=store)
     if as_json:
         _print_json([p.as_dict() for p in result.predictions])
@@ -570,7 +573,8 @@ def suggest(run, features, n, out, overwrite, sheet, quiet, as_json) -> None:
 @quiet_option("No progress lines on stderr.")
 @json_option("Print the results as a JSON list.")
 @api_command
-def similar(features, queries, top_k, exclude_self, sheet, overwrite, exact, weights, batch_size, workers, quiet,
+def similar(features, queries, top_k, exclude_self, sheet, overwrite, exact, weights, batch_size, workers, device,
+            quiet,
             as_json) -> None:
     """Find the stored photos that look most like each query photo (cosine distance of their features).
 
@@ -586,7 +590,7 @@ def similar(features, queries, top_k, exclude_self, sheet, overwrite, exact, wei
     from furnitype.similar import similar as run_similar
 
     matches = run_similar(features, queries, k=top_k, exclude_self=exclude_self, weights=weights,
-                          batch_size=batch_size, workers=workers, sheet=sheet, overwrite=overwrite,
+                          batch_size=batch_size, workers=workers, device=device, sheet=sheet, overwrite=overwrite,
                           exact=exact or None)
     if as_json:
         _print_json([m.as_dict() for m in matches])

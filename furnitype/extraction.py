@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from furnitype.extract.images import (
     hash_file,
     list_images,
 )
+from furnitype.extract.keras_backend import check_device, configured_backend
 from furnitype.extract.pipeline import ExtractSpec, check_batching, cpu_seconds
 from furnitype.extract.settings import calibrated, recorded_settings, resolve_settings, stored_options
 from furnitype.features.cache import NOT_UTF8, FeatureCache, Hashed
@@ -135,6 +136,7 @@ def extract(
     rehash: bool = False,
     batch_size: int = 32,
     workers: int | None = None,
+    device: str = "auto",
     progress: bool = True,
     **options,
 ) -> ExtractResult:
@@ -183,6 +185,10 @@ def extract(
     batch_size : int, default=32
     workers : int, default=None
         Decoding threads (None: up to 4), in each Ray worker with ``engine="ray"``.
+    device : str, default="auto"
+        Where the network runs: ``auto`` (the first GPU the Keras backend sees, else the CPU), ``cpu``, ``gpu``
+        or ``gpu:N``. Not a setting: float32 rows agree across devices and backends
+        (``furnitype.extract.keras_backend.FLOAT32_TOLERANCE``).
     progress : bool, default=True
         Show a progress bar on stderr.
 
@@ -211,6 +217,8 @@ def extract(
     if like is None:
         template = _existing_settings(out)
     spec, settings = _spec(spec, given, template, what=f"the rows of {like or out}")
+    check_device(device)
+    spec = replace(spec, device=device)
     check_batching(batch_size, workers)
     check_memory(get_backbone(spec.backbone), spec.image_size, batch_size)
     if label is not None:
@@ -388,7 +396,8 @@ def _provenance(spec: ExtractSpec, settings: dict) -> dict:
         "preprocessing": f"keras.applications.{get_backbone(spec.backbone).keras_name}.preprocess_input",
         "weights_source": _weights_source(spec.weights),
         "furnitype_version": __version__,
-        **{f"{package}_version": _version(package) for package in ("keras", "tensorflow", "h5py", "pillow")},
+        "keras_backend": (backend := configured_backend()),
+        **{f"{package}_version": _version(package) for package in ("keras", backend, "h5py", "pillow")},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

@@ -213,6 +213,7 @@ def predict(
     weights: str | None = None,
     batch_size: int = 32,
     workers: int | None = None,
+    device: str = "auto",
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = False,
@@ -240,6 +241,9 @@ def predict(
     batch_size : int, default=32
     workers : int, default=None
         Decoding threads (None: up to 4).
+    device : str, default="auto"
+        Where the network runs: ``auto`` (the first GPU the Keras backend sees, else the CPU), ``cpu``, ``gpu``
+        or ``gpu:N``.
     out : path, default=None
         Also write the predictions as CSV there (``PredictResult.write_csv``); checked before any work. Never
         one of the photos.
@@ -309,7 +313,7 @@ def predict(
     weights_used = None
     if loaded.parts is not None and (todo or weights is not None):
         specs = [
-            _checked_spec(run, loaded, part.settings, part.meta, part_weights, batch_size, out)
+            _checked_spec(run, loaded, part.settings, part.meta, part_weights, batch_size, out, device)
             for part, part_weights in zip(loaded.parts, _weights_of_parts(run, loaded, weights), strict=True)
         ]
         weights_used = "+".join(spec.weights for spec in specs)
@@ -321,7 +325,7 @@ def predict(
             by_path[path] = Prediction(path, None, None, given_label=labels[path], error=reason)
     spec = None
     if loaded.parts is None and (todo or weights is not None):
-        spec = _checked_spec(run, loaded, loaded.settings, loaded.meta, weights, batch_size, out)
+        spec = _checked_spec(run, loaded, loaded.settings, loaded.meta, weights, batch_size, out, device)
     if spec is not None and todo:
         with progress_bar(enabled=progress, total=len(todo), unit="img", desc="predict") as bar:
             for batch in feature_batches(spec, todo, batch_size=batch_size, workers=workers):
@@ -387,6 +391,7 @@ class Predictor:
         store: str | os.PathLike | None = None,
         batch_size: int = 32,
         max_pixels: int | None = None,
+        device: str = "auto",
     ):
         model = None if model in (None, "best") else model
         if store is not None and features is None:
@@ -402,7 +407,8 @@ class Predictor:
         if store is not None:
             self.check_store(store)
         check_batching(batch_size, None)
-        self.spec = _checked_spec(run, self.loaded, self.loaded.settings, self.loaded.meta, weights, batch_size, None)
+        self.spec = _checked_spec(run, self.loaded, self.loaded.settings, self.loaded.meta, weights, batch_size, None,
+                                  device)
         self.trained = training_photos(run, self.loaded.features)
         self.max_pixels = max_pixels
         self._classes = np.array(self.loaded.classes)
@@ -455,7 +461,8 @@ def _ranked(proba: np.ndarray, classes: np.ndarray, top_k: int) -> list[tuple[st
     return [(str(classes[j]), float(proba[j])) for j in order]
 
 
-def _checked_spec(run, loaded, settings: dict, meta: dict, weights: str | None, batch_size: int, out) -> ExtractSpec:
+def _checked_spec(run, loaded, settings: dict, meta: dict, weights: str | None, batch_size: int, out,
+                  device: str) -> ExtractSpec:
     """The spec features with ``settings`` (the run's, or a fused part's) were made with (the weights checked),
     when a batch fits in memory."""
     spec = spec_for(
@@ -464,6 +471,7 @@ def _checked_spec(run, loaded, settings: dict, meta: dict, weights: str | None, 
         source=meta.get("weights_source"),
         calibration_photos=meta.get("calibration_photos"),
         what=f"run {run}'s {loaded.features} features",
+        device=device,
     )
     refuse_inputs({"--out": out}, weights_files(spec.weights))  # the weights file the run records
     check_memory(get_backbone(spec.backbone), spec.image_size, batch_size)

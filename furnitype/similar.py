@@ -134,6 +134,7 @@ class SimilarIndex:
         weights: str | None = None,
         batch_size: int = 32,
         workers: int | None = None,
+        device: str = "auto",
     ) -> list[Match]:
         """The ``k`` nearest stored photos of each query; see ``similar`` for the parameters."""
         if k < 1:
@@ -141,7 +142,7 @@ class SimilarIndex:
         check_batching(batch_size, workers)
         with self._reading():
             items = self._resolve(queries)
-            self._extract([q for q in items if q.row is None and not q.error], weights, batch_size, workers)
+            self._extract([q for q in items if q.row is None and not q.error], weights, batch_size, workers, device)
             found = self._found(items, k, exclude_self)
         return [
             Match(q.path, found.get(i, []), q.label, in_store=q.row is not None, error=q.error)
@@ -224,7 +225,8 @@ class SimilarIndex:
         row = row if row in rows else rows[0]
         return _Query(path, str(self.feature_set.labels[row]) or folder_label, row)
 
-    def _extract(self, todo: list[_Query], weights: str | None, batch_size: int, workers: int | None) -> None:
+    def _extract(self, todo: list[_Query], weights: str | None, batch_size: int, workers: int | None,
+                 device: str) -> None:
         """Features of the queries the store does not hold, made with the store's own settings."""
         if not todo:
             return
@@ -239,6 +241,7 @@ class SimilarIndex:
             source=meta.get("weights_source"),
             calibration_photos=meta.get("calibration_photos"),
             what=f"the rows of {name}",
+            device=device,
         )
         check_memory(get_backbone(spec.backbone), spec.image_size, batch_size)
         by_path: dict[str, list[_Query]] = {}
@@ -386,6 +389,7 @@ def similar(
     weights: str | None = None,
     batch_size: int = 32,
     workers: int | None = None,
+    device: str = "auto",
     sheet: str | os.PathLike | None = None,
     overwrite: bool = False,
     exact: bool | None = None,
@@ -410,6 +414,9 @@ def similar(
     batch_size : int, default=32
     workers : int, default=None
         Decoding threads for new queries (None: up to 4).
+    device : str, default="auto"
+        Where the network runs for queries not in the store: ``auto`` (the first GPU, else the CPU), ``cpu``,
+        ``gpu`` or ``gpu:N``.
     sheet : path, default=None
         Also draw the results as a contact sheet PNG there (``furnitype.reports.sheet``); checked before any
         work. Never one of the photos (a query, a stored photo).
@@ -436,7 +443,8 @@ def similar(
     refuse_photos({"--sheet": sheet}, itertools.chain(_query_files(queries), _stored_paths(index)))
     refuse_existing({"--sheet": sheet}, overwrite=overwrite)
     matches = index.search(
-        queries, k=k, exclude_self=exclude_self, weights=weights, batch_size=batch_size, workers=workers
+        queries, k=k, exclude_self=exclude_self, weights=weights, batch_size=batch_size, workers=workers,
+        device=device,
     )
     if sheet is not None:
         from furnitype.reports.sheet import contact_sheet

@@ -805,7 +805,7 @@ def test_keras_download_lines_stand_apart_from_the_bar(photo_folder, tmp_path, m
                                       str(tmp_path / "f.h5")])
     assert result.exit_code == 1, result.output
     pieces = re.split(r"[\r\n]", result.stderr)
-    assert "loading vgg16 (imagenet weights) ..." in pieces
+    assert "loading vgg16 (imagenet weights) on CPU ..." in pieces
     assert any(re.fullmatch(r"Downloading data from https://\S+notop\.h5", piece) for piece in pieces)
     error = result.stderr.splitlines()[-1]
     assert error.startswith("Error: could not get the ImageNet weights for vgg16 (")

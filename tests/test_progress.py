@@ -58,7 +58,7 @@ def _stderr(tmp_path: Path, *, terminal: bool) -> str:
 
 def test_a_log_gets_progress_lines_and_no_bars(tmp_path):
     stderr = _stderr(tmp_path, terminal=False)
-    assert "loading vgg16 (random weights) ..." in stderr.splitlines()
+    assert "loading vgg16 (random weights) on CPU ..." in stderr.splitlines()
     assert "\r" not in stderr and "img/s" not in stderr and "epochs" not in stderr, stderr
 
 

@@ -25,8 +25,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from furnitype.errors import FurnitypeError, InputError, deferred_interrupts
+from furnitype.extract.keras_backend import limit_threads
 from furnitype.extract.pipeline import ExtractSpec, Outcome, feature_batches
-from furnitype.keras_loader import import_keras
 
 RAY_MISSING = "the ray engine needs Ray: pip install 'furnitype[ray]'"
 #: ``--address auto`` with no cluster on this machine.
@@ -128,16 +128,12 @@ class RayEngine:
 class _Worker:
     """One Ray actor: builds the network once, then runs the local engine's per-batch code on each batch.
 
-    ``threads`` decode files; TensorFlow gets as many threads per operation as the CPUs Ray reserved (``cpus``),
-    so that several workers on one node do not each use every core.
+    ``threads`` decode files; the Keras backend gets as many threads per operation as the CPUs Ray reserved
+    (``cpus``), so that several workers on one node do not each use every core.
     """
 
     def __init__(self, spec: ExtractSpec, threads: int | None, cpus: float):
-        import_keras()
-        import tensorflow as tf
-
-        with contextlib.suppress(RuntimeError):  # TensorFlow already running in this process: keep its pools
-            tf.config.threading.set_intra_op_parallelism_threads(max(1, round(cpus)))
+        limit_threads(max(1, round(cpus)))
         self.spec = spec
         self.threads = threads
         self.infer = spec.build()

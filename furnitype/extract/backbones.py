@@ -21,6 +21,15 @@ import numpy as np
 from tqdm import tqdm
 
 from furnitype.errors import FurnitypeError, InputError, first_line
+from furnitype.extract.keras_backend import (
+    CPU,
+    DEFAULT_BACKEND,
+    Device,
+    Inference,
+    check_device,
+    configured_backend,
+    resolve_device,
+)
 from furnitype.keras_loader import import_keras
 
 log = logging.getLogger("furnitype")
@@ -308,21 +317,25 @@ def build_model(
     image_size: int,
     precision: str = "float32",
     layers: Sequence[str] = (),
+    device: str = "auto",
 ) -> Callable[[np.ndarray], np.ndarray]:
     """Build the frozen convolutional base and return ``infer(preprocessed_batch) -> float32 features``.
 
-    ``infer`` takes float32 batches of any size (one traced graph).
+    ``infer`` (``keras_backend.Inference``) runs Keras' compiled predict function on ``device`` (``auto``: the first
+    GPU, else the CPU; ``cpu``; ``gpu`` or ``gpu:N``), halving a batch the device has no memory for.
 
     ``weights`` is ``"imagenet"`` (Keras' own download and cache), ``"none"`` (random, seeded) or a file path.
     ``precision`` ``bfloat16``/``float16`` builds the network under Keras' ``mixed_*`` dtype policy. ``layers``
     (``layer_names``): those blocks' outputs, each pooled and L2-normalised, concatenated (one pass for all).
     """
-    return _traced(
-        keras_model(
-            backbone, weights=weights, pooling=pooling, image_size=image_size, precision=precision, layers=layers
-        ),
-        image_size,
+    check_device(device)
+    check_options(backbone, weights=weights, pooling=pooling, image_size=image_size, precision=precision)
+    on = resolve_device(device)
+    model = keras_model(
+        backbone, weights=weights, pooling=pooling, image_size=image_size, precision=precision, layers=layers,
+        device=on,
     )
+    return Inference(model, on, f"{backbone.name} at {image_size} px")
 
 
 def keras_model(
@@ -333,15 +346,19 @@ def keras_model(
     image_size: int,
     precision: str = "float32",
     layers: Sequence[str] = (),
+    device: Device = CPU,
 ):
-    """The frozen Keras convolutional base with its pooling (``flatten``: a ``Flatten`` layer), not traced; with
-    ``layers``, one output: those blocks pooled, each L2-normalised (in float32), concatenated."""
+    """The frozen Keras convolutional base with its pooling (``flatten``: a ``Flatten`` layer), its output
+    float32 whatever the precision, built on ``device``; with ``layers``, one output: those blocks pooled, each
+    L2-normalised, concatenated."""
     check_options(backbone, weights=weights, pooling=pooling, image_size=image_size, precision=precision)
     layers = layer_names(backbone, layers)
     if precision not in KERAS_PRECISIONS:
         raise FurnitypeError(f"{precision} networks are built by furnitype.extract.int8, not Keras.")
     check_memory(backbone, image_size)
-    log.info("loading %s (%s weights) ...", backbone.name, _weights_name(weights))
+    backend = configured_backend()
+    log.info("loading %s (%s weights) on %s%s ...", backbone.name, _weights_name(weights), device.label,
+             "" if backend == DEFAULT_BACKEND else f" with {backend}")
     # Keras' own output (download progress) goes to stderr, on lines of its own above any progress bar.
     with tqdm.external_write_mode(file=sys.stderr), contextlib.redirect_stdout(sys.stderr):
         keras = import_keras()
@@ -351,8 +368,9 @@ def keras_model(
         try:
             if precision != "float32":
                 keras.config.set_dtype_policy(f"mixed_{precision}")
-            keras.utils.set_random_seed(RANDOM_INIT_SEED)
-            with warnings.catch_warnings():
+            if keras_weights is None:  # seeds every framework installed (TensorFlow too): only where it counts
+                keras.utils.set_random_seed(RANDOM_INIT_SEED)
+            with warnings.catch_warnings(), keras.device(device.keras_name):
                 # A file that does not fit warns once per layer before failing: the error says it in one line.
                 warnings.simplefilter("ignore")
                 base = builder(
@@ -361,11 +379,13 @@ def keras_model(
                     input_shape=(image_size, image_size, 3),
                     pooling=None if pooling == "flatten" or layers else pooling,
                 )
-            if layers:
-                outputs = _pooled_blocks(keras, base, backbone, layers, pooling)
-            else:
-                outputs = keras.layers.Flatten()(base.output) if pooling == "flatten" else base.output
-            model = keras.Model(base.input, outputs, name=f"{backbone.name}_{pooling}")
+                if layers:
+                    outputs = _pooled_blocks(keras, base, backbone, layers, pooling)
+                else:
+                    outputs = keras.layers.Flatten()(base.output) if pooling == "flatten" else base.output
+                    # Cast inside the network, as Keras' mixed-precision guide does with its last layer.
+                    outputs = keras.layers.Activation("linear", dtype="float32", name="float32_output")(outputs)
+                model = keras.Model(base.input, outputs, name=f"{backbone.name}_{pooling}")
         except Exception as err:  # noqa: BLE001 - Keras raises many types for a download or a bad file
             raise _weights_error(backbone, weights, err) from err
         finally:
@@ -392,21 +412,6 @@ def _weights_name(weights: str) -> str:
     if weights.lower() == "none":
         return "random"
     return weights if weights == "imagenet" else os.path.basename(weights)
-
-
-def _traced(model, image_size: int) -> Callable[[np.ndarray], np.ndarray]:
-    """``infer`` as one TensorFlow graph for any batch size: traced once, so a run's last, smaller batch does
-    not trace again; the cast to float32 happens inside the graph."""
-    import tensorflow as tf
-
-    @tf.function(input_signature=[tf.TensorSpec((None, image_size, image_size, 3), tf.float32)])
-    def forward(batch):
-        return tf.cast(model(batch, training=False), tf.float32)
-
-    def infer(batch: np.ndarray) -> np.ndarray:
-        return forward(batch).numpy()
-
-    return infer
 
 
 def _weights_error(backbone: Backbone, weights: str, err: Exception) -> FurnitypeError:

@@ -337,6 +337,12 @@ def _quantize(spec: ExtractSpec) -> tuple[str, bytes, bytes]:
     images = [_calibration_image(spec, path, sha) for path, sha in quantization_of(spec).photos]
     backbone = get_backbone(spec.backbone)
     keras = import_keras()
+    if keras.config.backend() != "tensorflow":
+        raise InputError(
+            f"making the int8 network converts Keras' TensorFlow graph, and this is Keras on "
+            f"{keras.config.backend()}: run this extract once with KERAS_BACKEND=tensorflow (the int8 network is "
+            "then cached and runs on any backend), or choose --precision bfloat16."
+        )
     import tensorflow as tf
 
     model = keras_model(backbone, weights=spec.weights, pooling=spec.pooling, image_size=spec.image_size)

@@ -20,6 +20,7 @@ from furnitype.errors import InputError
 from furnitype.extract import int8
 from furnitype.extract.backbones import build_model, get_backbone, weights_stamp
 from furnitype.extract.images import ImageDecodeError, decode_image, read_file
+from furnitype.extract.keras_backend import check_backend
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,9 @@ class ExtractSpec:
     ``quantization`` names the quantized network of ``precision="int8"`` (None for the Keras precisions).
     ``layers``: the blocks pooled, each L2-normalised, concatenated (``backbones.layer_names``; (): the network's
     output, not normalised). ``mirror``: each row is the mean of the photo's and its left-right mirror's.
+    ``backend``: the Keras backend the rows need (bfloat16/float16 rows differ between backends; None: any,
+    ``keras_backend.rows_backend``). ``device`` is where the network runs (``auto``, ``cpu``, ``gpu``, ``gpu:N``): not
+    part of a row's value.
     """
 
     backbone: str
@@ -41,6 +45,8 @@ class ExtractSpec:
     quantization: int8.Quantization | None = None
     layers: tuple[str, ...] = ()
     mirror: bool = False
+    backend: str | None = None
+    device: str = "auto"
 
     def build(self) -> Callable[[np.ndarray], np.ndarray]:
         """Build the network: ``infer(uint8 batch (n, s, s, 3)) -> float32 features (n, d)``.
@@ -64,6 +70,7 @@ class ExtractSpec:
 def _network(spec: ExtractSpec, stamp: tuple | None) -> Callable[[np.ndarray], np.ndarray]:
     if spec.precision == "int8":
         return int8.build(spec)
+    check_backend(spec.backend)
     backbone = get_backbone(spec.backbone)
     model = build_model(
         backbone,
@@ -72,6 +79,7 @@ def _network(spec: ExtractSpec, stamp: tuple | None) -> Callable[[np.ndarray], n
         image_size=spec.image_size,
         precision=spec.precision,
         layers=spec.layers,
+        device=spec.device,
     )
     if spec.mirror:  # two passes of the batch's size, not one of twice its size: the memory check holds
         return lambda batch: (model(backbone.preprocess(batch)) + model(backbone.preprocess(batch[:, :, ::-1]))) / 2

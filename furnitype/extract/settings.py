@@ -23,6 +23,14 @@ from furnitype.errors import FurnitypeError, InputError, SettingsMismatchError, 
 from furnitype.extract import int8
 from furnitype.extract.backbones import LAST_LAYER, check_options, get_backbone, layer_names, weights_identity
 from furnitype.extract.images import DECODE_MODES, check_interpolation, list_images
+from furnitype.extract.keras_backend import (
+    BACKENDS,
+    DEFAULT_BACKEND,
+    check_backend,
+    check_device,
+    depends_on_backend,
+    rows_backend,
+)
 from furnitype.extract.pipeline import ExtractSpec
 from furnitype.features.layout import OPTIONAL_SETTING_KEYS, SETTING_KEYS
 from furnitype.features.store import read_meta, short_id
@@ -73,6 +81,7 @@ def resolve_settings(
         decode,
         layers=layer_names(entry, layers),
         mirror=mirror in (True, MIRRORED),
+        backend=rows_backend(precision, str(weights)),
     )
     return spec, recorded_settings(spec, store_dtype)
 
@@ -92,6 +101,8 @@ def recorded_settings(spec: ExtractSpec, store_dtype: str) -> dict:
     if layers != tuple(spec.layers):
         raise InputError(f"layers must be in network order, each once: {', '.join(layers)}. Received: {spec.layers}")
     check_layers_precision(spec)
+    check_device(spec.device)
+    backend = spec.backend or rows_backend(spec.precision, spec.weights)
     if spec.precision == "int8":  # before listing and hashing: fail fast on a CPU or an install that cannot run it
         int8.check_cpu(int8.cpu_flags())
         int8.import_runtime()
@@ -107,6 +118,7 @@ def recorded_settings(spec: ExtractSpec, store_dtype: str) -> dict:
         "store_dtype": store_dtype,
         **({"layers": ",".join(layers)} if layers else {}),
         **({"mirror": MIRRORED} if spec.mirror else {}),
+        **({"backend": backend} if backend not in (None, DEFAULT_BACKEND) else {}),
     }
 
 
@@ -190,6 +202,7 @@ def spec_for(
     source: str | None = None,
     calibration_photos: str | None = None,
     what: str = "the features",
+    device: str = "auto",
 ) -> ExtractSpec:
     """The ``ExtractSpec`` that made features with ``settings``, using checked weights.
 
@@ -209,6 +222,8 @@ def spec_for(
         it is not in the cache.
     what : str, default="the features"
         How error messages name the features (``"run runs/x's features"``).
+    device : str, default="auto"
+        Where the network will run (``ExtractSpec.device``).
 
     Raises
     ------
@@ -218,6 +233,7 @@ def spec_for(
         The recorded weights file is gone and no ``weights`` were given, or ``weights`` is not a file.
     """
     optional = [k for k in OPTIONAL_SETTING_KEYS if not (k == "quantization" and settings.get("precision") == "int8")]
+    check_device(device)
     missing = [key for key in SETTING_KEYS if key not in optional and settings.get(key) in (None, "")]
     if missing:
         raise SettingsMismatchError(f"{what} record no {', '.join(missing)}; cannot extract new photos the same way.")
@@ -247,8 +263,14 @@ def spec_for(
             raise ValueError(f"mirror={settings['mirror']!r} is not {MIRRORED}")
         if str(settings["precision"]) == "int8" and (layers or settings.get("mirror")):
             raise ValueError("int8 features with layers or mirror")
+        backend = settings.get("backend")
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
     except (FurnitypeError, ValueError) as err:
         raise SettingsMismatchError(f"{what} were made with settings this furnitype cannot reproduce: {err}") from err
+    depends = depends_on_backend(str(settings["precision"]), identity)
+    backend = str(settings.get("backend", DEFAULT_BACKEND)) if depends else None
+    check_backend(backend, what)
     got = weights_identity(chosen)
     if got != identity:
         raise SettingsMismatchError(
@@ -275,6 +297,8 @@ def spec_for(
         quantization,
         layers,
         settings.get("mirror") == MIRRORED,
+        backend,
+        device,
     )
 
 

@@ -44,10 +44,13 @@ SETTING_KEYS = (
     "quantization",
     "layers",
     "mirror",
+    "backend",
 )
 #: Settings recorded only when not the default, so that files written before they existed have the default:
-#: ``layers`` (absent: the backbone's output, not normalised) and ``mirror`` (absent: no mirror averaging).
-DEFAULTED_SETTING_KEYS = ("layers", "mirror")
+#: ``layers`` (absent: the backbone's output, not normalised), ``mirror`` (absent: no mirror averaging) and
+#: ``backend`` (the Keras backend of bfloat16/float16 rows; absent: TensorFlow, or float32/int8 rows, which
+#: every backend makes alike).
+DEFAULTED_SETTING_KEYS = ("layers", "mirror", "backend")
 #: Settings that only some files record (int8 stores: their quantized network; the defaulted ones); absent from
 #: ``settings`` else.
 OPTIONAL_SETTING_KEYS = ("quantization", *DEFAULTED_SETTING_KEYS)

@@ -330,10 +330,13 @@ def check_settings(existing: Mapping, wanted: Mapping, file: str | os.PathLike) 
         return
     had = ", ".join(_as_option(k, existing) for k in differing)
     asked = ", ".join(_as_option(k, wanted) for k in differing)
-    options = [k for k in differing if k != "quantization"]
+    options = [k for k in differing if k not in ("quantization", "backend")]
     advice = "pass those options (or leave them out)" if len(options) > 1 else "pass that option (or leave it out)"
     if "quantization" in differing:
         advice = f"{advice}, without --calibrate," if options else "leave --calibrate out"
+    if "backend" in differing:  # bfloat16/float16 rows differ between Keras backends
+        backend = f"run with KERAS_BACKEND={existing.get('backend', 'tensorflow')}"
+        advice = f"{advice} and {backend}" if options or "quantization" in differing else backend
     rows = existing.get("n_rows")
     lost = f"its {rows:,} rows are thrown away" if isinstance(rows, int) else "its rows are thrown away"
     raise SettingsMismatchError(
@@ -349,6 +352,8 @@ def _as_option(key: str, settings: Mapping) -> str:
         calibration = value.partition("calibration=")[2].split(" (")[0]
         photos = value.partition(" (")[2].partition(")")[0]
         return f"the int8 calibration {short_id(calibration)} ({photos})"
+    if key == "backend":  # not an option: the environment's choice of Keras backend
+        return f"Keras' {settings.get(key, 'tensorflow')} backend"
     option = f"--{key.replace('_', '-')}"
     if key in DEFAULTED_SETTING_KEYS:
         return f"no {option}" if key not in settings else option if key == "mirror" else f"{option} {value}"
