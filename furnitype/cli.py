@@ -671,10 +671,12 @@ def duplicates(features, max_distance, out, sheet, overwrite, exact, quiet, as_j
 @click.option("--body-timeout-s", default=60.0, show_default=True, type=float,
               help="How long a request's body may take to arrive (408).")
 @click.option("--workers", type=int, help="Decoding threads.  [default: up to 4]")
+@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|gpu|gpu:N",
+              help="Where the network runs: auto is the first GPU the Keras backend sees, else the CPU.")
 @quiet_option("No progress lines on stderr (the ready line and warnings are still shown).")
 @api_command
 def serve(run, catalogue, queue, labels, host, port, token, model, top_k, weights, max_batch, max_wait_ms, max_queue,
-          max_upload_mb, max_pixels, body_timeout_s, workers, quiet) -> None:
+          max_upload_mb, max_pixels, body_timeout_s, workers, device, quiet) -> None:
     """Serve a run's model and a catalogue over HTTP: a web page at / and a JSON API under /v1 (docs/serve.md).
 
     The model and the network are loaded once; "ready on http://HOST:PORT" is printed when they are warm.
@@ -692,7 +694,7 @@ def serve(run, catalogue, queue, labels, host, port, token, model, top_k, weight
     run_server(run, catalogue, host=host, port=port, echo=lambda line: click.echo(line, err=True), queue=queue,
                labels=labels, token=token, model=None if model == "best" else model, top_k=top_k, weights=weights,
                max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, max_upload_mb=max_upload_mb,
-               max_pixels=max_pixels, body_timeout_s=body_timeout_s, decode_workers=workers)
+               max_pixels=max_pixels, body_timeout_s=body_timeout_s, decode_workers=workers, device=device)
 
 
 def main() -> None:

@@ -374,6 +374,8 @@ class Predictor:
         The largest batch ``features`` will be given (checked to fit in memory).
     max_pixels : int, default=None
         ``decode`` refuses images of more pixels (from their header).
+    device : str, default="auto"
+        Where the network runs, as for ``predict``.
 
     Raises
     ------

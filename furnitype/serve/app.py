@@ -31,6 +31,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from furnitype.errors import FurnitypeError, InputError, first_line
+from furnitype.extract.keras_backend import check_device
 from furnitype.faults import hold_point
 from furnitype.labels import count_labels
 from furnitype.serve.openapi import openapi
@@ -74,6 +75,7 @@ def create_app(
     max_upload_mb: float = 20,
     max_pixels: int = 40_000_000,
     decode_workers: int | None = None,
+    device: str = "auto",
     body_timeout_s: float = 60.0,
     refresh_s: float = 1.0,
     hosts: Collection[str] | None = None,
@@ -101,6 +103,9 @@ def create_app(
         Classes per prediction unless a request asks for another number.
     max_batch, max_wait_ms, max_queue, decode_workers :
         The micro-batcher's (``furnitype.serve.batcher.Batcher``).
+    device : str, default="auto"
+        Where the network runs: ``auto`` (the first GPU the Keras backend sees, else the CPU), ``cpu``, ``gpu`` or
+        ``gpu:N``.
     max_upload_mb : float, default=20
         The largest request body (413 above).
     max_pixels : int, default=40_000_000
@@ -127,6 +132,7 @@ def create_app(
                                ("refresh_s", refresh_s, 0.01)):
         if value < least:
             raise InputError(f"{name.replace('_', '-')} must be at least {least}. Received: {value}")
+    check_device(device)
     if labels is not None and queue is None:
         raise InputError("--labels needs --queue: the photos to label are the queue's.")
     if labels is not None:  # a labels file that cannot be read is refused at the start, not at the first label
@@ -137,7 +143,7 @@ def create_app(
     def load() -> Service:
         service = Service(run, catalogue, queue=queue, labels=labels, model=model, weights=weights, top_k=top_k,
                           max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, max_pixels=max_pixels,
-                          decode_workers=decode_workers)
+                          decode_workers=decode_workers, device=device)
         try:
             hold_point("serve-warm")
             service.warm()

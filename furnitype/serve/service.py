@@ -77,11 +77,12 @@ class Service:
         max_queue: int = 256,
         max_pixels: int = 40_000_000,
         decode_workers: int | None = None,
+        device: str = "auto",
     ):
         self.run = os.fspath(run)
         self.catalogue = FollowedStore(catalogue)
         self.predictor = Predictor(run, model=model, weights=weights, store=catalogue, batch_size=max_batch,
-                                   max_pixels=max_pixels)
+                                   max_pixels=max_pixels, device=device)
         if queue is not None:  # refused at the start, not at every /v1/suggest
             self.predictor.check_store(queue)
         self.queue = FollowedStore(queue, index=False) if queue is not None else None
