@@ -1,5 +1,7 @@
 """furnitype on Keras' JAX backend (the test extra installs ``jax[cpu]``), with TensorFlow hidden: the rows
-TensorFlow makes, the backend recorded where rows depend on it, mixing refused; devices and out-of-memory."""
+TensorFlow makes, the backend recorded where rows depend on it, mixing refused; devices and out-of-memory.
+
+``FURNITYPE_TEST_BACKEND=torch`` runs the same tests on PyTorch (by hand: its wheels are too large for CI)."""
 
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ from furnitype.features.store import read_meta
 from furnitype.keras_loader import import_keras
 from tests.images import make_photo_folder, photo
 
-pytest.importorskip("jax")
+BACKEND = os.environ.get("FURNITYPE_TEST_BACKEND", "jax")
+pytest.importorskip(BACKEND)
 
 SMALL = {"backbone": "vgg16", "image_size": 32, "batch_size": 4, "progress": False}
 #: Runs furnitype as a machine without TensorFlow would: ``import tensorflow`` fails (Keras then works without).
@@ -65,27 +68,28 @@ def photos(tmp_path_factory) -> Path:
     return make_photo_folder(tmp_path_factory.mktemp("photos") / "photos", per_class=3)
 
 
-def test_jax_without_tensorflow_makes_the_rows_tensorflow_makes(weights, photos, tmp_path):
+def test_without_tensorflow_another_backend_makes_the_rows_tensorflow_makes(weights, photos, tmp_path):
     on_tensorflow = extract([photos], weights=str(weights), out=tmp_path / "tf.h5", **SMALL)
-    done = furnitype("jax", "extract", photos, "--weights", weights, "--image-size", 32, "--out", tmp_path / "jax.h5")
+    done = furnitype(BACKEND, "extract", photos, "--weights", weights, "--image-size", 32,
+                     "--out", tmp_path / "other.h5")
     assert done.returncode == 0, done.stderr
-    assert "loading vgg16 (vgg16.weights.h5 weights) on CPU with jax ..." in done.stderr.splitlines()
+    assert f"loading vgg16 (vgg16.weights.h5 weights) on CPU with {BACKEND} ..." in done.stderr.splitlines()
 
-    tf_rows, jax_rows = load(on_tensorflow.out), load(tmp_path / "jax.h5")
-    assert sorted(tf_rows.sha256) == sorted(jax_rows.sha256) and len(tf_rows) == 6
-    order = np.argsort(jax_rows.sha256)[np.argsort(np.argsort(tf_rows.sha256))]
-    assert relative_difference(jax_rows.features[order], tf_rows.features) <= FLOAT32_TOLERANCE
-    meta = read_meta(tmp_path / "jax.h5")
-    assert (meta["keras_backend"], "backend" in meta) == ("jax", False)  # float32 rows of given weights: any backend
-    assert "jax_version" in meta and "tensorflow_version" not in meta
+    tf_rows, other_rows = load(on_tensorflow.out), load(tmp_path / "other.h5")
+    assert sorted(tf_rows.sha256) == sorted(other_rows.sha256) and len(tf_rows) == 6
+    order = np.argsort(other_rows.sha256)[np.argsort(np.argsort(tf_rows.sha256))]
+    assert relative_difference(other_rows.features[order], tf_rows.features) <= FLOAT32_TOLERANCE
+    meta = read_meta(tmp_path / "other.h5")
+    assert (meta["keras_backend"], "backend" in meta) == (BACKEND, False)  # float32 rows of given weights: any backend
+    assert f"{BACKEND}_version" in meta and "tensorflow_version" not in meta
 
 
-def test_jax_adds_float32_rows_to_a_tensorflow_store(weights, photos, tmp_path):
+def test_another_backend_adds_float32_rows_to_a_tensorflow_store(weights, photos, tmp_path):
     store = extract([photos], weights=str(weights), out=tmp_path / "f.h5", **SMALL).out
     more = tmp_path / "more"
     more.mkdir()
     photo(41).save(more / "new.png")
-    done = furnitype("jax", "extract", more, "--out", store, "--json")
+    done = furnitype(BACKEND, "extract", more, "--out", store, "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["extracted"] == 1 and len(load(store)) == 7
 
@@ -93,18 +97,18 @@ def test_jax_adds_float32_rows_to_a_tensorflow_store(weights, photos, tmp_path):
 def test_rows_that_depend_on_the_backend_record_it_and_are_not_mixed(weights, photos, tmp_path):
     # bfloat16 rows, and random weights (each backend draws its own from the same seed), differ between backends.
     bf16 = tmp_path / "bf16.h5"
-    done = furnitype("jax", "extract", photos, "--weights", weights, "--image-size", 32, "--precision", "bfloat16",
+    done = furnitype(BACKEND, "extract", photos, "--weights", weights, "--image-size", 32, "--precision", "bfloat16",
                      "--out", bf16)
     assert done.returncode == 0, done.stderr
-    assert read_meta(bf16)["backend"] == "jax"
-    with pytest.raises(SettingsMismatchError, match="made with Keras' jax backend, but this run asks for Keras' "
-                       "tensorflow backend: run with KERAS_BACKEND=jax to add to it"):
+    assert read_meta(bf16)["backend"] == BACKEND
+    with pytest.raises(SettingsMismatchError, match=f"made with Keras' {BACKEND} backend, but this run asks for "
+                       f"Keras' tensorflow backend: run with KERAS_BACKEND={BACKEND} to add to it"):
         extract([photos], out=bf16, **SMALL)
 
     random = extract([photos], weights="none", out=tmp_path / "random.h5", **SMALL).out
     assert "backend" not in read_meta(random)  # TensorFlow: the default, as every earlier store has it
-    error = one_line(furnitype("jax", "extract", photos, "--out", random), 1)
-    assert "made with Keras' tensorflow backend, but this run asks for Keras' jax backend" in error
+    error = one_line(furnitype(BACKEND, "extract", photos, "--out", random), 1)
+    assert f"made with Keras' tensorflow backend, but this run asks for Keras' {BACKEND} backend" in error
     assert "KERAS_BACKEND=tensorflow" in error
 
 
@@ -112,15 +116,15 @@ def test_similar_on_another_backend_refuses_to_extract_a_query(weights, photos, 
     bf16 = extract([photos], weights=str(weights), precision="bfloat16", out=tmp_path / "bf16.h5", **SMALL).out
     query = tmp_path / "query.png"
     photo(77).save(query)
-    error = one_line(furnitype("jax", "similar", bf16, query), 2)
+    error = one_line(furnitype(BACKEND, "similar", bf16, query), 2)
     assert "made with Keras' tensorflow backend" in error and "run with KERAS_BACKEND=tensorflow" in error
 
 
-def test_int8_on_jax_says_how_to_make_its_network(weights, photos, tmp_path, monkeypatch):
+def test_int8_on_another_backend_says_how_to_make_its_network(weights, photos, tmp_path, monkeypatch):
     pytest.importorskip("openvino")
     monkeypatch.setenv("FURNITYPE_CACHE_DIR", str(tmp_path / "cache"))  # empty: the network must be made
     many = make_photo_folder(tmp_path / "many", per_class=16)  # int8 calibrates on 32 photos
-    error = one_line(furnitype("jax", "extract", many, "--weights", weights, "--image-size", 32,
+    error = one_line(furnitype(BACKEND, "extract", many, "--weights", weights, "--image-size", 32,
                                "--precision", "int8", "--out", tmp_path / "int8.h5"), 2)
     assert "run this extract once with KERAS_BACKEND=tensorflow" in error
     assert not (tmp_path / "int8.h5").exists()

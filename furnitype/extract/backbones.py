@@ -319,7 +319,7 @@ def build_model(
     layers: Sequence[str] = (),
     device: str = "auto",
 ) -> Callable[[np.ndarray], np.ndarray]:
-    """Build the frozen convolutional base and return ``infer(preprocessed_batch) -> float32 features``.
+    """Build the convolutional base and return ``infer(preprocessed_batch) -> float32 features``.
 
     ``infer`` (``keras_backend.Inference``) runs Keras' compiled predict function on ``device`` (``auto``: the first
     GPU, else the CPU; ``cpu``; ``gpu`` or ``gpu:N``), halving a batch the device has no memory for.
@@ -348,9 +348,9 @@ def keras_model(
     layers: Sequence[str] = (),
     device: Device = CPU,
 ):
-    """The frozen Keras convolutional base with its pooling (``flatten``: a ``Flatten`` layer), its output
-    float32 whatever the precision, built on ``device``; with ``layers``, one output: those blocks pooled, each
-    L2-normalised, concatenated."""
+    """The Keras convolutional base, for inference, with its pooling (``flatten``: a ``Flatten`` layer), its
+    output float32 whatever the precision, built on ``device``; with ``layers``, one output: those blocks pooled,
+    each L2-normalised, concatenated."""
     check_options(backbone, weights=weights, pooling=pooling, image_size=image_size, precision=precision)
     layers = layer_names(backbone, layers)
     if precision not in KERAS_PRECISIONS:
@@ -390,7 +390,6 @@ def keras_model(
             raise _weights_error(backbone, weights, err) from err
         finally:
             keras.config.set_dtype_policy(previous_policy)
-    model.trainable = False
     return model
 
 

@@ -110,8 +110,8 @@ def resolve_device(device: str = "auto") -> Device:
 
 def gpu_count() -> int:
     """GPUs the running backend can use."""
+    import_keras()  # first: its import silences the backend's start-up chatter
     backend = configured_backend()
-    import_keras()
     if backend == "tensorflow":
         import tensorflow as tf
 
@@ -164,6 +164,7 @@ def is_out_of_memory(err: BaseException) -> bool:
 def limit_threads(threads: int) -> None:
     """Give the backend at most ``threads`` threads per operation, where it can still be told (Ray workers
     sharing a node); JAX's CPU pool is fixed at start-up and keeps its size."""
+    import_keras()  # first: its import silences the backend's start-up chatter
     backend = configured_backend()
     if backend == "tensorflow":
         import tensorflow as tf
