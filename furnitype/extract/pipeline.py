@@ -1,4 +1,4 @@
-"""The per-batch code path shared by every engine: read + decode in threads, preprocess, infer.
+"""The per-batch code path shared by every engine: read + decode in workers, preprocess, infer.
 
 Decoding of the next batches overlaps inference of the current one through a bounded window of futures, so
 memory stays flat however many photos there are.
@@ -7,11 +7,9 @@ memory stays flat however many photos there are.
 from __future__ import annotations
 
 import functools
-import os
 import resource
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +17,8 @@ import numpy as np
 from furnitype.errors import InputError
 from furnitype.extract import int8
 from furnitype.extract.backbones import build_model, get_backbone, weights_stamp
-from furnitype.extract.images import ImageDecodeError, decode_image, read_file
+from furnitype.extract.decoding import Decoded, decode_file, decode_pool, default_decode_workers, in_processes, result
+from furnitype.extract.images import ImageDecodeError, load_photo
 
 
 @dataclass(frozen=True)
@@ -52,12 +51,7 @@ class ExtractSpec:
 
     def load(self, path: str) -> tuple[str, np.ndarray]:
         """Read, hash and decode one file: ``(sha256, uint8 image)``; ``ImageDecodeError`` when unusable."""
-        data, sha256 = read_file(path)
-        try:
-            return sha256, decode_image(data, self.image_size, self.interpolation, self.decode)
-        except ImageDecodeError as err:
-            err.sha256 = sha256  # the bytes are known bad: the cache remembers them by content
-            raise
+        return load_photo(path, self.image_size, self.interpolation, self.decode)
 
 
 @functools.lru_cache(maxsize=1)
@@ -96,34 +90,45 @@ class Outcome:
 
 
 def decoded(
-    spec: ExtractSpec, paths: Iterable[str], workers: int, window: int
-) -> Iterator[tuple[str, tuple[str, np.ndarray] | ImageDecodeError]]:
-    """Yield ``(path, (sha256, image) | ImageDecodeError)`` in order, decoding ``window`` files ahead."""
+    spec: ExtractSpec, paths: Iterable[str], workers: int | None, window: int, *, gpu: bool = False
+) -> Iterator[tuple[str, Decoded]]:
+    """Yield ``(path, (sha256, image) | ImageDecodeError)`` in order, decoding ``window`` files ahead.
 
-    def load(path: str) -> tuple[str, np.ndarray] | ImageDecodeError:
-        try:
-            return spec.load(path)
-        except ImageDecodeError as err:
-            return err
-
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="furnitype-decode") as pool:
+    ``workers`` (None: ``default_decode_workers(gpu=gpu)``) are threads calling ``spec.load``, or processes past
+    ``THREADS_SCALE_TO``: those get ``spec``'s decoding settings, not ``spec`` (whose module builds networks).
+    """
+    workers = workers or default_decode_workers(gpu=gpu)
+    if in_processes(workers):
+        load: Callable[[str], Decoded] = functools.partial(
+            decode_file, image_size=spec.image_size, interpolation=spec.interpolation, decode=spec.decode
+        )
+    else:
+        load = functools.partial(_loaded, spec)
+    with decode_pool(workers) as submit:
         pending: deque = deque()
         for path in paths:
-            pending.append((path, pool.submit(load, path)))
+            pending.append((path, submit(load, path)))
             if len(pending) > window:
                 head, future = pending.popleft()
-                yield head, future.result()
+                yield head, result(future)
         while pending:
             head, future = pending.popleft()
-            yield head, future.result()
+            yield head, result(future)
+
+
+def _loaded(spec: ExtractSpec, path: str) -> Decoded:
+    try:
+        return spec.load(path)
+    except ImageDecodeError as err:
+        return err
 
 
 def check_batching(batch_size: int, workers: int | None) -> None:
-    """Refuse a batch size or a number of decoding threads below 1, before any work."""
+    """Refuse a batch size or a number of decoding workers below 1, before any work."""
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1. Received: batch_size={batch_size}")
     if workers is not None and workers < 1:
-        raise InputError(f"decoding threads must be at least 1. Received: workers={workers}")
+        raise InputError(f"decoding workers must be at least 1. Received: workers={workers}")
 
 
 def feature_batches(
@@ -134,22 +139,25 @@ def feature_batches(
     workers: int | None = None,
     infer: Callable[[np.ndarray], np.ndarray] | None = None,
     prefetch: int | None = None,
+    gpu: bool = False,
 ) -> Iterator[list[Outcome]]:
     """Yield lists of ``Outcome`` (one per path, in order), one list per inference batch.
 
     ``infer`` is built from ``spec`` on first need when not given (no network is built for no images).
-    ``prefetch`` files (default ``2 * batch_size``) are read and decoded ahead in ``workers`` threads (default:
-    up to 4) while the network runs, so at most ``batch_size + prefetch`` decoded images are held at a time.
+    ``prefetch`` files (default ``2 * batch_size``, and at least two per worker) are read and decoded ahead while
+    the network runs, so at most ``batch_size + prefetch`` decoded images are held at a time. ``workers`` decode
+    them: threads, or processes past ``THREADS_SCALE_TO`` (default: ``default_decode_workers(gpu=gpu)``; ``gpu``:
+    whether the network runs on a GPU, where decoding is what limits).
     """
-    workers = workers or min(4, os.cpu_count() or 1)
-    prefetch = 2 * batch_size if prefetch is None else prefetch
+    workers = workers or default_decode_workers(gpu=gpu)
+    prefetch = max(2 * batch_size, 2 * workers) if prefetch is None else prefetch
     batch: list[Outcome] = []
     images: list[np.ndarray] = []
-    for path, result in decoded(spec, paths, workers, window=prefetch):
-        if isinstance(result, ImageDecodeError):
-            batch.append(Outcome(path, result.sha256, reason=str(result)))
+    for path, loaded in decoded(spec, paths, workers, window=prefetch):
+        if isinstance(loaded, ImageDecodeError):
+            batch.append(Outcome(path, loaded.sha256, reason=str(loaded)))
             continue
-        sha256, image = result
+        sha256, image = loaded
         batch.append(Outcome(path, sha256))
         images.append(image)
         if len(images) == batch_size:
