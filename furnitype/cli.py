@@ -164,7 +164,9 @@ def batch_options(*, ray: bool = False) -> Callable:
     where = " (in each Ray worker with --engine ray)" if ray else ""
     return _options(
         click.option("--batch-size", default=32, show_default=True, type=int, help="Photos per batch."),
-        click.option("--workers", type=int, help=f"Decoding threads{where}.  [default: up to 4]"),
+        click.option("--workers", type=int, help=f"Decoding workers{where}: threads, processes past 4.  "
+                                                 "[default: sized to the machine: one per core with a GPU, else up "
+                                                 "to 4]"),
     )
 
 

@@ -182,7 +182,8 @@ def extract(
         its recorded sha256).
     batch_size : int, default=32
     workers : int, default=None
-        Decoding threads (None: up to 4), in each Ray worker with ``engine="ray"``.
+        Decoding workers, threads or processes past 4 (None: sized to the machine), in each Ray worker with
+        ``engine="ray"``.
     progress : bool, default=True
         Show a progress bar on stderr.
 

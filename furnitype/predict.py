@@ -239,7 +239,7 @@ def predict(
         run's features. Weights whose identity differs from the recorded one are refused.
     batch_size : int, default=32
     workers : int, default=None
-        Decoding threads (None: up to 4).
+        Decoding workers, threads or processes past 4 (None: sized to the machine).
     out : path, default=None
         Also write the predictions as CSV there (``PredictResult.write_csv``); checked before any work. Never
         one of the photos.

@@ -409,7 +409,7 @@ def similar(
         recorded weights source. Weights whose identity differs from the recorded one are refused.
     batch_size : int, default=32
     workers : int, default=None
-        Decoding threads for new queries (None: up to 4).
+        Decoding workers for new queries, threads or processes past 4 (None: sized to the machine).
     sheet : path, default=None
         Also draw the results as a contact sheet PNG there (``furnitype.reports.sheet``); checked before any
         work. Never one of the photos (a query, a stored photo).

@@ -94,7 +94,7 @@ def test_processes_decode_what_threads_decode_in_the_same_order(photos):
     threads = list(decoded(spec, photos, THREADS_SCALE_TO, window=3))
     processes = list(decoded(spec, photos, PROCESSES, window=3))
     assert [path for path, _ in processes] == [path for path, _ in threads] == photos
-    for (path, by_thread), (_, by_process) in zip(threads, processes):
+    for (path, by_thread), (_, by_process) in zip(threads, processes, strict=True):
         if isinstance(by_thread, ImageDecodeError):
             assert isinstance(by_process, ImageDecodeError), path
             assert (str(by_process), by_process.sha256, by_process.gone) == (
@@ -119,7 +119,7 @@ def test_processes_give_the_threads_outcomes_damaged_files_included(photos):
         "empty.jpg": ("empty file", hashlib.sha256(b"").hexdigest()),
         "gone.jpg": ("file not found", ""),
     }
-    rows = [(a.features, b.features) for a, b in zip(threads, processes) if not a.reason]
+    rows = [(a.features, b.features) for a, b in zip(threads, processes, strict=True) if not a.reason]
     assert len(rows) == 7
     for by_thread, by_process in rows:
         np.testing.assert_allclose(by_process, by_thread, rtol=1e-6)
