@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from furnitype.errors import FurnitypeError
 from furnitype.extract.decoding import THREADS_SCALE_TO, default_decode_workers, in_processes
 from furnitype.extract.images import ImageDecodeError
 from furnitype.extract.pipeline import ExtractSpec, decoded, feature_batches
@@ -140,7 +141,21 @@ def test_closing_early_ends_the_decoding_processes(photos):
     assert workers, "no decoding process"
     pidfds = {pid: os.pidfd_open(pid) for pid in workers}
     outcomes.close()  # returns once the workers are shut down
-    assert _wait_gone(pidfds, timeout=10) == []
+    assert _wait_gone(pidfds) == []
+
+
+def test_a_decoding_process_that_dies_is_one_error_not_a_damaged_photo(photos):
+    spec = ExtractSpec("vgg16", "none", image_size=32)
+    outcomes = decoded(spec, photos * 5, PROCESSES, window=8)
+    next(outcomes)
+    workers = _decoders(os.getpid())
+    pidfds = {pid: os.pidfd_open(pid) for pid in workers}
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)  # as the kernel's out-of-memory killer would
+    assert _wait_gone(pidfds) == []
+    with pytest.raises(FurnitypeError, match=r"^a decoding process ended unexpectedly \(out of memory, or killed\?\); "
+                                             r"rerun, or give --workers 4 or fewer to decode in threads$"):
+        list(outcomes)  # the photos not decoded yet (more than the window) are not reported unusable
 
 
 def _start_extract(folder: Path, out: Path, point: str, nth: int) -> subprocess.Popen:

@@ -82,8 +82,14 @@ def decode_pool(workers: int) -> Iterator[Callable[..., Future]]:
 
 def result(future: Future) -> Decoded:
     """A decoding worker's result; a process that died (killed, out of memory) is one line, not a damaged photo."""
-    try:
+    with _broken_pool_as_error():
         return future.result()
+
+
+@contextlib.contextmanager
+def _broken_pool_as_error() -> Iterator[None]:
+    try:
+        yield
     except BrokenProcessPool as err:
         raise FurnitypeError(
             "a decoding process ended unexpectedly (out of memory, or killed?); rerun, or give --workers "
@@ -96,7 +102,8 @@ def _submit_without_sigint(pool: Executor, fn: Callable, /, *args: object) -> Fu
     # start-up (with a traceback) before it ignores SIGINT.
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        return pool.submit(fn, *args)
+        with _broken_pool_as_error():
+            return pool.submit(fn, *args)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
