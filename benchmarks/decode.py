@@ -7,8 +7,9 @@ Run by hand (a few minutes on 2 cores with ``--limit 400``)::
 
 Each configuration (threads 1, 2, 4; processes 2, 4 by default: what 2 cores allow) reads, hashes, decodes and
 resizes an evenly spaced sample of ``--limit`` photos to ``--image-size`` px with ``decoded()``, the pool
-started and shut down inside the call as in ``extract``. Rounds interleave the configurations in one process
-(their order rotated each round), so wall times are comparable on a shared machine; medians over the rounds:
+started and shut down inside the call as in ``extract``, with ``feature_batches``' window at batch size 32.
+Rounds interleave the configurations in one process (their order rotated each round), so wall times are
+comparable on a shared machine; medians over the rounds:
 
 - **photos/s**: photos ÷ wall seconds of one call.
 - **CPU ms/photo**: CPU (user + system) of this process and of its decoding processes (``RUSAGE_SELF`` +
@@ -65,7 +66,7 @@ def one_call(spec: ExtractSpec, paths: list[str], name: str, workers: int) -> tu
     ``paths`` (every photo decoded, none unusable)."""
     with kind(name):
         wall, (mine, cpu) = time.perf_counter(), cpu_seconds()
-        for path, result in decoded(spec, paths, workers, window=2 * 32):
+        for path, result in decoded(spec, paths, workers, window=decoding.read_ahead(32, workers)):
             if isinstance(result, ImageDecodeError):
                 raise SystemExit(f"{path}: {result}")
         mine_after, cpu_after = cpu_seconds()

@@ -17,7 +17,16 @@ import numpy as np
 from furnitype.errors import InputError
 from furnitype.extract import int8
 from furnitype.extract.backbones import build_model, get_backbone, weights_stamp
-from furnitype.extract.decoding import Decoded, decode_file, decode_pool, default_decode_workers, in_processes, result
+from furnitype.extract.decoding import (
+    Decoded,
+    chunk_size,
+    decode_pool,
+    default_decode_workers,
+    in_processes,
+    load_each,
+    read_ahead,
+    result,
+)
 from furnitype.extract.images import ImageDecodeError, load_photo
 
 
@@ -92,35 +101,45 @@ class Outcome:
 def decoded(
     spec: ExtractSpec, paths: Iterable[str], workers: int | None, window: int, *, gpu: bool = False
 ) -> Iterator[tuple[str, Decoded]]:
-    """Yield ``(path, (sha256, image) | ImageDecodeError)`` in order, decoding ``window`` files ahead.
+    """Yield ``(path, (sha256, image) | ImageDecodeError)`` in order, decoding up to ``window`` files ahead.
 
-    ``workers`` (None: ``default_decode_workers(gpu=gpu)``) are threads calling ``spec.load``, or processes past
-    ``THREADS_SCALE_TO``: those get ``spec``'s decoding settings, not ``spec`` (whose module builds networks).
+    ``workers`` (None: ``default_decode_workers(gpu=gpu)``) are threads calling ``spec.load`` on a file at a time,
+    or processes past ``THREADS_SCALE_TO`` given a few files at a time (``chunk_size``) and ``spec``'s decoding
+    settings, not ``spec`` (whose module builds networks); a chunk's photos are held until yielded.
     """
     workers = workers or default_decode_workers(gpu=gpu)
+    load: Callable[[str], tuple[str, np.ndarray]] = spec.load
+    chunk = 1
     if in_processes(workers):
-        load: Callable[[str], Decoded] = functools.partial(
-            decode_file, image_size=spec.image_size, interpolation=spec.interpolation, decode=spec.decode
+        load = functools.partial(
+            load_photo, image_size=spec.image_size, interpolation=spec.interpolation, decode=spec.decode
         )
-    else:
-        load = functools.partial(_loaded, spec)
+        chunk = chunk_size(workers, window)
+    task = functools.partial(load_each, load)
     with decode_pool(workers) as submit:
-        pending: deque = deque()
-        for path in paths:
-            pending.append((path, submit(load, path)))
-            if len(pending) > window:
-                head, future = pending.popleft()
-                yield head, result(future)
+        pending: deque = deque()  # (paths, the future of their results)
+        ahead = 0
+        for group in _groups(paths, chunk):
+            pending.append((group, submit(task, group)))
+            ahead += len(group)
+            while ahead > window:
+                group, future = pending.popleft()
+                ahead -= len(group)
+                yield from zip(group, result(future), strict=True)
         while pending:
-            head, future = pending.popleft()
-            yield head, result(future)
+            group, future = pending.popleft()
+            yield from zip(group, result(future), strict=True)
 
 
-def _loaded(spec: ExtractSpec, path: str) -> Decoded:
-    try:
-        return spec.load(path)
-    except ImageDecodeError as err:
-        return err
+def _groups(paths: Iterable[str], size: int) -> Iterator[list[str]]:
+    group: list[str] = []
+    for path in paths:
+        group.append(path)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def check_batching(batch_size: int, workers: int | None) -> None:
@@ -144,13 +163,14 @@ def feature_batches(
     """Yield lists of ``Outcome`` (one per path, in order), one list per inference batch.
 
     ``infer`` is built from ``spec`` on first need when not given (no network is built for no images).
-    ``prefetch`` files (default ``2 * batch_size``, and at least two per worker) are read and decoded ahead while
-    the network runs, so at most ``batch_size + prefetch`` decoded images are held at a time. ``workers`` decode
-    them: threads, or processes past ``THREADS_SCALE_TO`` (default: ``default_decode_workers(gpu=gpu)``; ``gpu``:
-    whether the network runs on a GPU, where decoding is what limits).
+    ``prefetch`` files (default ``read_ahead(batch_size, workers)``: two batches, more for many processes) are
+    read and decoded ahead while the network runs, so at most ``batch_size + prefetch`` decoded images (and a
+    process's chunk) are held at a time. ``workers`` decode them: threads, or processes past ``THREADS_SCALE_TO``
+    (default: ``default_decode_workers(gpu=gpu)``; ``gpu``: whether the network runs on a GPU, where decoding is
+    what limits).
     """
     workers = workers or default_decode_workers(gpu=gpu)
-    prefetch = max(2 * batch_size, 2 * workers) if prefetch is None else prefetch
+    prefetch = read_ahead(batch_size, workers) if prefetch is None else prefetch
     batch: list[Outcome] = []
     images: list[np.ndarray] = []
     for path, loaded in decoded(spec, paths, workers, window=prefetch):
