@@ -14,8 +14,10 @@ comparable on a shared machine; medians over the rounds:
 - **photos/s**: photos ÷ wall seconds of one call.
 - **CPU ms/photo**: CPU (user + system) of this process and of its decoding processes (``RUSAGE_SELF`` +
   ``RUSAGE_CHILDREN``; a process's CPU counts once it is shut down), start-up included, ÷ photos.
-- **start-up CPU ms**: the CPU of a call over as many photos as workers (processes: spawning them, their imports).
-- **steady CPU ms/photo**: (CPU of the call − start-up CPU) ÷ (photos − workers): a photo's cost in a long run.
+- **start-up CPU ms**: the CPU of a call over one task per worker (processes: ``CHUNK`` photos each), which
+  starts every worker (processes: spawning them, their imports).
+- **steady CPU ms/photo**: (CPU of the call − start-up CPU) ÷ (photos − the start-up call's): a photo's cost in a
+  long run.
 - **of which this process**: its own CPU ÷ photos (processes: receiving the decoded photos; it caps the rate, as
   this process also feeds the network).
 
@@ -61,6 +63,11 @@ def kind(name: str) -> Iterator[None]:
         decoding.THREADS_SCALE_TO = saved
 
 
+def started(name: str, workers: int | str) -> int:
+    """Photos of the start-up call: one task per worker, so that every worker starts."""
+    return int(workers) * (decoding.CHUNK if name == "processes" else 1)
+
+
 def one_call(spec: ExtractSpec, paths: list[str], name: str, workers: int) -> tuple[float, float, float]:
     """Wall, CPU (with the decoding processes) and this process's CPU seconds of one ``decoded()`` over
     ``paths`` (every photo decoded, none unusable)."""
@@ -96,7 +103,7 @@ def main() -> None:
     for round_ in range(args.rounds):
         order = CONFIGS[round_ % len(CONFIGS):] + CONFIGS[: round_ % len(CONFIGS)]
         for name, workers in order:
-            startups[f"{name} {workers}"].append(one_call(spec, paths[:workers], name, workers)[1])
+            startups[f"{name} {workers}"].append(one_call(spec, paths[:started(name, workers)], name, workers)[1])
             wall, cpu, mine = one_call(spec, paths, name, workers)
             walls[f"{name} {workers}"].append(wall)
             cpus[f"{name} {workers}"].append(cpu)
@@ -110,7 +117,7 @@ def main() -> None:
     for name in names:
         wall, cpu, startup, mine = (statistics.median(v) for v in (walls[name], cpus[name], startups[name],
                                                                     parents[name]))
-        steady = (cpu - startup) / (n - int(name.split()[1]))
+        steady = (cpu - startup) / (n - started(*name.split()))
         rows[name] = {"photos_per_s": n / wall, "cpu_ms_per_photo": 1000 * cpu / n, "startup_cpu_ms": 1000 * startup,
                       "steady_cpu_ms_per_photo": 1000 * steady, "this_process_cpu_ms_per_photo": 1000 * mine / n}
         print(f"| {name} | {n / wall:,.0f} | {1000 * cpu / n:.2f} | {1000 * startup:,.0f} | {1000 * steady:.2f} "
