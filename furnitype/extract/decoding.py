@@ -110,8 +110,8 @@ def _broken_pool_as_error() -> Iterator[None]:
         yield
     except BrokenProcessPool as err:
         raise FurnitypeError(
-            "a decoding process ended unexpectedly (out of memory, or killed?); rerun, or give --workers "
-            f"{THREADS_SCALE_TO} or fewer to decode in threads"
+            "a decoding process ended unexpectedly (out of memory? killed? a script that calls furnitype needs "
+            f'if __name__ == "__main__":); rerun, or give --workers {THREADS_SCALE_TO} or fewer to decode in threads'
         ) from err
 
 
