@@ -1,7 +1,7 @@
 """Decoding workers sized to the machine: threads while threads scale, processes past that.
 
 The processes are spawned (never forked: TensorFlow's or JAX's threads run in this process, and a forked copy of
-their locks can hang) and import only this module's light dependencies (numpy, Pillow), never Keras. They ignore
+their locks can hang) and import only what decoding needs (numpy, Pillow, furnitype.extract), never Keras. They ignore
 Ctrl-C, which the terminal sends to the whole process group: the parent answers it. They exit when the parent
 goes, even killed with -9.
 """
@@ -30,7 +30,7 @@ from furnitype.extract.images import ImageDecodeError
 #: 4,700 photos/s. More workers than this are processes.
 THREADS_SCALE_TO = 4
 #: Photos a decoding process decodes per task: their pixels come back in one message, which costs this process
-#: a quarter of the CPU of one message per photo (0.11 instead of 0.46 ms per 224 px photo, measured on 2 cores).
+#: less than half the CPU of one message per photo (0.12 instead of 0.30 ms per 224 px photo, benchmarks/decode.py).
 CHUNK = 8
 
 Decoded = tuple[str, np.ndarray] | ImageDecodeError
@@ -45,8 +45,8 @@ def usable_cores() -> int:
 
 def default_decode_workers(*, gpu: bool) -> int:
     """Decoding workers when none are asked for: with the network on a GPU, one per usable core (decoding is then
-    what limits); on the CPU, up to ``THREADS_SCALE_TO`` (the network needs the cores, and decoding is ~3 ms of
-    the 100 ms or more a photo takes there)."""
+    what limits); on the CPU, up to ``THREADS_SCALE_TO`` (the network needs the cores, and decoding is 1.5 to 3 ms
+    of the 100 ms or more a photo takes there)."""
     cores = usable_cores()
     return cores if gpu else min(THREADS_SCALE_TO, cores)
 
