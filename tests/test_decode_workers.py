@@ -4,6 +4,7 @@ killed with -9. Real photos, real spawned processes, a real ``furnitype extract`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
@@ -18,7 +19,8 @@ import numpy as np
 import pytest
 
 from furnitype.errors import FurnitypeError
-from furnitype.extract.decoding import THREADS_SCALE_TO, default_decode_workers, in_processes
+from furnitype.extract import pipeline
+from furnitype.extract.decoding import THREADS_SCALE_TO, chunk_size, default_decode_workers, in_processes, read_ahead
 from furnitype.extract.images import ImageDecodeError
 from furnitype.extract.pipeline import ExtractSpec, decoded, feature_batches
 from furnitype.features import load
@@ -124,6 +126,29 @@ def test_processes_give_the_threads_outcomes_damaged_files_included(photos):
     assert len(rows) == 7
     for by_thread, by_process in rows:
         np.testing.assert_allclose(by_process, by_thread, rtol=1e-6)
+
+
+@pytest.mark.parametrize("window", [0, 5, None])
+def test_processes_read_ahead_within_the_window(photos, monkeypatch, window):
+    """Memory stays flat in processes too: at most the window (and the chunk in hand) decoded ahead of the
+    consumer, however many photos."""
+    real_pool, submitted = pipeline.decode_pool, []
+
+    @contextlib.contextmanager
+    def counting_pool(workers):
+        with real_pool(workers) as submit:
+            yield lambda task, group: (submitted.extend(group), submit(task, group))[1]
+
+    monkeypatch.setattr(pipeline, "decode_pool", counting_pool)
+    spec = ExtractSpec("vgg16", "none", image_size=32)
+    window = read_ahead(2, PROCESSES) if window is None else window
+    chunk = chunk_size(PROCESSES, window)
+    paths = photos * 20  # more than the default window
+    seen = 0
+    for path, _ in decoded(spec, paths, PROCESSES, window):
+        seen += 1
+        assert submitted[seen - 1] == path and len(submitted) <= seen + window + chunk - 1
+    assert seen == len(submitted) == len(paths)
 
 
 def test_an_unusable_file_s_error_pickles_with_its_attributes():
