@@ -161,10 +161,12 @@ def weights_option(help: str, *, default: str | None = None) -> Callable:
 
 
 def batch_options(*, ray: bool = False) -> Callable:
-    where = " (in each Ray worker with --engine ray)" if ray else ""
+    where = " (with --engine ray: threads in each Ray worker, at most 4)" if ray else ""
     return _options(
         click.option("--batch-size", default=32, show_default=True, type=int, help="Photos per batch."),
-        click.option("--workers", type=int, help=f"Decoding threads{where}.  [default: up to 4]"),
+        click.option("--workers", type=int, help=f"Decoding workers{where}: threads, processes past 4.  "
+                                                 "[default: sized to the machine: one per core with a GPU, else up "
+                                                 "to 4]"),
         click.option("--device", default="auto", show_default=True, metavar="auto|cpu|gpu|gpu:N",
                      help="Where the network runs: auto is the first GPU the Keras backend sees, else the CPU."),
     )

@@ -22,6 +22,7 @@ from furnitype import __version__
 from furnitype.engines import BatchSource, batch_source
 from furnitype.errors import FurnitypeError, InputError, Interrupted, SettingsMismatchError, StoreError
 from furnitype.extract.backbones import check_memory, get_backbone, weights_files
+from furnitype.extract.decoding import THREADS_SCALE_TO
 from furnitype.extract.images import (
     ImageDecodeError,
     Listing,
@@ -184,7 +185,8 @@ def extract(
         its recorded sha256).
     batch_size : int, default=32
     workers : int, default=None
-        Decoding threads (None: up to 4), in each Ray worker with ``engine="ray"``.
+        Decoding workers, threads or processes past 4 (None: sized to the machine), in each Ray worker with
+        ``engine="ray"``.
     device : str, default="auto"
         Where the network runs: ``auto`` (the first GPU the Keras backend sees, else the CPU), ``cpu``, ``gpu``
         or ``gpu:N``. Not a setting: float32 rows agree across devices and backends
@@ -220,6 +222,11 @@ def extract(
     check_device(device)
     spec = replace(spec, device=device)
     check_batching(batch_size, workers)
+    if engine == "ray" and workers is not None and workers > THREADS_SCALE_TO:
+        raise InputError(  # a Ray worker decodes each batch on its own: a pool of processes per batch costs more
+            f"with --engine ray, --workers is decoding threads in each Ray worker, at most {THREADS_SCALE_TO}; "
+            f"more Ray workers (--ray-workers, --cpus-per-worker) decode more at once. Received: workers={workers}"
+        )
     check_memory(get_backbone(spec.backbone), spec.image_size, batch_size)
     if label is not None:
         if not label.strip():

@@ -240,7 +240,7 @@ def predict(
         run's features. Weights whose identity differs from the recorded one are refused.
     batch_size : int, default=32
     workers : int, default=None
-        Decoding threads (None: up to 4).
+        Decoding workers, threads or processes past 4 (None: sized to the machine).
     device : str, default="auto"
         Where the network runs: ``auto`` (the first GPU the Keras backend sees, else the CPU), ``cpu``, ``gpu``
         or ``gpu:N``.

@@ -413,7 +413,7 @@ def similar(
         recorded weights source. Weights whose identity differs from the recorded one are refused.
     batch_size : int, default=32
     workers : int, default=None
-        Decoding threads for new queries (None: up to 4).
+        Decoding workers for new queries, threads or processes past 4 (None: sized to the machine).
     device : str, default="auto"
         Where the network runs for queries not in the store: ``auto`` (the first GPU, else the CPU), ``cpu``,
         ``gpu`` or ``gpu:N``.

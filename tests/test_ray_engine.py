@@ -392,6 +392,9 @@ def test_engine_options_are_checked_before_any_work(photos, tmp_path):
         extract([photos], **SMALL, out=tmp_path / "f.h5", engine="ray", ray_workers=0)
     with pytest.raises(InputError, match="gpus per worker must be 0 or more"):
         extract([photos], **SMALL, out=tmp_path / "f.h5", engine="ray", gpus_per_worker=-1)
+    with pytest.raises(InputError, match="with --engine ray, --workers is decoding threads in each Ray worker, at "
+                       "most 4; .* Received: workers=5"):
+        extract([photos], **SMALL, out=tmp_path / "f.h5", engine="ray", workers=5)
     assert not (tmp_path / "f.h5").exists()
 
 

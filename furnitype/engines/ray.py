@@ -142,7 +142,8 @@ class _Worker:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         paths = [str(p) for p in batch["path"]]
-        parts = feature_batches(self.spec, paths, batch_size=len(paths), workers=self.threads, infer=self.infer)
+        parts = feature_batches(self.spec, paths, batch_size=len(paths), workers=self.threads, infer=self.infer,
+                                gpu=False)  # threads: a Ray worker decodes each batch on its own
         outcomes = [outcome for part in parts for outcome in part]
         features = np.zeros((len(outcomes), self.width), np.float32)
         for row, outcome in enumerate(outcomes):

@@ -337,6 +337,19 @@ def read_file(path: str) -> tuple[bytes, str]:
     return data, hashlib.sha256(data).hexdigest()
 
 
+def load_photo(
+    path: str, image_size: int, interpolation: str = "bilinear", decode: str = "exact"
+) -> tuple[str, np.ndarray]:
+    """Read, hash and decode one file: ``(sha256, uint8 image)``; ``ImageDecodeError`` (with ``sha256`` when the
+    bytes were read) when unusable."""
+    data, sha256 = read_file(path)
+    try:
+        return sha256, decode_image(data, image_size, interpolation, decode)
+    except ImageDecodeError as err:
+        err.sha256 = sha256  # the bytes are known bad: the cache remembers them by content
+        raise
+
+
 def hash_file(path: str) -> tuple[str, tuple[int, int, int, int]]:
     """The sha256 hex digest of a file's bytes and what the file was when read (size, mtime_ns, inode,
     ctime_ns); ``ImageDecodeError`` when it cannot be read, or changed while being read."""

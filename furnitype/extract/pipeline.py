@@ -1,4 +1,4 @@
-"""The per-batch code path shared by every engine: read + decode in threads, preprocess, infer.
+"""The per-batch code path shared by every engine: read + decode in workers, preprocess, infer.
 
 Decoding of the next batches overlaps inference of the current one through a bounded window of futures, so
 memory stays flat however many photos there are.
@@ -7,11 +7,9 @@ memory stays flat however many photos there are.
 from __future__ import annotations
 
 import functools
-import os
 import resource
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,8 +17,18 @@ import numpy as np
 from furnitype.errors import InputError
 from furnitype.extract import int8
 from furnitype.extract.backbones import build_model, get_backbone, weights_stamp
-from furnitype.extract.images import ImageDecodeError, decode_image, read_file
-from furnitype.extract.keras_backend import check_backend
+from furnitype.extract.decoding import (
+    Decoded,
+    chunk_size,
+    decode_pool,
+    default_decode_workers,
+    in_processes,
+    load_each,
+    read_ahead,
+    result,
+)
+from furnitype.extract.images import ImageDecodeError, load_photo
+from furnitype.extract.keras_backend import check_backend, resolve_device
 
 
 @dataclass(frozen=True)
@@ -56,14 +64,13 @@ class ExtractSpec:
         """
         return _network(self, weights_stamp(self.weights))
 
+    def on_gpu(self) -> bool:
+        """Whether the network runs on a GPU (``device``; int8 networks run on the CPU)."""
+        return self.precision != "int8" and resolve_device(self.device).gpu
+
     def load(self, path: str) -> tuple[str, np.ndarray]:
         """Read, hash and decode one file: ``(sha256, uint8 image)``; ``ImageDecodeError`` when unusable."""
-        data, sha256 = read_file(path)
-        try:
-            return sha256, decode_image(data, self.image_size, self.interpolation, self.decode)
-        except ImageDecodeError as err:
-            err.sha256 = sha256  # the bytes are known bad: the cache remembers them by content
-            raise
+        return load_photo(path, self.image_size, self.interpolation, self.decode)
 
 
 @functools.lru_cache(maxsize=1)
@@ -104,34 +111,55 @@ class Outcome:
 
 
 def decoded(
-    spec: ExtractSpec, paths: Iterable[str], workers: int, window: int
-) -> Iterator[tuple[str, tuple[str, np.ndarray] | ImageDecodeError]]:
-    """Yield ``(path, (sha256, image) | ImageDecodeError)`` in order, decoding ``window`` files ahead."""
+    spec: ExtractSpec, paths: Iterable[str], workers: int | None, window: int, *, gpu: bool = False
+) -> Iterator[tuple[str, Decoded]]:
+    """Yield ``(path, (sha256, image) | ImageDecodeError)`` in order, decoding up to ``window`` files ahead.
 
-    def load(path: str) -> tuple[str, np.ndarray] | ImageDecodeError:
-        try:
-            return spec.load(path)
-        except ImageDecodeError as err:
-            return err
-
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="furnitype-decode") as pool:
-        pending: deque = deque()
-        for path in paths:
-            pending.append((path, pool.submit(load, path)))
-            if len(pending) > window:
-                head, future = pending.popleft()
-                yield head, future.result()
+    ``workers`` (None: ``default_decode_workers(gpu=gpu)``) are threads calling ``spec.load`` on a file at a time,
+    or processes past ``THREADS_SCALE_TO`` given a few files at a time (``chunk_size``) and ``spec``'s decoding
+    settings, not ``spec`` (whose module builds networks); a chunk's photos are held until yielded.
+    """
+    workers = workers or default_decode_workers(gpu=gpu)
+    load: Callable[[str], tuple[str, np.ndarray]] = spec.load
+    chunk = 1
+    if in_processes(workers):
+        load = functools.partial(
+            load_photo, image_size=spec.image_size, interpolation=spec.interpolation, decode=spec.decode
+        )
+        chunk = chunk_size(workers, window)
+    task = functools.partial(load_each, load)
+    with decode_pool(workers) as submit:
+        pending: deque = deque()  # (paths, the future of their results)
+        ahead = 0
+        for group in _groups(paths, chunk):
+            pending.append((group, submit(task, group)))
+            ahead += len(group)
+            while ahead > window:
+                group, future = pending.popleft()
+                ahead -= len(group)
+                yield from zip(group, result(future), strict=True)
         while pending:
-            head, future = pending.popleft()
-            yield head, future.result()
+            group, future = pending.popleft()
+            yield from zip(group, result(future), strict=True)
+
+
+def _groups(paths: Iterable[str], size: int) -> Iterator[list[str]]:
+    group: list[str] = []
+    for path in paths:
+        group.append(path)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def check_batching(batch_size: int, workers: int | None) -> None:
-    """Refuse a batch size or a number of decoding threads below 1, before any work."""
+    """Refuse a batch size or a number of decoding workers below 1, before any work."""
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1. Received: batch_size={batch_size}")
     if workers is not None and workers < 1:
-        raise InputError(f"decoding threads must be at least 1. Received: workers={workers}")
+        raise InputError(f"decoding workers must be at least 1. Received: workers={workers}")
 
 
 def feature_batches(
@@ -142,22 +170,26 @@ def feature_batches(
     workers: int | None = None,
     infer: Callable[[np.ndarray], np.ndarray] | None = None,
     prefetch: int | None = None,
+    gpu: bool | None = None,
 ) -> Iterator[list[Outcome]]:
     """Yield lists of ``Outcome`` (one per path, in order), one list per inference batch.
 
     ``infer`` is built from ``spec`` on first need when not given (no network is built for no images).
-    ``prefetch`` files (default ``2 * batch_size``) are read and decoded ahead in ``workers`` threads (default:
-    up to 4) while the network runs, so at most ``batch_size + prefetch`` decoded images are held at a time.
+    ``prefetch`` files (default ``read_ahead(batch_size, workers)``: two batches, more for many processes) are
+    read and decoded ahead while the network runs, so at most ``batch_size + prefetch`` decoded images (and a
+    process's chunk) are held at a time. ``workers`` decode them: threads, or processes past ``THREADS_SCALE_TO``
+    (default: ``default_decode_workers(gpu=gpu)``; ``gpu``: whether the network runs on a GPU, where decoding is
+    what limits; None: ``spec.on_gpu()``).
     """
-    workers = workers or min(4, os.cpu_count() or 1)
-    prefetch = 2 * batch_size if prefetch is None else prefetch
+    workers = workers or default_decode_workers(gpu=spec.on_gpu() if gpu is None else gpu)
+    prefetch = read_ahead(batch_size, workers) if prefetch is None else prefetch
     batch: list[Outcome] = []
     images: list[np.ndarray] = []
-    for path, result in decoded(spec, paths, workers, window=prefetch):
-        if isinstance(result, ImageDecodeError):
-            batch.append(Outcome(path, result.sha256, reason=str(result)))
+    for path, loaded in decoded(spec, paths, workers, window=prefetch):
+        if isinstance(loaded, ImageDecodeError):
+            batch.append(Outcome(path, loaded.sha256, reason=str(loaded)))
             continue
-        sha256, image = result
+        sha256, image = loaded
         batch.append(Outcome(path, sha256))
         images.append(image)
         if len(images) == batch_size:
