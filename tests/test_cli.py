@@ -780,7 +780,7 @@ def test_json_keeps_the_progress_on_stderr_with_a_loading_line(photo_folder, tmp
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["extracted"] == 6
     pieces = re.split(r"[\r\n]", result.stderr)
-    assert "loading vgg16 (random weights) ..." in pieces  # a line of its own, not glued to the bar
+    assert "loading vgg16 (random weights) on CPU ..." in pieces  # a line of its own, not glued to the bar
     assert "\r" not in result.stderr and "img/s" not in result.stderr  # no bar off a terminal (test_progress.py)
     quiet = runner.invoke(cli, [*args[:-1], str(tmp_path / "g.h5"), "--json", "-q"])
     assert quiet.exit_code == 0 and quiet.stderr == ""
