@@ -212,3 +212,18 @@ def test_jax_out_of_memory_is_recognised():
     done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "KERAS_BACKEND": "jax"},
                           capture_output=True, text=True, timeout=600)
     assert done.stdout.split() == ["True"], done.stderr
+
+
+@pytest.mark.parametrize("backend, says", [
+    ("foo", "Error: Keras cannot start its foo backend (Unable to import backend : foo); set KERAS_BACKEND to "
+            "tensorflow, jax or torch (docs/backends.md)."),
+    ("jax", "Error: Keras cannot start its jax backend (import of jax halted; None in sys.modules); pip install "
+            "'furnitype[jax]', or set KERAS_BACKEND to tensorflow, jax or torch (docs/backends.md)."),
+])
+def test_a_backend_keras_cannot_start_is_one_line(backend, says, photos, tmp_path):
+    code = "import sys; sys.modules['jax'] = None; from furnitype.__main__ import main; main()"  # jax not installed
+    done = subprocess.run([sys.executable, "-c", code, "extract", str(photos), "--weights", "none", "--image-size",
+                           "32", "--out", str(tmp_path / "f.h5")], env={**os.environ, "KERAS_BACKEND": backend},
+                          capture_output=True, text=True, timeout=600)
+    assert (done.returncode, done.stderr.strip()) == (1, says)
+    assert not (tmp_path / "f.h5").exists()
