@@ -17,9 +17,12 @@ left out, each with its reason (``NOT_RUN``); every other command must exit 0.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +34,8 @@ from tests.images import COLOURS, photo
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
 LANGUAGES = {"python", "console", "bash", "text", "json"}
+#: ``KERAS_BACKEND=jax`` before ``furnitype``: the command's environment.
+ASSIGNMENT = re.compile(r"[A-Z_]+=\S*")
 
 #: Commands that are not run here, with the reason: a Ray cluster and NNCF's quantization cost minutes.
 NOT_RUN = {
@@ -38,6 +43,7 @@ NOT_RUN = {
     "--precision int8": "quantizes with NNCF (tests/test_int8.py runs int8)",
     "--like vgg-int8.h5": "takes the int8 store the command above (not run) makes",
     "classify vgg16-int8.h5": "takes the int8 store the command above (not run) makes",
+    "KERAS_BACKEND=torch": "PyTorch's wheels are several GB, not in CI (test_keras_backends.py runs on it by hand)",
     "furnitype serve": "serves until stopped (tests/test_serve.py runs docs/serve.md's curl lines against a server)",
 }
 #: Python blocks that are not run, by a word of their fence's info string.
@@ -83,6 +89,9 @@ def substitute(command: str, world: Path, variables: dict[str, str]) -> list[str
     if any(marker in command for marker in NOT_RUN):
         return None
     args = [variables.get(a[1:], a) if a.startswith("$") else a for a in shlex.split(command, comments=True)]
+    environment = []  # KERAS_BACKEND=jax furnitype ...: the command runs in a process of its own, with that
+    while len(args) > 1 and ASSIGNMENT.fullmatch(args[0]):
+        environment.append(args.pop(0))
     if not args or args[0] != "furnitype":
         if len(args) == 1 and "=" in args[0]:  # a shell variable: W=imagenet
             name, value = args[0].split("=", 1)
@@ -95,7 +104,7 @@ def substitute(command: str, world: Path, variables: dict[str, str]) -> list[str
         out.append(arg)
     if out[0] == "extract" and "--weights" not in out:
         out += ["--weights", "none"]  # imagenet by default: a download
-    return out
+    return environment + out
 
 
 def python_source(block: Block) -> str:
@@ -155,6 +164,15 @@ def world(tmp_path_factory) -> Path:
 
 
 def _run(where: Path, args: list[str]) -> str:
+    environment = {}
+    while args and ASSIGNMENT.fullmatch(args[0]):
+        name, value = args[0].split("=", 1)
+        environment[name], args = value, args[1:]
+    if environment:
+        done = subprocess.run([sys.executable, "-m", "furnitype", *args], cwd=where, env={**os.environ, **environment},
+                              capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, f"{environment} furnitype {shlex.join(args)} failed:\n{done.stderr}"
+        return done.stdout + done.stderr
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(where)
         result = run_cli(*args)
@@ -206,7 +224,7 @@ def test_commands_run_as_written(page, world, tmp_path):
             args = substitute(command, where, variables)
             if args is None:
                 continue
-            _new_output(where, args)
+            _new_output(where, [a for a in args if not ASSIGNMENT.fullmatch(a)])
             output = _run(where, args)
             assert "Traceback" not in output, f"{page}:{block.line}: {command}"
             ran += 1
