@@ -174,6 +174,25 @@ def test_a_damaged_cache_file_is_rebuilt_never_trusted(photos, tmp_path, cache, 
 
 @needs_openvino
 @with_made_network
+def test_a_cached_int8_network_runs_on_jax_without_tensorflow(photos, tmp_path):
+    pytest.importorskip("jax")
+    folder = tmp_path / "photos"
+    shutil.copytree(photos, folder)
+    out = tmp_path / "f.h5"
+    extract([folder], **SMALL, precision="int8", out=out)
+    photo(600, COLOURS["sofa"]).save(folder / "sofa" / "new.jpg", quality=90)
+    code = "import sys; sys.modules['tensorflow'] = None; from furnitype.__main__ import main; main()"
+    done = subprocess.run([sys.executable, "-c", code, "extract", str(folder), "--out", str(out), "--json"],
+                          env={**os.environ, "KERAS_BACKEND": "jax"}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["extracted"] == 1
+    grown = load(out)
+    alone = load(extract([folder / "sofa" / "new.jpg"], like=out, out=tmp_path / "one.h5", progress=False).out)
+    np.testing.assert_array_equal(grown.features[list(grown.paths).index(str(folder / "sofa" / "new.jpg"))],
+                                  alone.features[0])
+
+
+@with_made_network
 def test_rows_of_other_calibrations_are_never_mixed(photos, tmp_path):
     out = tmp_path / "f.h5"
     extract([photos], **SMALL, precision="int8", out=out)
