@@ -181,6 +181,8 @@ def feature_batches(
     (default: ``default_decode_workers(gpu=gpu)``; ``gpu``: whether the network runs on a GPU, where decoding is
     what limits; None: ``spec.on_gpu()``).
     """
+    if not paths:  # nothing to decode: not even the backend is asked where the network would run
+        return
     workers = workers or default_decode_workers(gpu=spec.on_gpu() if gpu is None else gpu)
     prefetch = read_ahead(batch_size, workers) if prefetch is None else prefetch
     batch: list[Outcome] = []
