@@ -108,6 +108,16 @@ def test_rows_that_depend_on_the_backend_record_it_and_are_not_mixed(weights, ph
     assert "KERAS_BACKEND=tensorflow" in error
 
 
+def test_torch_on_the_cpu_freezes_its_network(weights, photos, tmp_path):
+    # Keras' torch backend copied every variable made under "cpu:0", and freezing a copy raised a traceback.
+    pytest.importorskip("torch")
+    done = furnitype("torch", "extract", photos, "--weights", weights, "--image-size", 32, "--device", "cpu",
+                     "--out", tmp_path / "torch.h5")
+    assert done.returncode == 0, done.stderr
+    assert "loading vgg16 (vgg16.weights.h5 weights) on CPU with torch ..." in done.stderr.splitlines()
+    assert len(load(tmp_path / "torch.h5")) == 6
+
+
 def test_similar_on_another_backend_refuses_to_extract_a_query(weights, photos, tmp_path):
     bf16 = extract([photos], weights=str(weights), precision="bfloat16", out=tmp_path / "bf16.h5", **SMALL).out
     query = tmp_path / "query.png"
