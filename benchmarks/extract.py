@@ -13,10 +13,10 @@ process and every child before Keras is imported; int8 runs on TensorFlow only (
 For each configuration it measures, and saves as ``<results>/extract-<backbone>-<precision>.json`` (TensorFlow)
 or ``<results>/extract-<backbone>-<precision>-<backend>.json`` (JAX, PyTorch):
 
-- **model CPU ms/img**: the network alone, in steady state: ``model(x, training=False)`` in one traced graph
-  on batches of ``--batch-size`` photos already decoded, resized and preprocessed in memory, after a warm-up
-  batch (no import, build, decoding or writing counted). The strictest denominator: everything else
-  ``extract`` does is counted against it.
+- **model CPU ms/img**: the network alone, in steady state: the network ``extract`` builds (Keras' compiled
+  predict function on the backend) on batches of ``--batch-size`` photos already decoded, resized and
+  preprocessed in memory, after a warm-up batch (no import, build, decoding or writing counted). The strictest
+  denominator: everything else ``extract`` does is counted against it.
 - **extract CPU ms/img**: ``furnitype extract FOLDER`` as a fresh child process into a new store, end to end
   (interpreter and Keras backend start-up, network build, listing, hashing, decoding, journal, HDF5 write),
   CPU time (user + system, all threads) from ``os.wait4``, divided by the photos extracted.
@@ -437,8 +437,8 @@ def main() -> None:
     if not args.table:
         if not args.folder or not args.weights:
             parser.error("give the photo folder and --weights (or --table)")
+        every = PRECISIONS if args.backend == DEFAULT_BACKEND else PRECISIONS[:-1]  # int8: TensorFlow's only
         for backbone in BACKBONES if args.backbone == "all" else [args.backbone]:
-            every = PRECISIONS if args.backend == DEFAULT_BACKEND else PRECISIONS[:-1]  # int8: TensorFlow's
             for precision in every if args.precision == "all" else [args.precision]:
                 run_config(argparse.Namespace(**{**vars(args), "backbone": backbone, "precision": precision}),
                            results, results)
