@@ -1,20 +1,24 @@
-"""How close ``furnitype extract`` runs to the speed of the network alone, per backbone and precision.
+"""How close ``furnitype extract`` runs to the speed of the network alone, per backbone, precision and Keras backend.
 
 Run by hand (long: about 40 minutes for everything on 2 cores; each configuration can run on its own)::
 
     .venv/bin/python benchmarks/extract.py PHOTOS/ \\
         --weights vgg16_notop.weights.h5 [--backbone vgg16] [--precision bfloat16] [--limit N]
+    .venv/bin/python benchmarks/extract.py PHOTOS/ --weights vgg16_notop.weights.h5 --backend jax   # or torch
     .venv/bin/python benchmarks/extract.py --table          # the table of all saved results, as Markdown
     .venv/bin/python benchmarks/extract.py --accuracy FLOAT32.h5 INT8.h5   # classify on both, 5 held-out splits
 
-For each configuration it measures, and saves as ``<results>/extract-<backbone>-<precision>.json``:
+``--backend`` (``tensorflow``, ``jax`` or ``torch``; default ``tensorflow``) sets ``KERAS_BACKEND`` for this
+process and every child before Keras is imported; int8 runs on TensorFlow only (OpenVINO converts its network).
+For each configuration it measures, and saves as ``<results>/extract-<backbone>-<precision>.json`` (TensorFlow)
+or ``<results>/extract-<backbone>-<precision>-<backend>.json`` (JAX, PyTorch):
 
-- **model CPU ms/img**: the network alone, in steady state: ``model(x, training=False)`` in one traced graph
-  on batches of ``--batch-size`` photos already decoded, resized and preprocessed in memory, after a warm-up
-  batch (no import, build, decoding or writing counted). The strictest denominator: everything else
-  ``extract`` does is counted against it.
+- **model CPU ms/img**: the network alone, in steady state: the network ``extract`` builds (Keras' compiled
+  predict function on the backend) on batches of ``--batch-size`` photos already decoded, resized and
+  preprocessed in memory, after a warm-up batch (no import, build, decoding or writing counted). The strictest
+  denominator: everything else ``extract`` does is counted against it.
 - **extract CPU ms/img**: ``furnitype extract FOLDER`` as a fresh child process into a new store, end to end
-  (interpreter and TensorFlow start-up, network build, listing, hashing, decoding, journal, HDF5 write),
+  (interpreter and Keras backend start-up, network build, listing, hashing, decoding, journal, HDF5 write),
   CPU time (user + system, all threads) from ``os.wait4``, divided by the photos extracted.
 - **efficiency** = model ÷ extract CPU per image.
 - **wall ratio**: in one process, slices alternate A B A B ... where A is the network alone on a slice's
@@ -28,7 +32,9 @@ For each configuration it measures, and saves as ``<results>/extract-<backbone>-
 - **draft decoding**: on the photos where Pillow's JPEG draft mode changes the decoded pixels, the relative
   feature difference (``|f_draft - f_exact| / |f_exact|``, L2 per photo) and decoding CPU per photo both ways.
 
-``--table`` adds the bfloat16- and int8-vs-float32 feature differences from the stores of each backbone.
+``--table`` adds the bfloat16- and int8-vs-float32 feature differences from the stores of each backbone and
+backend, and for JAX and PyTorch, per precision, how their rows differ from TensorFlow's (relative L2 per row)
+and their CPU per photo next to TensorFlow's, the network alone and end to end.
 InceptionV3 has no pretrained weights here: it runs with ``--weights none`` (random, seeded), which costs the
 same arithmetic.
 
@@ -60,6 +66,8 @@ from _common import evenly_spaced, measure, write_results
 
 BACKBONES = ("vgg16", "inception")
 PRECISIONS = ("float32", "bfloat16", "int8")
+BACKENDS = ("tensorflow", "jax", "torch")
+DEFAULT_BACKEND = "tensorflow"
 
 
 def _link_folder(files, root: Path) -> Path:
@@ -209,7 +217,7 @@ def run_config(args, results: Path, work: Path) -> dict:
     files = list_images([args.folder]).files
     if args.limit:
         files = evenly_spaced(files, args.limit)
-    tag = f"{args.backbone}-{args.precision}"
+    tag = f"{args.backbone}-{args.precision}" + ("" if args.backend == DEFAULT_BACKEND else f"-{args.backend}")
     cache = work / f"int8-cache-{tag}"  # children inherit it: int8 is quantized once, in the timed calibration run
     shutil.rmtree(cache, ignore_errors=True)
     os.environ["FURNITYPE_CACHE_DIR"] = str(cache)
@@ -238,7 +246,8 @@ def run_config(args, results: Path, work: Path) -> dict:
         startup = _run_child(command(one, Path(tmp, "one.h5"), 1))
     print(f"{tag}: model alone, interleaved slices, draft check", file=sys.stderr, flush=True)
     child = [sys.executable, __file__, str(args.folder), "--in-process", "--backbone", args.backbone,
-             "--precision", args.precision, "--weights", weights, "--batch-size", str(args.batch_size),
+             "--backend", args.backend, "--precision", args.precision, "--weights", weights,
+             "--batch-size", str(args.batch_size),
              "--model-images", str(args.model_images), "--slices", str(args.slices),
              "--slice-images", str(args.slice_images), "--limit", str(args.limit or 0)]
     inner = _run_child(child)["result"]
@@ -246,6 +255,7 @@ def run_config(args, results: Path, work: Path) -> dict:
     report = {
         "backbone": args.backbone,
         "precision": args.precision,
+        "backend": args.backend,
         "weights": "vgg16_notop.weights.h5" if weights != "none" else "none (random, seeded)",
         "photos": len(files),
         "extract": {**first, "cpu_ms": 1000 * first["cpu_s"] / extracted, "images": extracted},
@@ -263,25 +273,39 @@ def run_config(args, results: Path, work: Path) -> dict:
     return report
 
 
-def table(results: Path) -> str:
-    """The Markdown table of every saved configuration, with the bfloat16 and int8 checks."""
+def _backend(report: dict) -> str:
+    return report.get("backend", DEFAULT_BACKEND)  # results saved before --backend are TensorFlow's
+
+
+def _difference(store: str, reference: str) -> dict | None:
+    """``_relative`` of one store's rows to another's, photo by photo; None unless both stores are there."""
     from furnitype.features import load
 
-    reports = {(r["backbone"], r["precision"]): r
+    if not (Path(store).is_file() and Path(reference).is_file()):
+        return None
+    a, b = load(store), load(reference)
+    assert sorted(a.sha256) == sorted(b.sha256), f"{store} and {reference} hold other photos"
+    row = {sha: i for i, sha in enumerate(a.sha256)}
+    return _relative(a.features[[row[sha] for sha in b.sha256]], b.features)
+
+
+def table(results: Path) -> str:
+    """The Markdown table of every saved configuration, with the bfloat16, int8 and backend checks."""
+    reports = {(r["backbone"], r["precision"], _backend(r)): r
                for r in (json.loads(p.read_text()) for p in sorted(results.glob("extract-*.json")))}
     lines = [
-        "| backbone | precision | photos | model CPU ms/img | extract CPU ms/img | efficiency | wall ratio "
+        "| backbone | precision | backend | photos | model CPU ms/img | extract CPU ms/img | efficiency | wall ratio "
         "(interleaved) | CPU ratio (interleaved) | start-up CPU s | calibration CPU s (once) | rerun / first | "
         "peak RSS sample / all (MiB) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for (backbone, precision), r in sorted(reports.items()):
+    for (backbone, precision, backend), r in sorted(reports.items()):
         sample = r["sample"]
         rss = f"{sample['peak_rss_mib']:.0f} ({sample['images']}) / " if sample else ""
         steady = np.median([p["model_cpu_ms"] / p["extract_cpu_ms"] for p in r["interleaved"]["pairs"]])
         calibration = f"{r['calibration']['cpu_s']:.1f}" if r.get("calibration") else "-"
         lines.append(
-            f"| {backbone} | {precision} | {r['extract']['images']:,} | {r['model']['cpu_ms']:.1f} | "
+            f"| {backbone} | {precision} | {backend} | {r['extract']['images']:,} | {r['model']['cpu_ms']:.1f} | "
             f"{r['extract']['cpu_ms']:.1f} | {r['efficiency']:.3f} | {r['interleaved']['median_ratio']:.3f} | "
             f"{steady:.3f} | {r['startup']['cpu_s']:.1f} | "
             f"{calibration} | "
@@ -289,27 +313,42 @@ def table(results: Path) -> str:
             f"{rss}{r['extract']['peak_rss_mib']:.0f} |"
         )
     notes = []
-    for backbone, precision in [(b, p) for b in BACKBONES for p in PRECISIONS[1:]]:
-        f32, other = reports.get((backbone, "float32")), reports.get((backbone, precision))
+    for backend, backbone, precision in [(k, b, p) for k in BACKENDS for b in BACKBONES for p in PRECISIONS[1:]]:
+        f32, other = reports.get((backbone, "float32", backend)), reports.get((backbone, precision, backend))
         if f32 and other:
             speed = f32["model"]["cpu_ms"] / other["model"]["cpu_ms"]
             e2e = f32["extract"]["cpu_ms"] / other["extract"]["cpu_ms"]
-            line = f"- {backbone}: {precision} is {speed:.2f}x float32 in model CPU per image, {e2e:.2f}x end to end"
-            bf16 = reports.get((backbone, "bfloat16"))
+            on = "" if backend == DEFAULT_BACKEND else f" on {backend}"
+            line = (f"- {backbone}{on}: {precision} is {speed:.2f}x float32 in model CPU per image, {e2e:.2f}x end "
+                    f"to end")
+            bf16 = reports.get((backbone, "bfloat16", backend))
             if precision == "int8" and bf16:
                 line += f" ({other['extract']['cpu_ms'] / bf16['extract']['cpu_ms']:.2f}x bfloat16's CPU per photo)"
-            if Path(f32["store"]).is_file() and Path(other["store"]).is_file():
-                a, b = load(other["store"]), load(f32["store"])
-                assert list(a.sha256) == list(b.sha256)
-                diff = _relative(a.features, b.features)
+            diff = _difference(other["store"], f32["store"])
+            if diff:
                 line += (f"; features differ from float32 by {100 * diff['median']:.2f}% relative (L2, median "
                          f"over {diff['rows']:,} photos), {100 * diff['p95']:.2f}% p95, {100 * diff['max']:.2f}% max, "
                          f"cosine similarity >= {diff['cosine_min']:.4f}")
             notes.append(line + ".")
-    for (backbone, precision), r in sorted(reports.items()):
+    for backend, backbone, precision in [(k, b, p) for k in BACKENDS[1:] for b in BACKBONES for p in PRECISIONS]:
+        tf, other = reports.get((backbone, precision, DEFAULT_BACKEND)), reports.get((backbone, precision, backend))
+        if tf and other:
+            line = (f"- {backbone} {precision} on {backend}: "
+                    f"{other['model']['cpu_ms'] / tf['model']['cpu_ms']:.2f}x TensorFlow's CPU per photo for the "
+                    f"network alone ({other['model']['cpu_ms']:.1f} vs {tf['model']['cpu_ms']:.1f} ms), "
+                    f"{other['extract']['cpu_ms'] / tf['extract']['cpu_ms']:.2f}x end to end "
+                    f"({other['extract']['cpu_ms']:.1f} vs {tf['extract']['cpu_ms']:.1f} ms)")
+            diff = _difference(other["store"], tf["store"])
+            if diff:
+                line += (f"; its rows differ from TensorFlow's by {diff['median']:.1e} relative (L2, median over "
+                         f"{diff['rows']:,} photos), {diff['p95']:.1e} p95, {diff['max']:.1e} max")
+            notes.append(line + ".")
+    for (backbone, precision, backend), r in sorted(reports.items()):
         d = r["draft"]
-        line = (f"- draft decoding, {backbone} {precision}: changes the pixels of {d['changed']} of {d['photos']:,} "
-                f"photos; decoding {d['exact_cpu_ms']:.2f} ms CPU/photo exact, {d['draft_cpu_ms']:.2f} draft")
+        on = "" if backend == DEFAULT_BACKEND else f" ({backend})"
+        line = (f"- draft decoding, {backbone} {precision}{on}: changes the pixels of {d['changed']} of "
+                f"{d['photos']:,} photos; decoding {d['exact_cpu_ms']:.2f} ms CPU/photo exact, "
+                f"{d['draft_cpu_ms']:.2f} draft")
         if "difference" in d:
             diff = d["difference"]
             line += (f"; on those photos features differ by {100 * diff['median']:.2f}% relative (median), "
@@ -365,6 +404,8 @@ def main() -> None:
     parser.add_argument("--weights", help="VGG16 weights file (or none for random weights)")
     parser.add_argument("--backbone", choices=[*BACKBONES, "all"], default="all")
     parser.add_argument("--precision", choices=[*PRECISIONS, "all"], default="all")
+    parser.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND,
+                        help="Keras' backend (KERAS_BACKEND of this process and its children)")
     parser.add_argument("--limit", type=int, default=0, help="an evenly spaced sample of N photos (0: all)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--memory-sample", type=int, default=1000, help="photos of the smaller peak-RSS run")
@@ -378,6 +419,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5, help="held-out splits of --accuracy")
     parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.backend != DEFAULT_BACKEND and args.precision == "int8":
+        parser.error(f"--precision int8 runs OpenVINO's network, converted on TensorFlow: not with --backend "
+                     f"{args.backend}")
+    os.environ["KERAS_BACKEND"] = args.backend  # before anything imports Keras, here or in a child
 
     if args.accuracy:
         Path(args.results).mkdir(parents=True, exist_ok=True)
@@ -392,8 +437,9 @@ def main() -> None:
     if not args.table:
         if not args.folder or not args.weights:
             parser.error("give the photo folder and --weights (or --table)")
+        every = PRECISIONS if args.backend == DEFAULT_BACKEND else PRECISIONS[:-1]  # int8: TensorFlow's only
         for backbone in BACKBONES if args.backbone == "all" else [args.backbone]:
-            for precision in PRECISIONS if args.precision == "all" else [args.precision]:
+            for precision in every if args.precision == "all" else [args.precision]:
                 run_config(argparse.Namespace(**{**vars(args), "backbone": backbone, "precision": precision}),
                            results, results)
     print(table(results))

@@ -72,7 +72,7 @@ def check_backend(needed: str | None, what: str = "these features") -> None:
 
 @dataclass(frozen=True)
 class Device:
-    """Where a network runs: Keras' device name (``cpu:0``, ``gpu:1``) and how messages name it."""
+    """Where a network runs: Keras' device name (``cpu``, ``gpu:1``) and how messages name it."""
 
     keras_name: str
     label: str
@@ -82,7 +82,9 @@ class Device:
         return self.keras_name.startswith("gpu")
 
 
-CPU = Device("cpu:0", "CPU")
+#: ``cpu``, not ``cpu:0``: Keras' torch backend moves each variable made under ``cpu:0`` there, a device torch
+#: counts as another than ``cpu``, and the copy is no leaf tensor, which ``model.trainable = False`` cannot freeze.
+CPU = Device("cpu", "CPU")
 
 
 def check_device(device: str) -> None:
