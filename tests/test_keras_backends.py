@@ -137,7 +137,9 @@ def test_the_backend_is_known_before_keras_is_imported(tmp_path):
     home.mkdir()
     (home / "keras.json").write_text(json.dumps({"backend": "jax"}))
     env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
-    for extra, expected in (({"KERAS_BACKEND": "jax"}, "jax"), ({"KERAS_HOME": str(home)}, "jax"), ({}, None)):
+    tilde = {"HOME": str(tmp_path), "KERAS_HOME": "~/keras-home"}  # Keras expands the ~ itself
+    for extra, expected in (({"KERAS_BACKEND": "jax"}, "jax"), ({"KERAS_HOME": str(home)}, "jax"), (tilde, "jax"),
+                            ({}, None)):
         done = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
                               check=True, timeout=600)
         before, after = done.stdout.split()
@@ -227,3 +229,47 @@ def test_a_backend_keras_cannot_start_is_one_line(backend, says, photos, tmp_pat
                           capture_output=True, text=True, timeout=600)
     assert (done.returncode, done.stderr.strip()) == (1, says)
     assert not (tmp_path / "f.h5").exists()
+
+
+@pytest.mark.parametrize("kind, why", [("folder", "not a regular file"), ("fifo", "not a regular file"),
+                                       ("list", "not a JSON object")])
+def test_a_keras_settings_file_keras_cannot_read_is_one_line(kind, why, weights, photos, tmp_path):
+    """Keras would wait forever on a FIFO, and fail with a traceback on a folder or a JSON list."""
+    home = tmp_path / "keras-home"
+    home.mkdir()
+    settings = home / "keras.json"
+    if kind == "folder":
+        settings.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(settings)
+    else:
+        settings.write_text("[1]")
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    for given in ("none", str(weights)):  # random weights: the backend is read before Keras; a file: Keras reads it
+        done = subprocess.run(
+            [sys.executable, "-m", "furnitype", "extract", str(photos), "--weights", given, "--image-size", "32",
+             "--out", str(tmp_path / "f.h5")], env={**env, "KERAS_HOME": str(home)},
+            capture_output=True, text=True, timeout=600)
+        says = f"Error: Keras cannot read its settings file {settings} ({why}); remove it, or set KERAS_HOME to another"
+        assert (done.returncode, done.stderr.strip()) == (1, says + " folder.")
+        assert not (tmp_path / "f.h5").exists()
+
+
+@pytest.mark.parametrize("backend", ["numpy", "openvino"])
+def test_a_keras_backend_furnitype_does_not_run_on_is_one_line(backend, photos, tmp_path):
+    """Keras' inference-only backends would make rows whose recorded backend furnitype then refuses to read."""
+    pytest.importorskip(backend)
+    done = subprocess.run([sys.executable, "-m", "furnitype", "extract", str(photos), "--weights", "none",
+                           "--image-size", "32", "--out", str(tmp_path / "f.h5")],
+                          env={**os.environ, "KERAS_BACKEND": backend}, capture_output=True, text=True, timeout=600)
+    assert (done.returncode, done.stderr.strip()) == (1, (
+        f"Error: furnitype runs on Keras' tensorflow, jax or torch backend, not {backend}; set KERAS_BACKEND to one "
+        "of them (docs/backends.md)."))
+    assert not (tmp_path / "f.h5").exists()
+
+
+@pytest.mark.parametrize("device", ["gpu:", "gpu:-1", "GPU", "cpu:0", "gpu:\u00b2", "gpu:\u0663", "gpu:0x1"])
+def test_a_device_not_named_as_furnitype_names_them_is_one_line(device, photos, tmp_path, invoke):
+    result = invoke("extract", photos, "--weights", "none", "--device", device, "--out", tmp_path / "f.h5")
+    assert (result.exit_code, result.output.strip()) == (
+        2, f"Error: device must be auto, cpu, gpu or gpu:N. Received: device={device!r}")
