@@ -273,3 +273,17 @@ def test_a_device_not_named_as_furnitype_names_them_is_one_line(device, photos, 
     result = invoke("extract", photos, "--weights", "none", "--device", device, "--out", tmp_path / "f.h5")
     assert (result.exit_code, result.output.strip()) == (
         2, f"Error: device must be auto, cpu, gpu or gpu:N. Received: device={device!r}")
+
+
+def test_a_test_file_of_another_backend_is_refused_naming_both(photos, tmp_path, invoke):
+    """Random weights: each backend draws its own, so a model of one backend's rows cannot be tested on another's."""
+    other = tmp_path / "other.h5"
+    done = furnitype(BACKEND, "extract", photos, "--weights", "none", "--image-size", 32, "--out", other)
+    assert done.returncode == 0, done.stderr
+    tensorflow = extract([photos], weights="none", out=tmp_path / "tf.h5", **SMALL).out
+    result = invoke("classify", other, "--test", tensorflow, "--models", "logreg", "--out", tmp_path / "run")
+    assert (result.exit_code, result.output.strip()) == (1, (
+        f"Error: test file {tensorflow} was made with backend=tensorflow, but {other} with backend={BACKEND}; a "
+        f"model can only be tested on features made with its own settings: extract the test photos with --like "
+        f"{other}."))
+    assert not (tmp_path / "run").exists()
