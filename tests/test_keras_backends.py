@@ -287,3 +287,18 @@ def test_a_test_file_of_another_backend_is_refused_naming_both(photos, tmp_path,
         f"model can only be tested on features made with its own settings: extract the test photos with --like "
         f"{other}."))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_weights_file_named_none_makes_rows_of_any_backend(weights, photos, tmp_path):
+    """float32 rows of a weights file are backend-independent, whatever the file is called."""
+    (tmp_path / "none.weights.h5").write_bytes(weights.read_bytes())
+    code = WITHOUT_TENSORFLOW + "from furnitype.__main__ import main; main()"
+    done = subprocess.run([sys.executable, "-c", code, "extract", str(photos), "--weights", "none.weights.h5",
+                           "--image-size", "32", "--out", "f.h5"], cwd=tmp_path,
+                          env={**os.environ, "KERAS_BACKEND": BACKEND}, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    assert "backend" not in read_meta(tmp_path / "f.h5")
+    more = tmp_path / "more"
+    more.mkdir()
+    photo(41).save(more / "new.png")
+    assert extract([more], out=tmp_path / "f.h5", **SMALL).extracted == 1

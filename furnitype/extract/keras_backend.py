@@ -45,7 +45,8 @@ def depends_on_backend(precision: str, weights: str) -> bool:
     """Whether feature rows of ``precision`` and ``weights`` (a name or its recorded identity) differ between
     backends: bfloat16, float16, and random weights (``none``); not float32 rows of given weights (equal within
     ``FLOAT32_TOLERANCE``) nor int8 rows (OpenVINO runs them)."""
-    return precision != "int8" and (precision != "float32" or weights.lower().startswith("none"))
+    random = weights.lower() == "none" or weights.startswith("none(seed=")  # not a weights file named none...
+    return precision != "int8" and (precision != "float32" or random)
 
 
 def rows_backend(precision: str, weights: str) -> str | None:
