@@ -57,10 +57,10 @@ def keras_config() -> dict:
     """Keras' settings file as Keras reads it: {} when there is none or it is not JSON (Keras then uses its
     defaults). A settings file that is not a regular file, or JSON but not an object, is one line."""
     path = keras_config_path()
+    if not os.path.exists(path):  # as Keras decides (KERAS_HOME a file, a link that loops: none either)
+        return {}
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opened to check it must not wait for a writer
-    except FileNotFoundError:
-        return {}
     except OSError as err:
         raise _config_error(path, err.strerror or type(err).__name__) from err
     try:

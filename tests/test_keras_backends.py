@@ -138,8 +138,10 @@ def test_the_backend_is_known_before_keras_is_imported(tmp_path):
     (home / "keras.json").write_text(json.dumps({"backend": "jax"}))
     env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
     tilde = {"HOME": str(tmp_path), "KERAS_HOME": "~/keras-home"}  # Keras expands the ~ itself
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
     for extra, expected in (({"KERAS_BACKEND": "jax"}, "jax"), ({"KERAS_HOME": str(home)}, "jax"), (tilde, "jax"),
-                            ({}, None)):
+                            ({"KERAS_HOME": str(a_file)}, None), ({}, None)):  # a file: no settings, as for Keras
         done = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
                               check=True, timeout=600)
         before, after = done.stdout.split()
