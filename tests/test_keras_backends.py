@@ -218,6 +218,17 @@ def test_jax_out_of_memory_is_recognised():
     assert done.stdout.split() == ["True"], done.stderr
 
 
+def test_pytorch_out_of_memory_on_the_cpu_is_recognised():
+    """PyTorch's CPU allocator raises a plain RuntimeError (on GPUs: torch.OutOfMemoryError)."""
+    pytest.importorskip("torch")
+    code = (WITHOUT_TENSORFLOW + "import torch; from furnitype.extract.keras_backend import is_out_of_memory\n"
+            "try:\n    torch.empty((1 << 44,), dtype=torch.float32)\n"
+            "except Exception as err:\n    print(is_out_of_memory(err), is_out_of_memory(RuntimeError('other')))")
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "KERAS_BACKEND": "torch"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.stdout.split() == ["True", "False"], done.stderr
+
+
 @pytest.mark.parametrize("backend, says", [
     ("foo", "Error: Keras cannot start its foo backend (Unable to import backend : foo); set KERAS_BACKEND to "
             "tensorflow, jax or torch (docs/backends.md)."),

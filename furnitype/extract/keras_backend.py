@@ -150,6 +150,9 @@ def is_out_of_memory(err: BaseException) -> bool:
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(err, torch.OutOfMemoryError):
         return True
+    # PyTorch's CPU allocator raises a plain RuntimeError.
+    if torch is not None and isinstance(err, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(err):
+        return True
     # JAX raises its runtime error with XLA's status code in the message.
     return type(err).__name__ in ("XlaRuntimeError", "JaxRuntimeError") and "RESOURCE_EXHAUSTED" in str(err)
 
