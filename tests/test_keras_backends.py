@@ -315,3 +315,19 @@ def test_a_weights_file_named_none_makes_rows_of_any_backend(weights, photos, tm
     more.mkdir()
     photo(41).save(more / "new.png")
     assert extract([more], out=tmp_path / "f.h5", **SMALL).extracted == 1
+
+
+def test_keras_settings_floatx_does_not_change_float32_rows(weights, photos, tmp_path):
+    """keras.json's floatx float16 made every layer float16 while the store said float32 (8e-4 off)."""
+    home = tmp_path / "keras-home"
+    home.mkdir()
+    (home / "keras.json").write_text(json.dumps({"floatx": "float16"}))
+    env = {**{k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}, "KERAS_HOME": str(home)}
+    done = subprocess.run([sys.executable, "-m", "furnitype", "extract", str(photos), "--weights", str(weights),
+                           "--image-size", "32", "--out", str(tmp_path / "floatx.h5")],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    float32 = load(extract([photos], weights=str(weights), out=tmp_path / "f.h5", **SMALL).out)
+    floatx = load(tmp_path / "floatx.h5")
+    order = np.argsort(floatx.sha256)[np.argsort(np.argsort(float32.sha256))]
+    assert relative_difference(floatx.features[order], float32.features) <= FLOAT32_TOLERANCE
