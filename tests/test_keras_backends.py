@@ -317,11 +317,13 @@ def test_a_weights_file_named_none_makes_rows_of_any_backend(weights, photos, tm
     assert extract([more], out=tmp_path / "f.h5", **SMALL).extracted == 1
 
 
-def test_keras_settings_floatx_does_not_change_float32_rows(weights, photos, tmp_path):
-    """keras.json's floatx float16 made every layer float16 while the store said float32 (8e-4 off)."""
+@pytest.mark.parametrize("setting", [{"floatx": "float16"}, {"image_data_format": "channels_first"}])
+def test_keras_settings_do_not_change_float32_rows(setting, weights, photos, tmp_path):
+    """keras.json's floatx float16 made every layer float16 while the store said float32 (8e-4 off); its
+    channels_first read a photo's rows as channels (the network failed to build, blamed on the weights)."""
     home = tmp_path / "keras-home"
     home.mkdir()
-    (home / "keras.json").write_text(json.dumps({"floatx": "float16"}))
+    (home / "keras.json").write_text(json.dumps(setting))
     env = {**{k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}, "KERAS_HOME": str(home)}
     done = subprocess.run([sys.executable, "-m", "furnitype", "extract", str(photos), "--weights", str(weights),
                            "--image-size", "32", "--out", str(tmp_path / "floatx.h5")],

@@ -88,7 +88,7 @@ class Backbone:
         """Apply the backbone's own ``keras.applications.<module>.preprocess_input`` to float32 RGB 0-255."""
         keras = import_keras()
         module = getattr(keras.applications, self.keras_name)
-        return module.preprocess_input(batch.astype(np.float32, copy=True))
+        return module.preprocess_input(batch.astype(np.float32, copy=True), data_format="channels_last")
 
 
 _REGISTRY: dict[str, Backbone] = {}
@@ -365,9 +365,12 @@ def keras_model(
         builder = getattr(getattr(keras.applications, backbone.keras_name), backbone.builder)
         keras_weights = None if weights.lower() == "none" else weights
         previous_policy, previous_floatx = keras.config.dtype_policy(), keras.config.floatx()
+        previous_format = keras.config.image_data_format()
         try:
-            # Stated, not inherited: keras.json's floatx (or a notebook's policy) would make float32 rows float16.
+            # Stated, not inherited: keras.json's floatx (or a notebook's policy) would make float32 rows float16,
+            # and its channels_first would read a photo's rows as its channels.
             keras.config.set_floatx("float32")
+            keras.config.set_image_data_format("channels_last")
             keras.config.set_dtype_policy("float32" if precision == "float32" else f"mixed_{precision}")
             if keras_weights is None:  # seeds every framework installed (TensorFlow too): only where it counts
                 keras.utils.set_random_seed(RANDOM_INIT_SEED)
@@ -391,6 +394,7 @@ def keras_model(
             raise _weights_error(backbone, weights, err) from err
         finally:
             keras.config.set_floatx(previous_floatx)
+            keras.config.set_image_data_format(previous_format)
             keras.config.set_dtype_policy(previous_policy)
     return model
 
