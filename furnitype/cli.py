@@ -122,14 +122,18 @@ def _progress_lines(*, enabled: bool) -> Iterator[None]:
     if not enabled:
         yield
         return
-    handler, level = _ProgressHandler(logging.INFO), logger.level
+    handler, level, propagate = _ProgressHandler(logging.INFO), logger.level, logger.propagate
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    # Not also through the root logger's handler: TensorFlow's absl logging gives it one on its first log call
+    # (int8's conversion), and every later line would be printed twice.
+    logger.propagate = False
     try:
         yield
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def _options(*decorators: Callable) -> Callable:

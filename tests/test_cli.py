@@ -786,6 +786,17 @@ def test_json_keeps_the_progress_on_stderr_with_a_loading_line(photo_folder, tmp
     assert quiet.exit_code == 0 and quiet.stderr == ""
 
 
+def test_progress_lines_are_printed_once_where_the_root_logger_has_a_handler(photo_folder, tmp_path):
+    """absl (TensorFlow's logging, as int8's conversion calls it) gives the root logger a handler on its first call."""
+    code = ("from absl import logging; logging.info('absl starts'); from furnitype.__main__ import main; main()")
+    done = subprocess.run([sys.executable, "-c", code, "extract", str(photo_folder), "--weights", "none",
+                           "--image-size", "32", "--out", str(tmp_path / "f.h5")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines()[0] == "loading vgg16 (random weights) on CPU ..."
+    assert "furnitype:" not in done.stderr and done.stderr.count("loading vgg16") == 1
+
+
 def test_scores_in_report_csv_have_six_significant_digits(made):
     import csv
 

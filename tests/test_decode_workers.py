@@ -20,7 +20,14 @@ import pytest
 
 from furnitype.errors import FurnitypeError
 from furnitype.extract import pipeline
-from furnitype.extract.decoding import THREADS_SCALE_TO, chunk_size, default_decode_workers, in_processes, read_ahead
+from furnitype.extract.decoding import (
+    THREADS_SCALE_TO,
+    chunk_size,
+    default_decode_workers,
+    in_processes,
+    max_decode_workers,
+    read_ahead,
+)
 from furnitype.extract.images import ImageDecodeError
 from furnitype.extract.pipeline import ExtractSpec, decoded, feature_batches
 from furnitype.features import load
@@ -224,3 +231,21 @@ def test_kill_9_of_an_extract_leaves_no_decoding_process_behind(tmp_path):
     signal_stopped(proc, signal.SIGKILL)
     proc.communicate(timeout=GUARD_S)
     assert _wait_gone(pidfds) == []
+
+
+def test_more_decoding_workers_than_the_machine_can_use_is_one_line(photos, tmp_path, invoke):
+    """A huge --workers would start a process per 8 photos and decode the whole input ahead: refused, nothing
+    started."""
+    folder = str(Path(photos[0]).parent.parent)
+    most = max_decode_workers()
+    assert most == max(2 * THREADS_SCALE_TO, 4 * len(os.sched_getaffinity(0)))
+    for workers in (most + 1, 10**6):
+        result = invoke("extract", folder, "--weights", "none", "--image-size", 32, "--workers", workers,
+                        "--out", tmp_path / "f.h5")
+        assert (result.exit_code, result.output.strip()) == (2, (
+            f"Error: decoding workers must be at most {most} here (4 per usable core): more only share the same "
+            f"cores and hold more photos decoded ahead. Received: workers={workers}"))
+        assert not (tmp_path / "f.h5").exists() and not _decoders(os.getpid())
+    result = invoke("extract", folder, "--weights", "none", "--image-size", 32, "--workers", most, "--quiet",
+                    "--out", tmp_path / "f.h5")
+    assert result.exit_code == 0, result.output

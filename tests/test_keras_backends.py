@@ -137,7 +137,11 @@ def test_the_backend_is_known_before_keras_is_imported(tmp_path):
     home.mkdir()
     (home / "keras.json").write_text(json.dumps({"backend": "jax"}))
     env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
-    for extra, expected in (({"KERAS_BACKEND": "jax"}, "jax"), ({"KERAS_HOME": str(home)}, "jax"), ({}, None)):
+    tilde = {"HOME": str(tmp_path), "KERAS_HOME": "~/keras-home"}  # Keras expands the ~ itself
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    for extra, expected in (({"KERAS_BACKEND": "jax"}, "jax"), ({"KERAS_HOME": str(home)}, "jax"), (tilde, "jax"),
+                            ({"KERAS_HOME": str(a_file)}, None), ({}, None)):  # a file: no settings, as for Keras
         done = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
                               check=True, timeout=600)
         before, after = done.stdout.split()
@@ -214,6 +218,17 @@ def test_jax_out_of_memory_is_recognised():
     assert done.stdout.split() == ["True"], done.stderr
 
 
+def test_pytorch_out_of_memory_on_the_cpu_is_recognised():
+    """PyTorch's CPU allocator raises a plain RuntimeError (on GPUs: torch.OutOfMemoryError)."""
+    pytest.importorskip("torch")
+    code = (WITHOUT_TENSORFLOW + "import torch; from furnitype.extract.keras_backend import is_out_of_memory\n"
+            "try:\n    torch.empty((1 << 44,), dtype=torch.float32)\n"
+            "except Exception as err:\n    print(is_out_of_memory(err), is_out_of_memory(RuntimeError('other')))")
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "KERAS_BACKEND": "torch"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.stdout.split() == ["True", "False"], done.stderr
+
+
 @pytest.mark.parametrize("backend, says", [
     ("foo", "Error: Keras cannot start its foo backend (Unable to import backend : foo); set KERAS_BACKEND to "
             "tensorflow, jax or torch (docs/backends.md)."),
@@ -227,3 +242,94 @@ def test_a_backend_keras_cannot_start_is_one_line(backend, says, photos, tmp_pat
                           capture_output=True, text=True, timeout=600)
     assert (done.returncode, done.stderr.strip()) == (1, says)
     assert not (tmp_path / "f.h5").exists()
+
+
+@pytest.mark.parametrize("kind, why", [("folder", "not a regular file"), ("fifo", "not a regular file"),
+                                       ("list", "not a JSON object")])
+def test_a_keras_settings_file_keras_cannot_read_is_one_line(kind, why, weights, photos, tmp_path):
+    """Keras would wait forever on a FIFO, and fail with a traceback on a folder or a JSON list."""
+    home = tmp_path / "keras-home"
+    home.mkdir()
+    settings = home / "keras.json"
+    if kind == "folder":
+        settings.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(settings)
+    else:
+        settings.write_text("[1]")
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    for given in ("none", str(weights)):  # random weights: the backend is read before Keras; a file: Keras reads it
+        done = subprocess.run(
+            [sys.executable, "-m", "furnitype", "extract", str(photos), "--weights", given, "--image-size", "32",
+             "--out", str(tmp_path / "f.h5")], env={**env, "KERAS_HOME": str(home)},
+            capture_output=True, text=True, timeout=600)
+        says = f"Error: Keras cannot read its settings file {settings} ({why}); remove it, or set KERAS_HOME to another"
+        assert (done.returncode, done.stderr.strip()) == (1, says + " folder.")
+        assert not (tmp_path / "f.h5").exists()
+
+
+@pytest.mark.parametrize("backend", ["numpy", "openvino"])
+def test_a_keras_backend_furnitype_does_not_run_on_is_one_line(backend, photos, tmp_path):
+    """Keras' inference-only backends would make rows whose recorded backend furnitype then refuses to read."""
+    pytest.importorskip(backend)
+    done = subprocess.run([sys.executable, "-m", "furnitype", "extract", str(photos), "--weights", "none",
+                           "--image-size", "32", "--out", str(tmp_path / "f.h5")],
+                          env={**os.environ, "KERAS_BACKEND": backend}, capture_output=True, text=True, timeout=600)
+    assert (done.returncode, done.stderr.strip()) == (1, (
+        f"Error: furnitype runs on Keras' tensorflow, jax or torch backend, not {backend}; set KERAS_BACKEND to one "
+        "of them (docs/backends.md)."))
+    assert not (tmp_path / "f.h5").exists()
+
+
+@pytest.mark.parametrize("device", ["gpu:", "gpu:-1", "GPU", "cpu:0", "gpu:\u00b2", "gpu:\u0663", "gpu:0x1"])
+def test_a_device_not_named_as_furnitype_names_them_is_one_line(device, photos, tmp_path, invoke):
+    result = invoke("extract", photos, "--weights", "none", "--device", device, "--out", tmp_path / "f.h5")
+    assert (result.exit_code, result.output.strip()) == (
+        2, f"Error: device must be auto, cpu, gpu or gpu:N. Received: device={device!r}")
+
+
+def test_a_test_file_of_another_backend_is_refused_naming_both(photos, tmp_path, invoke):
+    """Random weights: each backend draws its own, so a model of one backend's rows cannot be tested on another's."""
+    other = tmp_path / "other.h5"
+    done = furnitype(BACKEND, "extract", photos, "--weights", "none", "--image-size", 32, "--out", other)
+    assert done.returncode == 0, done.stderr
+    tensorflow = extract([photos], weights="none", out=tmp_path / "tf.h5", **SMALL).out
+    result = invoke("classify", other, "--test", tensorflow, "--models", "logreg", "--out", tmp_path / "run")
+    assert (result.exit_code, result.output.strip()) == (1, (
+        f"Error: test file {tensorflow} was made with backend=tensorflow, but {other} with backend={BACKEND}; a "
+        f"model can only be tested on features made with its own settings: extract the test photos with --like "
+        f"{other}."))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_weights_file_named_none_makes_rows_of_any_backend(weights, photos, tmp_path):
+    """float32 rows of a weights file are backend-independent, whatever the file is called."""
+    (tmp_path / "none.weights.h5").write_bytes(weights.read_bytes())
+    code = WITHOUT_TENSORFLOW + "from furnitype.__main__ import main; main()"
+    done = subprocess.run([sys.executable, "-c", code, "extract", str(photos), "--weights", "none.weights.h5",
+                           "--image-size", "32", "--out", "f.h5"], cwd=tmp_path,
+                          env={**os.environ, "KERAS_BACKEND": BACKEND}, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    assert "backend" not in read_meta(tmp_path / "f.h5")
+    more = tmp_path / "more"
+    more.mkdir()
+    photo(41).save(more / "new.png")
+    assert extract([more], out=tmp_path / "f.h5", **SMALL).extracted == 1
+
+
+@pytest.mark.parametrize("setting", [{"floatx": "float16"}, {"image_data_format": "channels_first"}])
+def test_keras_settings_do_not_change_float32_rows(setting, weights, photos, tmp_path):
+    """keras.json's floatx float16 made every layer float16 while the store said float32 (8e-4 off); its
+    channels_first read a photo's rows as channels (the network failed to build, blamed on the weights)."""
+    home = tmp_path / "keras-home"
+    home.mkdir()
+    (home / "keras.json").write_text(json.dumps(setting))
+    env = {**{k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}, "KERAS_HOME": str(home)}
+    done = subprocess.run([sys.executable, "-m", "furnitype", "extract", str(photos), "--weights", str(weights),
+                           "--image-size", "32", "--out", str(tmp_path / "floatx.h5")],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    float32 = load(extract([photos], weights=str(weights), out=tmp_path / "f.h5", **SMALL).out)
+    floatx = load(tmp_path / "floatx.h5")
+    order = np.argsort(floatx.sha256)[np.argsort(np.argsort(float32.sha256))]
+    assert relative_difference(floatx.features[order], float32.features) <= FLOAT32_TOLERANCE

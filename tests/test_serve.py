@@ -35,11 +35,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from furnitype.errors import InputError
 from furnitype.extraction import extract
 from furnitype.features import load
 from furnitype.keras_loader import import_keras
 from furnitype.predict import predict
 from furnitype.serve.app import _uploads
+from furnitype.serve.batcher import Batcher
 from furnitype.similar import similar
 from furnitype.training import classify
 from tests.images import COLOURS, make_photo_folder, photo
@@ -570,3 +572,10 @@ def test_ctrl_c_twice_stops_at_once(world, tmp_path):
         if held.process.poll() is None:
             held.process.kill()
             held.process.wait()
+
+
+@pytest.mark.parametrize("workers", [0, -1])
+def test_decoding_workers_below_one_are_refused_as_extract_refuses_them(workers):
+    """0 was taken as the default (up to 4), where extract, predict and similar refuse it."""
+    with pytest.raises(InputError, match=rf"^decode_workers must be at least 1. Received: decode_workers={workers}$"):
+        Batcher(lambda batch: batch, decode_workers=workers).close()

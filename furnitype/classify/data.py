@@ -23,6 +23,7 @@ from furnitype.classify.metadata import FeaturePart
 from furnitype.classify.runfiles import CONTROL_CHARACTERS
 from furnitype.classify.split import ContentSplit, max_splits
 from furnitype.errors import InputError, SettingsMismatchError
+from furnitype.extract.keras_backend import DEFAULT_BACKEND
 from furnitype.features.store import short_ids
 
 #: A class needs this many distinct photos (by content) to be trained on; smaller classes are dropped.
@@ -258,7 +259,7 @@ def _match_tests(trains, tests) -> dict[str, store.FeatureSet]:
 
 def _shown(key: str, meta: dict) -> str:
     """``pooling=avg``; hashes cut to 12 digits; an int8 quantization as its network: ``int8 network sha256:…``."""
-    value = str(meta.get(key))
+    value = str(meta.get(key, DEFAULT_BACKEND if key == "backend" else None))  # no backend recorded: TensorFlow's
     network = re.search(r"network=(sha256:\S+)", value) if key == "quantization" else None
     return f"int8 network {short_ids(network.group(1))}" if network else f"{key}={short_ids(value)}"
 

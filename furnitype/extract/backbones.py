@@ -88,7 +88,7 @@ class Backbone:
         """Apply the backbone's own ``keras.applications.<module>.preprocess_input`` to float32 RGB 0-255."""
         keras = import_keras()
         module = getattr(keras.applications, self.keras_name)
-        return module.preprocess_input(batch.astype(np.float32, copy=True))
+        return module.preprocess_input(batch.astype(np.float32, copy=True), data_format="channels_last")
 
 
 _REGISTRY: dict[str, Backbone] = {}
@@ -364,10 +364,14 @@ def keras_model(
         keras = import_keras()
         builder = getattr(getattr(keras.applications, backbone.keras_name), backbone.builder)
         keras_weights = None if weights.lower() == "none" else weights
-        previous_policy = keras.config.dtype_policy()
+        previous_policy, previous_floatx = keras.config.dtype_policy(), keras.config.floatx()
+        previous_format = keras.config.image_data_format()
         try:
-            if precision != "float32":
-                keras.config.set_dtype_policy(f"mixed_{precision}")
+            # Stated, not inherited: keras.json's floatx (or a notebook's policy) would make float32 rows float16,
+            # and its channels_first would read a photo's rows as its channels.
+            keras.config.set_floatx("float32")
+            keras.config.set_image_data_format("channels_last")
+            keras.config.set_dtype_policy("float32" if precision == "float32" else f"mixed_{precision}")
             if keras_weights is None:  # seeds every framework installed (TensorFlow too): only where it counts
                 keras.utils.set_random_seed(RANDOM_INIT_SEED)
             with warnings.catch_warnings(), keras.device(device.keras_name):
@@ -389,6 +393,8 @@ def keras_model(
         except Exception as err:  # noqa: BLE001 - Keras raises many types for a download or a bad file
             raise _weights_error(backbone, weights, err) from err
         finally:
+            keras.config.set_floatx(previous_floatx)
+            keras.config.set_image_data_format(previous_format)
             keras.config.set_dtype_policy(previous_policy)
     return model
 

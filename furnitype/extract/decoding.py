@@ -51,6 +51,13 @@ def default_decode_workers(*, gpu: bool) -> int:
     return cores if gpu else min(THREADS_SCALE_TO, cores)
 
 
+def max_decode_workers() -> int:
+    """The most decoding workers ``--workers`` may ask for: 4 per usable core (8 at least). Each process holds its
+    own Python and Pillow, and the photos read ahead grow with the workers: a million would decode a whole folder
+    ahead in one process per 8 photos."""
+    return max(2 * THREADS_SCALE_TO, 4 * usable_cores())
+
+
 def in_processes(workers: int) -> bool:
     """Whether ``workers`` decoding workers are processes (more than threads scale to) rather than threads."""
     return workers > THREADS_SCALE_TO

@@ -351,7 +351,7 @@ def _quantize(spec: ExtractSpec) -> tuple[str, bytes, bytes]:
     archive.track(model)
     archive.add_endpoint(
         "serve",
-        lambda batch: model(preprocess(tf.cast(batch, tf.float32)), training=False),
+        lambda batch: model(preprocess(tf.cast(batch, tf.float32), data_format="channels_last"), training=False),
         input_signature=[tf.TensorSpec((None, spec.image_size, spec.image_size, 3), tf.uint8)],
     )
     with tempfile.TemporaryDirectory(prefix="furnitype-int8-") as tmp:

@@ -6,7 +6,6 @@ names (TensorFlow by default), and on a machine where only that backend is insta
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -15,11 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from furnitype.errors import FurnitypeError, InputError
-from furnitype.keras_loader import import_keras
+from furnitype.keras_loader import import_keras, keras_config
 
 log = logging.getLogger("furnitype")
 
-BACKENDS = ("tensorflow", "jax", "torch")
 DEFAULT_BACKEND = "tensorflow"
 #: ``--device`` values besides ``gpu:N``: ``auto`` takes the first GPU the backend sees, else the CPU.
 DEVICES = ("auto", "cpu", "gpu")
@@ -40,20 +38,15 @@ def configured_backend() -> str:
         return str(sys.modules["keras"].config.backend())
     if os.environ.get("KERAS_BACKEND"):
         return os.environ["KERAS_BACKEND"]
-    home = os.path.expanduser("~")
-    folder = os.environ.get("KERAS_HOME") or os.path.join(home if os.access(home, os.W_OK) else "/tmp", ".keras")
-    try:
-        with open(os.path.join(folder, "keras.json"), encoding="utf-8") as fh:
-            return str(json.load(fh).get("backend", DEFAULT_BACKEND))
-    except (OSError, ValueError, AttributeError):  # none, or not Keras' JSON: Keras then uses its default too
-        return DEFAULT_BACKEND
+    return str(keras_config().get("backend", DEFAULT_BACKEND))
 
 
 def depends_on_backend(precision: str, weights: str) -> bool:
     """Whether feature rows of ``precision`` and ``weights`` (a name or its recorded identity) differ between
     backends: bfloat16, float16, and random weights (``none``); not float32 rows of given weights (equal within
     ``FLOAT32_TOLERANCE``) nor int8 rows (OpenVINO runs them)."""
-    return precision != "int8" and (precision != "float32" or weights.lower().startswith("none"))
+    random = weights.lower() == "none" or weights.startswith("none(seed=")  # not a weights file named none...
+    return precision != "int8" and (precision != "float32" or random)
 
 
 def rows_backend(precision: str, weights: str) -> str | None:
@@ -90,7 +83,7 @@ CPU = Device("cpu", "CPU")
 def check_device(device: str) -> None:
     """Refuse a ``--device`` that is not ``auto``, ``cpu``, ``gpu`` or ``gpu:N`` (before anything is imported)."""
     kind, _, index = device.partition(":")
-    if device not in DEVICES and not (kind == "gpu" and index.isdigit()):
+    if device not in DEVICES and not (kind == "gpu" and index.isascii() and index.isdigit()):
         raise InputError(f"device must be auto, cpu, gpu or gpu:N. Received: device={device!r}")
 
 
@@ -158,6 +151,9 @@ def is_out_of_memory(err: BaseException) -> bool:
         return True
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(err, torch.OutOfMemoryError):
+        return True
+    # PyTorch's CPU allocator raises a plain RuntimeError.
+    if torch is not None and isinstance(err, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(err):
         return True
     # JAX raises its runtime error with XLA's status code in the message.
     return type(err).__name__ in ("XlaRuntimeError", "JaxRuntimeError") and "RESOURCE_EXHAUSTED" in str(err)

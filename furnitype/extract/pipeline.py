@@ -24,6 +24,7 @@ from furnitype.extract.decoding import (
     default_decode_workers,
     in_processes,
     load_each,
+    max_decode_workers,
     read_ahead,
     result,
 )
@@ -155,11 +156,17 @@ def _groups(paths: Iterable[str], size: int) -> Iterator[list[str]]:
 
 
 def check_batching(batch_size: int, workers: int | None) -> None:
-    """Refuse a batch size or a number of decoding workers below 1, before any work."""
+    """Refuse a batch size below 1, or a number of decoding workers below 1 or above ``max_decode_workers()``,
+    before any work."""
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1. Received: batch_size={batch_size}")
     if workers is not None and workers < 1:
         raise InputError(f"decoding workers must be at least 1. Received: workers={workers}")
+    if workers is not None and workers > max_decode_workers():
+        raise InputError(
+            f"decoding workers must be at most {max_decode_workers()} here (4 per usable core): more only share the "
+            f"same cores and hold more photos decoded ahead. Received: workers={workers}"
+        )
 
 
 def feature_batches(

@@ -24,7 +24,6 @@ from furnitype.extract import int8
 from furnitype.extract.backbones import LAST_LAYER, check_options, get_backbone, layer_names, weights_identity
 from furnitype.extract.images import DECODE_MODES, check_interpolation, list_images
 from furnitype.extract.keras_backend import (
-    BACKENDS,
     DEFAULT_BACKEND,
     check_backend,
     check_device,
@@ -34,6 +33,7 @@ from furnitype.extract.keras_backend import (
 from furnitype.extract.pipeline import ExtractSpec
 from furnitype.features.layout import OPTIONAL_SETTING_KEYS, SETTING_KEYS
 from furnitype.features.store import read_meta, short_id
+from furnitype.keras_loader import BACKENDS
 
 STORE_DTYPES = ("float32", "float16")
 #: The settings an ``extract`` option gives (the int8 quantization comes from the calibration photos).

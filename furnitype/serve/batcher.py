@@ -76,8 +76,9 @@ class Batcher:
         max_queue: int = 256,
         decode_workers: int | None = None,
     ):
+        workers = 1 if decode_workers is None else decode_workers
         for name, value, least in (("max_batch", max_batch, 1), ("max_wait_ms", max_wait_ms, 0),
-                                   ("max_queue", max_queue, 1), ("decode_workers", decode_workers or 1, 1)):
+                                   ("max_queue", max_queue, 1), ("decode_workers", workers, 1)):
             if value < least:
                 raise InputError(f"{name} must be at least {least}. Received: {name}={value}")
         self.infer = infer
