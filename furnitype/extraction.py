@@ -31,7 +31,7 @@ from furnitype.extract.images import (
     hash_file,
     list_images,
 )
-from furnitype.extract.keras_backend import check_device, configured_backend
+from furnitype.extract.keras_backend import configured_backend
 from furnitype.extract.pipeline import ExtractSpec, check_batching, cpu_seconds
 from furnitype.extract.settings import calibrated, recorded_settings, resolve_settings, stored_options
 from furnitype.features.cache import NOT_UTF8, FeatureCache, Hashed
@@ -219,7 +219,6 @@ def extract(
     if like is None:
         template = _existing_settings(out)
     spec, settings = _spec(spec, given, template, what=f"the rows of {like or out}")
-    check_device(device)
     spec = replace(spec, device=device)
     check_batching(batch_size, workers)
     if engine == "ray" and workers is not None and workers > THREADS_SCALE_TO:

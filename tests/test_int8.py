@@ -507,3 +507,11 @@ def test_the_ray_engine_runs_the_same_int8_network(photos, tmp_path, cache):
     assert list(remote.paths) == list(local.paths)
     np.testing.assert_array_equal(remote.features, local.features)
     assert _cache_files(cache)[0].stat().st_ino == made  # the workers read the driver's network, made once
+
+
+@needs_openvino
+def test_int8_on_a_gpu_is_refused_before_any_work(photos, tmp_path):
+    with pytest.raises(InputError, match=r"^int8 networks run on the CPU \(OpenVINO\); --device is for the Keras "
+                       r"precisions. Received: device='gpu:0'$"):
+        extract([photos], **SMALL, precision="int8", device="gpu:0", out=tmp_path / "f.h5")
+    assert not (tmp_path / "f.h5").exists()

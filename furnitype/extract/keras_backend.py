@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from furnitype.errors import FurnitypeError, InputError
+from furnitype.errors import FurnitypeError, InputError, SettingsMismatchError
 from furnitype.keras_loader import import_keras, keras_config
 
 log = logging.getLogger("furnitype")
@@ -57,7 +57,7 @@ def rows_backend(precision: str, weights: str) -> str | None:
 def check_backend(needed: str | None, what: str = "these features") -> None:
     """Refuse to make rows that must come from backend ``needed`` on another one, with what to do."""
     if needed is not None and configured_backend() != needed:
-        raise InputError(
+        raise SettingsMismatchError(
             f"{what} were made with Keras' {needed} backend, and their rows (bfloat16, float16 or random weights) "
             f"differ between backends; run with KERAS_BACKEND={needed} (this is {configured_backend()})."
         )

@@ -29,7 +29,7 @@ from furnitype.extract.decoding import (
     result,
 )
 from furnitype.extract.images import ImageDecodeError, load_photo
-from furnitype.extract.keras_backend import check_backend, resolve_device
+from furnitype.extract.keras_backend import check_backend, check_device, resolve_device
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,12 @@ class ExtractSpec:
     mirror: bool = False
     backend: str | None = None
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_device(self.device)
+        if self.precision == "int8" and self.device not in ("auto", "cpu"):
+            raise InputError("int8 networks run on the CPU (OpenVINO); --device is for the Keras precisions. "
+                             f"Received: device={self.device!r}")
 
     def build(self) -> Callable[[np.ndarray], np.ndarray]:
         """Build the network: ``infer(uint8 batch (n, s, s, 3)) -> float32 features (n, d)``.

@@ -101,7 +101,6 @@ def recorded_settings(spec: ExtractSpec, store_dtype: str) -> dict:
     if layers != tuple(spec.layers):
         raise InputError(f"layers must be in network order, each once: {', '.join(layers)}. Received: {spec.layers}")
     check_layers_precision(spec)
-    check_device(spec.device)
     backend = spec.backend or rows_backend(spec.precision, spec.weights)
     if spec.precision == "int8":  # before listing and hashing: fail fast on a CPU or an install that cannot run it
         int8.check_cpu(int8.cpu_flags())
