@@ -26,7 +26,6 @@ from furnitype.extract.keras_backend import (
     DEFAULT_BACKEND,
     Device,
     Inference,
-    check_device,
     configured_backend,
     resolve_device,
 )
@@ -328,9 +327,8 @@ def build_model(
     ``precision`` ``bfloat16``/``float16`` builds the network under Keras' ``mixed_*`` dtype policy. ``layers``
     (``layer_names``): those blocks' outputs, each pooled and L2-normalised, concatenated (one pass for all).
     """
-    check_device(device)
     check_options(backbone, weights=weights, pooling=pooling, image_size=image_size, precision=precision)
-    on = resolve_device(device)
+    on = resolve_device(device)  # checks the name too
     model = keras_model(
         backbone, weights=weights, pooling=pooling, image_size=image_size, precision=precision, layers=layers,
         device=on,
