@@ -125,6 +125,9 @@ def _broken_pool_as_error() -> Iterator[None]:
 def _submit_without_sigint(pool: Executor, fn: Callable, /, *args: object) -> Future:
     # A process starts on a submit; started with SIGINT blocked it keeps it blocked, so Ctrl-C cannot stop its
     # start-up (with a traceback) before it ignores SIGINT.
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks (nor process groups to share Ctrl-C)
+        with _broken_pool_as_error():
+            return pool.submit(fn, *args)
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         with _broken_pool_as_error():
